@@ -1,0 +1,39 @@
+"""Typed errors raised by qtcompress.
+
+Every error derives from :class:`QTCompressError`, so ``except QTCompressError`` catches all of
+them, and each also derives from the matching builtin so that generic handlers keep working.
+"""
+
+from __future__ import annotations
+
+
+class QTCompressError(Exception):
+    """Root of every error that qtcompress raises on purpose."""
+
+
+class ConfigError(QTCompressError, ValueError):
+    """A configuration value is invalid (wrong range, unknown name, inconsistent settings)."""
+
+
+class NonFiniteError(QTCompressError, ValueError):
+    """A tensor that must be finite (angles, weights, losses) holds NaN or Inf."""
+
+
+class ResourceLimitError(QTCompressError, MemoryError):
+    """The requested work would not fit in this machine's memory."""
+
+
+class SimulationError(QTCompressError, RuntimeError):
+    """The quantum simulator failed or returned an unusable state."""
+
+
+class FormatError(QTCompressError, ValueError):
+    """A file is truncated, corrupt, of an unknown version, or does not match its metadata."""
+
+
+class TargetError(QTCompressError, KeyError):
+    """Parameter-name patterns matched nothing, or a model does not fit a stored layout."""
+
+    def __str__(self) -> str:
+        # KeyError quotes its message; show it as written instead.
+        return str(self.args[0]) if self.args else ""
