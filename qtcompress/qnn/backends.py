@@ -66,13 +66,20 @@ def max_qubits_for_memory(bytes_per_amplitude: int = 8, memory: int | None = Non
     return min(MAX_QUBITS, int(math.floor(math.log2(max(memory // per_state, 1)))))
 
 
-def check_qubit_limit(n_qubits: int, bytes_per_amplitude: int = 8) -> None:
+def check_qubit_limit(
+    n_qubits: int, bytes_per_amplitude: int = 8, memory: int | None = None
+) -> None:
     """Raise :class:`ResourceLimitError` if an n-qubit simulation would not fit in memory.
 
     The limit is the largest n for which ``6 * 2**n * bytes_per_amplitude`` bytes fit in the memory
-    available now (about 28 qubits with 24 GiB free at complex64), and never more than 30.
+    available now (28 qubits with 24 GiB free at complex64), and never more than 30.
+
+    Args:
+        n_qubits: Qubits of the planned simulation.
+        bytes_per_amplitude: 8 for complex64 (qsim), 16 for complex128.
+        memory: Bytes to plan with; default: the memory available now.
     """
-    limit = max_qubits_for_memory(bytes_per_amplitude)
+    limit = max_qubits_for_memory(bytes_per_amplitude, memory)
     if n_qubits > limit:
         need = STATE_COPIES_DURING_GRADIENT * bytes_per_amplitude * (1 << n_qubits)
         raise ResourceLimitError(

@@ -1,0 +1,47 @@
+"""The project's set-up promises: README commands and CI stay in sync, the CLI is installed."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    marker = next(i for i, line in enumerate(ci) if line.startswith("# README test command"))
+    command = ci[marker + 1].strip()
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", readme, flags=re.S)
+    assert any(command == block.strip() for block in blocks), command
+
+
+def test_torch_is_pinned_for_the_install_step():
+    assert "torch==2.13.0" in (ROOT / "constraints.txt").read_text()
+    readme = (ROOT / "README.md").read_text()
+    assert readme.count("-c constraints.txt") >= 2
+
+
+def test_cli_help_and_exit_codes():
+    run = [sys.executable, "-m", "qtcompress.cli"]
+    ok = subprocess.run([*run, "--help"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "qnn" in ok.stdout
+    usage = subprocess.run([*run, "qnn", "--qubits", "zero"], capture_output=True, text=True)
+    assert usage.returncode == 2 and "expected a positive integer" in usage.stderr
+    error = subprocess.run([*run, "qnn", "--qubits", "31"], capture_output=True, text=True)
+    assert error.returncode == 1
+    assert "exceeds the hard limit of 30" in error.stderr and "Traceback" not in error.stderr
+    assert len(error.stderr.strip().splitlines()) == 1
+
+
+def test_cli_qnn_json_output():
+    import json
+
+    out = subprocess.run([sys.executable, "-m", "qtcompress.cli", "qnn", "--qubits", "4",
+                          "--layers", "2", "--top", "3", "--json"],
+                         capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    assert result["num_params"] == 8 and result["num_states"] == 16
+    probs = [row["p"] for row in result["top_states"]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
