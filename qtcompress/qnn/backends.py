@@ -47,6 +47,14 @@ class StateBackend(Protocol):
         ...
 
 
+def usable_cpu_count() -> int:
+    """CPUs this process may run on (respects affinity masks, unlike ``os.cpu_count``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def available_memory_bytes() -> int:
     """Memory available to this process now (from /proc/meminfo, else physical memory)."""
     try:
@@ -114,7 +122,7 @@ class QsimBackend:
     def __init__(self, threads: int | None = None, max_fused_gate_size: int = 2) -> None:
         if not 1 <= max_fused_gate_size <= 6:
             raise ConfigError(f"max_fused_gate_size must be in 1..6, got {max_fused_gate_size}.")
-        self.threads = threads or os.cpu_count() or 1
+        self.threads = threads or usable_cpu_count()
         self.max_fused_gate_size = max_fused_gate_size
         self._qsim = qsimcirq.qsim
         self._kinds = {k: getattr(self._qsim, v) for k, v in self._KINDS.items()}
