@@ -1,0 +1,148 @@
+"""Example models and offline data sets for the demo, the tests and the benchmarks.
+
+The data come from scikit-learn's bundled data sets (no download). The models are small enough
+to train in seconds on a laptop CPU; their trained checkpoints ship in the repository's
+``models/`` folder (see ``tools/train_examples.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from qtcompress.errors import ConfigError
+
+
+class DigitsCNN(nn.Module):
+    """A ~6K-weight CNN with BatchNorm for scikit-learn's 8x8 digits (10 classes).
+
+    Args:
+        channels: Channels of the two conv layers.
+        classes: Output classes.
+    """
+
+    def __init__(self, channels: tuple[int, int] = (16, 32), classes: int = 10) -> None:
+        super().__init__()
+        c1, c2 = channels
+        self.conv1 = nn.Conv2d(1, c1, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(c1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(c2)
+        self.head = nn.Linear(c2 * 2 * 2, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of images of shape ``(B, 1, 8, 8)``."""
+        x = torch.max_pool2d(torch.relu(self.bn1(self.conv1(x))), 2)  # (B, c1, 4, 4)
+        x = torch.max_pool2d(torch.relu(self.bn2(self.conv2(x))), 2)  # (B, c2, 2, 2)
+        return self.head(x.flatten(1))  # (B, classes)
+
+
+class TabularMLP(nn.Module):
+    """A two-hidden-layer MLP for tabular data (scikit-learn's wine: 13 features, 3 classes).
+
+    Args:
+        features: Input features.
+        classes: Output classes.
+        hidden: Width of the hidden layers.
+    """
+
+    def __init__(self, features: int = 13, classes: int = 3, hidden: int = 32) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(features, hidden), nn.ReLU(),
+            nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Linear(hidden, classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of shape ``(B, features)``."""
+        return self.net(x)
+
+
+@dataclass(frozen=True)
+class Split:
+    """A train/test split of a classification data set as float32/int64 tensors."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int) -> Split:
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_test = int(round(len(x) * test_fraction))
+    test, train = order[:n_test], order[n_test:]
+    tx = torch.from_numpy(x.astype(np.float32))
+    ty = torch.from_numpy(y.astype(np.int64))
+    return Split(tx[train], ty[train], tx[test], ty[test])
+
+
+def load_dataset(name: str, seed: int = 0, test_fraction: float = 0.2) -> Split:
+    """Load an offline scikit-learn classification data set as a seeded train/test split.
+
+    ``"digits"``: images scaled to [0, 1], shape ``(N, 1, 8, 8)``. ``"wine"``: 13 features
+    standardised with the training split's statistics.
+
+    Args:
+        name: ``"digits"`` or ``"wine"``.
+        seed: Seed of the shuffled split.
+        test_fraction: Fraction held out for testing.
+
+    Returns:
+        The split.
+    """
+    from sklearn import datasets
+
+    if name == "digits":
+        data = datasets.load_digits()
+        x = (data.images / 16.0)[:, None, :, :]
+        return _split(x, data.target, test_fraction, seed)
+    if name == "wine":
+        data = datasets.load_wine()
+        split = _split(data.data, data.target, test_fraction, seed)
+        mean, std = split.x_train.mean(0), split.x_train.std(0) + 1e-6
+        return Split((split.x_train - mean) / std, split.y_train,
+                     (split.x_test - mean) / std, split.y_test)
+    raise ConfigError(f"Unknown example data set {name!r}; choose 'digits' or 'wine'.")
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy of ``model`` in eval mode (restores its train/eval mode)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return float((model(x).argmax(1) == y).float().mean())
+    finally:
+        model.train(was_training)
+
+
+def train_classifier(
+    model: nn.Module, split: Split, epochs: int = 40, lr: float = 1e-2, batch_size: int = 64,
+    seed: int = 0,
+) -> nn.Module:
+    """Train a classifier with Adam and cross-entropy, deterministically for a given seed."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(split.x_train), generator=generator)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(split.x_train[idx]), split.y_train[idx]).backward()
+            optimizer.step()
+        schedule.step()
+    model.eval()
+    return model
+
+
+EXAMPLES = {
+    "digits_cnn": (DigitsCNN, "digits"),
+    "wine_mlp": (TabularMLP, "wine"),
+}
