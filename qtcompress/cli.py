@@ -12,6 +12,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -51,17 +52,19 @@ def _cmd_qnn(args: argparse.Namespace) -> int:
     gradient_s = time.perf_counter() - start
     p = probs.detach().numpy()
     top = np.argsort(p)[::-1][: args.top]
-    result = {
+    grad = qnn.angles.grad
+    top_states = [
+        {"index": int(i), "bits": index_to_bits(int(i), ansatz.n_qubits), "p": float(p[i])}
+        for i in top
+    ]
+    result: dict[str, Any] = {
         "ansatz": ansatz.to_dict(),
         "num_params": ansatz.num_params,
         "num_states": ansatz.num_states,
         "forward_ms": round(forward_s * 1e3, 3),
         "gradient_ms": round(gradient_s * 1e3, 3),
-        "gradient_norm": float(qnn.angles.grad.norm()),
-        "top_states": [
-            {"index": int(i), "bits": index_to_bits(int(i), ansatz.n_qubits), "p": float(p[i])}
-            for i in top
-        ],
+        "gradient_norm": float(grad.norm()) if grad is not None else 0.0,
+        "top_states": top_states,
     }
     if args.json:
         print(json.dumps(result, indent=2))
@@ -72,7 +75,7 @@ def _cmd_qnn(args: argparse.Namespace) -> int:
     norm = result["gradient_norm"]
     print(f"adjoint grad  {result['gradient_ms']:9.2f} ms  (|grad| = {norm:.4g})")
     print("likeliest basis states (qubit 0 first):")
-    for row in result["top_states"]:
+    for row in top_states:
         print(f"  {row['bits']}  index {row['index']:>8}  p = {row['p']:.6f}")
     return EXIT_OK
 

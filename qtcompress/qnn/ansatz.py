@@ -292,19 +292,21 @@ def compile_circuit(circuit: cirq.Circuit, symbols: Sequence[sympy.Symbol]) -> P
         ConfigError: On an unsupported gate or angle expression.
     """
     symbol_index = {s: i for i, s in enumerate(symbols)}
-    qubits = sorted(circuit.all_qubits())
-    for q in qubits:
+    line_qubits: list[cirq.LineQubit] = []
+    for q in circuit.all_qubits():
         if not isinstance(q, cirq.LineQubit):
             raise ConfigError(f"Only LineQubits are supported, got {q!r}.")
-    n_qubits = (max(q.x for q in qubits) + 1) if qubits else 0
-    rotation_kinds = {cirq.Rx: "rx", cirq.Ry: "ry", cirq.Rz: "rz"}
+        line_qubits.append(q)
+    n_qubits = (max(q.x for q in line_qubits) + 1) if line_qubits else 0
+    rotation_kinds: dict[type, str] = {cirq.Rx: "rx", cirq.Ry: "ry", cirq.Rz: "rz"}
     moments: list[tuple[Gate, ...]] = []
     for moment in circuit:
         gates: list[Gate] = []
         for op in moment:
-            gate, idx = op.gate, tuple(q.x for q in op.qubits)
+            gate = op.gate
+            idx = tuple(q.x for q in op.qubits if isinstance(q, cirq.LineQubit))
             kind = rotation_kinds.get(type(gate))
-            if kind is not None:
+            if kind is not None and isinstance(gate, cirq.EigenGate):
                 param, scale, offset = _rotation_angle(gate.exponent, symbol_index)
                 gates.append(Gate(kind, idx, param, scale, offset))
             elif gate == cirq.CNOT:
