@@ -37,3 +37,7 @@ class TargetError(QTCompressError, KeyError):
     def __str__(self) -> str:
         # KeyError quotes its message; show it as written instead.
         return str(self.args[0]) if self.args else ""
+
+
+class UnsafeFileError(QTCompressError, ValueError):
+    """A file can only be loaded by running arbitrary code (a pickle) and was not trusted."""
