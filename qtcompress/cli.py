@@ -80,6 +80,32 @@ def _cmd_qnn(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    """Run an ONNX model with onnxruntime on arrays from a .npy/.npz file."""
+    from qtcompress.runtime import OnnxPredictor, load_arrays, save_arrays
+
+    predictor = OnnxPredictor(args.model, threads=args.threads)
+    inputs = load_arrays(args.inputs)
+    start = time.perf_counter()
+    outputs = predictor.run(inputs)
+    elapsed_ms = (time.perf_counter() - start) * 1e3
+    if not isinstance(outputs, dict):
+        outputs = {predictor.output_names[0]: outputs}
+    save_arrays(args.output, outputs)
+    summary: dict[str, Any] = {
+        "model": str(args.model),
+        "output": str(args.output),
+        "outputs": {k: list(v.shape) for k, v in outputs.items()},
+        "elapsed_ms": round(elapsed_ms, 3),
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        shapes = ", ".join(f"{k} {tuple(v)}" for k, v in summary["outputs"].items())
+        print(f"wrote {args.output}: {shapes} in {elapsed_ms:.2f} ms")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with all subcommands."""
     parser = argparse.ArgumentParser(
@@ -111,6 +137,24 @@ def build_parser() -> argparse.ArgumentParser:
     qnn.add_argument("--top", type=_positive_int, default=5, help="basis states to list")
     qnn.add_argument("--json", action="store_true", help="print machine-readable JSON")
     qnn.set_defaults(handler=_cmd_qnn)
+
+    predict = sub.add_parser(
+        "predict",
+        help="run an ONNX model with onnxruntime on inputs from a .npy/.npz file",
+        description="Run an exported ONNX model with onnxruntime. A .npy input feeds a "
+        "single-input model; a .npz holds one array per input name. Outputs are written to "
+        ".npy (one output) or .npz (keyed by output name).",
+        epilog="Examples:\n  qtcompress predict model.onnx images.npy -o logits.npy\n"
+        "  qtcompress predict model.onnx inputs.npz -o outputs.npz --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    predict.add_argument("model", help="the .onnx file")
+    predict.add_argument("inputs", help=".npy or .npz input arrays")
+    predict.add_argument("-o", "--output", required=True, help=".npy or .npz output file")
+    predict.add_argument("--threads", type=_positive_int, default=None,
+                         help="onnxruntime threads (default: onnxruntime's choice)")
+    predict.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    predict.set_defaults(handler=_cmd_predict)
     return parser
 
 

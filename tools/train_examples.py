@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from qtcompress.atomic import atomic_path, atomic_write_bytes
 from qtcompress.examples import EXAMPLES, accuracy, load_dataset, train_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,9 +33,8 @@ def train(name: str, out_dir: Path, seed: int) -> dict[str, object]:
     train_classifier(model, split, seed=seed)
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     path = out_dir / f"{name}.safetensors"
-    tmp = path.with_suffix(".safetensors.tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
     card = {
         "factory": f"qtcompress.examples:{model_cls.__name__}",
         "kwargs": {},
@@ -48,8 +47,7 @@ def train(name: str, out_dir: Path, seed: int) -> dict[str, object]:
         "checkpoint_bytes": path.stat().st_size,
         "checkpoint_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
     }
-    card_path = out_dir / f"{name}.json"
-    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    atomic_write_bytes(out_dir / f"{name}.json", (json.dumps(card, indent=2) + "\n").encode())
     return card
 
 
