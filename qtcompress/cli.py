@@ -23,6 +23,11 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
 ANSATZ_CHOICES = ("paper", "ry-rz-ring")
 
+# The default recipe of `compress` and `demo` (measured on the digits CNN: docs/benchmarks.md).
+DEFAULT_RECIPE: dict[str, Any] = {"layers": 8, "chunk": 32, "hidden": [16, 16],
+                                  "fit_steps": 300, "fit_lr": 2e-2,
+                                  "finetune_steps": 3000, "finetune_lr": 1e-2}
+
 
 def _positive_int(text: str) -> int:
     try:
@@ -106,6 +111,244 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _emit(args: argparse.Namespace, result: dict[str, Any], lines: list[str]) -> None:
+    """Print a result as JSON (``--json``) or as human-readable lines."""
+    print(json.dumps(result, indent=2) if args.json else "\n".join(lines))
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    """Show what a generator file holds, without regenerating anything."""
+    from pathlib import Path
+
+    from qtcompress.artifact import read_artifact
+    from qtcompress.generator_file import GENERATOR_PREFIX
+
+    path = Path(args.file)
+    art = read_artifact(path)
+    meta = art.metadata
+    if "layout" not in meta or "ansatz" not in meta:
+        from qtcompress.errors import FormatError
+
+        raise FormatError(f"{path.name} is not a generator file (no layout/ansatz metadata).")
+    layout, ansatz, mapping = meta["layout"], meta["ansatz"], meta["mapping"]
+    gen_params = sum(t.numel() for k, t in art.tensors.items() if k.startswith(GENERATOR_PREFIX))
+    classical = sum(t.numel() for k, t in art.tensors.items() if k.startswith("classical."))
+    result: dict[str, Any] = {
+        "file": str(path),
+        "file_bytes": path.stat().st_size,
+        "qtcompress_version": meta.get("qtcompress_version"),
+        "generated_weights": layout["total"],
+        "generator_parameters": gen_params,
+        "compression_ratio": round(layout["total"] / max(gen_params, 1), 3),
+        "classical_values": classical,
+        "qubits": ansatz["n_qubits"],
+        "layers": ansatz["n_layers"],
+        "ansatz": ansatz,
+        "mapping": mapping,
+        "targets": [{"name": t["name"], "shape": t["shape"], "aliases": t["aliases"]}
+                    for t in layout["tensors"]],
+        "onnx_graph": art.skeleton is not None,
+        "weights_sha256": meta["weights_sha256"],
+        "model": meta.get("model", {}),
+    }
+    lines = [
+        f"{path.name}: {result['file_bytes']:,} bytes, qtcompress {result['qtcompress_version']}",
+        f"generates {result['generated_weights']:,} weights from "
+        f"{gen_params:,} generator parameters ({result['compression_ratio']}x)",
+        f"QNN: {ansatz['n_qubits']} qubits x {ansatz['n_layers']} layers "
+        f"({'+'.join(ansatz['rotations'])}, {ansatz['entangler']}); mapping {mapping['kind']}, "
+        f"{mapping['chunk']} weight(s) per basis state",
+        f"classical values carried: {classical:,}; ONNX graph stored: "
+        f"{'yes' if result['onnx_graph'] else 'no'}",
+        "generated tensors:",
+        *[f"  {t['name']} {tuple(t['shape'])}" for t in layout["tensors"]],
+        f"weights sha256: {meta['weights_sha256']}",
+    ]
+    _emit(args, result, lines)
+    return EXIT_OK
+
+
+def _cmd_reconstruct(args: argparse.Namespace) -> int:
+    """Regenerate the network from a generator file into ONNX and/or a state dict."""
+    from qtcompress.atomic import atomic_path
+    from qtcompress.generator_file import load_generator
+
+    if not args.onnx and not args.state_dict:
+        raise _usage("reconstruct needs --onnx PATH and/or --state-dict PATH")
+    gen = load_generator(args.file)
+    check = gen.verify_weights()
+    result: dict[str, Any] = {"file": args.file, "weights_identical": check.identical,
+                              "weights_equivalent": check.equivalent}
+    lines = [f"regenerated {gen.layout.total:,} weights: "
+             + ("hash matches" if check.identical else
+                f"hash differs, max fingerprint difference {check.max_fingerprint_rel_diff:.2g}")]
+    if not check.equivalent:
+        from qtcompress.errors import FormatError
+
+        raise FormatError(f"regenerated weights do not match {args.file}'s record "
+                          f"(fingerprint difference {check.max_fingerprint_rel_diff:.3g}).")
+    if args.onnx:
+        _, diff = gen.to_onnx(args.onnx, atol=args.atol)
+        result.update(onnx=args.onnx, onnx_max_abs_diff=diff)
+        lines.append(f"wrote {args.onnx} (onnxruntime vs recorded outputs: max |diff| {diff:.2g})")
+    if args.state_dict:
+        from safetensors.torch import save_file
+
+        state = {k: v.contiguous().clone() for k, v in gen.state_dict().items()}
+        with atomic_path(args.state_dict) as tmp:
+            save_file(state, str(tmp))
+        result["state_dict"] = args.state_dict
+        lines.append(f"wrote {args.state_dict} ({len(state)} tensors)")
+    _emit(args, result, lines)
+    return EXIT_OK
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    """Regenerate, check the hash, rebuild ONNX and compare it with torch."""
+    import torch
+
+    from qtcompress.errors import FormatError
+    from qtcompress.generator_file import load_generator
+
+    gen = load_generator(args.file)
+    check = gen.verify_weights()
+    result: dict[str, Any] = {"file": args.file, "weights_identical": check.identical,
+                              "stored_sha256": check.stored_sha256,
+                              "actual_sha256": check.actual_sha256,
+                              "fingerprint_rel_diff": check.max_fingerprint_rel_diff}
+    lines = [f"weights: {'identical (sha256 matches)' if check.identical else 'hash differs'}"
+             f"; fingerprint difference {check.max_fingerprint_rel_diff:.2g}"]
+    ok = check.equivalent
+    if gen.skeleton is not None:
+        _, diff = gen.to_onnx(atol=float("inf"))
+        result["onnx_vs_recorded_max_abs_diff"] = diff
+        lines.append(f"ONNX (onnxruntime) vs outputs recorded at save: max |diff| {diff:.2g}")
+        ok = ok and diff <= args.atol
+    if args.factory:
+        from qtcompress.loading import resolve_factory
+
+        model = gen.load_into(resolve_factory(args.factory)(**json.loads(args.factory_kwargs)))
+        model.eval()
+        if gen.check_inputs:
+            with torch.no_grad():
+                out = model(*gen.check_inputs)
+            outs = out if isinstance(out, (tuple, list)) else [out]
+            diff = max(float((o - e).abs().max()) for o, e in zip(outs, gen.check_outputs,
+                                                                  strict=True))
+            result["torch_vs_recorded_max_abs_diff"] = diff
+            lines.append(f"torch ({args.factory}) vs recorded outputs: max |diff| {diff:.2g}")
+            ok = ok and diff <= args.atol
+    result["ok"] = ok
+    lines.append("verify: OK" if ok else "verify: FAILED")
+    _emit(args, result, lines)
+    if not ok:
+        raise FormatError(f"{args.file} failed verification (see above).")
+    return EXIT_OK
+
+
+def _config_from_args(args: argparse.Namespace) -> Any:
+    from qtcompress.config import QTConfig
+
+    fields: dict[str, Any] = {"chunk": args.chunk, "n_layers": args.layers,
+                              "n_qubits": args.qubits, "hidden": tuple(args.hidden),
+                              "mapping": args.mapping, "seed": args.seed}
+    if args.target:
+        fields["target"] = tuple(args.target)
+    if args.exclude:
+        fields["exclude"] = tuple(args.exclude)
+    return QTConfig(**fields)
+
+
+def _settings_from_args(args: argparse.Namespace) -> Any:
+    from qtcompress.pipeline import PipelineSettings
+
+    return PipelineSettings(
+        fit_steps=args.fit_steps, fit_lr=args.fit_lr, finetune_steps=args.finetune_steps,
+        finetune_lr=args.finetune_lr, mode=args.mode, batch_size=args.batch_size,
+        progress=not args.json and not args.no_progress and sys.stderr.isatty(),
+        report=args.report)
+
+
+def _run_and_print(args: argparse.Namespace, model: Any, data: Any, name: str,
+                   checkpoint_bytes: int | None, model_info: dict[str, Any]) -> int:
+    from qtcompress.pipeline import format_summary, run_pipeline
+
+    def log(line: str) -> None:
+        if args.verbose and not args.json:
+            print(line, file=sys.stderr)
+
+    result = run_pipeline(model, _config_from_args(args), data, args.output, name=name,
+                          settings=_settings_from_args(args), checkpoint_bytes=checkpoint_bytes,
+                          model_info=model_info, log=log)
+    if args.json:
+        from dataclasses import asdict
+
+        print(json.dumps({k: v for k, v in asdict(result).items() if k != "histories"},
+                         indent=2))
+    else:
+        print(format_summary(result))
+        print("files: " + ", ".join(result.files.values()))
+    return EXIT_OK
+
+
+def _load_data(spec: str) -> Any:
+    from qtcompress.examples import load_dataset
+    from qtcompress.pipeline import load_npz_split
+
+    if spec in ("digits", "wine"):
+        return load_dataset(spec)
+    return load_npz_split(spec)
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    """Compress a pretrained model: fit, fine-tune, export ONNX, verify, save, summarise."""
+    from pathlib import Path
+
+    from qtcompress.loading import load_model
+
+    model = load_model(args.model, factory=args.factory, factory_kwargs=args.factory_kwargs,
+                       trust_pickle=args.trust_pickle)
+    data = _load_data(args.data)
+    name = args.name or Path(args.model).name.split(".")[0]
+    info = {"source": Path(args.model).name, "factory": args.factory,
+            "kwargs": json.loads(args.factory_kwargs or "{}")}
+    return _run_and_print(args, model, data, name, Path(args.model).stat().st_size, info)
+
+
+def shipped_models_dir() -> Any:
+    """The repository's ``models/`` folder (the demo's checkpoints), next to the package."""
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1] / "models"
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """The main job on the shipped digits CNN."""
+    from qtcompress.errors import ConfigError
+    from qtcompress.examples import load_dataset
+    from qtcompress.loading import load_model
+
+    card_path = shipped_models_dir() / f"{args.example}.json"
+    if not card_path.is_file():
+        raise ConfigError(f"The shipped example {card_path} is missing: run the demo from a "
+                          "source checkout (pip install -e .), or use 'qtcompress compress' "
+                          "on your own checkpoint.")
+    card = json.loads(card_path.read_text())
+    checkpoint = card_path.with_suffix(".safetensors")
+    model = load_model(checkpoint, factory=card["factory"], factory_kwargs=card["kwargs"])
+    data = load_dataset(card["dataset"], seed=card["split_seed"])
+    info = {"source": checkpoint.name, "factory": card["factory"], "kwargs": card["kwargs"]}
+    return _run_and_print(args, model, data, args.example, checkpoint.stat().st_size, info)
+
+
+class _UsageError(Exception):
+    """A flag combination argparse cannot express; reported like argparse's own errors."""
+
+
+def _usage(message: str) -> _UsageError:
+    return _UsageError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with all subcommands."""
     parser = argparse.ArgumentParser(
@@ -155,6 +398,124 @@ def build_parser() -> argparse.ArgumentParser:
                          help="onnxruntime threads (default: onnxruntime's choice)")
     predict.add_argument("--json", action="store_true", help="print machine-readable JSON")
     predict.set_defaults(handler=_cmd_predict)
+
+    def add_recipe(cmd: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+        gen = cmd.add_argument_group("generator")
+        gen.add_argument("--qubits", type=_positive_int, default=None,
+                         help="QNN qubits (default: the fewest that cover the weights)")
+        gen.add_argument("--layers", type=_positive_int, default=defaults["layers"],
+                         help=f"QNN layers (default {defaults['layers']})")
+        gen.add_argument("--chunk", type=_positive_int, default=defaults["chunk"],
+                         help=f"weights per basis state (default {defaults['chunk']})")
+        gen.add_argument("--hidden", type=_positive_int, nargs="+", default=defaults["hidden"],
+                         help=f"mapping MLP widths (default {defaults['hidden']})")
+        gen.add_argument("--mapping", choices=("mlp", "mps"), default="mlp",
+                         help="mapping network (default mlp)")
+        gen.add_argument("--target", nargs="+", metavar="PATTERN",
+                         help="parameters to generate: names, suffixes, or re:REGEX "
+                         "(default: every trainable parameter)")
+        gen.add_argument("--exclude", nargs="+", metavar="PATTERN",
+                         help="parameters to keep classical")
+        gen.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+        fit = cmd.add_argument_group("training")
+        fit.add_argument("--fit-steps", type=int, default=defaults["fit_steps"],
+                         help=f"phase-1 steps (default {defaults['fit_steps']}; 0 skips)")
+        fit.add_argument("--fit-lr", type=float, default=defaults["fit_lr"],
+                         help=f"phase-1 learning rate (default {defaults['fit_lr']})")
+        fit.add_argument("--finetune-steps", type=int, default=defaults["finetune_steps"],
+                         help=f"phase-2 steps (default {defaults['finetune_steps']}; 0 skips)")
+        fit.add_argument("--finetune-lr", type=float, default=defaults["finetune_lr"],
+                         help=f"phase-2 learning rate (default {defaults['finetune_lr']})")
+        fit.add_argument("--mode", choices=("distill", "supervised"), default="distill",
+                         help="phase 2: distil from the original model (default) or use labels")
+        fit.add_argument("--batch-size", type=_positive_int, default=64,
+                         help="phase-2 batch size (default 64)")
+        out = cmd.add_argument_group("output")
+        out.add_argument("--report", action="store_true",
+                         help="also write PNG plots and report.md into OUTPUT/report "
+                         "(needs matplotlib)")
+        out.add_argument("--json", action="store_true", help="print the summary as JSON")
+        out.add_argument("--no-progress", action="store_true", help="hide progress bars")
+        out.add_argument("-v", "--verbose", action="store_true",
+                         help="print one line per stage on stderr")
+
+    compress_cmd = sub.add_parser(
+        "compress", help="compress a pretrained model (generator file + ONNX + summary)",
+        description="Load a pretrained model, fit the generator to its weights (phase 1), "
+        "fine-tune on data (phase 2, distillation by default), then write OUTPUT/NAME."
+        "qtc.safetensors (the generator file), OUTPUT/NAME.onnx (verified with onnxruntime) "
+        "and OUTPUT/summary.json, and print the summary table.",
+        epilog="Examples:\n  qtcompress compress models/digits_cnn.safetensors "
+        "--factory qtcompress.examples:DigitsCNN --data digits -o out\n"
+        "  qtcompress compress net.pt --factory mypkg.nets:Net --factory-kwargs '{\"width\": 8}'"
+        " --data data.npz -o out --chunk 16 --report",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    compress_cmd.add_argument("model", help="checkpoint: state dict (.pt/.pth/.safetensors, "
+                              "with --factory), torch.export program (.pt2), or pickled model "
+                              "(with --trust-pickle)")
+    compress_cmd.add_argument("--factory", help="'package.module:callable' that builds the model")
+    compress_cmd.add_argument("--factory-kwargs", default=None, help="JSON keyword arguments")
+    compress_cmd.add_argument("--trust-pickle", action="store_true",
+                              help="allow a fully pickled model (runs code from the file)")
+    compress_cmd.add_argument("--data", required=True,
+                              help="'digits', 'wine', or an .npz with x_train, x_test "
+                              "[, y_train, y_test]")
+    compress_cmd.add_argument("-o", "--output", required=True, help="output folder")
+    compress_cmd.add_argument("--name", help="base name of the output files")
+    add_recipe(compress_cmd, DEFAULT_RECIPE)
+    compress_cmd.set_defaults(handler=_cmd_compress)
+
+    demo = sub.add_parser(
+        "demo", help="the main job on the shipped digits CNN (about 2 minutes on 2 cores)",
+        description="Compress the shipped, pretrained digits CNN (models/digits_cnn.safetensors,"
+        " scikit-learn's 8x8 digits): fit, fine-tune, export, verify, and print the summary.",
+        epilog="Examples:\n  qtcompress demo\n  qtcompress demo -o demo-out --report\n"
+        "  qtcompress demo --finetune-steps 500 --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo.add_argument("--example", choices=("digits_cnn", "wine_mlp"), default="digits_cnn",
+                      help="shipped example (default digits_cnn)")
+    demo.add_argument("-o", "--output", default="qtcompress-demo",
+                      help="output folder (default ./qtcompress-demo)")
+    add_recipe(demo, DEFAULT_RECIPE)
+    demo.set_defaults(handler=_cmd_demo)
+
+    def file_command(name: str, help_text: str, description: str, examples: str,
+                     handler: Any) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=help_text, description=description,
+                             epilog="Examples:\n" + examples,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+        cmd.add_argument("file", help="a generator file (*.qtc.safetensors)")
+        cmd.add_argument("--json", action="store_true", help="print machine-readable JSON")
+        cmd.set_defaults(handler=handler)
+        return cmd
+
+    file_command("inspect", "show what a generator file holds",
+                 "Show sizes, qubits, layers, mapping and generated tensors of a generator file, "
+                 "without regenerating anything.",
+                 "  qtcompress inspect digits_cnn.qtc.safetensors\n"
+                 "  qtcompress inspect digits_cnn.qtc.safetensors --json", _cmd_inspect)
+    rec = file_command(
+        "reconstruct", "regenerate the network from a generator file (ONNX and/or state dict)",
+        "Regenerate every weight from the generator file alone (qsim + mapping network), check "
+        "the stored hash, and write an ONNX model (checked with onnx.checker and onnxruntime "
+        "against the outputs recorded at save time) and/or a safetensors state dict.",
+        "  qtcompress reconstruct m.qtc.safetensors --onnx m.onnx\n"
+        "  qtcompress reconstruct m.qtc.safetensors --state-dict m.safetensors", _cmd_reconstruct)
+    rec.add_argument("--onnx", help="write the ONNX model here")
+    rec.add_argument("--state-dict", help="write the state dict (safetensors) here")
+    rec.add_argument("--atol", type=float, default=1e-5,
+                     help="allowed ONNX vs recorded max abs difference (default 1e-5)")
+    ver = file_command(
+        "verify", "regenerate, check the hash, compare ONNX and torch outputs",
+        "Regenerate the weights and check them against the stored SHA-256; rebuild the ONNX "
+        "model and compare onnxruntime with the outputs recorded at save time; with --factory, "
+        "also load the weights into your own model code and compare torch's outputs.",
+        "  qtcompress verify m.qtc.safetensors\n"
+        "  qtcompress verify m.qtc.safetensors --factory qtcompress.examples:DigitsCNN",
+        _cmd_verify)
+    ver.add_argument("--factory", help="'package.module:callable' building the model")
+    ver.add_argument("--factory-kwargs", default="{}", help="JSON keyword arguments")
+    ver.add_argument("--atol", type=float, default=1e-5, help="allowed max abs difference")
     return parser
 
 
@@ -168,6 +529,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.handler(args)
         return code
+    except _UsageError as exc:
+        print(f"qtcompress {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except QTCompressError as exc:
         if args.debug:
             raise

@@ -7,6 +7,7 @@ to train in seconds on a laptop CPU; their trained checkpoints ship in the repos
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,12 +112,19 @@ def load_dataset(name: str, seed: int = 0, test_fraction: float = 0.2) -> Split:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Top-1 accuracy of ``model`` in eval mode (restores its train/eval mode)."""
+def accuracy(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+             y: torch.Tensor) -> float:
+    """Top-1 accuracy in [0, 1] of a model's logits.
+
+    An ``nn.Module`` is run in eval mode and its train/eval mode restored; any other callable
+    (e.g. a ``QTModel``) is called as is.
+    """
+    if not isinstance(model, nn.Module):
+        return float((model(x).argmax(-1) == y).float().mean())
     was_training = model.training
     model.eval()
     try:
-        return float((model(x).argmax(1) == y).float().mean())
+        return float((model(x).argmax(-1) == y).float().mean())
     finally:
         model.train(was_training)
 

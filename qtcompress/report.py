@@ -49,8 +49,8 @@ def plot_losses(histories: Mapping[str, Sequence[float]], path: Path) -> Path:
     plt = _pyplot()
     fig, axes = plt.subplots(1, max(len(histories), 1), figsize=(5 * max(len(histories), 1), 3.4),
                              squeeze=False)
-    for ax, (phase, values) in zip(axes[0], histories.items(), strict=False):
-        values = np.asarray(values, dtype=float)
+    for ax, (phase, history) in zip(axes[0], histories.items(), strict=False):
+        values = np.asarray(history, dtype=float)
         ax.plot(np.arange(1, len(values) + 1), values, lw=1.4)
         if len(values) and np.all(values > 0):
             ax.set_yscale("log")

@@ -58,11 +58,13 @@ class OnnxPredictor:
         >>> logits = predictor.run(x)  # one input, one output -> np.ndarray  # doctest: +SKIP
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, threads: int | None = None) -> None:
-        """Open ``path`` in onnxruntime.
+    def __init__(
+        self, path: str | os.PathLike[str] | bytes, *, threads: int | None = None
+    ) -> None:
+        """Open an ONNX model in onnxruntime.
 
         Args:
-            path: An ONNX file.
+            path: An ONNX file, or a serialised model (``bytes``) already in memory.
             threads: Intra-op threads (``None``: onnxruntime's default).
 
         Raises:
@@ -71,8 +73,9 @@ class OnnxPredictor:
         """
         import onnxruntime as ort
 
-        self.path = Path(path)
-        if not self.path.is_file():
+        in_memory = isinstance(path, bytes)
+        self.path = Path("<in-memory model>") if in_memory else Path(path)  # type: ignore[arg-type]
+        if not in_memory and not self.path.is_file():
             raise ConfigError(f"ONNX model {str(self.path)!r} does not exist.")
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
@@ -82,7 +85,8 @@ class OnnxPredictor:
             opts.intra_op_num_threads = threads
         try:
             self._session = ort.InferenceSession(
-                str(self.path), sess_options=opts, providers=["CPUExecutionProvider"]
+                path if in_memory else str(self.path), sess_options=opts,
+                providers=["CPUExecutionProvider"],
             )
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise FormatError(

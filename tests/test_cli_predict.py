@@ -1,19 +1,11 @@
 """`qtcompress predict` end to end in a subprocess: real ONNX file, real onnxruntime."""
 
-import subprocess
-import sys
-
 import numpy as np
 import torch
 
 from qtcompress.onnx_export import export_onnx
+from tests.cli_helpers import run
 from tests.tiny_models import TinyMLP
-
-CLI = [sys.executable, "-m", "qtcompress.cli"]
-
-
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True)
 
 
 def test_predict_writes_outputs_equal_to_torch(tmp_path):

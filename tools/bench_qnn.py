@@ -20,10 +20,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import os
-import platform
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -35,8 +31,8 @@ import qsimcirq
 
 from qtcompress.qnn import Ansatz, QsimBackend, adjoint_gradient, parameter_shift_gradient, simulate
 
-ROOT = Path(__file__).resolve().parents[1]
-START, END = "<!-- bench_qnn:start -->", "<!-- bench_qnn:end -->"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchdoc import DOC, machine, write_section  # noqa: E402
 
 
 def best_ms(fn: Callable[[], object], min_total_s: float = 0.3, max_repeats: int = 50) -> float:
@@ -48,17 +44,6 @@ def best_ms(fn: Callable[[], object], min_total_s: float = 0.3, max_repeats: int
         fn()
         times.append(time.perf_counter() - start)
     return min(times) * 1e3
-
-
-def cpu_name() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        match = re.search(r"model name\s*:\s*(.+)", text)
-        if match:
-            return match.group(1).strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def run(qubits: list[int], layers: list[int], shift_limit_s: float) -> list[dict[str, object]]:
@@ -95,8 +80,7 @@ def run(qubits: list[int], layers: list[int], shift_limit_s: float) -> list[dict
 
 def to_markdown(rows: list[dict[str, object]], threads: int) -> str:
     lines = [
-        f"Measured {dt.date.today().isoformat()} on {cpu_name()}, {os.cpu_count()} cores "
-        f"(qsim threads: {threads}), Python {platform.python_version()}, "
+        f"Measured {machine()} (qsim threads: {threads}), "
         f"qsimcirq {qsimcirq.__version__}. Paper ansatz (RY layer + CNOT chain), complex64 "
         "state. Best of several repeats; milliseconds.",
         "",
@@ -125,20 +109,6 @@ def to_markdown(rows: list[dict[str, object]], threads: int) -> str:
     return "\n".join(lines)
 
 
-def write_section(markdown: str, path: Path) -> None:
-    block = f"{START}\n{markdown}\n{END}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text,
-                      flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n## QNN simulation and gradients (`tools/bench_qnn.py`)\n\n" \
-            + block + "\n"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -148,14 +118,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip parameter shift where it would take longer (seconds)")
     parser.add_argument("--quick", action="store_true", help="small grid for a smoke test")
     parser.add_argument("--no-write", action="store_true", help="do not touch docs/")
-    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--output", type=Path, default=DOC)
     args = parser.parse_args(argv)
     if args.quick:
         args.qubits, args.layers, args.shift_limit = [6, 10], [2, 4], 5.0
     rows = run(args.qubits, args.layers, args.shift_limit)
     markdown = to_markdown(rows, QsimBackend().threads)
     if not args.no_write:
-        write_section(markdown, args.output)
+        write_section("bench_qnn", "QNN simulation and gradients (`tools/bench_qnn.py`)",
+                      markdown, args.output)
         print(f"wrote {args.output}")
     return 0
 

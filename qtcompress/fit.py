@@ -1,0 +1,524 @@
+"""Training the generator: phase 1 (reproduce pretrained weights), phase 2 (fine-tune on a task).
+
+Both phases share one loop (:func:`train_loop`): Adam, a warm-up + cosine (or constant) learning
+rate, early stopping on a monitored value, a tqdm bar, atomic checkpoints and exact resume, and
+NaN/Inf detection that leaves the generator at its last good state.
+
+Determinism: every step's mini-batch is a pure function of ``(seed, step)`` and the optimiser,
+EMA, early-stopping and best-state bookkeeping all live in the checkpoint, so a resumed fit
+takes exactly the same steps as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from qtcompress.atomic import atomic_path
+from qtcompress.errors import ConfigError, FormatError, NonFiniteError
+from qtcompress.generator import QTGenerator
+
+SCHEDULES = ("cosine", "constant")
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class FitResult:
+    """Outcome of one fit.
+
+    Attributes:
+        steps: Steps completed (including those before a resume).
+        best: Best monitored value (lower is better).
+        best_step: Step at which ``best`` was reached.
+        final_loss: Training loss of the last step.
+        history: Training loss per step.
+        stopped_early: Whether early stopping ended the fit.
+        resumed_from: Step restored from a checkpoint, or ``None``.
+        elapsed_s: Wall time of this call.
+    """
+
+    steps: int
+    best: float
+    best_step: int
+    final_loss: float
+    history: list[float] = field(default_factory=list)
+    stopped_early: bool = False
+    resumed_from: int | None = None
+    elapsed_s: float = 0.0
+
+
+@dataclass
+class LoopConfig:
+    """Settings of :func:`train_loop` (all part of the checkpoint fingerprint except progress).
+
+    Attributes:
+        steps: Total optimisation steps.
+        lr: Peak learning rate.
+        weight_decay: Adam (L2) weight decay.
+        schedule: ``"cosine"`` (decay to ``lr * min_lr_ratio``) or ``"constant"``.
+        warmup: Linear warm-up steps.
+        min_lr_ratio: Final LR as a fraction of ``lr`` for the cosine schedule.
+        eval_every: Steps between checks of the monitored value (early stopping, best state).
+        patience: Checks without improvement before stopping; ``None`` disables early stopping.
+        min_delta: Relative improvement that counts as one.
+        restore_best: Load the best state at the end.
+        grad_clip: Max global gradient norm; ``None`` disables clipping.
+        seed: Seeds mini-batch order.
+    """
+
+    steps: int = 500
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup: int = 0
+    min_lr_ratio: float = 0.01
+    eval_every: int = 10
+    patience: int | None = None
+    min_delta: float = 1e-4
+    restore_best: bool = True
+    grad_clip: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.eval_every < 1 or self.warmup < 0:
+            raise ConfigError("steps and eval_every must be >= 1 and warmup >= 0.")
+        if not (self.lr > 0 and math.isfinite(self.lr)) or self.weight_decay < 0:
+            raise ConfigError(f"lr must be positive and finite, weight_decay >= 0 (got {self.lr}, "
+                              f"{self.weight_decay}).")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"Unknown schedule {self.schedule!r}; choose from {SCHEDULES}.")
+        if self.patience is not None and self.patience < 1:
+            raise ConfigError(f"patience must be >= 1 or None, got {self.patience}.")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"grad_clip must be positive or None, got {self.grad_clip}.")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate used at a (0-based) step."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        if self.schedule == "constant":
+            return self.lr
+        span = max(1, self.steps - self.warmup)
+        t = min(1.0, (step - self.warmup) / span)
+        low = self.lr * self.min_lr_ratio
+        return low + 0.5 * (self.lr - low) * (1.0 + math.cos(math.pi * t))
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Settings a checkpoint must agree with to be resumed."""
+        return dict(vars(self))
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    # Write then rename: an interruption never leaves a half-written checkpoint behind.
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def _all_finite(tensors: Any) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)
+
+
+def train_loop(
+    generator: QTGenerator,
+    loss_at: Callable[[int], torch.Tensor],
+    cfg: LoopConfig,
+    *,
+    monitor: Callable[[], float] | None = None,
+    checkpoint_path: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 50,
+    resume: bool = True,
+    progress: bool = True,
+    desc: str = "fit",
+    callback: Callable[[int, float], None] | None = None,
+    extra_state: Mapping[str, torch.Tensor] | None = None,
+) -> FitResult:
+    """Optimise the generator's parameters.
+
+    Args:
+        generator: Trained in place.
+        loss_at: ``step -> scalar loss`` (must depend only on the step and the generator).
+        cfg: Loop settings.
+        monitor: Value checked every ``cfg.eval_every`` steps for early stopping and best state
+            (lower is better); default: an exponential moving average of the training loss.
+        checkpoint_path: File for periodic checkpoints (written atomically).
+        checkpoint_every: Steps between checkpoints.
+        resume: Continue from ``checkpoint_path`` if it exists.
+        progress: Show a tqdm bar (loss, elapsed).
+        desc: Bar label.
+        callback: Called as ``callback(step, loss)`` after every completed step.
+        extra_state: Tensors that the loss updates in place (e.g. BatchNorm running statistics
+            of the student); they are checkpointed, rolled back and restored with the
+            generator so that resume and best-state stay exact.
+
+    Returns:
+        A :class:`FitResult`.
+
+    Raises:
+        NonFiniteError: The loss, a gradient or an updated parameter became NaN/Inf; the
+            generator is left at its last good state (also written to the checkpoint).
+        FormatError: The checkpoint is unreadable or was made with other settings.
+    """
+    t0 = time.perf_counter()
+    params = [p for p in generator.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    path = Path(checkpoint_path) if checkpoint_path is not None else None
+    start, best, best_step, bad, ema = 0, math.inf, 0, 0, None
+    history: list[float] = []
+    extra = dict(extra_state or {})
+
+    def full_state() -> dict[str, Any]:
+        return {"generator": copy.deepcopy(generator.state_dict()),
+                "extra": {k: v.detach().clone() for k, v in extra.items()}}
+
+    def load_full(state: dict[str, Any]) -> None:
+        generator.load_state_dict(state["generator"])
+        with torch.no_grad():
+            for k, v in extra.items():
+                v.copy_(state["extra"][k])
+
+    best_state = full_state()
+    resumed_from = None
+    if path is not None and resume and path.exists():
+        try:
+            ck = torch.load(path, weights_only=True)  # plain data only: no pickled code
+        except Exception as exc:  # torch raises several types for corrupt files
+            raise FormatError(f"Cannot read checkpoint {path}: {exc}") from exc
+        if not isinstance(ck, dict) or ck.get("version") != CHECKPOINT_VERSION:
+            raise FormatError(f"{path} is not a qtcompress fit checkpoint (version "
+                              f"{CHECKPOINT_VERSION}).")
+        if ck["fingerprint"] != cfg.fingerprint() or ck["desc"] != desc:
+            raise FormatError(f"Checkpoint {path} was written by a fit with other settings: "
+                              f"{ck['fingerprint']} ({ck['desc']}).")
+        load_full(ck["state"])
+        opt.load_state_dict(ck["optimizer"])
+        start, best, best_step, bad, ema = ck["step"], ck["best"], ck["best_step"], ck["bad"], ck[
+            "ema"]
+        history, best_state = list(ck["history"]), ck["best_state"]
+        resumed_from = start
+
+    def snapshot(step: int) -> dict[str, Any]:
+        return {"version": CHECKPOINT_VERSION, "desc": desc, "fingerprint": cfg.fingerprint(),
+                "state": full_state(), "optimizer": opt.state_dict(), "step": step,
+                "best": best, "best_step": best_step, "bad": bad, "ema": ema,
+                "history": history, "best_state": best_state}
+
+    stopped = False
+    bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not progress, leave=False)
+    try:
+        for step in range(start, cfg.steps):
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr_at(step)
+            opt.zero_grad(set_to_none=True)
+            good = full_state()
+            good_opt = copy.deepcopy(opt.state_dict())
+            try:
+                loss = loss_at(step)
+                if not torch.isfinite(loss):
+                    raise NonFiniteError(f"Loss is {loss.item()} at step {step}.")
+                loss.backward()
+                grads = [p.grad for p in params]
+                if not _all_finite(grads):
+                    raise NonFiniteError(f"A gradient holds NaN/Inf at step {step}.")
+                if cfg.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                if not _all_finite(params):
+                    raise NonFiniteError(f"A parameter became NaN/Inf at step {step}.")
+            except NonFiniteError as exc:
+                load_full(good)
+                opt.load_state_dict(good_opt)
+                if path is not None:
+                    _save_atomic(snapshot(step), path)
+                raise NonFiniteError(
+                    f"{exc} The generator was left at its state before step {step}"
+                    + (f" (saved to {path})." if path is not None else ".")
+                    + " Lower the learning rate, enable grad_clip, or check the data."
+                ) from exc
+            value = float(loss.detach())
+            history.append(value)
+            ema = value if ema is None else 0.9 * ema + 0.1 * value
+            done = step + 1
+            if done % cfg.eval_every == 0 or done == cfg.steps:
+                current = monitor() if monitor is not None else ema
+                if current < best * (1.0 - cfg.min_delta) or best == math.inf:
+                    best, best_step, bad = current, done, 0
+                    best_state = full_state()
+                else:
+                    bad += 1
+                stopped = cfg.patience is not None and bad >= cfg.patience
+            if path is not None and (done % checkpoint_every == 0 or done == cfg.steps or stopped):
+                _save_atomic(snapshot(done), path)
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4g}", best=f"{best:.4g}")
+            if callback is not None:
+                callback(done, value)
+            if stopped:
+                break
+    finally:
+        bar.close()
+    if cfg.restore_best and best_state is not None and best < math.inf:
+        load_full(best_state)
+    return FitResult(len(history), best, best_step, history[-1] if history else math.nan,
+                     history, stopped, resumed_from, time.perf_counter() - t0)
+
+
+# -- phase 1 ------------------------------------------------------------------------------------
+def tensor_normalisers(generator: QTGenerator, target: torch.Tensor) -> torch.Tensor:
+    """Per-weight factors that make the squared error a mean over tensors of relative MSEs.
+
+    Tensor ``t`` contributes ``mean((w - w*)^2) / var(w*_t)`` with equal weight, so a 16-element
+    BatchNorm scale counts as much as a 10^5-element conv kernel, and a near-constant tensor is
+    judged against a floor of ``1e-4 * mean(w*_t^2)`` rather than its (near-zero) variance.
+    """
+    layout = generator.layout
+    factors = torch.empty(layout.total)
+    for s in layout.specs:
+        part = target[s.offset:s.offset + s.numel].double()
+        denom = max(float(part.var(unbiased=False)), 1e-4 * float((part**2).mean()), 1e-12)
+        factors[s.offset:s.offset + s.numel] = 1.0 / (denom * s.numel * len(layout.specs))
+    return factors
+
+
+def weight_loss(generated: torch.Tensor, target: torch.Tensor,
+                factors: torch.Tensor) -> torch.Tensor:
+    """Phase-1 loss: per-tensor normalised MSE averaged over tensors.
+
+    See :func:`tensor_normalisers` for the normalisation.
+    """
+    return ((generated - target) ** 2 * factors).sum()
+
+
+def relative_errors(generator: QTGenerator, target: torch.Tensor) -> dict[str, float]:
+    """``||w - w*|| / ||w*||`` overall (key ``"_total"``) and per tensor."""
+    with torch.no_grad():
+        w = generator.generate()
+    out = {"_total": float((w - target).norm() / target.norm().clamp_min(1e-12))}
+    for s in generator.layout.specs:
+        a, b = w[s.offset:s.offset + s.numel], target[s.offset:s.offset + s.numel]
+        out[s.name] = float((a - b).norm() / b.norm().clamp_min(1e-12))
+    return out
+
+
+def fit_weights(generator: QTGenerator, target: torch.Tensor, cfg: LoopConfig, *,
+                freeze_scale: bool = True, **loop_kwargs: Any) -> FitResult:
+    """Phase 1: fit the generator so that it reproduces ``target`` (flat pretrained weights).
+
+    Args:
+        generator: Trained in place; call :meth:`QTGenerator.init_affine` first.
+        target: ``(M,)`` pretrained weights.
+        cfg: Loop settings.
+        freeze_scale: Keep the per-tensor scales (the pretrained stds) fixed. When the
+            generator is much smaller than M it cannot match a large tensor, and the MSE-optimal
+            scale then shrinks that tensor towards its mean: the rebuilt model collapses to a
+            constant output with dead ReLUs, from which fine-tuning may never recover.
+            Frozen, the fit maximises each tensor's correlation with its target instead.
+        **loop_kwargs: Passed to :func:`train_loop` (checkpointing, progress, ...).
+    """
+    if target.shape != (generator.total,):
+        raise ConfigError(f"target must have shape ({generator.total},), got "
+                          f"{tuple(target.shape)}.")
+    if not torch.isfinite(target).all():
+        raise NonFiniteError("The pretrained weights hold NaN or Inf.")
+    target = target.detach().to(torch.float32)
+    factors = tensor_normalisers(generator, target)
+    trainable = generator.scale.requires_grad
+    if freeze_scale:
+        generator.scale.requires_grad_(False)
+    try:
+        return train_loop(
+            generator, lambda _step: weight_loss(generator.generate(), target, factors), cfg,
+            desc=loop_kwargs.pop("desc", "fit_weights"), **loop_kwargs)
+    finally:
+        generator.scale.requires_grad_(trainable)
+
+
+# -- phase 2 ------------------------------------------------------------------------------------
+class FunctionalModel:
+    """Runs a private copy of a model with generated weights via ``torch.func.functional_call``.
+
+    The user's module is never touched: the copy is put in eval mode (dropout off) and its own
+    parameters are frozen; generated tensors replace the targeted ones at call time, untargeted
+    parameters come from the copy. The student (generated weights) has its own copy of the
+    buffers (:attr:`buffers`), so that BatchNorm statistics re-estimated for the generated
+    weights never leak into the teacher.
+
+    Args:
+        model: The pretrained model (copied).
+        generator: Supplies the generated tensors.
+    """
+
+    def __init__(self, model: nn.Module, generator: QTGenerator) -> None:
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.generator = generator
+        self.fixed: dict[str, torch.Tensor] = dict(
+            self.module.named_parameters(remove_duplicate=False))
+        self.buffers: dict[str, torch.Tensor] = {
+            n: b.detach().clone() for n, b in self.module.named_buffers()}
+        self.norm_layers = [m for m in self.module.modules()
+                            if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def __call__(self, *args: Any, generated: Mapping[str, torch.Tensor] | None = None,
+                 batch_stats: bool = False, **kwargs: Any) -> Any:
+        """Forward pass with generated weights (generated now if not given).
+
+        Args:
+            *args: Model inputs.
+            generated: Tensors by name; default ``generator.tensors()``.
+            batch_stats: Run BatchNorm layers in training mode: normalise with batch
+                statistics and update the student's running statistics (:attr:`buffers`).
+            **kwargs: Model keyword inputs.
+        """
+        tensors = self.generator.tensors() if generated is None else generated
+        if batch_stats:
+            for m in self.norm_layers:
+                m.train()
+        try:
+            return functional_call(self.module, {**self.fixed, **self.buffers, **tensors}, args,
+                                   kwargs, tie_weights=False, strict=False)
+        finally:
+            for m in self.norm_layers:
+                m.eval()
+
+    @torch.no_grad()
+    def recalibrate(self, inputs: torch.Tensor, batch_size: int = 256) -> None:
+        """Re-estimate the student's BatchNorm running statistics on ``inputs``.
+
+        The generator is not changed: this only makes the normalisation match the generated
+        weights (exact cumulative averages over the batches, as with ``momentum=None``).
+        """
+        if not self.norm_layers:
+            return
+        tensors = self.generator.tensors()
+        momenta = [m.momentum for m in self.norm_layers]
+        for m in self.norm_layers:
+            m.momentum = None
+        for name, b in self.buffers.items():
+            if name.endswith("running_mean") or name.endswith("num_batches_tracked"):
+                b.zero_()
+            elif name.endswith("running_var"):
+                b.fill_(1.0)
+        try:
+            for i in range(0, inputs.shape[0], batch_size):
+                self(inputs[i:i + batch_size], generated=tensors, batch_stats=True)
+        finally:
+            for m, momentum in zip(self.norm_layers, momenta, strict=True):
+                m.momentum = momentum
+
+    def teacher(self, *args: Any, **kwargs: Any) -> Any:
+        """Forward pass of the original (pretrained) weights, without gradients."""
+        with torch.no_grad():
+            return self.module(*args, **kwargs)
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "kl",
+                 temperature: float = 2.0) -> torch.Tensor:
+    """Distillation loss between output tensors.
+
+    Args:
+        student: Student outputs (logits for ``"kl"``).
+        teacher: Teacher outputs, same shape.
+        kind: ``"kl"`` (temperature-softened KL, scaled by T^2) or ``"mse"``.
+        temperature: Softmax temperature for ``"kl"``.
+    """
+    if kind == "mse":
+        return F.mse_loss(student, teacher)
+    if kind == "kl":
+        t = temperature
+        s = F.log_softmax(student.flatten(0, -2) / t, dim=-1)
+        q = F.log_softmax(teacher.flatten(0, -2) / t, dim=-1)
+        return F.kl_div(s, q, log_target=True, reduction="batchmean") * t * t
+    raise ConfigError(f"Unknown distillation loss {kind!r}; choose 'kl' or 'mse'.")
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
+    """Indices of the mini-batch used at ``step``: a pure function of its arguments.
+
+    Each epoch is a fresh permutation seeded by ``(seed, epoch)``, so resuming at any step
+    needs no sampler state.
+    """
+    per_epoch = math.ceil(n / batch_size)
+    epoch, j = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    return perm[j * batch_size:(j + 1) * batch_size]
+
+
+def finetune(
+    fmodel: FunctionalModel,
+    inputs: torch.Tensor,
+    targets: torch.Tensor | None,
+    cfg: LoopConfig,
+    *,
+    mode: str = "distill",
+    batch_size: int = 64,
+    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
+    distill: str = "kl",
+    temperature: float = 2.0,
+    alpha: float = 1.0,
+    batch_stats: bool = True,
+    **loop_kwargs: Any,
+) -> FitResult:
+    """Phase 2: train the generator on a task through the model's own forward pass.
+
+    Args:
+        fmodel: The model + generator pair.
+        inputs: ``(N, ...)`` inputs; one batch is ``inputs[idx]``.
+        targets: ``(N, ...)`` labels (required for ``"supervised"``; optional for
+            ``"distill"``, where they add ``(1 - alpha) * loss_fn``).
+        cfg: Loop settings.
+        mode: ``"supervised"`` or ``"distill"`` (teacher = the pretrained model).
+        batch_size: Mini-batch size.
+        loss_fn: Supervised loss ``(outputs, labels)``; default cross-entropy.
+        distill: ``"kl"`` or ``"mse"``.
+        temperature: KL temperature.
+        alpha: Weight of the distillation term when labels are also given.
+        batch_stats: Train with BatchNorm in batch-statistics mode, updating the student's
+            running statistics (the way the pretrained model was trained). With frozen
+            pretrained statistics, generated weights whose channel means differ from the
+            pretrained ones can switch whole ReLU channels off, and then no gradient flows.
+        **loop_kwargs: Passed to :func:`train_loop`.
+    """
+    if mode not in ("supervised", "distill"):
+        raise ConfigError(f"Unknown mode {mode!r}; choose 'supervised' or 'distill'.")
+    if not isinstance(inputs, torch.Tensor) or inputs.ndim < 1 or inputs.shape[0] < 1:
+        raise ConfigError("inputs must be a non-empty tensor with a batch dimension.")
+    if targets is not None and targets.shape[0] != inputs.shape[0]:
+        raise ConfigError(f"inputs ({inputs.shape[0]}) and targets ({targets.shape[0]}) differ "
+                          "in length.")
+    if mode == "supervised" and targets is None:
+        raise ConfigError("Supervised fine-tuning needs targets; use mode='distill' without.")
+    if batch_size < 1 or not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"batch_size must be >= 1 and alpha in [0, 1] (got {batch_size}, "
+                          f"{alpha}).")
+    if inputs.dtype.is_floating_point and not torch.isfinite(inputs).all():
+        raise NonFiniteError("inputs hold NaN or Inf.")
+    sup = loss_fn or F.cross_entropy
+    n = inputs.shape[0]
+
+    def loss_at(step: int) -> torch.Tensor:
+        idx = batch_indices(step, n, batch_size, cfg.seed)
+        x = inputs[idx]
+        out = fmodel(x, batch_stats=batch_stats)
+        if mode == "supervised":
+            return sup(out, targets[idx])  # type: ignore[index]
+        loss = distill_loss(out, fmodel.teacher(x), distill, temperature)
+        if targets is not None and alpha < 1.0:
+            loss = alpha * loss + (1.0 - alpha) * sup(out, targets[idx])
+        return loss
+
+    return train_loop(fmodel.generator, loss_at, cfg, desc=loop_kwargs.pop("desc", mode),
+                      extra_state=fmodel.buffers, **loop_kwargs)

@@ -1,0 +1,237 @@
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qtcompress.api import compress
+from qtcompress.config import QTConfig
+from qtcompress.errors import ConfigError, FormatError, NonFiniteError
+from qtcompress.examples import DigitsCNN, accuracy, load_dataset
+from qtcompress.fit import LoopConfig, batch_indices
+from tests.tiny_models import TinyCNN, TinyConv1d, TinyGRU, TinyMLP, example_input
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SMALL = QTConfig(chunk=2, n_layers=2, hidden=(8,))
+
+
+def _states_equal(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_phase1_reproduces_weights_when_generator_has_capacity():
+    torch.manual_seed(0)
+    model = TinyConv1d()  # M = 100
+    qt = compress(model, QTConfig(chunk=1, n_layers=4, hidden=(32, 32)))
+    before = qt.weight_errors()["_total"]
+    res = qt.fit_weights(steps=400, lr=2e-2, progress=False)
+    after = qt.weight_errors()
+    assert res.history[-1] < 0.05 * res.history[0]
+    assert after["_total"] < 0.25 < before
+    x = example_input(model)
+    with torch.no_grad():
+        assert F.mse_loss(qt(x), model.eval()(x)) < F.mse_loss(compress(model, QTConfig(
+            chunk=1, n_layers=4, hidden=(32, 32)))(x), model(x))
+
+
+def test_fit_is_deterministic():
+    model = TinyMLP()
+    a, b = compress(model, SMALL), compress(model, SMALL)
+    ra = a.fit_weights(steps=15, progress=False)
+    rb = b.fit_weights(steps=15, progress=False)
+    assert ra.history == rb.history and _states_equal(a.generator, b.generator)
+
+
+@pytest.mark.parametrize("phase,cls", [("weights", TinyGRU), ("distill", TinyGRU),
+                                       ("distill", TinyCNN)])
+def test_resume_after_interruption_equals_uninterrupted(tmp_path, phase, cls):
+    torch.manual_seed(0)
+    model = cls().eval()
+    x = example_input(model, batch=40, seed=1)
+
+    def run(qt, **kw):
+        common = dict(steps=20, lr=1e-2, eval_every=4, progress=False, checkpoint_every=5, **kw)
+        if phase == "weights":
+            return qt.fit_weights(**common)
+        return qt.finetune(x, mode="distill", batch_size=16, **common)
+
+    ref = compress(model, SMALL)
+    ref_res = run(ref)
+
+    def interrupt(step, loss):
+        if step == 13:
+            raise KeyboardInterrupt
+
+    ck = tmp_path / "fit.ckpt"
+    broken = compress(model, SMALL)
+    with pytest.raises(KeyboardInterrupt):
+        run(broken, checkpoint_path=ck, callback=interrupt)
+    resumed = compress(model, SMALL)
+    res = run(resumed, checkpoint_path=ck)
+    assert res.resumed_from == 10
+    assert res.history == ref_res.history and res.best == ref_res.best
+    assert _states_equal(resumed.generator, ref.generator)
+    # BatchNorm statistics of the student are part of the resumed state too.
+    for k, v in ref.functional.buffers.items():
+        assert torch.equal(resumed.functional.buffers[k], v), k
+    # A checkpoint from other settings is refused rather than silently mixed in.
+    with pytest.raises(FormatError):
+        compress(model, SMALL).fit_weights(steps=21, checkpoint_path=ck, progress=False)
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(FormatError):
+        compress(model, SMALL).fit_weights(steps=5, checkpoint_path=tmp_path / "junk.ckpt",
+                                           progress=False)
+
+
+def test_nan_loss_stops_and_keeps_last_good_state(tmp_path):
+    model = TinyMLP()
+    x = example_input(model, batch=16)
+    y = torch.arange(16) % 3
+    qt = compress(model, SMALL)
+    seen = {}
+
+    def record(step, loss):
+        seen[step] = {k: v.clone() for k, v in qt.generator.state_dict().items()}
+
+    def loss_fn(out, target):  # a real loss that turns NaN from the 4th call on
+        loss_fn.calls += 1
+        loss = F.cross_entropy(out, target)
+        return loss * math.nan if loss_fn.calls >= 4 else loss
+
+    loss_fn.calls = 0
+    with pytest.raises(NonFiniteError, match="step 3"):
+        qt.finetune(x, y, mode="supervised", loss_fn=loss_fn, steps=10, batch_size=8,
+                    progress=False, callback=record, checkpoint_path=tmp_path / "c.pt")
+    state = qt.generator.state_dict()
+    assert all(torch.equal(state[k], seen[3][k]) for k in state)
+    assert all(torch.isfinite(v).all() for v in state.values())
+    assert torch.load(tmp_path / "c.pt", weights_only=False)["step"] == 3
+
+
+def test_divergent_learning_rate_is_caught():
+    qt = compress(TinyMLP(), SMALL)
+    with pytest.raises(NonFiniteError):
+        qt.fit_weights(steps=5, lr=1e25, schedule="constant", progress=False)
+    assert all(torch.isfinite(p).all() for p in qt.generator.parameters())
+
+
+def test_early_stopping_and_best_state():
+    qt = compress(TinyMLP(), SMALL)
+    res = qt.fit_weights(steps=200, lr=1e-12, schedule="constant", eval_every=5, patience=2,
+                         progress=False)
+    assert res.stopped_early and res.steps == 15
+    res = qt.fit_weights(steps=60, lr=1e-2, eval_every=5, patience=50, progress=False)
+    assert not res.stopped_early and res.steps == 60 and res.best <= min(res.history) * 1.5
+
+
+def test_lr_schedule_and_batches():
+    cfg = LoopConfig(steps=100, lr=1.0, warmup=10, min_lr_ratio=0.1)
+    assert cfg.lr_at(0) == pytest.approx(0.1) and cfg.lr_at(9) == pytest.approx(1.0)
+    assert cfg.lr_at(99) == pytest.approx(0.1, abs=1e-3)
+    assert cfg.lr_at(40) > cfg.lr_at(60)
+    b = [batch_indices(s, 10, 4, 0) for s in range(3)]
+    assert sorted(torch.cat(b).tolist()) == list(range(10))
+    assert torch.equal(batch_indices(5, 10, 4, 0), batch_indices(5, 10, 4, 0))
+
+
+def test_bad_inputs():
+    qt = compress(TinyMLP(), SMALL)
+    x = example_input(qt.functional.module, batch=8)
+    with pytest.raises(ConfigError):
+        qt.finetune(x, mode="supervised", steps=2, progress=False)
+    with pytest.raises(ConfigError):
+        qt.finetune(x, torch.zeros(3, dtype=torch.long), mode="supervised", steps=2)
+    with pytest.raises(ConfigError):
+        qt.finetune(x, mode="reinforce", steps=2)
+    with pytest.raises(NonFiniteError):
+        qt.finetune(x * math.nan, steps=2, progress=False)
+    with pytest.raises(ConfigError):
+        qt.fit_weights(steps=0)
+    with pytest.raises(ConfigError):
+        qt.fit_weights(steps=5, schedule="step")
+    with pytest.raises(ConfigError):
+        compress("not a model")
+
+
+def test_config_json_round_trip_and_validation():
+    cfg = QTConfig(target=["conv", "re:^head"], exclude=["bn1"], chunk=None, hidden=[8, 4],
+                   mapping="mps", prob_transform="paper", seed=3)
+    again = QTConfig.from_json(cfg.to_json())
+    assert again == cfg and again.hidden == (8, 4) and again.target == ("conv", "re:^head")
+    assert QTConfig().resolve_chunk(10**6) == 1
+    assert QTConfig(chunk=None).resolve_chunk(10**6) == 16 and cfg.resolve_chunk(100) == 1
+    assert QTConfig(chunk=None, max_qubits=20).resolve_chunk(20_000_000) == 32
+    for bad in ({"chunk": 0}, {"n_layers": 0}, {"mapping": "cnn"}, {"hidden": []},
+                {"activation": "step"}, {"target": "conv1"}, {"seed": -1}, {"version": 2},
+                {"max_qubits": 64}, {"include_frozen": 1}, {"prob_transform": "x"}):
+        with pytest.raises(ConfigError):
+            QTConfig(**bad)
+    with pytest.raises(ConfigError):
+        QTConfig.from_json('{"chunk": 2, "bogus": 1}')
+    with pytest.raises(ConfigError):
+        QTConfig.from_json("{not json")
+    with pytest.raises(ConfigError):
+        QTConfig.from_json('{"version": 99}')
+    assert compress(TinyMLP(), SMALL, chunk=4).config.chunk == 4
+
+
+def test_digits_small_acceptance():
+    """Small version of the issue's target: <= 20% of M trainable, accuracy within 5 points."""
+    from safetensors.torch import load_file
+
+    data = load_dataset("digits", seed=0)
+    xtr, xte, yte = data.x_train, data.x_test, data.y_test
+    model = DigitsCNN()  # the shipped, pretrained checkpoint (99.44% test accuracy)
+    model.load_state_dict(load_file(str(ROOT / "models" / "digits_cnn.safetensors")))
+    base = accuracy(model, xte, yte) * 100
+    assert base > 95
+    qt = compress(model, QTConfig(chunk=32, hidden=(16, 16), n_layers=8))
+    rep = qt.report()
+    assert rep.ratio <= 0.20
+    scale = qt.generator.scale.detach().clone()
+    qt.fit_weights(steps=100, lr=2e-2, progress=False)
+    assert torch.equal(qt.generator.scale, scale)  # phase 1 keeps each tensor's std
+    assert qt.generator.scale.requires_grad
+    qt.finetune(xtr, mode="distill", steps=2000, lr=1e-2, batch_size=64, progress=False)
+    acc = accuracy(qt, xte, yte) * 100
+    assert acc >= base - 5, (acc, base)
+    assert accuracy(qt.materialize(), xte, yte) * 100 == pytest.approx(acc, abs=0.3)
+
+
+def test_batchnorm_statistics_student_only_and_carried():
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    teacher_stats = model.bn1.running_mean.clone()
+    x = example_input(model, batch=32)
+    qt = compress(model, SMALL)
+    qt.finetune(x, steps=6, batch_size=16, progress=False)
+    student = qt.functional.buffers["bn1.running_mean"]
+    assert not torch.equal(student, teacher_stats)  # re-estimated for the generated weights
+    assert torch.equal(qt.functional.module.bn1.running_mean, teacher_stats)  # teacher intact
+    assert torch.equal(model.bn1.running_mean, teacher_stats)  # user model intact
+    mat = qt.materialize()
+    assert torch.equal(mat.bn1.running_mean, student)
+    with torch.no_grad():
+        assert torch.allclose(mat(x), qt(x), atol=1e-5)
+    # Frozen-statistics fine-tuning leaves the student's statistics alone.
+    qt2 = compress(model, SMALL)
+    qt2.finetune(x, steps=3, batch_size=16, batch_stats=False, progress=False)
+    assert torch.equal(qt2.functional.buffers["bn1.running_mean"], teacher_stats)
+
+
+def test_recalibrate_matches_batch_statistics():
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    x = example_input(model, batch=64)
+    qt = compress(model, SMALL)
+    qt.recalibrate(x, batch_size=64)  # one batch: running stats == that batch's stats
+    with torch.no_grad():
+        h = qt.functional.module.conv1
+        w = qt.generator.tensors()
+        feats = F.conv2d(x, w["conv1.weight"], w["conv1.bias"], padding=h.padding)
+    assert torch.allclose(qt.functional.buffers["bn1.running_mean"], feats.mean((0, 2, 3)),
+                          atol=1e-5)
+    assert qt.functional.module.bn1.momentum == 0.1
