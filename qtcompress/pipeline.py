@@ -82,6 +82,7 @@ class PipelineResult:
     accuracy_finetuned: float | None
     phase1_rel_weight_error: float
     onnx_max_abs_diff: float
+    onnx_max_abs_output: float
     latency_torch_ms: dict[str, float]
     latency_onnx_ms: dict[str, float]
     fit_s: float
@@ -211,6 +212,7 @@ def run_pipeline(
         accuracy_finetuned=accuracy_finetuned,
         phase1_rel_weight_error=phase1_error,
         onnx_max_abs_diff=export.max_abs_diff,
+        onnx_max_abs_output=export.max_abs_output,
         latency_torch_ms=torch_ms, latency_onnx_ms=onnx_ms,
         fit_s=fit_s, finetune_s=finetune_s, total_s=0.0, files=files, histories=histories)
     if settings.report:
@@ -239,6 +241,7 @@ def _size(value: int | None) -> str:
 
 def summary_rows(r: PipelineResult) -> dict[str, str]:
     """The summary table as ordered label -> value strings."""
+    relative = r.onnx_max_abs_diff / max(r.onnx_max_abs_output, 1e-30)
     rows = {
         "original parameters": f"{r.original_params:,}",
         "generated weights (M)": f"{r.generated_weights:,}",
@@ -253,7 +256,8 @@ def summary_rows(r: PipelineResult) -> dict[str, str]:
         "accuracy: phase 1 (weights fitted)": _pct(r.accuracy_phase1)
         + f" (relative weight error {r.phase1_rel_weight_error:.3f})",
         "accuracy: fine-tuned": _pct(r.accuracy_finetuned),
-        "ONNX vs torch max |diff|": f"{r.onnx_max_abs_diff:.2g}",
+        "ONNX vs torch max |diff|": f"{r.onnx_max_abs_diff:.2g} (outputs up to "
+        f"{r.onnx_max_abs_output:.3g}: {relative:.1g} relative)",
     }
     for label in r.latency_torch_ms:
         rows[f"latency {label}: torch / onnxruntime"] = (

@@ -12,6 +12,7 @@ from onnx import numpy_helper
 from qtcompress.errors import ConfigError, FormatError, NonFiniteError
 from qtcompress.onnx_export import (
     SKELETON_KEY,
+    compare_with_onnxruntime,
     export_onnx,
     export_skeleton,
     fill_skeleton,
@@ -274,3 +275,16 @@ def test_batch_dependent_model_is_rejected(tmp_path, module):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__]))
+
+
+def test_skeleton_check_scales_with_large_outputs():
+    """Float32 rounding grows with the outputs: a trained net's large logits must not be
+    mistaken for a weight baked into the graph (the check is relative above |output| = 1)."""
+    model = _build(TinyCNN)
+    with torch.no_grad():
+        model.head.weight.mul_(300.0)  # logits in the hundreds
+    x = example_input(model)
+    assert float(model.eval()(x).abs().max()) > 100
+    skeleton = export_skeleton(model, x)
+    filled = fill_skeleton(skeleton, _weights(model))
+    assert compare_with_onnxruntime(filled, model, x) <= 1e-5 * float(model(x).abs().max())

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchdoc import ROOT, write_section  # noqa: E402
+from benchdoc import ROOT, machine, write_section  # noqa: E402
 
 
 def _rss_mib() -> float:
@@ -92,8 +91,8 @@ def table(rows: list[dict[str, float]], steps: int, n_layers: int) -> str:
     """Markdown table of the measured rows."""
     lines = [
         f"Fit step time (ms, mean of {steps} steps after 2 warm-up) of a 2-layer MLP (batch 64), "
-        f"QNN {n_layers} layers, MLP mapping (16, 16). Machine: {platform.machine()}, "
-        f"Python {platform.python_version()}; written by `tools/bench_fit.py`.",
+        f"QNN {n_layers} layers, MLP mapping (16, 16). Measured {machine()}; "
+        "written by `tools/bench_fit.py`.",
         "",
         "| M | qubits | chunk | trainable | sim (ms) | mapping (ms) | model f+b (ms) | "
         "total (ms) | peak RSS (MiB) | RSS before compress (MiB) |",
