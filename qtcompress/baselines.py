@@ -25,6 +25,7 @@ from qtcompress.api import QTModel
 from qtcompress.errors import ConfigError
 from qtcompress.fit import LoopConfig, batch_indices, distill_loss
 
+Factorisable = nn.Linear | nn.Conv2d
 
 def trainable_count(model: nn.Module, masks: dict[str, torch.Tensor] | None = None) -> int:
     """Trainable parameters of ``model``; masked parameters count only their kept entries."""
@@ -36,16 +37,16 @@ def trainable_count(model: nn.Module, masks: dict[str, torch.Tensor] | None = No
     return total
 
 
-def _factorisable(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def _factorisable(model: nn.Module) -> list[tuple[str, Factorisable]]:
     """``Linear`` and ungrouped ``Conv2d`` layers, in module order."""
-    out: list[tuple[str, nn.Module]] = []
+    out: list[tuple[str, Factorisable]] = []
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and mod.groups == 1):
             out.append((name, mod))
     return out
 
 
-def _matrix(mod: nn.Module) -> torch.Tensor:
+def _matrix(mod: Factorisable) -> torch.Tensor:
     w = mod.weight.detach()
     return w.reshape(w.shape[0], -1).double()  # (out, in * kh * kw)
 
@@ -56,7 +57,7 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _factor_layer(mod: nn.Module, rank: int) -> nn.Module:
+def _factor_layer(mod: Factorisable, rank: int) -> nn.Module:
     """Replace ``mod`` by two layers initialised from its rank-``rank`` truncated SVD."""
     u, s, vh = torch.linalg.svd(_matrix(mod), full_matrices=False)
     root = s[:rank].sqrt()
@@ -72,13 +73,15 @@ def _factor_layer(mod: nn.Module, rank: int) -> nn.Module:
         second.weight.data.copy_(b)
     else:
         assert isinstance(mod, nn.Conv2d)
-        first = nn.Conv2d(mod.in_channels, rank, mod.kernel_size, stride=mod.stride,
-                          padding=mod.padding, dilation=mod.dilation, bias=False,
+        # torch types these attributes as tuple[int, ...]; they are 2-tuples for Conv2d.
+        first = nn.Conv2d(mod.in_channels, rank, mod.kernel_size,  # type: ignore[arg-type]
+                          stride=mod.stride, padding=mod.padding,  # type: ignore[arg-type]
+                          dilation=mod.dilation, bias=False,  # type: ignore[arg-type]
                           padding_mode=mod.padding_mode)
         second = nn.Conv2d(rank, mod.out_channels, 1, bias=bias)
         first.weight.data.copy_(a.reshape(rank, *mod.weight.shape[1:]))
         second.weight.data.copy_(b.reshape(mod.out_channels, rank, 1, 1))
-    if bias:
+    if mod.bias is not None and second.bias is not None:
         second.bias.data.copy_(mod.bias.detach())
     return nn.Sequential(first, second)
 
@@ -103,7 +106,7 @@ def lowrank_factorize(model: nn.Module, budget: int) -> tuple[nn.Module, dict[st
     """
     layers = _factorisable(model)
     fixed = trainable_count(model) - sum(m.weight.numel() for _, m in layers)
-    info = []
+    info: list[tuple[str, Factorisable, int, int, torch.Tensor]] = []
     for name, mod in layers:
         mat = _matrix(mod)
         s2 = torch.linalg.svdvals(mat) ** 2
@@ -260,8 +263,9 @@ def distill_finetune(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for name, m in masks.items():
-            if named[name].grad is not None:
-                named[name].grad.mul_(m)
+            grad = named[name].grad
+            if grad is not None:
+                grad.mul_(m)
         opt.step()
         with torch.no_grad():
             for name, m in masks.items():
