@@ -1,3 +1,33 @@
-"""qtcompress: Quantum-Train compression of PyTorch models."""
+"""qtcompress: Quantum-Train compression of PyTorch models.
+
+Example:
+    >>> from qtcompress import QTConfig, compress, save_generator  # doctest: +SKIP
+    >>> qt = compress(model, QTConfig(chunk=32))                    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
+
+# The public verbs, imported on first use so that `import qtcompress` (and the CLI's start-up)
+# does not pull in torch, Cirq and qsim until they are needed.
+_LAZY = {
+    "compress": "qtcompress.api",
+    "QTModel": "qtcompress.api",
+    "QTConfig": "qtcompress.config",
+    "save_generator": "qtcompress.generator_file",
+    "load_generator": "qtcompress.generator_file",
+    "QTCompressError": "qtcompress.errors",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'qtcompress' has no attribute {name!r}")

@@ -174,7 +174,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     from qtcompress.generator_file import load_generator
 
     if not args.onnx and not args.state_dict:
-        raise _usage("reconstruct needs --onnx PATH and/or --state-dict PATH")
+        raise _UsageError("reconstruct needs --onnx PATH and/or --state-dict PATH")
     gen = load_generator(args.file)
     check = gen.verify_weights()
     result: dict[str, Any] = {"file": args.file, "weights_identical": check.identical,
@@ -343,10 +343,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 class _UsageError(Exception):
     """A flag combination argparse cannot express; reported like argparse's own errors."""
-
-
-def _usage(message: str) -> _UsageError:
-    return _UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -45,3 +45,20 @@ def test_cli_qnn_json_output():
     assert result["num_params"] == 8 and result["num_states"] == 16
     probs = [row["p"] for row in result["top_states"]]
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+
+
+def test_top_level_verbs_are_the_real_objects():
+    import qtcompress
+    from qtcompress.api import compress
+    from qtcompress.config import QTConfig
+    from qtcompress.generator_file import load_generator, save_generator
+
+    assert qtcompress.compress is compress and qtcompress.QTConfig is QTConfig
+    assert qtcompress.save_generator is save_generator
+    assert qtcompress.load_generator is load_generator
+    try:
+        qtcompress.no_such_thing  # noqa: B018
+    except AttributeError as exc:
+        assert "no_such_thing" in str(exc)
+    else:
+        raise AssertionError("unknown attribute did not raise")
