@@ -32,7 +32,7 @@ from torch import nn
 from qtcompress import __version__
 from qtcompress.artifact import read_artifact, save_artifact, sha256_of_tensors
 from qtcompress.config import QTConfig
-from qtcompress.errors import ConfigError, FormatError, QTCompressError
+from qtcompress.errors import FormatError, QTCompressError
 from qtcompress.generator import QTGenerator
 from qtcompress.targets import Layout, TensorSpec
 
@@ -117,19 +117,6 @@ def _layout_from_json(data: Any) -> Layout:
             from exc
 
 
-def _as_tuple(inputs: Any) -> tuple[torch.Tensor, ...]:
-    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-
-
-def _outputs(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _outputs(o)]
-    raise ConfigError(f"Model outputs of type {type(out).__name__} cannot be checked; "
-                      "return a tensor or a tuple of tensors.")
-
-
 # -- save -------------------------------------------------------------------------------------
 def save_generator(
     qt: QTModel,
@@ -156,7 +143,9 @@ def save_generator(
     Returns:
         The written path.
     """
-    from qtcompress.onnx_export import export_skeleton
+    # The exporter's own input/output handling, so the recorded check batch lines up with the
+    # ONNX graph's inputs and outputs.
+    from qtcompress.onnx_export import _as_tuple, _flatten_outputs, export_skeleton
 
     generator = qt.generator
     generated = generated_tensors(generator)
@@ -183,7 +172,7 @@ def save_generator(
     if example_inputs is not None:
         inputs = _as_tuple(example_inputs)
         with torch.no_grad():
-            outputs = _outputs(materialized(*inputs))
+            outputs = _flatten_outputs(materialized(*inputs))
         skeleton = export_skeleton(materialized, inputs, input_names=input_names,
                                    output_names=output_names)
         tensors.update({f"{CHECK_INPUT_PREFIX}{i}": t for i, t in enumerate(inputs)})

@@ -146,10 +146,6 @@ class Ansatz:
             raise ConfigError(f"Ansatz description is not valid JSON: {exc}.") from exc
         return cls.from_dict(data)
 
-    def with_layers(self, n_layers: int) -> Ansatz:
-        """Return the same ansatz with a different number of layers."""
-        return replace(self, n_layers=n_layers)
-
     # -- Cirq -----------------------------------------------------------------------------------
     def qubits(self) -> list[cirq.LineQubit]:
         """The circuit's qubits, ``LineQubit(0) ... LineQubit(n-1)``; qubit 0 is the MSB."""
