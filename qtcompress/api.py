@@ -94,14 +94,7 @@ class QTModel:
                                              include_frozen=config.include_frozen)
         named = dict(model.named_parameters(remove_duplicate=False))
         self.target = self.layout.flatten({s.name: named[s.name] for s in self.layout.specs})
-        self.generator = QTGenerator(
-            self.layout, chunk=config.resolve_chunk(self.layout.total), n_layers=config.n_layers,
-            n_qubits=config.n_qubits, mapping=config.mapping, hidden=config.hidden,
-            activation=config.activation, bond_dim=config.bond_dim,
-            prob_transform=config.prob_transform, backend=config.backend,
-            per_tensor_affine=config.per_tensor_affine, standardize=config.standardize,
-            block_states=config.block_states,
-            seed=config.seed)
+        self.generator = QTGenerator.from_config(self.layout, config)
         # Starting from each tensor's own mean/std already puts every layer at the right scale.
         self.generator.init_affine(self.target)
         self._training = model.training

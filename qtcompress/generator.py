@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -26,6 +27,9 @@ from qtcompress.errors import ConfigError, NonFiniteError
 from qtcompress.mapping import Mapping, make_mapping, signed_bits, transform_probs
 from qtcompress.qnn import QNN, Ansatz
 from qtcompress.targets import Layout
+
+if TYPE_CHECKING:
+    from qtcompress.config import QTConfig
 
 # Weights produced per streamed block by default (bounds mapping activations, not the output).
 DEFAULT_BLOCK_WEIGHTS = 1 << 18
@@ -108,6 +112,23 @@ class QTGenerator(nn.Module):
         self.standardize = bool(standardize)
         ends = torch.tensor([s.offset + s.numel for s in layout.specs], dtype=torch.int64)
         self.register_buffer("_ends", ends, persistent=False)
+
+    @classmethod
+    def from_config(cls, layout: Layout, config: QTConfig) -> QTGenerator:
+        """The generator that ``config`` describes for ``layout`` (the one place that maps them).
+
+        Args:
+            layout: The generated tensors.
+            config: A :class:`~qtcompress.config.QTConfig`; sizes left automatic are resolved
+                for ``layout.total`` weights.
+        """
+        return cls(
+            layout, chunk=config.resolve_chunk(layout.total), n_layers=config.n_layers,
+            n_qubits=config.n_qubits, mapping=config.mapping, hidden=config.hidden,
+            activation=config.activation, bond_dim=config.bond_dim,
+            prob_transform=config.prob_transform, backend=config.backend,
+            per_tensor_affine=config.per_tensor_affine, standardize=config.standardize,
+            block_states=config.block_states, seed=config.seed)
 
     # -- sizes ----------------------------------------------------------------------------------
     @property
