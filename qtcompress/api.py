@@ -11,22 +11,27 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
+from qtcompress.batches import Batch, InputSource, check_call, select_output
 from qtcompress.config import QTConfig
 from qtcompress.errors import ConfigError
+from qtcompress.fidelity import Fidelity, infer_output_kind, measure_fidelity
 from qtcompress.fit import (
     FitResult,
     FunctionalModel,
     LoopConfig,
+    evaluate_fidelity,
     relative_errors,
 )
 from qtcompress.fit import finetune as _finetune
 from qtcompress.fit import fit_weights as _fit_weights
-from qtcompress.generator import QTGenerator
+from qtcompress.generator import QTGenerator, RowGenerator
+from qtcompress.limits import check_config
 from qtcompress.targets import Layout, select_targets
 
 
@@ -68,6 +73,11 @@ class CompressionReport:
                 f"chunk {self.chunk}; {self.classical} classical parameters untouched")
 
 
+# Phase-2 peak learning rate: measured on the suite (docs/benchmarks.md); 1e-2 collapsed a
+# network without BatchNorm to a constant function, 3e-3 with warm-up and clipping did not.
+DEFAULT_FINETUNE_LR = 3e-3
+
+
 def _loop_config(kwargs: dict[str, Any], **defaults: Any) -> LoopConfig:
     names = set(LoopConfig.__dataclass_fields__)
     opts = {**defaults, **{k: kwargs.pop(k) for k in list(kwargs) if k in names}}
@@ -94,9 +104,18 @@ class QTModel:
                                              include_frozen=config.include_frozen)
         named = dict(model.named_parameters(remove_duplicate=False))
         self.target = self.layout.flatten({s.name: named[s.name] for s in self.layout.specs})
-        self.generator = QTGenerator.from_config(self.layout, config)
-        # Starting from each tensor's own mean/std already puts every layer at the right scale.
-        self.generator.init_affine(self.target)
+        self.config = config.resolve(self.layout, self.target)
+        # Sizes against documented maxima and memory, before anything is allocated.
+        check_config(self.config, self.layout)
+        self.generator = QTGenerator.from_config(self.layout, self.config)
+        if isinstance(self.generator, RowGenerator):
+            # Least-squares heads: the generated network starts as the best projection of the
+            # pretrained one that this generator can express (relative error <= 1).
+            self.generator.fit_heads(self.target)
+        else:
+            # Each tensor's own mean/std puts every layer at the right scale.
+            self.generator.init_affine(self.target)
+        self.revived: list[str] = []  # tensors whose spread finetune() had to restore
         self._training = model.training
         self._requires_grad = {n: p.requires_grad
                                for n, p in model.named_parameters(remove_duplicate=False)}
@@ -117,24 +136,73 @@ class QTModel:
         cfg = _loop_config(kwargs, steps=steps, lr=lr, seed=self.config.seed)
         return _fit_weights(self.generator, self.target, cfg, **kwargs)
 
-    def finetune(self, inputs: torch.Tensor, targets: torch.Tensor | None = None, *,
-                 mode: str = "distill", steps: int = 1000, lr: float = 5e-3,
+    def finetune(self, data: Any, labels: torch.Tensor | None = None, *,
+                 mode: str = "distill", steps: int = 1000, lr: float = DEFAULT_FINETUNE_LR,
                  **kwargs: Any) -> FitResult:
         """Phase 2: train the generator on the task via the model's own forward pass.
 
+        The recipe is robust without tuning per model: linear warm-up over the first 10% of
+        the steps, gradient clipping at norm 1, a cosine decay, the best state on a fixed probe
+        batch restored at the end, and a collapse guard (outputs turning constant: restore the
+        best state, halve the learning rate). A student that starts dead (constant outputs,
+        e.g. after a least-squares phase 1 shrank a network without BatchNorm) first gets each
+        tensor's pretrained spread back (:meth:`RowGenerator.match_spread`).
+
         Args:
-            inputs: ``(N, ...)`` training inputs.
-            targets: ``(N, ...)`` labels (needed for ``mode="supervised"``).
+            data: Training inputs: a tensor, a tuple of tensors (positional), a dict (keyword),
+                a ``Dataset``, a ``DataLoader`` or a re-iterable of batches (see
+                :mod:`qtcompress.batches`).
+            labels: Labels aligned with ``data`` (needed for ``mode="supervised"`` unless the
+                data's items carry them).
             mode: ``"distill"`` (teacher = the pretrained model) or ``"supervised"``.
             steps: Optimisation steps (one mini-batch each).
             lr: Peak Adam learning rate.
             **kwargs: :class:`~qtcompress.fit.LoopConfig` fields, :func:`~qtcompress.fit.finetune`
-                keywords (``batch_size``, ``loss_fn``, ``distill``, ``temperature``, ``alpha``,
-                ``batch_stats``)
+                keywords (``batch_size``, ``distill``, ``output``, ``output_kind``,
+                ``loss_fn``, ``temperature``, ``alpha``, ``batch_stats``, ``labels_in_items``)
                 and :func:`~qtcompress.fit.train_loop` keywords.
         """
-        cfg = _loop_config(kwargs, steps=steps, lr=lr, seed=self.config.seed)
-        return _finetune(self.functional, inputs, targets, cfg, mode=mode, **kwargs)
+        cfg = _loop_config(kwargs, steps=steps, lr=lr, seed=self.config.seed,
+                           warmup=max(1, steps // 10), grad_clip=1.0)
+        if isinstance(self.generator, RowGenerator):
+            probe = InputSource.of(data, labels,
+                                   labels_in_items=kwargs.get("labels_in_items", False)).head(64)
+            check_call(self.functional.module, probe)
+            fid = self._probe_fidelity(probe, kwargs.get("output"), kwargs.get("output_kind"))
+            if fid.degenerate:
+                self.revived = self.generator.match_spread(self.target)
+        return _finetune(self.functional, data, labels, cfg, mode=mode, **kwargs)
+
+    @torch.no_grad()
+    def _probe_fidelity(self, probe: Batch, output: str | int | None,
+                        kind: str | None) -> Fidelity:
+        generated = self.generator.tensors()
+        student = select_output(probe.call(partial(self.functional, generated=generated)), output)
+        teacher = select_output(probe.call(self.functional.teacher), output)
+        return measure_fidelity(student, teacher, kind or infer_output_kind(teacher))
+
+    @torch.no_grad()
+    def evaluate(self, data: Any, labels: torch.Tensor | None = None, *,
+                 output: str | int | None = None, output_kind: str | None = None,
+                 batch_size: int = 256, labels_in_items: bool | str = False) -> Fidelity:
+        """Fidelity of the generated network to the original on ``data`` (held-out inputs).
+
+        Args:
+            data: Inputs in any form :meth:`qtcompress.batches.InputSource.of` takes.
+            labels: Optional labels (adds accuracy).
+            output: Which output to compare (see :func:`qtcompress.batches.select_output`).
+            output_kind: ``"logits"``, ``"probability"``, ``"embedding"`` or ``"regression"``;
+                ``None`` infers it from the teacher's outputs.
+            batch_size: Examples per forward pass.
+            labels_in_items: Where labels sit inside dataset items.
+
+        Returns:
+            A :class:`~qtcompress.fidelity.Fidelity`: agreement / cosine / correlation /
+            relative error, accuracy with labels, and whether the student is degenerate.
+        """
+        return evaluate_fidelity(self.functional, data, labels, output=output,
+                                 output_kind=output_kind, batch_size=batch_size,
+                                 labels_in_items=labels_in_items)
 
     # -- use ------------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,8 @@ import torch
 
 from qtcompress.atomic import atomic_path
 from qtcompress.errors import ConfigError, FormatError
+from qtcompress.limits import MAX_JSON_DEPTH, MAX_TENSOR_RANK
+from qtcompress.schema import Int, ListOf, MapOf, Obj, Str, json_depth, validate
 
 __all__ = [
     "FORMAT_NAME",
@@ -36,6 +40,7 @@ __all__ = [
     "read_artifact",
     "save_artifact",
     "sha256_of_tensors",
+    "write_safetensors",
 ]
 
 FORMAT_NAME = "qtcompress.generator"
@@ -49,6 +54,18 @@ SKELETON_TENSOR = "__onnx_skeleton__"
 
 RESERVED_KEYS = frozenset({"format", "format_version", "tensors", "tensors_sha256", "skeleton"})
 """Metadata keys owned by the container; callers may not use them."""
+
+# safetensors dtype codes (the subset torch and qtcompress use).
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL", torch.complex64: "C64",
+}
+
+# Schemas of the container's own metadata fields.
+_TENSORS_SPEC = MapOf(Obj({"dtype": Str(max_len=32),
+                           "shape": ListOf(Int(min=0), max_len=MAX_TENSOR_RANK)}))
+_SKELETON_SPEC = Obj({"tensor": Str(), "bytes": Int(min=1)})
 
 
 @dataclass
@@ -113,6 +130,64 @@ def _plain(name: str, t: Any) -> torch.Tensor:
     return t.detach().to("cpu").contiguous().clone()
 
 
+def write_safetensors(
+    path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write a safetensors file atomically and byte-reproducibly.
+
+    ``safetensors.torch.save_file`` writes metadata keys in a random order (a Rust hash map), so
+    two identical saves differ. Here the header is built in Python: metadata keys sorted, tensors
+    ordered by decreasing element size then name (as safetensors does, which keeps every tensor
+    aligned), compact JSON, padded with spaces to 8 bytes. Any safetensors reader reads it.
+
+    Args:
+        path: Destination.
+        tensors: Named tensors (copied to plain contiguous CPU tensors).
+        metadata: String keys to string values.
+
+    Returns:
+        The destination path.
+
+    Raises:
+        ConfigError: A tensor, name, dtype or metadata entry cannot be stored.
+        OutputError: The destination cannot be written (read-only folder, full disk).
+    """
+    return _write_plain(path, {name: _plain(name, t) for name, t in tensors.items()}, metadata)
+
+
+def _write_plain(path: str | os.PathLike[str], stored: Mapping[str, torch.Tensor],
+                 metadata: Mapping[str, str] | None) -> Path:
+    """:func:`write_safetensors` for tensors that are already plain (see :func:`_plain`)."""
+    meta = dict(metadata or {})
+    bad = [k for k, v in meta.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+        raise ConfigError(f"safetensors metadata must map strings to strings; bad keys {bad}.")
+    order = sorted(stored, key=lambda n: (-stored[n].element_size(), n))
+    header: dict[str, Any] = {"__metadata__": dict(sorted(meta.items()))} if meta else {}
+    offset = 0
+    for name in order:
+        t = stored[name]
+        code = _SAFETENSORS_DTYPES.get(t.dtype)
+        if code is None:
+            raise ConfigError(f"Tensor {name!r} has dtype {t.dtype}, which a generator file "
+                              "cannot store.")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": code, "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)))
+        fh.write(blob)
+        for name in order:
+            t = stored[name]
+            if t.numel():
+                fh.write(t.reshape(-1).view(torch.uint8).numpy().data)
+    return Path(path)
+
+
 def _json(key: str, value: Any) -> str:
     try:
         return json.dumps(value, sort_keys=True, allow_nan=False)
@@ -142,9 +217,8 @@ def save_artifact(
     Raises:
         ConfigError: Bad tensors or metadata, a reserved key or tensor name, or a missing
             destination folder.
+        OutputError: The destination cannot be written (read-only folder, full disk).
     """
-    from safetensors.torch import save_file
-
     clash = sorted(RESERVED_KEYS & set(metadata))
     if clash:
         raise ConfigError(f"Metadata keys {clash} are reserved by the container.")
@@ -168,18 +242,28 @@ def save_artifact(
         n: {"dtype": _dtype_name(t.dtype), "shape": list(t.shape)} for n, t in stored.items()
     })
     header["tensors_sha256"] = sha256_of_tensors(stored)
-    with atomic_path(path) as tmp:
-        save_file(stored, str(tmp), metadata=header)
-    return Path(path)
+    # Sorted keys throughout: the same generator gives the same bytes (docs/format.md).
+    return _write_plain(path, stored, header)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _loads(key: str, raw: str, path: Path) -> Any:
     try:
-        return json.loads(raw)
-    except json.JSONDecodeError as exc:
+        # parse_constant refuses NaN/Infinity, which Python's json accepts by default.
+        value = json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # also too deep, or a 5,000-digit integer
         raise FormatError(
-            f"{str(path)!r}: metadata field {key!r} is not valid JSON: {exc}"
+            f"{str(path)!r}: metadata field {key!r} is not valid JSON ({str(exc)[:100]}); the "
+            "file is corrupt."
         ) from exc
+    depth = json_depth(value)
+    if depth > MAX_JSON_DEPTH:
+        raise FormatError(f"{str(path)!r}: metadata field {key!r} is nested {depth} deep, more "
+                          f"than the limit of {MAX_JSON_DEPTH}; the file is corrupt or hostile.")
+    return value
 
 
 def read_artifact(
@@ -210,9 +294,9 @@ def read_artifact(
         with safe_open(str(p), framework="pt", device="cpu") as f:
             header = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError) as exc:
         raise FormatError(
-            f"{str(p)!r} is truncated, corrupt, or not a safetensors file: {exc}"
+            f"{str(p)!r} is truncated, corrupt, or not a safetensors file: {str(exc)[:200]}"
         ) from exc
 
     name = header.get("format")
@@ -222,8 +306,10 @@ def read_artifact(
             f"{FORMAT_NAME!r})."
         )
     raw_version = header.get("format_version", "")
-    if not raw_version.isdigit():
-        raise FormatError(f"{str(p)!r} has an invalid format_version {raw_version!r}.")
+    # ASCII digits only: str.isdigit() accepts "²" and "١", which int() then rejects or misreads.
+    if not re.fullmatch(r"[0-9]{1,9}", raw_version):
+        raise FormatError(f"{str(p)!r} has an invalid format_version {raw_version[:40]!r}; the "
+                          "file is corrupt.")
     version = int(raw_version)
     if not 1 <= version <= FORMAT_VERSION:
         raise FormatError(
@@ -231,9 +317,10 @@ def read_artifact(
             f"{FORMAT_VERSION}. Upgrade qtcompress to read it."
         )
 
-    declared = _loads("tensors", header.get("tensors", "null"), p)
-    if not isinstance(declared, dict):
-        raise FormatError(f"{str(p)!r}: metadata field 'tensors' is missing or not an object.")
+    if "tensors" not in header:
+        raise FormatError(f"{str(p)!r}: metadata field 'tensors' is missing; the file is corrupt.")
+    declared = _loads("tensors", header["tensors"], p)
+    validate(declared, _TENSORS_SPEC, "tensors", source=repr(str(p)))
     missing = sorted(set(declared) - set(tensors))
     extra = sorted(set(tensors) - set(declared))
     if missing or extra:
@@ -244,9 +331,7 @@ def read_artifact(
     wrong = []
     for tname, spec in declared.items():
         t = tensors[tname]
-        if not isinstance(spec, dict) or spec.get("dtype") != _dtype_name(t.dtype) or (
-            spec.get("shape") != list(t.shape)
-        ):
+        if spec["dtype"] != _dtype_name(t.dtype) or spec["shape"] != list(t.shape):
             wrong.append(f"{tname}: declared {spec}, stored {_dtype_name(t.dtype)} "
                          f"{list(t.shape)}")
     if wrong:
@@ -261,14 +346,14 @@ def read_artifact(
     skeleton: bytes | None = None
     if "skeleton" in header:
         info = _loads("skeleton", header["skeleton"], p)
-        tensor_name = info.get("tensor") if isinstance(info, dict) else None
-        if tensor_name != SKELETON_TENSOR or SKELETON_TENSOR not in tensors:
+        validate(info, _SKELETON_SPEC, "skeleton", source=repr(str(p)))
+        if info["tensor"] != SKELETON_TENSOR or SKELETON_TENSOR not in tensors:
             raise FormatError(f"{str(p)!r}: metadata declares a skeleton that is not stored.")
         blob = tensors.pop(SKELETON_TENSOR)
-        if blob.dtype != torch.uint8 or blob.dim() != 1 or blob.numel() != info.get("bytes"):
+        if blob.dtype != torch.uint8 or blob.dim() != 1 or blob.numel() != info["bytes"]:
             raise FormatError(
                 f"{str(p)!r}: skeleton tensor is {blob.dtype} {list(blob.shape)}, expected "
-                f"uint8 [{info.get('bytes')}]."
+                f"uint8 [{info['bytes']}]."
             )
         skeleton = blob.numpy().tobytes()
     elif SKELETON_TENSOR in tensors:

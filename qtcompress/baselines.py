@@ -22,8 +22,10 @@ import torch
 from torch import nn
 
 from qtcompress.api import QTModel
+from qtcompress.batches import batch_indices
 from qtcompress.errors import ConfigError
-from qtcompress.fit import LoopConfig, batch_indices, distill_loss
+from qtcompress.fidelity import distill_loss
+from qtcompress.fit import LoopConfig
 
 Factorisable = nn.Linear | nn.Conv2d
 

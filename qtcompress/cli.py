@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,10 +24,43 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
 ANSATZ_CHOICES = ("paper", "ry-rz-ring")
 
-# The default recipe of `compress` and `demo` (measured on the digits CNN: docs/benchmarks.md).
-DEFAULT_RECIPE: dict[str, Any] = {"layers": 8, "chunk": 32, "hidden": [16, 16],
-                                  "fit_steps": 300, "fit_lr": 2e-2,
-                                  "finetune_steps": 3000, "finetune_lr": 1e-2}
+# The default recipe of `compress` and `demo`: the generator's sizes come from QTConfig (one
+# set of defaults: the rows scheme at DEFAULT_BUDGET); the step counts and learning rates from
+# PipelineSettings. Measured on the suite of real-shaped models: docs/benchmarks.md.
+DEFAULT_RECIPE: dict[str, Any] = {"layers": 8, "fit_steps": 100, "finetune_steps": 1500}
+
+
+def _budget(text: str) -> float | int:
+    """``5%`` or ``0.05`` -> a fraction of M; ``20000`` -> a parameter count."""
+    raw = text.strip()
+    try:
+        value = float(raw[:-1]) / 100.0 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a fraction of M ('5%', '0.05') or a parameter count ('20000'), got "
+            f"{text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"the budget must be positive, got {text!r}")
+    if value > 1:
+        if not value.is_integer():
+            raise argparse.ArgumentTypeError(f"a parameter count must be whole, got {text!r}")
+        return int(value)
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
+    return value
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], *_args: Any,
+                      **_kwargs: Any) -> str:
+    return f"qtcompress: warning: {message}\n"
 
 
 def _positive_int(text: str) -> int:
@@ -43,8 +77,10 @@ def _cmd_qnn(args: argparse.Namespace) -> int:
     """Simulate a QNN once with qsim, time forward and gradient, show the likeliest states."""
     import torch
 
+    from qtcompress.limits import check_qnn_size
     from qtcompress.qnn import QNN, Ansatz, index_to_bits
 
+    check_qnn_size(args.qubits, args.layers)
     make = Ansatz.paper if args.ansatz == "paper" else Ansatz.ry_rz_ring
     ansatz = make(args.qubits, args.layers)
     qnn = QNN(ansatz, seed=args.seed, shots=args.shots, cache_size=0)
@@ -120,19 +156,17 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     """Show what a generator file holds, without regenerating anything."""
     from pathlib import Path
 
-    from qtcompress.artifact import read_artifact
-    from qtcompress.generator_file import GENERATOR_PREFIX
+    from qtcompress.generator_file import load_generator
+    from qtcompress.targets import kinds_summary, tensor_kind
 
     path = Path(args.file)
-    art = read_artifact(path)
-    meta = art.metadata
-    if "layout" not in meta or "ansatz" not in meta:
-        from qtcompress.errors import FormatError
-
-        raise FormatError(f"{path.name} is not a generator file (no layout/ansatz metadata).")
+    # The full loader: a file whose metadata lies about its generator is refused here too.
+    gen = load_generator(path)
+    meta = gen.metadata
     layout, ansatz, mapping = meta["layout"], meta["ansatz"], meta["mapping"]
-    gen_params = sum(t.numel() for k, t in art.tensors.items() if k.startswith(GENERATOR_PREFIX))
-    classical = sum(t.numel() for k, t in art.tensors.items() if k.startswith("classical."))
+    gen_params = sum(p.numel() for p in gen.generator.parameters())
+    classical = sum(t.numel() for t in gen.classical.values())
+    kinds = kinds_summary((t["name"], tuple(t["shape"])) for t in layout["tensors"])
     result: dict[str, Any] = {
         "file": str(path),
         "file_bytes": path.stat().st_size,
@@ -145,23 +179,31 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         "layers": ansatz["n_layers"],
         "ansatz": ansatz,
         "mapping": mapping,
-        "targets": [{"name": t["name"], "shape": t["shape"], "aliases": t["aliases"]}
+        "scheme": gen.config.scheme,
+        "kinds": {k: {"tensors": n, "values": v} for k, (n, v) in kinds.items()},
+        "targets": [{"name": t["name"], "shape": t["shape"], "aliases": t["aliases"],
+                     "kind": tensor_kind(t["name"], tuple(t["shape"]))}
                     for t in layout["tensors"]],
-        "onnx_graph": art.skeleton is not None,
+        "onnx_graph": gen.skeleton is not None,
         "weights_sha256": meta["weights_sha256"],
         "model": meta.get("model", {}),
     }
+    per_state = (f"one basis state per tensor row, ranks up to {mapping.get('rank')}"
+                 if gen.config.scheme == "rows" else
+                 f"{mapping['chunk']} weight(s) per basis state")
     lines = [
         f"{path.name}: {result['file_bytes']:,} bytes, qtcompress {result['qtcompress_version']}",
         f"generates {result['generated_weights']:,} weights from "
         f"{gen_params:,} generator parameters ({result['compression_ratio']}x)",
         f"QNN: {ansatz['n_qubits']} qubits x {ansatz['n_layers']} layers "
-        f"({'+'.join(ansatz['rotations'])}, {ansatz['entangler']}); mapping {mapping['kind']}, "
-        f"{mapping['chunk']} weight(s) per basis state",
+        f"({'+'.join(ansatz['rotations'])}, {ansatz.get('entangler', 'chain')}); "
+        f"{gen.config.scheme} scheme, mapping {mapping['kind']}, {per_state}",
         f"classical values carried: {classical:,}; ONNX graph stored: "
         f"{'yes' if result['onnx_graph'] else 'no'}",
-        "generated tensors:",
-        *[f"  {t['name']} {tuple(t['shape'])}" for t in layout["tensors"]],
+        "generated tensors by kind: " + ", ".join(
+            f"{k} {n} ({v:,} values)" for k, (n, v) in kinds.items())
+        + " (keep some classical with --exclude)",
+        *[f"  {t['name']} {tuple(t['shape'])} {t['kind']}" for t in result["targets"]],
         f"weights sha256: {meta['weights_sha256']}",
     ]
     _emit(args, result, lines)
@@ -170,7 +212,6 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
     """Regenerate the network from a generator file into ONNX and/or a state dict."""
-    from qtcompress.atomic import atomic_path
     from qtcompress.generator_file import load_generator
 
     if not args.onnx and not args.state_dict:
@@ -192,11 +233,10 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
         result.update(onnx=args.onnx, onnx_max_abs_diff=diff)
         lines.append(f"wrote {args.onnx} (onnxruntime vs recorded outputs: max |diff| {diff:.2g})")
     if args.state_dict:
-        from safetensors.torch import save_file
+        from qtcompress.artifact import write_safetensors
 
         state = {k: v.contiguous().clone() for k, v in gen.state_dict().items()}
-        with atomic_path(args.state_dict) as tmp:
-            save_file(state, str(tmp))
+        write_safetensors(args.state_dict, state)
         result["state_dict"] = args.state_dict
         lines.append(f"wrote {args.state_dict} ({len(state)} tensors)")
     _emit(args, result, lines)
@@ -225,16 +265,14 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         lines.append(f"ONNX (onnxruntime) vs outputs recorded at save: max |diff| {diff:.2g}")
         ok = ok and diff <= args.atol
     if args.factory:
-        from qtcompress.loading import resolve_factory
+        from qtcompress.loading import build_model
 
-        model = gen.load_into(resolve_factory(args.factory)(**json.loads(args.factory_kwargs)))
+        model = gen.load_into(build_model(args.factory, args.factory_kwargs))
         model.eval()
         if gen.check_inputs:
             with torch.no_grad():
                 out = model(*gen.check_inputs)
-            outs = out if isinstance(out, (tuple, list)) else [out]
-            diff = max(float((o - e).abs().max()) for o, e in zip(outs, gen.check_outputs,
-                                                                  strict=True))
+            diff = gen.compare_outputs(out)
             result["torch_vs_recorded_max_abs_diff"] = diff
             lines.append(f"torch ({args.factory}) vs recorded outputs: max |diff| {diff:.2g}")
             ok = ok and diff <= args.atol
@@ -249,9 +287,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _config_from_args(args: argparse.Namespace) -> Any:
     from qtcompress.config import QTConfig
 
-    fields: dict[str, Any] = {"chunk": args.chunk, "n_layers": args.layers,
-                              "n_qubits": args.qubits, "hidden": tuple(args.hidden),
+    fields: dict[str, Any] = {"scheme": args.scheme, "budget": args.budget, "rank": args.rank,
+                              "n_layers": args.layers, "n_qubits": args.qubits,
                               "mapping": args.mapping, "seed": args.seed}
+    if args.chunk is not None:
+        fields["chunk"] = args.chunk
+    if args.hidden is not None:
+        fields["hidden"] = tuple(args.hidden)
     if args.target:
         fields["target"] = tuple(args.target)
     if args.exclude:
@@ -262,9 +304,12 @@ def _config_from_args(args: argparse.Namespace) -> Any:
 def _settings_from_args(args: argparse.Namespace) -> Any:
     from qtcompress.pipeline import PipelineSettings
 
+    lrs = {k: v for k, v in (("fit_lr", args.fit_lr), ("finetune_lr", args.finetune_lr))
+           if v is not None}
     return PipelineSettings(
-        fit_steps=args.fit_steps, fit_lr=args.fit_lr, finetune_steps=args.finetune_steps,
-        finetune_lr=args.finetune_lr, mode=args.mode, batch_size=args.batch_size,
+        fit_steps=args.fit_steps, finetune_steps=args.finetune_steps, **lrs,
+        mode=args.mode, batch_size=args.batch_size, distill=args.distill,
+        output_kind=args.output_kind, min_fidelity=args.min_fidelity,
         progress=not args.json and not args.no_progress and sys.stderr.isatty(),
         report=args.report)
 
@@ -288,6 +333,13 @@ def _run_and_print(args: argparse.Namespace, model: Any, data: Any, name: str,
     else:
         print(format_summary(result))
         print("files: " + ", ".join(result.files.values()))
+    if not result.fidelity_ok:
+        from qtcompress.errors import FidelityError
+
+        raise FidelityError(
+            f"fidelity {result.fidelity_finetuned['headline']:.4f} is below --min-fidelity "
+            f"{result.min_fidelity}; the files were written to {args.output} (see "
+            "summary.json); raise --budget or --finetune-steps")
     return EXIT_OK
 
 
@@ -304,14 +356,14 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     """Compress a pretrained model: fit, fine-tune, export ONNX, verify, save, summarise."""
     from pathlib import Path
 
-    from qtcompress.loading import load_model
+    from qtcompress.loading import load_model, parse_factory_kwargs
 
     model = load_model(args.model, factory=args.factory, factory_kwargs=args.factory_kwargs,
-                       trust_pickle=args.trust_pickle)
+                       trust_pickle=args.trust_pickle, strict=not args.non_strict)
     data = _load_data(args.data)
     name = args.name or Path(args.model).name.split(".")[0]
     info = {"source": Path(args.model).name, "factory": args.factory,
-            "kwargs": json.loads(args.factory_kwargs or "{}")}
+            "kwargs": parse_factory_kwargs(args.factory_kwargs)}
     return _run_and_print(args, model, data, name, Path(args.model).stat().st_size, info)
 
 
@@ -399,12 +451,21 @@ def build_parser() -> argparse.ArgumentParser:
         gen = cmd.add_argument_group("generator")
         gen.add_argument("--qubits", type=_positive_int, default=None,
                          help="QNN qubits (default: the fewest that cover the weights)")
+        gen.add_argument("--budget", type=_budget, default=None,
+                         help="generator size: a fraction of the generated weights ('5%%', "
+                         "'0.05') or a parameter count ('20000'); sizes the rows scheme "
+                         "(default 5%%)")
+        gen.add_argument("--scheme", choices=("rows", "flat"), default="rows",
+                         help="rows: one basis state per tensor row and a head per tensor "
+                         "(default); flat: the paper's flat index in chunks (--chunk)")
+        gen.add_argument("--rank", type=_positive_int, default=None,
+                         help="rows scheme: per-row feature width (default: from --budget)")
         gen.add_argument("--layers", type=_positive_int, default=defaults["layers"],
                          help=f"QNN layers (default {defaults['layers']})")
-        gen.add_argument("--chunk", type=_positive_int, default=defaults["chunk"],
-                         help=f"weights per basis state (default {defaults['chunk']})")
-        gen.add_argument("--hidden", type=_positive_int, nargs="+", default=defaults["hidden"],
-                         help=f"mapping MLP widths (default {defaults['hidden']})")
+        gen.add_argument("--chunk", type=_positive_int, default=None,
+                         help="flat scheme: weights per basis state (default 1)")
+        gen.add_argument("--hidden", type=_positive_int, nargs="+", default=None,
+                         help="mapping MLP widths (default 32 for rows, 16 16 for flat)")
         gen.add_argument("--mapping", choices=("mlp", "mps"), default="mlp",
                          help="mapping network (default mlp)")
         gen.add_argument("--target", nargs="+", metavar="PATTERN",
@@ -416,16 +477,27 @@ def build_parser() -> argparse.ArgumentParser:
         fit = cmd.add_argument_group("training")
         fit.add_argument("--fit-steps", type=int, default=defaults["fit_steps"],
                          help=f"phase-1 steps (default {defaults['fit_steps']}; 0 skips)")
-        fit.add_argument("--fit-lr", type=float, default=defaults["fit_lr"],
-                         help=f"phase-1 learning rate (default {defaults['fit_lr']})")
+        fit.add_argument("--fit-lr", type=float, default=None,
+                         help="phase-1 learning rate (default 1e-2)")
         fit.add_argument("--finetune-steps", type=int, default=defaults["finetune_steps"],
                          help=f"phase-2 steps (default {defaults['finetune_steps']}; 0 skips)")
-        fit.add_argument("--finetune-lr", type=float, default=defaults["finetune_lr"],
-                         help=f"phase-2 learning rate (default {defaults['finetune_lr']})")
+        fit.add_argument("--finetune-lr", type=float, default=None,
+                         help="phase-2 peak learning rate (default 3e-3, with warm-up, "
+                         "clipping and a collapse guard)")
         fit.add_argument("--mode", choices=("distill", "supervised"), default="distill",
                          help="phase 2: distil from the original model (default) or use labels")
         fit.add_argument("--batch-size", type=_positive_int, default=64,
                          help="phase-2 batch size (default 64)")
+        fit.add_argument("--distill", choices=("kl", "bce", "cosine", "mse"), default=None,
+                         help="distillation loss (default: by output kind: kl for logits, bce "
+                         "for probabilities, cosine for embeddings, mse otherwise)")
+        fit.add_argument("--output-kind",
+                         choices=("logits", "probability", "embedding", "regression"),
+                         default=None, help="what the model outputs (default: inferred from "
+                         "the original model's outputs)")
+        fit.add_argument("--min-fidelity", type=_fraction, default=None, metavar="X",
+                         help="exit 1 (files still written) when the fine-tuned fidelity "
+                         "(agreement, cosine or correlation, by output kind) is below X")
         out = cmd.add_argument_group("output")
         out.add_argument("--report", action="store_true",
                          help="also write PNG plots and report.md into OUTPUT/report "
@@ -453,6 +525,10 @@ def build_parser() -> argparse.ArgumentParser:
     compress_cmd.add_argument("--factory-kwargs", default=None, help="JSON keyword arguments")
     compress_cmd.add_argument("--trust-pickle", action="store_true",
                               help="allow a fully pickled model (runs code from the file)")
+    compress_cmd.add_argument("--non-strict", action="store_true",
+                              help="load a checkpoint whose keys do not match the model "
+                              "exactly: ignore unexpected keys and missing buffers (named in a "
+                              "warning); missing parameters are still an error")
     compress_cmd.add_argument("--data", required=True,
                               help="'digits', 'wine', or an .npz with x_train, x_test "
                               "[, y_train, y_test]")
@@ -522,6 +598,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_OK
+    formatter = warnings.formatwarning
+    if not args.debug:
+        # Library warnings (an ignored checkpoint key, an unknown config key) as one line each.
+        warnings.formatwarning = _one_line_warning  # type: ignore[assignment]
     try:
         code: int = args.handler(args)
         return code
@@ -542,6 +622,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"qtcompress {args.command}: internal error: {type(exc).__name__}: {exc} "
               "(rerun with --debug for the traceback)", file=sys.stderr)
         return EXIT_INTERNAL
+    finally:
+        warnings.formatwarning = formatter
 
 
 if __name__ == "__main__":

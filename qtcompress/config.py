@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+import warnings
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any
 
 from qtcompress.errors import ConfigError
 from qtcompress.mapping import ACTIVATIONS, PROB_TRANSFORMS
 from qtcompress.qnn import MAX_QUBITS
 
-CONFIG_VERSION = 1
+if TYPE_CHECKING:
+    import torch
+
+    from qtcompress.targets import Layout
+
+# Version 2 added the row-factorised scheme, ``rank`` and ``budget``; version-1 files describe
+# the flat scheme and are read as such.
+CONFIG_VERSION = 2
 MAPPINGS = ("mlp", "mps")
+SCHEMES = ("rows", "flat")
+# The default size of a generator, as a fraction of M: chosen from the suite measurements in
+# docs/benchmarks.md (fidelity vs budget on four real-shaped models).
+DEFAULT_BUDGET = 0.05
+DEFAULT_HIDDEN = {"rows": (32,), "flat": (16, 16)}
 
 
 def _is_int(v: Any) -> bool:
@@ -22,7 +35,18 @@ def _is_int(v: Any) -> bool:
 class QTConfig:
     """Settings of a Quantum-Train compression.
 
+    The default is the row-factorised generator (:class:`~qtcompress.generator.RowGenerator`)
+    sized to ``DEFAULT_BUDGET`` (5% of M); :meth:`resolve` turns a budget into concrete sizes.
+
     Attributes:
+        scheme: ``"rows"`` (one basis state per tensor row, a head per tensor; the default) or
+            ``"flat"`` (the paper's flat index cut into ``chunk``-sized pieces, one shared head).
+        budget: Size of the generator: a fraction of M in (0, 1] or a parameter count (> 1);
+            ``None``: ``DEFAULT_BUDGET`` unless ``rank`` is given. Sizes the rows scheme.
+        rank: Rows scheme: the same rank for every matrix; ``None``: ranks allocated to the
+            budget.
+        ranks: Rows scheme: one rank per generated tensor (layout order), as resolved; this is
+            what a generator file records.
         target: Parameter-name patterns to generate (``None``: all trainable parameters); see
             :mod:`qtcompress.targets`.
         exclude: Patterns removed from the selection.
@@ -33,7 +57,7 @@ class QTConfig:
         n_layers: QNN layers.
         n_qubits: QNN qubits; ``None``: the fewest that cover M.
         mapping: ``"mlp"`` or ``"mps"``.
-        hidden: MLP hidden widths.
+        hidden: Mapping hidden widths; ``None``: ``(32,)`` for rows, ``(16, 16)`` for flat.
         activation: MLP activation.
         bond_dim: MPS bond dimension.
         prob_transform: Mapping input transform of the probabilities.
@@ -46,6 +70,10 @@ class QTConfig:
         version: Format version of this description.
     """
 
+    scheme: str = "rows"
+    budget: float | int | None = None
+    rank: int | None = None
+    ranks: tuple[int, ...] | None = None
     target: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
     include_frozen: bool = False
@@ -54,7 +82,7 @@ class QTConfig:
     n_layers: int = 8
     n_qubits: int | None = None
     mapping: str = "mlp"
-    hidden: tuple[int, ...] = (16, 16)
+    hidden: tuple[int, ...] | None = None
     activation: str = "tanh"
     bond_dim: int = 4
     prob_transform: str = "scaled"
@@ -67,9 +95,9 @@ class QTConfig:
 
     def __post_init__(self) -> None:
         # Lists from JSON or callers become tuples so the config stays hashable and frozen.
-        for name in ("target", "exclude", "hidden"):
+        for name in ("target", "exclude", "hidden", "ranks"):
             v = getattr(self, name)
-            if v is None and name == "target":
+            if v is None and name in ("target", "hidden", "ranks"):
                 continue
             if isinstance(v, str) or not isinstance(v, (list, tuple)):
                 raise ConfigError(f"{name} must be a list, got {v!r}.")
@@ -88,7 +116,20 @@ class QTConfig:
                 raise ConfigError(f"{name} must be a positive integer or None, got {v!r}.")
         if self.max_qubits > MAX_QUBITS or (self.n_qubits or 0) > MAX_QUBITS:
             raise ConfigError(f"At most {MAX_QUBITS} qubits are supported.")
-        if not self.hidden or not all(_is_int(h) and h >= 1 for h in self.hidden):
+        if self.scheme not in SCHEMES:
+            raise ConfigError(f"Unknown scheme {self.scheme!r}; choose from {SCHEMES}.")
+        b = self.budget
+        if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float))
+                              or not b > 0 or b != b or b == float("inf")
+                              or (isinstance(b, float) and 1.0 < b and not b.is_integer())):
+            raise ConfigError(f"budget must be a fraction of M in (0, 1] or a parameter count, "
+                              f"got {b!r}.")
+        if self.ranks is not None and not all(_is_int(k) and k >= 0 for k in self.ranks):
+            raise ConfigError(f"ranks must list non-negative integers, got {self.ranks!r}.")
+        if self.rank is not None and (not _is_int(self.rank) or self.rank < 1):
+            raise ConfigError(f"rank must be a positive integer or None, got {self.rank!r}.")
+        if self.hidden is not None and (
+                not self.hidden or not all(_is_int(h) and h >= 1 for h in self.hidden)):
             raise ConfigError(f"hidden must list positive integer widths, got {self.hidden!r}.")
         if self.mapping not in MAPPINGS:
             raise ConfigError(f"Unknown mapping {self.mapping!r}; choose from {MAPPINGS}.")
@@ -115,15 +156,26 @@ class QTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QTConfig:
-        """Rebuild from :meth:`to_dict`; unknown keys are an error, missing keys take defaults."""
+        """Rebuild from :meth:`to_dict`; missing keys take defaults.
+
+        Unknown keys (written by a newer qtcompress) are ignored with a warning, so files stay
+        readable forwards; a version-1 description is the flat scheme.
+        """
         if not isinstance(data, dict):
             raise ConfigError(f"A QTConfig must be a JSON object, got {type(data).__name__}.")
         known = {f.name for f in fields(cls)}
         extra = sorted(set(data) - known)
         if extra:
-            raise ConfigError(f"Unknown QTConfig keys {extra}.")
-        if data.get("version", CONFIG_VERSION) != CONFIG_VERSION:
-            raise ConfigError(f"QTConfig version {data.get('version')} is not supported.")
+            warnings.warn(f"Ignoring unknown QTConfig keys {extra} (written by a newer "
+                          "qtcompress?).", stacklevel=2)
+        data = {k: v for k, v in data.items() if k in known}
+        version = data.get("version", CONFIG_VERSION)
+        if version == 1:
+            data = {"scheme": "flat", "hidden": list(DEFAULT_HIDDEN["flat"]), **data,
+                    "version": CONFIG_VERSION}
+        elif version != CONFIG_VERSION:
+            raise ConfigError(f"QTConfig version {version!r} is not supported (this qtcompress "
+                              f"reads versions 1 and {CONFIG_VERSION}).")
         return cls(**data)
 
     @classmethod
@@ -134,6 +186,56 @@ class QTConfig:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"QTConfig is not valid JSON: {exc}.") from exc
         return cls.from_dict(data)
+
+    def resolve(self, layout: Layout, target: torch.Tensor | None = None) -> QTConfig:
+        """The same config with every automatic size fixed for ``layout``.
+
+        Rows scheme: ``ranks`` (one per tensor) are chosen to fit the budget. With the
+        pretrained weights (``target``), ranks go where the weights' spectra need them
+        (:func:`~qtcompress.generator.allocate_ranks`); without, or with ``rank`` given, every
+        matrix gets the same rank. Without a budget the budget is ``DEFAULT_BUDGET`` of M, or
+        the smallest generator (rank 1 everywhere) where that is larger (models of a few
+        thousand weights).
+
+        Raises:
+            ConfigError: An explicit budget is below the smallest generator for this model.
+        """
+        import torch
+
+        from qtcompress.generator import allocate_ranks, row_generator_size, uniform_ranks
+
+        hidden = self.hidden if self.hidden is not None else DEFAULT_HIDDEN[self.scheme]
+        if self.scheme == "flat":
+            return replace(self, hidden=hidden, chunk=self.resolve_chunk(layout.total))
+        if self.ranks is not None:
+            if len(self.ranks) != len(layout.specs):
+                raise ConfigError(f"ranks lists {len(self.ranks)} tensors, the model has "
+                                  f"{len(layout.specs)} generated tensors.")
+            return replace(self, hidden=hidden)
+        if self.rank is not None:
+            return replace(self, hidden=hidden, ranks=uniform_ranks(layout, self.rank))
+        allowed = self.budget_params(layout.total)
+
+        def size(ranks: tuple[int, ...]) -> int:
+            return row_generator_size(layout, ranks, self.n_layers, hidden, self.n_qubits)
+
+        smallest = size(uniform_ranks(layout, 1))
+        if smallest > allowed and self.budget is None:
+            allowed = smallest  # small models: the default means "the smallest generator"
+        if smallest > allowed:
+            raise ConfigError(
+                f"A budget of {allowed:,} parameters is below the smallest rows generator for "
+                f"this model ({smallest:,} = {smallest / layout.total:.2%} of M); raise "
+                "--budget or leave the largest tensors classical with --exclude.")
+        if target is None:
+            target = torch.zeros(layout.total)  # no spectra: the leftover goes by cost alone
+        ranks = allocate_ranks(layout, target, allowed, self.n_layers, hidden, self.n_qubits)
+        return replace(self, hidden=hidden, ranks=ranks)
+
+    def budget_params(self, total: int) -> int:
+        """The budget as a parameter count for M = ``total`` weights."""
+        b = DEFAULT_BUDGET if self.budget is None else self.budget
+        return int(b * total) if isinstance(b, float) and b <= 1.0 else int(b)
 
     def resolve_chunk(self, total: int) -> int:
         """The chunk size for M = ``total`` weights."""

@@ -41,3 +41,15 @@ class TargetError(QTCompressError, KeyError):
 
 class UnsafeFileError(QTCompressError, ValueError):
     """A file can only be loaded by running arbitrary code (a pickle) and was not trusted."""
+
+
+class OutputError(QTCompressError, OSError):
+    """An output cannot be written: read-only folder, full disk, or a file where a folder goes."""
+
+    def __str__(self) -> str:
+        # OSError formats (errno, strerror) pairs; show the message as written instead.
+        return str(self.args[0]) if self.args else ""
+
+
+class FidelityError(QTCompressError, RuntimeError):
+    """The compressed model is further from the original than the user allowed."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,11 +66,15 @@ class TabularMLP(nn.Module):
 
 @dataclass(frozen=True)
 class Split:
-    """A train/test split of a classification data set as float32/int64 tensors."""
+    """A train/test split: inputs and labels (empty tensors when there are none).
 
-    x_train: torch.Tensor
+    Inputs are a tensor (one positional input), a tuple of tensors (positional) or a dict of
+    tensors (keyword); see :mod:`qtcompress.batches`.
+    """
+
+    x_train: Any
     y_train: torch.Tensor
-    x_test: torch.Tensor
+    x_test: Any
     y_test: torch.Tensor
 
 

@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +28,22 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from qtcompress.atomic import atomic_path
+from qtcompress.batches import Batch, InputSource, check_call, select_output
 from qtcompress.errors import ConfigError, FormatError, NonFiniteError
-from qtcompress.generator import QTGenerator
+from qtcompress.fidelity import (
+    DEFAULT_LOSS,
+    Fidelity,
+    check_kind,
+    distill_loss,
+    infer_output_kind,
+    measure_fidelity,
+)
+from qtcompress.generator import AnyGenerator, RowGenerator
 
 SCHEDULES = ("cosine", "constant")
 CHECKPOINT_VERSION = 1
+# Collapse restarts allowed per fit before it stops at its best state.
+MAX_RESTARTS = 4
 
 
 @dataclass
@@ -47,6 +59,7 @@ class FitResult:
         stopped_early: Whether early stopping ended the fit.
         resumed_from: Step restored from a checkpoint, or ``None``.
         elapsed_s: Wall time of this call.
+        restarts: Collapses that the guard undid (best state restored, learning rate halved).
     """
 
     steps: int
@@ -57,6 +70,7 @@ class FitResult:
     stopped_early: bool = False
     resumed_from: int | None = None
     elapsed_s: float = 0.0
+    restarts: int = 0
 
 
 @dataclass
@@ -131,7 +145,7 @@ def _all_finite(tensors: Any) -> bool:
 
 
 def train_loop(
-    generator: QTGenerator,
+    generator: AnyGenerator,
     loss_at: Callable[[int], torch.Tensor],
     cfg: LoopConfig,
     *,
@@ -143,6 +157,7 @@ def train_loop(
     desc: str = "fit",
     callback: Callable[[int, float], None] | None = None,
     extra_state: Mapping[str, torch.Tensor] | None = None,
+    guard: Callable[[], bool] | None = None,
 ) -> FitResult:
     """Optimise the generator's parameters.
 
@@ -161,6 +176,10 @@ def train_loop(
         extra_state: Tensors that the loss updates in place (e.g. BatchNorm running statistics
             of the student); they are checkpointed, rolled back and restored with the
             generator so that resume and best-state stay exact.
+        guard: Checked with the monitored value; ``True`` means the state went bad (e.g. a
+            student collapsed to a constant function): the best state is restored, the
+            optimiser's moments are reset and the learning rate is halved for the rest of the
+            fit (at most ``MAX_RESTARTS`` times, then the fit stops at the best state).
 
     Returns:
         A :class:`FitResult`.
@@ -175,6 +194,7 @@ def train_loop(
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     path = Path(checkpoint_path) if checkpoint_path is not None else None
     start, best, best_step, bad, ema = 0, math.inf, 0, 0, None
+    lr_scale, restarts = 1.0, 0
     history: list[float] = []
     extra = dict(extra_state or {})
 
@@ -205,6 +225,7 @@ def train_loop(
         opt.load_state_dict(ck["optimizer"])
         start, best, best_step, bad, ema = ck["step"], ck["best"], ck["best_step"], ck["bad"], ck[
             "ema"]
+        lr_scale, restarts = ck.get("lr_scale", 1.0), ck.get("restarts", 0)
         history, best_state = list(ck["history"]), ck["best_state"]
         resumed_from = start
 
@@ -212,6 +233,7 @@ def train_loop(
         return {"version": CHECKPOINT_VERSION, "desc": desc, "fingerprint": cfg.fingerprint(),
                 "state": full_state(), "optimizer": opt.state_dict(), "step": step,
                 "best": best, "best_step": best_step, "bad": bad, "ema": ema,
+                "lr_scale": lr_scale, "restarts": restarts,
                 "history": history, "best_state": best_state}
 
     stopped = False
@@ -219,7 +241,7 @@ def train_loop(
     try:
         for step in range(start, cfg.steps):
             for g in opt.param_groups:
-                g["lr"] = cfg.lr_at(step)
+                g["lr"] = cfg.lr_at(step) * lr_scale
             opt.zero_grad(set_to_none=True)
             good = full_state()
             good_opt = copy.deepcopy(opt.state_dict())
@@ -252,6 +274,18 @@ def train_loop(
             done = step + 1
             if done % cfg.eval_every == 0 or done == cfg.steps:
                 current = monitor() if monitor is not None else ema
+                if guard is not None and best < math.inf and guard():
+                    # Collapsed: back to the best state with a smaller step.
+                    restarts += 1
+                    load_full(best_state)
+                    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+                    lr_scale *= 0.5
+                    if progress:
+                        bar.write(f"{desc}: outputs collapsed at step {done}; restored the "
+                                  f"best state (step {best_step}), halved the learning rate")
+                    if restarts > MAX_RESTARTS:
+                        bar.close()
+                        break
                 if current < best * (1.0 - cfg.min_delta) or best == math.inf:
                     best, best_step, bad = current, done, 0
                     best_state = full_state()
@@ -271,11 +305,11 @@ def train_loop(
     if cfg.restore_best and best_state is not None and best < math.inf:
         load_full(best_state)
     return FitResult(len(history), best, best_step, history[-1] if history else math.nan,
-                     history, stopped, resumed_from, time.perf_counter() - t0)
+                     history, stopped, resumed_from, time.perf_counter() - t0, restarts)
 
 
 # -- phase 1 ------------------------------------------------------------------------------------
-def tensor_normalisers(generator: QTGenerator, target: torch.Tensor) -> torch.Tensor:
+def tensor_normalisers(generator: AnyGenerator, target: torch.Tensor) -> torch.Tensor:
     """Per-weight factors that make the squared error a mean over tensors of relative MSEs.
 
     Tensor ``t`` contributes ``mean((w - w*)^2) / var(w*_t)`` with equal weight, so a 16-element
@@ -300,7 +334,7 @@ def weight_loss(generated: torch.Tensor, target: torch.Tensor,
     return ((generated - target) ** 2 * factors).sum()
 
 
-def relative_errors(generator: QTGenerator, target: torch.Tensor) -> dict[str, float]:
+def relative_errors(generator: AnyGenerator, target: torch.Tensor) -> dict[str, float]:
     """``||w - w*|| / ||w*||`` overall (key ``"_total"``) and per tensor."""
     with torch.no_grad():
         w = generator.generate()
@@ -311,12 +345,14 @@ def relative_errors(generator: QTGenerator, target: torch.Tensor) -> dict[str, f
     return out
 
 
-def fit_weights(generator: QTGenerator, target: torch.Tensor, cfg: LoopConfig, *,
+def fit_weights(generator: AnyGenerator, target: torch.Tensor, cfg: LoopConfig, *,
                 freeze_scale: bool = True, **loop_kwargs: Any) -> FitResult:
     """Phase 1: fit the generator so that it reproduces ``target`` (flat pretrained weights).
 
     Args:
-        generator: Trained in place; call :meth:`QTGenerator.init_affine` first.
+        generator: Trained in place (flat scheme: call :meth:`QTGenerator.init_affine` first).
+            A :class:`RowGenerator` ends with least-squares heads (:meth:`RowGenerator.fit_heads`),
+            so every tensor's relative error is at most 1.
         target: ``(M,)`` pretrained weights.
         cfg: Loop settings.
         freeze_scale: Keep the per-tensor scales (the pretrained stds) fixed. When the
@@ -333,13 +369,21 @@ def fit_weights(generator: QTGenerator, target: torch.Tensor, cfg: LoopConfig, *
         raise NonFiniteError("The pretrained weights hold NaN or Inf.")
     target = target.detach().to(torch.float32)
     factors = tensor_normalisers(generator, target)
+    desc = loop_kwargs.pop("desc", "fit_weights")
+    if isinstance(generator, RowGenerator):
+        result = train_loop(generator, lambda _step: weight_loss(generator.generate(), target,
+                                                                 factors), cfg, desc=desc,
+                            **loop_kwargs)
+        # The heads' least-squares optimum for the trained features: never worse than zeros.
+        generator.fit_heads(target)
+        return result
     trainable = generator.scale.requires_grad
     if freeze_scale:
         generator.scale.requires_grad_(False)
     try:
         return train_loop(
             generator, lambda _step: weight_loss(generator.generate(), target, factors), cfg,
-            desc=loop_kwargs.pop("desc", "fit_weights"), **loop_kwargs)
+            desc=desc, **loop_kwargs)
     finally:
         generator.scale.requires_grad_(trainable)
 
@@ -359,7 +403,7 @@ class FunctionalModel:
         generator: Supplies the generated tensors.
     """
 
-    def __init__(self, model: nn.Module, generator: QTGenerator) -> None:
+    def __init__(self, model: nn.Module, generator: AnyGenerator) -> None:
         self.module = copy.deepcopy(model).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
@@ -424,101 +468,129 @@ class FunctionalModel:
             return self.module(*args, **kwargs)
 
 
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "kl",
-                 temperature: float = 2.0) -> torch.Tensor:
-    """Distillation loss between output tensors.
-
-    Args:
-        student: Student outputs (logits for ``"kl"``).
-        teacher: Teacher outputs, same shape.
-        kind: ``"kl"`` (temperature-softened KL, scaled by T^2) or ``"mse"``.
-        temperature: Softmax temperature for ``"kl"``.
-    """
-    if kind == "mse":
-        return F.mse_loss(student, teacher)
-    if kind == "kl":
-        t = temperature
-        s = F.log_softmax(student.flatten(0, -2) / t, dim=-1)
-        q = F.log_softmax(teacher.flatten(0, -2) / t, dim=-1)
-        return F.kl_div(s, q, log_target=True, reduction="batchmean") * t * t
-    raise ConfigError(f"Unknown distillation loss {kind!r}; choose 'kl' or 'mse'.")
-
-
-def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
-    """Indices of the mini-batch used at ``step``: a pure function of its arguments.
-
-    Each epoch is a fresh permutation seeded by ``(seed, epoch)``, so resuming at any step
-    needs no sampler state.
-    """
-    per_epoch = math.ceil(n / batch_size)
-    epoch, j = divmod(step, per_epoch)
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=g)
-    return perm[j * batch_size:(j + 1) * batch_size]
-
-
 def finetune(
     fmodel: FunctionalModel,
-    inputs: torch.Tensor,
-    targets: torch.Tensor | None,
+    data: Any,
+    labels: torch.Tensor | None,
     cfg: LoopConfig,
     *,
     mode: str = "distill",
     batch_size: int = 64,
-    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
-    distill: str = "kl",
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    distill: str | None = None,
+    output: str | int | None = None,
+    output_kind: str | None = None,
     temperature: float = 2.0,
     alpha: float = 1.0,
     batch_stats: bool = True,
+    labels_in_items: bool | str = False,
+    probe_size: int = 256,
+    guard: bool = True,
     **loop_kwargs: Any,
 ) -> FitResult:
     """Phase 2: train the generator on a task through the model's own forward pass.
 
     Args:
         fmodel: The model + generator pair.
-        inputs: ``(N, ...)`` inputs; one batch is ``inputs[idx]``.
-        targets: ``(N, ...)`` labels (required for ``"supervised"``; optional for
-            ``"distill"``, where they add ``(1 - alpha) * loss_fn``).
+        data: Training inputs in any form :meth:`qtcompress.batches.InputSource.of` takes: a
+            tensor, a tuple of tensors (positional), a dict (keyword), a ``Dataset``, a
+            ``DataLoader`` or a re-iterable of batches.
+        labels: Labels aligned with ``data`` (required for ``"supervised"`` unless the items
+            carry them; optional for ``"distill"``, where they add ``(1 - alpha) * loss_fn``).
         cfg: Loop settings.
         mode: ``"supervised"`` or ``"distill"`` (teacher = the pretrained model).
         batch_size: Mini-batch size.
         loss_fn: Supervised loss ``(outputs, labels)``; default cross-entropy.
-        distill: ``"kl"`` or ``"mse"``.
+        distill: ``"kl"``, ``"bce"``, ``"cosine"`` or ``"mse"``; ``None`` picks the one for the
+            output kind (:data:`qtcompress.fidelity.DEFAULT_LOSS`).
+        output: Which output to train on when the model returns several
+            (:func:`qtcompress.batches.select_output`; default: the first tensor, or
+            ``logits`` / ``last_hidden_state``).
+        output_kind: ``"logits"``, ``"probability"``, ``"embedding"`` or ``"regression"``;
+            ``None`` infers it from the teacher's outputs.
         temperature: KL temperature.
         alpha: Weight of the distillation term when labels are also given.
         batch_stats: Train with BatchNorm in batch-statistics mode, updating the student's
-            running statistics (the way the pretrained model was trained). With frozen
-            pretrained statistics, generated weights whose channel means differ from the
-            pretrained ones can switch whole ReLU channels off, and then no gradient flows.
+            running statistics (the way the pretrained model was trained).
+        labels_in_items: Where labels sit inside dataset items (see :mod:`qtcompress.batches`).
+        probe_size: Examples in a fixed probe batch (the first of ``data``). Its distillation
+            loss is the monitored value that picks the best state, and a student whose probe
+            outputs turn constant triggers the collapse guard.
+        guard: On a collapse (outputs turning constant), restore the best state, halve the
+            learning rate and go on (at most ``MAX_RESTARTS`` times).
         **loop_kwargs: Passed to :func:`train_loop`.
     """
     if mode not in ("supervised", "distill"):
         raise ConfigError(f"Unknown mode {mode!r}; choose 'supervised' or 'distill'.")
-    if not isinstance(inputs, torch.Tensor) or inputs.ndim < 1 or inputs.shape[0] < 1:
-        raise ConfigError("inputs must be a non-empty tensor with a batch dimension.")
-    if targets is not None and targets.shape[0] != inputs.shape[0]:
-        raise ConfigError(f"inputs ({inputs.shape[0]}) and targets ({targets.shape[0]}) differ "
-                          "in length.")
-    if mode == "supervised" and targets is None:
-        raise ConfigError("Supervised fine-tuning needs targets; use mode='distill' without.")
     if batch_size < 1 or not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"batch_size must be >= 1 and alpha in [0, 1] (got {batch_size}, "
                           f"{alpha}).")
-    if inputs.dtype.is_floating_point and not torch.isfinite(inputs).all():
-        raise NonFiniteError("inputs hold NaN or Inf.")
+    source = InputSource.of(data, labels, labels_in_items=labels_in_items)
+    probe = source.head(probe_size)
+    check_call(fmodel.module, probe)
+    teacher_probe = select_output(probe.call(fmodel.teacher), output)
+    kind = check_kind(output_kind or infer_output_kind(teacher_probe))
+    objective = distill or DEFAULT_LOSS[kind]
+    distill_loss(teacher_probe, teacher_probe, objective, temperature)  # validates early
+    if mode == "supervised" and probe.labels is None:
+        raise ConfigError("Supervised fine-tuning needs labels; use mode='distill' without.")
     sup = loss_fn or F.cross_entropy
-    n = inputs.shape[0]
+
+    def student(batch: Batch, stats: bool) -> torch.Tensor:
+        return select_output(batch.call(partial(fmodel, batch_stats=stats)), output)
 
     def loss_at(step: int) -> torch.Tensor:
-        idx = batch_indices(step, n, batch_size, cfg.seed)
-        x = inputs[idx]
-        out = fmodel(x, batch_stats=batch_stats)
+        batch = source.batch_at(step, batch_size, cfg.seed)
+        out = student(batch, batch_stats)
         if mode == "supervised":
-            return sup(out, targets[idx])  # type: ignore[index]
-        loss = distill_loss(out, fmodel.teacher(x), distill, temperature)
-        if targets is not None and alpha < 1.0:
-            loss = alpha * loss + (1.0 - alpha) * sup(out, targets[idx])
+            return sup(out, batch.labels)  # type: ignore[arg-type]
+        teacher = select_output(batch.call(fmodel.teacher), output)
+        loss = distill_loss(out, teacher, objective, temperature)
+        if batch.labels is not None and alpha < 1.0:
+            loss = alpha * loss + (1.0 - alpha) * sup(out, batch.labels)
         return loss
 
+    def probe_outputs() -> torch.Tensor:
+        with torch.no_grad():
+            return student(probe, False)
+
+    def monitor() -> float:
+        return float(distill_loss(probe_outputs(), teacher_probe, objective, temperature))
+
+    def collapsed() -> bool:
+        return measure_fidelity(probe_outputs(), teacher_probe, kind).degenerate
+
     return train_loop(fmodel.generator, loss_at, cfg, desc=loop_kwargs.pop("desc", mode),
-                      extra_state=fmodel.buffers, **loop_kwargs)
+                      extra_state=fmodel.buffers, monitor=monitor,
+                      guard=collapsed if guard else None, **loop_kwargs)
+
+
+@torch.no_grad()
+def evaluate_fidelity(fmodel: FunctionalModel, data: Any, labels: torch.Tensor | None = None,
+                      *, output: str | int | None = None, output_kind: str | None = None,
+                      batch_size: int = 256, labels_in_items: bool | str = False) -> Fidelity:
+    """Fidelity of ``fmodel``'s generated network to its original on ``data``.
+
+    Weights are generated once; teacher and student run batch by batch in eval mode.
+
+    Args:
+        fmodel: The model + generator pair (any module with ``tensors()`` as generator).
+        data: Inputs in any form :meth:`qtcompress.batches.InputSource.of` takes.
+        labels: Optional labels (adds accuracy).
+        output: Which output to compare (see :func:`qtcompress.batches.select_output`).
+        output_kind: Output kind; ``None`` infers it from the teacher's outputs.
+        batch_size: Examples per forward pass.
+        labels_in_items: Where labels sit inside dataset items.
+    """
+    source = InputSource.of(data, labels, labels_in_items=labels_in_items)
+    generated = fmodel.generator.tensors()
+    students, teachers, golds = [], [], []
+    for batch in source.batches(batch_size):
+        students.append(select_output(batch.call(partial(fmodel, generated=generated)), output))
+        teachers.append(select_output(batch.call(fmodel.teacher), output))
+        if batch.labels is not None:
+            golds.append(batch.labels)
+    teacher = torch.cat(teachers)
+    kind = output_kind or infer_output_kind(teacher)
+    return measure_fidelity(torch.cat(students), teacher, kind,
+                            torch.cat(golds) if golds else None)

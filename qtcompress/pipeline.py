@@ -11,7 +11,7 @@ Used by ``qtcompress compress`` and ``qtcompress demo``; callable from Python as
 
 from __future__ import annotations
 
-import json
+import inspect
 import statistics
 import time
 from collections.abc import Callable
@@ -24,11 +24,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from qtcompress.api import QTModel, compress
-from qtcompress.atomic import atomic_write_bytes
+from qtcompress.api import DEFAULT_FINETUNE_LR, QTModel, compress
+from qtcompress.atomic import OutputRecord, check_writable_dir
+from qtcompress.batches import Batch, InputSource, check_call, forward_signature, select_output
 from qtcompress.config import QTConfig
 from qtcompress.errors import ConfigError
-from qtcompress.examples import Split, accuracy
+from qtcompress.examples import Split
+from qtcompress.fidelity import Fidelity, infer_output_kind, measure_fidelity
+from qtcompress.runtime import check_label_range
 
 
 @dataclass(frozen=True)
@@ -42,20 +45,46 @@ class PipelineSettings:
         finetune_lr: Phase-2 peak learning rate.
         mode: ``"distill"`` (teacher = the original model) or ``"supervised"`` (labels).
         batch_size: Phase-2 mini-batch size.
+        distill: Distillation loss (``kl``, ``bce``, ``cosine``, ``mse``); ``None``: the one for
+            the output kind.
+        output: Which model output to distil and compare (index or name) when it has several.
+        output_kind: ``logits``, ``probability``, ``embedding`` or ``regression``; ``None``:
+            inferred from the original model's outputs.
+        min_fidelity: Fine-tuned fidelity (agreement, cosine or correlation, by kind) below
+            which the run counts as failed (``fidelity_ok`` False; the CLI exits 1).
         progress: Show progress bars.
         report: Also write plots and a Markdown report (needs matplotlib).
         latency_repeats: Timed runs per latency figure.
     """
 
-    fit_steps: int = 300
-    fit_lr: float = 2e-2
+    fit_steps: int = 100
+    fit_lr: float = 1e-2
     finetune_steps: int = 1500
-    finetune_lr: float = 1e-2
+    finetune_lr: float = DEFAULT_FINETUNE_LR
     mode: str = "distill"
     batch_size: int = 64
+    distill: str | None = None
+    output: str | int | None = None
+    output_kind: str | None = None
+    min_fidelity: float | None = None
     progress: bool = False
     report: bool = False
     latency_repeats: int = 50
+
+    def __post_init__(self) -> None:
+        from qtcompress import limits
+
+        limits.check_count(self.fit_steps, "--fit-steps", maximum=limits.MAX_STEPS)
+        limits.check_count(self.finetune_steps, "--finetune-steps", maximum=limits.MAX_STEPS)
+        limits.check_count(self.batch_size, "--batch-size", maximum=limits.MAX_STEPS, minimum=1)
+        limits.check_count(self.latency_repeats, "latency_repeats", maximum=10_000, minimum=1)
+        for name in ("fit_lr", "finetune_lr"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+                raise ConfigError(f"{name} must be a positive number, got {value!r}; pass "
+                                  f"--{name.replace('_', '-')} > 0.")
+        if self.mode not in ("distill", "supervised"):
+            raise ConfigError(f"Unknown mode {self.mode!r}; choose 'distill' or 'supervised'.")
 
 
 @dataclass
@@ -77,9 +106,18 @@ class PipelineResult:
     checkpoint_bytes: int | None
     generator_file_bytes: int
     onnx_bytes: int
+    scheme: str
+    shape: str
+    budget: str
+    output_kind: str
     accuracy_original: float | None
     accuracy_phase1: float | None
     accuracy_finetuned: float | None
+    fidelity_phase1: dict[str, Any]
+    fidelity_finetuned: dict[str, Any]
+    warnings: list[str]
+    min_fidelity: float | None
+    fidelity_ok: bool
     phase1_rel_weight_error: float
     onnx_max_abs_diff: float
     onnx_max_abs_output: float
@@ -102,17 +140,40 @@ def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def _latencies(model: nn.Module, onnx_path: Path, x: torch.Tensor,
+def _latencies(model: nn.Module, onnx_path: Path, test: InputSource,
                repeats: int) -> tuple[dict[str, float], dict[str, float]]:
     from qtcompress.runtime import OnnxPredictor
 
     predictor = OnnxPredictor(onnx_path)
     torch_ms, onnx_ms = {}, {}
-    for label, batch in (("batch 1", x[:1]), (f"batch {min(64, len(x))}", x[:64])):
+    big = test.head(64)
+    for label, batch in (("batch 1", test.head(1)), (f"batch {len(big)}", big)):
+        args = positional_inputs(model, batch)
+        feeds = {n: a.numpy() for n, a in zip(predictor.input_names, args, strict=True)}
         with torch.no_grad():
-            torch_ms[label] = _median_ms(partial(model, batch), repeats)
-        onnx_ms[label] = _median_ms(partial(predictor.run, batch.numpy()), repeats)
+            torch_ms[label] = _median_ms(partial(model, *args), repeats)
+        onnx_ms[label] = _median_ms(partial(predictor.run, feeds), repeats)
     return torch_ms, onnx_ms
+
+
+def positional_inputs(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, ...]:
+    """The batch's inputs as positional tensors in the order of ``model.forward``'s parameters.
+
+    ONNX graphs take positional inputs; keyword inputs are placed by their parameter names.
+    """
+    if not batch.kwargs:
+        args = batch.args
+    else:
+        names = list(inspect.signature(model.forward).parameters)
+        order = names[len(batch.args):]
+        unknown = [k for k in batch.kwargs if k not in order]
+        if unknown:
+            raise ConfigError(f"Keyword inputs {unknown} are not parameters of "
+                              f"{forward_signature(model)}.")
+        args = batch.args + tuple(batch.kwargs[k] for k in order if k in batch.kwargs)
+    if not all(isinstance(a, torch.Tensor) for a in args):
+        raise ConfigError(f"ONNX export needs tensor inputs, got {batch.describe()}.")
+    return tuple(args)
 
 
 def run_pipeline(
@@ -149,23 +210,37 @@ def run_pipeline(
 
     settings = settings or PipelineSettings()
     out = Path(out_dir)
-    if not out.parent.exists():
-        raise ConfigError(f"Cannot create {out}: its parent folder {out.parent} does not exist.")
-    out.mkdir(exist_ok=True)
     labelled = data.y_test.numel() > 0 and data.y_train.numel() > 0
     if settings.mode == "supervised" and not labelled:
         raise ConfigError("Supervised fine-tuning needs labels; use mode 'distill' or give labels.")
+    if settings.min_fidelity is not None and not 0.0 <= settings.min_fidelity <= 1.0:
+        raise ConfigError(f"min_fidelity must be in [0, 1], got {settings.min_fidelity}.")
     start = time.perf_counter()
     model = model.eval()
+    train = InputSource.of(data.x_train, data.y_train if labelled else None)
+    test = InputSource.of(data.x_test, data.y_test if labelled else None)
+    # Fail fast: the model must accept the data, labels must fit its classes, and the output
+    # folder must take the files, all before any fitting starts.
+    teacher_head = select_output(check_call(model, train.head(2)), settings.output)
+    if labelled and infer_output_kind(teacher_head) == "logits" and (
+            settings.output_kind in (None, "logits")):
+        for key, y in (("y_train", data.y_train), ("y_test", data.y_test)):
+            check_label_range(y, int(teacher_head.shape[-1]), name=key)
+    example = positional_inputs(model, test.head(2))
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    check_writable_dir(out, 2 * model_bytes + (1 << 20))
 
-    def acc(m: Any) -> float | None:
-        return accuracy(m, data.x_test, data.y_test) if labelled else None
-
-    accuracy_original = acc(model)
     qt: QTModel = compress(model, config)
     rep = qt.report()
+    budget = (f"{qt.config.budget_params(rep.generated_weights):,} parameters"
+              if qt.config.scheme == "rows" and qt.config.rank is None else "n/a")
     log(f"compressing {rep.generated_weights:,} weights with {rep.trainable:,} generator "
-        f"parameters ({rep.n_qubits} qubits x {rep.n_layers} layers, chunk {rep.chunk})")
+        f"parameters ({rep.n_qubits} qubits x {rep.n_layers} layers, {_shape_of(qt)})")
+
+    def evaluate() -> Fidelity:
+        return qt.evaluate(data.x_test, data.y_test if labelled else None,
+                           output=settings.output, output_kind=settings.output_kind)
+
     histories: dict[str, list[float]] = {}
     fit_s = finetune_s = 0.0
     if settings.fit_steps > 0:
@@ -173,26 +248,60 @@ def run_pipeline(
                             progress=settings.progress)
         fit_s, histories["phase 1: reproduce weights"] = r1.elapsed_s, r1.history
     phase1_error = qt.weight_errors()["_total"]
-    accuracy_phase1 = acc(qt.materialize().eval())
-    log(f"phase 1: relative weight error {phase1_error:.3f}"
-        + (f", accuracy {accuracy_phase1:.2%}" if accuracy_phase1 is not None else ""))
+    fid1 = evaluate()
+    kind = fid1.kind
+    log(f"phase 1: relative weight error {phase1_error:.3f}; {fid1.describe()}")
     if settings.finetune_steps > 0:
         labels = data.y_train if settings.mode == "supervised" else None
         r2 = qt.finetune(data.x_train, labels, mode=settings.mode, steps=settings.finetune_steps,
                          lr=settings.finetune_lr, batch_size=settings.batch_size,
+                         distill=settings.distill, output=settings.output, output_kind=kind,
                          progress=settings.progress)
         finetune_s, histories[f"phase 2: fine-tune ({settings.mode})"] = r2.elapsed_s, r2.history
+    fid2 = evaluate()
+    log(f"phase 2: {fid2.describe()}")
+    warnings = [f"phase 2: {w}" for w in fid2.warnings()]
+    if qt.revived:
+        warnings.append(f"phase 1 left a dead network; fine-tuning restored the spread of "
+                        f"{len(qt.revived)} tensors first")
+    fidelity_ok = settings.min_fidelity is None or (
+        fid2.headline >= settings.min_fidelity and not fid2.degenerate)
+    if not fidelity_ok:
+        warnings.append(f"fidelity {fid2.headline:.4f} is below --min-fidelity "
+                        f"{settings.min_fidelity}")
+    for w in warnings:
+        log(f"warning: {w}")
+    accuracy_original = None
+    if labelled:
+        teacher = torch.cat([select_output(b.call(model), settings.output)
+                             for b in test.batches(256)])
+        accuracy_original = measure_fidelity(teacher, teacher, kind, data.y_test).accuracy
     student = qt.materialize().eval()
-    accuracy_finetuned = acc(student)
-    if accuracy_finetuned is not None:
-        log(f"phase 2: accuracy {accuracy_finetuned:.2%}")
 
-    example = data.x_test[:2]
     gen_path = out / f"{name}.qtc.safetensors"
     onnx_path = out / f"{name}.onnx"
-    save_generator(qt, gen_path, example_inputs=(example,), model_info=model_info)
-    export = export_onnx(student, (example,), onnx_path)
-    torch_ms, onnx_ms = _latencies(student, onnx_path, data.x_test, settings.latency_repeats)
+    record = OutputRecord(out, {"generator": gen_path, "onnx": onnx_path})
+    with record:
+        save_generator(qt, gen_path, example_inputs=example, model_info=model_info)
+        record.wrote("generator")
+        export = export_onnx(student, example, onnx_path)
+        record.wrote("onnx")
+        torch_ms, onnx_ms = _latencies(student, onnx_path, test, settings.latency_repeats)
+        return _finish(record, start, name, model, qt, rep, student, settings, histories, fid1,
+                       fid2, kind, budget, warnings, fidelity_ok, accuracy_original,
+                       phase1_error, export, torch_ms, onnx_ms, fit_s, finetune_s,
+                       checkpoint_bytes, gen_path, onnx_path, out, log)
+
+
+def _finish(record: OutputRecord, start: float, name: str, model: nn.Module, qt: QTModel,
+            rep: Any, student: nn.Module, settings: PipelineSettings,
+            histories: dict[str, list[float]], fid1: Fidelity, fid2: Fidelity, kind: str,
+            budget: str, warnings: list[str], fidelity_ok: bool,
+            accuracy_original: float | None, phase1_error: float, export: Any,
+            torch_ms: dict[str, float], onnx_ms: dict[str, float], fit_s: float,
+            finetune_s: float, checkpoint_bytes: int | None, gen_path: Path, onnx_path: Path,
+            out: Path, log: Callable[[str], None]) -> PipelineResult:
+    """Summarise a run whose files are written, and record it as complete."""
     log(f"wrote {gen_path.name} ({gen_path.stat().st_size:,} bytes) and {onnx_path.name} "
         f"(onnxruntime vs torch max |diff| {export.max_abs_diff:.2g})")
     files = {"generator": str(gen_path), "onnx": str(onnx_path),
@@ -207,9 +316,12 @@ def run_pipeline(
         checkpoint_bytes=checkpoint_bytes,
         generator_file_bytes=gen_path.stat().st_size,
         onnx_bytes=onnx_path.stat().st_size,
+        scheme=qt.config.scheme, shape=_shape_of(qt), budget=budget, output_kind=kind,
         accuracy_original=accuracy_original,
-        accuracy_phase1=accuracy_phase1,
-        accuracy_finetuned=accuracy_finetuned,
+        accuracy_phase1=fid1.accuracy,
+        accuracy_finetuned=fid2.accuracy,
+        fidelity_phase1=fid1.to_dict(), fidelity_finetuned=fid2.to_dict(),
+        warnings=warnings, min_fidelity=settings.min_fidelity, fidelity_ok=fidelity_ok,
         phase1_rel_weight_error=phase1_error,
         onnx_max_abs_diff=export.max_abs_diff,
         onnx_max_abs_output=export.max_abs_output,
@@ -226,9 +338,24 @@ def run_pipeline(
                               title=f"qtcompress report: {name}")
         files["report"] = str(report)
     result.total_s = time.perf_counter() - start
-    payload = {k: v for k, v in asdict(result).items() if k != "histories"}
-    atomic_write_bytes(out / "summary.json", (json.dumps(payload, indent=2) + "\n").encode())
+    record.complete({k: v for k, v in asdict(result).items() if k != "histories"})
     return result
+
+
+def _shape_of(qt: QTModel) -> str:
+    if qt.config.scheme == "rows":
+        ranks = [k for k in qt.config.ranks or () if k > 0]
+        return (f"one basis state per tensor row, ranks {min(ranks, default=0)}.."
+                f"{max(ranks, default=0)}")
+    return f"chunk {qt.config.resolve_chunk(qt.layout.total)}"
+
+
+def _fidelity_text(fid: dict[str, Any]) -> str:
+    name, value = fid["headline_name"], fid["headline"]
+    text = f"{value:.2%}" if name == "agreement" else f"{value:.4f}"
+    extra = f", correlation {fid['correlation']:.3f}" if name != "correlation" else ""
+    dead = " (DEGENERATE: constant outputs)" if fid["degenerate"] else ""
+    return f"{name} {text}{extra}{dead}"
 
 
 def _pct(value: float | None) -> str:
@@ -248,20 +375,26 @@ def summary_rows(r: PipelineResult) -> dict[str, str]:
         "generator parameters (trainable)": f"{r.generator_params:,} "
         f"({r.generator_params / r.generated_weights:.1%} of M)",
         "compression ratio (M / generator)": f"{r.compression_ratio:.2f}x",
-        "QNN": f"{r.n_qubits} qubits x {r.n_layers} layers, {r.chunk} weights per basis state",
+        "QNN": f"{r.n_qubits} qubits x {r.n_layers} layers, up to {r.chunk} weights per basis "
+        "state",
+        "generator": f"{r.scheme} scheme, {r.shape}, budget {r.budget}",
         "checkpoint file": _size(r.checkpoint_bytes),
         "generator file": _size(r.generator_file_bytes),
         "ONNX file": _size(r.onnx_bytes),
-        "accuracy: original": _pct(r.accuracy_original),
-        "accuracy: phase 1 (weights fitted)": _pct(r.accuracy_phase1)
+        "output kind": r.output_kind,
+        "fidelity: phase 1 (weights fitted)": _fidelity_text(r.fidelity_phase1)
         + f" (relative weight error {r.phase1_rel_weight_error:.3f})",
-        "accuracy: fine-tuned": _pct(r.accuracy_finetuned),
+        "fidelity: fine-tuned": _fidelity_text(r.fidelity_finetuned),
+        "accuracy: original / phase 1 / fine-tuned": " / ".join(
+            _pct(a) for a in (r.accuracy_original, r.accuracy_phase1, r.accuracy_finetuned)),
         "ONNX vs torch max |diff|": f"{r.onnx_max_abs_diff:.2g} (outputs up to "
         f"{r.onnx_max_abs_output:.3g}: {relative:.1g} relative)",
     }
     for label in r.latency_torch_ms:
         rows[f"latency {label}: torch / onnxruntime"] = (
             f"{r.latency_torch_ms[label]:.3f} ms / {r.latency_onnx_ms[label]:.3f} ms")
+    for i, w in enumerate(r.warnings):
+        rows[f"WARNING {i + 1}"] = w
     rows["time: phase 1 / phase 2 / total"] = f"{r.fit_s:.1f} s / {r.finetune_s:.1f} s / " \
         f"{r.total_s:.1f} s"
     return rows
@@ -275,27 +408,69 @@ def format_summary(r: PipelineResult) -> str:
 
 
 def load_npz_split(path: str | Path) -> Split:
-    """Read a data set from ``.npz`` with ``x_train``, ``x_test`` and optional labels.
+    """Read a data set from an ``.npz``: inputs, and labels if any.
+
+    Naming rule for the inputs (the same for ``x_train`` and ``x_test``):
+
+    * ``x_train``: one tensor, passed as the model's only positional input;
+    * ``x_train.0``, ``x_train.1``, ...: several positional inputs, e.g. ``model(x, state)``;
+    * ``x_train.NAME``: keyword inputs, e.g. ``x_train.input_ids`` and
+      ``x_train.attention_mask`` for ``model(input_ids=..., attention_mask=...)``.
 
     Labels (``y_train``, ``y_test``) may be absent: then only distillation is possible.
+    Integer inputs (token ids) stay int64; other inputs become float32. Every array is checked
+    (dtype, finiteness, shapes, labels) before conversion.
     """
-    from qtcompress.runtime import load_arrays
+    from qtcompress.runtime import check_dataset, load_arrays
 
     arrays = load_arrays(path)
     if not isinstance(arrays, dict):
         raise ConfigError(f"{path}: expected an .npz with x_train and x_test arrays.")
-    missing = [k for k in ("x_train", "x_test") if k not in arrays]
-    if missing:
-        raise ConfigError(f"{path}: missing arrays {missing} (found {sorted(arrays)}).")
 
-    def tensor(key: str, labels: bool) -> torch.Tensor:
-        if key not in arrays:
-            return torch.empty(0, dtype=torch.int64)
-        array = np.ascontiguousarray(arrays[key])
+    def names(split: str) -> list[str]:
+        return sorted(k[len(split) + 1:] for k in arrays if k.startswith(f"{split}."))
+
+    train_names, test_names = names("x_train"), names("x_test")
+    plain = [k for k in ("x_train", "x_test") if k in arrays]
+    if train_names or test_names:
+        if plain:
+            raise ConfigError(f"{path}: holds both {plain} and named inputs x_train.*; use one "
+                              "naming rule (see load_npz_split).")
+        if train_names != test_names:
+            raise ConfigError(f"{path}: x_train has inputs {train_names} but x_test has "
+                              f"{test_names}; give the same inputs for both.")
+        keys = train_names
+    else:
+        missing = [k for k in ("x_train", "x_test") if k not in arrays]
+        if missing:
+            raise ConfigError(f"{path}: missing arrays {missing} (found {sorted(arrays)}); "
+                              "give x_train and x_test, or x_train.NAME and x_test.NAME.")
+        keys = []
+    labels: dict[str, Any] = {k: arrays[k] for k in ("y_train", "y_test") if k in arrays}
+    for key in keys or [""]:
+        suffix = f".{key}" if key else ""
+        check_dataset({"x_train": arrays[f"x_train{suffix}"],
+                       "x_test": arrays[f"x_test{suffix}"], **labels},
+                      source=f"{path}{' (' + key + ')' if key else ''}")
+
+    def tensor(array: Any, labels: bool) -> torch.Tensor:
+        array = np.ascontiguousarray(array)
         # Integer inputs (token ids) stay integers; everything else becomes float32.
         if labels or np.issubdtype(array.dtype, np.integer):
             return torch.from_numpy(array).to(torch.int64)
         return torch.from_numpy(array).to(torch.float32)
 
-    return Split(tensor("x_train", False), tensor("y_train", True),
-                 tensor("x_test", False), tensor("y_test", True))
+    def inputs(split: str) -> Any:
+        if not keys:
+            return tensor(arrays[split], False)
+        if all(k.isdigit() for k in keys):
+            return tuple(tensor(arrays[f"{split}.{k}"], False) for k in sorted(keys, key=int))
+        if any(k.isdigit() for k in keys):
+            raise ConfigError(f"{path}: inputs {keys} mix positions and names; use x_train.0, "
+                              "x_train.1 ... or x_train.NAME only.")
+        return {k: tensor(arrays[f"{split}.{k}"], False) for k in keys}
+
+    def label(key: str) -> torch.Tensor:
+        return tensor(arrays[key], True) if key in arrays else torch.empty(0, dtype=torch.int64)
+
+    return Split(inputs("x_train"), label("y_train"), inputs("x_test"), label("y_test"))

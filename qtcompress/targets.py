@@ -15,6 +15,7 @@ PyTorch reports; the other names are kept as aliases and receive the same tensor
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -219,3 +220,33 @@ def select_targets(
         )
     buffers = tuple(n for n, _ in model.named_buffers())
     return Layout(tuple(specs), offset, tuple(classical), buffers)
+
+
+TENSOR_KINDS = ("weight", "embedding", "norm", "bias")
+
+
+def tensor_kind(name: str, shape: tuple[int, ...]) -> str:
+    """What a parameter is, from its name and shape: weight, embedding, norm or bias.
+
+    A heuristic for summaries (``inspect``, the compress summary) that tell users which tensors
+    they may want to keep classical (``--exclude``): names ending in ``bias`` are biases, other
+    vectors are normalisation scales, matrices whose name mentions ``embed`` are embeddings.
+    """
+    leaf = name.rsplit(".", 1)[-1].lower()
+    if leaf.endswith("bias"):
+        return "bias"
+    if len(shape) <= 1:
+        return "norm"
+    if "embed" in name.lower():
+        return "embedding"
+    return "weight"
+
+
+def kinds_summary(tensors: Iterable[tuple[str, tuple[int, ...]]]) -> dict[str, tuple[int, int]]:
+    """``kind -> (number of tensors, number of values)`` for :func:`tensor_kind`."""
+    out: dict[str, tuple[int, int]] = {}
+    for name, shape in tensors:
+        kind = tensor_kind(name, shape)
+        n, values = out.get(kind, (0, 0))
+        out[kind] = (n + 1, values + math.prod(shape))
+    return {k: out[k] for k in TENSOR_KINDS if k in out}

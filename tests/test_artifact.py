@@ -192,3 +192,36 @@ def test_overwrite_is_atomic_and_missing_file(tmp_path):
     assert _listing(tmp_path) == ["g.qtc.safetensors"]
     with pytest.raises(ConfigError, match="does not exist"):
         load_artifact(tmp_path / "nope.qtc.safetensors")
+
+
+def test_same_content_same_bytes_readable_by_safetensors(tmp_path):
+    from safetensors.torch import load_file
+
+    from qtcompress.artifact import write_safetensors
+
+    tensors = _tensors()
+    a = save_artifact(tmp_path / "a.qtc.safetensors", tensors, META, skeleton=b"skel")
+    reordered = dict(reversed(list(tensors.items())))
+    b = save_artifact(tmp_path / "b.qtc.safetensors", reordered,
+                      dict(reversed(list(META.items()))), skeleton=b"skel")
+    assert a.read_bytes() == b.read_bytes()
+    plain = write_safetensors(tmp_path / "p.safetensors", tensors, {"z": "1", "a": "2"})
+    loaded = load_file(str(plain))
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    with safe_open(str(plain), framework="pt") as f:
+        assert f.metadata() == {"z": "1", "a": "2"}
+    with pytest.raises(ConfigError, match="metadata must map strings to strings"):
+        write_safetensors(tmp_path / "q.safetensors", tensors, {"a": 1})
+
+
+@pytest.mark.parametrize(("patch", "fragment"), [
+    ({"ansatz": "NaN"}, "'ansatz' is not valid JSON"),
+    ({"ansatz": "[" * 50 + "]" * 50}, "nested 50 deep"),
+    ({"format_version": "\u00b2"}, "invalid format_version"),
+    ({"tensors": "{\"theta\": 5}"}, r"tensors\['theta'\]: expected an object"),
+])
+def test_hostile_header_values(good, tmp_path, patch, fragment):
+    bad = tmp_path / "bad.qtc.safetensors"
+    _resave(good, bad, header_patch=patch)
+    with pytest.raises(FormatError, match=fragment):
+        load_artifact(bad)

@@ -87,7 +87,7 @@ def test_random_features_control_freezes_the_qnn():
     from qtcompress.config import QTConfig
 
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-    qt = compress(model, QTConfig(chunk=4, n_layers=2))
+    qt = compress(model, QTConfig(scheme="flat", chunk=4, n_layers=2))
     before = qt.report()
     random_features_control(qt, seed=1)
     after = qt.report()

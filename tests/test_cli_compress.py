@@ -46,7 +46,7 @@ def test_demo_runs_the_shipped_example(tmp_path):
     assert result.returncode == 0, result.stderr
     for label in ("original parameters", "generator parameters", "compression ratio",
                   "checkpoint file", "generator file", "ONNX file", "accuracy: original",
-                  "accuracy: phase 1", "accuracy: fine-tuned", "ONNX vs torch",
+                  "fidelity: phase 1", "fidelity: fine-tuned", "ONNX vs torch",
                   "latency batch 1"):
         assert label in result.stdout
     assert "99.44%" in result.stdout  # the shipped checkpoint's recorded test accuracy

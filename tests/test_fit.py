@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from qtcompress.api import compress
+from qtcompress.batches import batch_indices
 from qtcompress.config import QTConfig
 from qtcompress.errors import ConfigError, FormatError, NonFiniteError
 from qtcompress.examples import DigitsCNN, accuracy, load_dataset
-from qtcompress.fit import LoopConfig, batch_indices
+from qtcompress.fit import LoopConfig
 from tests.tiny_models import TinyCNN, TinyConv1d, TinyGRU, TinyMLP, example_input
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +26,7 @@ def _states_equal(a, b):
 def test_phase1_reproduces_weights_when_generator_has_capacity():
     torch.manual_seed(0)
     model = TinyConv1d()  # M = 100
-    qt = compress(model, QTConfig(chunk=1, n_layers=4, hidden=(32, 32)))
+    qt = compress(model, QTConfig(scheme="flat", chunk=1, n_layers=4, hidden=(32, 32)))
     before = qt.weight_errors()["_total"]
     res = qt.fit_weights(steps=400, lr=2e-2, progress=False)
     after = qt.weight_errors()
@@ -34,7 +35,7 @@ def test_phase1_reproduces_weights_when_generator_has_capacity():
     x = example_input(model)
     with torch.no_grad():
         assert F.mse_loss(qt(x), model.eval()(x)) < F.mse_loss(compress(model, QTConfig(
-            chunk=1, n_layers=4, hidden=(32, 32)))(x), model(x))
+            scheme="flat", chunk=1, n_layers=4, hidden=(32, 32)))(x), model(x))
 
 
 def test_fit_is_deterministic():
@@ -165,12 +166,12 @@ def test_config_json_round_trip_and_validation():
     assert QTConfig(chunk=None).resolve_chunk(10**6) == 16 and cfg.resolve_chunk(100) == 1
     assert QTConfig(chunk=None, max_qubits=20).resolve_chunk(20_000_000) == 32
     for bad in ({"chunk": 0}, {"n_layers": 0}, {"mapping": "cnn"}, {"hidden": []},
-                {"activation": "step"}, {"target": "conv1"}, {"seed": -1}, {"version": 2},
+                {"activation": "step"}, {"target": "conv1"}, {"seed": -1}, {"version": 3},
                 {"max_qubits": 64}, {"include_frozen": 1}, {"prob_transform": "x"}):
         with pytest.raises(ConfigError):
             QTConfig(**bad)
-    with pytest.raises(ConfigError):
-        QTConfig.from_json('{"chunk": 2, "bogus": 1}')
+    with pytest.warns(UserWarning, match="Ignoring unknown QTConfig keys \\['bogus'\\]"):
+        assert QTConfig.from_json('{"chunk": 2, "bogus": 1}').chunk == 2  # forward compatible
     with pytest.raises(ConfigError):
         QTConfig.from_json("{not json")
     with pytest.raises(ConfigError):
@@ -188,7 +189,7 @@ def test_digits_small_acceptance():
     model.load_state_dict(load_file(str(ROOT / "models" / "digits_cnn.safetensors")))
     base = accuracy(model, xte, yte) * 100
     assert base > 95
-    qt = compress(model, QTConfig(chunk=32, hidden=(16, 16), n_layers=8))
+    qt = compress(model, QTConfig(scheme="flat", chunk=32, hidden=(16, 16), n_layers=8))
     rep = qt.report()
     assert rep.ratio <= 0.20
     scale = qt.generator.scale.detach().clone()

@@ -170,12 +170,17 @@ def test_metadata_that_does_not_match_the_tensors(cnn_file, tmp_path):
     save_artifact(bad, art.tensors, {**art.metadata, "layout": layout}, skeleton=art.skeleton)
     with pytest.raises(FormatError, match="add up to"):
         load_generator(bad)
-    mapping = {**art.metadata["mapping"], "chunk": 1}  # too few states for M at chunk 1
+    mapping = {**art.metadata["mapping"], "chunk": 1}  # not what the config builds
     save_artifact(bad, art.tensors, {**art.metadata, "mapping": mapping}, skeleton=art.skeleton)
-    with pytest.raises(FormatError, match="metadata is inconsistent: .*need at least"):
+    with pytest.raises(FormatError, match=r"stored mapping does not match .*\(chunk 1 vs"):
         load_generator(bad)
-    config = {**art.metadata["config"], "hidden": [9]}  # stored mapping weights no longer fit
+    config = {**art.metadata["config"], "hidden": [9]}  # config and mapping disagree
     save_artifact(bad, art.tensors, {**art.metadata, "config": config}, skeleton=art.skeleton)
+    with pytest.raises(FormatError, match=r"stored mapping does not match .*hidden \[8\] vs \[9\]"):
+        load_generator(bad)
+    mapping = {**art.metadata["mapping"], "hidden": [9]}  # both agree, the tensors do not fit
+    save_artifact(bad, art.tensors, {**art.metadata, "config": config, "mapping": mapping},
+                  skeleton=art.skeleton)
     with pytest.raises(FormatError, match="do not match the metadata: .*shape mismatches"):
         load_generator(bad)
     meta = dict(art.metadata)

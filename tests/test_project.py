@@ -31,7 +31,7 @@ def test_cli_help_and_exit_codes():
     assert usage.returncode == 2 and "expected a positive integer" in usage.stderr
     error = subprocess.run([*run, "qnn", "--qubits", "31"], capture_output=True, text=True)
     assert error.returncode == 1
-    assert "exceeds the hard limit of 30" in error.stderr and "Traceback" not in error.stderr
+    assert "exceeds the limit of 30 qubits" in error.stderr and "Traceback" not in error.stderr
     assert len(error.stderr.strip().splitlines()) == 1
 
 

@@ -86,7 +86,7 @@ def run_qt(name: str, fields: dict[str, Any], fit_steps: int, ft_steps: int, ft_
     """Phase 1 + distillation of one QT generator; ``control="random"`` cuts the QNN off."""
     model, data = load_example(name)
     start = time.perf_counter()
-    qt = compress(model, QTConfig(seed=seed, **fields))
+    qt = compress(model, QTConfig(scheme="flat", seed=seed, **fields))  # as published
     if control == "random":
         random_features_control(qt, seed=seed)
     rep = qt.report()

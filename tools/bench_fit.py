@@ -54,7 +54,8 @@ def measure(size: int, steps: int, max_qubits: int, n_layers: int) -> dict[str, 
     x = torch.randn(64, 64)
     y = torch.randint(0, 10, (64,))
     rss0 = _rss_mib()
-    qt = compress(model, QTConfig(chunk=None, max_qubits=max_qubits, n_layers=n_layers,
+    qt = compress(model, QTConfig(scheme="flat", chunk=None, max_qubits=max_qubits,
+                                  n_layers=n_layers,
                                   hidden=(16, 16)))
     gen, fm = qt.generator, qt.functional
     parts = {"sim": 0.0, "mapping": 0.0, "model": 0.0}

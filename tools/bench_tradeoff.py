@@ -46,7 +46,8 @@ def run_one(fields: dict[str, object], fit_steps: int, finetune_steps: int, seed
     model.load_state_dict(load_file(str(ROOT / "models" / "digits_cnn.safetensors")))
     model.eval()
     start = time.perf_counter()
-    qt = compress(model, QTConfig(n_layers=8, seed=seed, **fields))  # type: ignore[arg-type]
+    qt = compress(model, QTConfig(scheme="flat", n_layers=8, seed=seed,  # as published
+                                  **fields))  # type: ignore[arg-type]
     rep = qt.report()
     if fit_steps:
         qt.fit_weights(steps=fit_steps, lr=2e-2, progress=False)

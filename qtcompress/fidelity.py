@@ -1,0 +1,235 @@
+"""How close a compressed student is to its teacher: output kinds, distillation losses, metrics.
+
+A compressed model is judged by its fidelity to the original on held-out inputs, with or
+without labels:
+
+* ``logits`` (class scores, softmax): top-1 agreement with the teacher; distilled with
+  temperature-softened KL.
+* ``probability`` (sigmoid outputs in [0, 1]): agreement of the thresholded decision and
+  correlation; distilled with binary cross-entropy against the teacher's probabilities.
+* ``embedding`` (unit-norm rows): mean cosine similarity; distilled with cosine distance.
+* ``regression`` (anything else): correlation and relative error; distilled with MSE.
+
+The kind is inferred from the teacher's outputs (:func:`infer_output_kind`) unless given.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from qtcompress.errors import ConfigError
+
+OUTPUT_KINDS = ("logits", "probability", "embedding", "regression")
+DISTILL_LOSSES = ("kl", "bce", "cosine", "mse")
+DEFAULT_LOSS = {"logits": "kl", "probability": "bce", "embedding": "cosine", "regression": "mse"}
+# A student whose outputs vary across inputs less than this fraction of the teacher's is
+# treated as constant ("dead"): a collapsed network, not a weak one.
+DEGENERATE_RATIO = 0.02
+# Fidelity below this (agreement, cosine or correlation) earns a warning in the summary.
+POOR_FIDELITY = 0.9
+# Weight of the logit-scale anchor added to the KL loss (see :func:`distill_loss`).
+LOGIT_ANCHOR = 0.5
+
+
+def infer_output_kind(teacher: torch.Tensor) -> str:
+    """Guess what the teacher's outputs are from their values.
+
+    Rows of unit L2 norm are an ``embedding``; values all in [0, 1] are a ``probability``;
+    anything with a class axis (last dimension >= 2) is ``logits``; the rest ``regression``.
+    """
+    t = teacher.detach().float()
+    if t.ndim >= 2 and t.shape[-1] >= 2:
+        norms = t.norm(dim=-1)
+        if bool(((norms - 1.0).abs() < 1e-3).all()):
+            return "embedding"
+    if bool(((t >= 0) & (t <= 1)).all()) and (t.ndim < 2 or t.shape[-1] == 1):
+        return "probability"
+    if t.ndim >= 2 and t.shape[-1] >= 2:
+        return "logits"
+    return "regression"
+
+
+def check_kind(kind: str) -> str:
+    """Validate an output kind name."""
+    if kind not in OUTPUT_KINDS:
+        raise ConfigError(f"Unknown output kind {kind!r}; choose from {', '.join(OUTPUT_KINDS)}.")
+    return kind
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "kl",
+                 temperature: float = 2.0) -> torch.Tensor:
+    """Distillation loss between student and teacher outputs of the same shape.
+
+    Args:
+        student: Student outputs.
+        teacher: Teacher outputs (no gradient).
+        kind: ``"kl"``: temperature-softened KL over the last axis, scaled by T^2, plus a small
+            MSE between the centred logits divided by the teacher's variance
+            (``LOGIT_ANCHOR``), which holds the student's logit scale to the teacher's (KL alone
+            lets it drift without bound). ``"bce"``: binary cross-entropy against the teacher's
+            probabilities (sigmoid outputs). ``"cosine"``: mean ``1 - cos`` over the last axis
+            (embeddings). ``"mse"``: mean squared error divided by the teacher's variance.
+        temperature: Softmax temperature for ``"kl"``.
+    """
+    if student.shape != teacher.shape:
+        raise ConfigError(f"Student output {tuple(student.shape)} and teacher output "
+                          f"{tuple(teacher.shape)} differ in shape.")
+    if kind == "kl":
+        if student.ndim < 2 or student.shape[-1] < 2:
+            raise ConfigError("The 'kl' distillation loss needs a class axis (last dimension "
+                              ">= 2); use --distill mse or bce for scalar outputs.")
+        t = temperature
+        s = F.log_softmax(student.flatten(0, -2) / t, dim=-1)
+        q = F.log_softmax(teacher.flatten(0, -2) / t, dim=-1)
+        kl = F.kl_div(s, q, log_target=True, reduction="batchmean") * t * t
+        sc = student - student.mean(-1, keepdim=True)
+        tc = teacher - teacher.mean(-1, keepdim=True)
+        return kl + LOGIT_ANCHOR * F.mse_loss(sc, tc) / tc.var().clamp_min(1e-8)
+    if kind == "bce":
+        if bool(((teacher < 0) | (teacher > 1)).any()):
+            raise ConfigError("The 'bce' distillation loss needs teacher outputs in [0, 1] "
+                              "(probabilities); use --distill mse for other outputs.")
+        return F.binary_cross_entropy(student.clamp(1e-6, 1 - 1e-6), teacher)
+    if kind == "cosine":
+        return (1.0 - F.cosine_similarity(student, teacher, dim=-1)).mean()
+    if kind == "mse":
+        return F.mse_loss(student, teacher) / teacher.var().clamp_min(1e-8)
+    raise ConfigError(f"Unknown distillation loss {kind!r}; choose from "
+                      f"{', '.join(DISTILL_LOSSES)}.")
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """Student-vs-teacher agreement on one set of inputs (``None`` where it does not apply).
+
+    Attributes:
+        kind: The output kind measured.
+        n: Number of examples.
+        agreement: Fraction of examples (or positions) where the student's decision equals
+            the teacher's (top-1 class, or probability > 0.5).
+        cosine: Mean cosine similarity of output rows.
+        correlation: Pearson correlation of all output values (logits centred per example).
+        relative_error: ``||s - t|| / ||t||`` over all output values (logits centred per
+            example).
+        accuracy: Fraction correct against labels, when labels were given.
+        spread_ratio: The student's spread of outputs across inputs over the teacher's
+            (1 = as varied as the teacher; ~0 = a constant function).
+    """
+
+    kind: str
+    n: int
+    agreement: float | None
+    cosine: float | None
+    correlation: float
+    relative_error: float
+    accuracy: float | None
+    spread_ratio: float
+
+    @property
+    def degenerate(self) -> bool:
+        """The student's outputs are (nearly) constant across inputs."""
+        return self.spread_ratio < DEGENERATE_RATIO
+
+    @property
+    def headline_name(self) -> str:
+        """Name of the figure that :attr:`headline` holds."""
+        return {"logits": "agreement", "probability": "agreement", "embedding": "cosine",
+                "regression": "correlation"}[self.kind]
+
+    @property
+    def headline(self) -> float:
+        """One number per kind, compared with ``--min-fidelity``.
+
+        Agreement for logits and probabilities, cosine for embeddings, correlation otherwise.
+        """
+        value = getattr(self, self.headline_name)
+        return float(value) if value is not None else self.correlation
+
+    def warnings(self) -> list[str]:
+        """One line per problem: a constant student, or poor fidelity."""
+        out = []
+        if self.degenerate:
+            out.append(f"the student's outputs are nearly constant across inputs (spread "
+                       f"{self.spread_ratio:.3g} of the teacher's): it is a dead network")
+        elif self.headline < POOR_FIDELITY:
+            out.append(f"fidelity is poor: {self.headline_name} {self.headline:.3f} < "
+                       f"{POOR_FIDELITY}; raise --budget or --finetune-steps")
+        return out
+
+    def describe(self) -> str:
+        """Short text, e.g. ``agreement 97.2%, correlation 0.981``."""
+        parts = [f"{self.headline_name} "
+                 + (f"{self.headline:.2%}" if self.headline_name == "agreement"
+                    else f"{self.headline:.4f}")]
+        if self.headline_name != "correlation":
+            parts.append(f"correlation {self.correlation:.3f}")
+        parts.append(f"relative error {self.relative_error:.3f}")
+        if self.accuracy is not None:
+            parts.append(f"accuracy {self.accuracy:.2%}")
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready figures (with ``headline`` and ``degenerate``)."""
+        d = asdict(self)
+        d.update(headline=self.headline, headline_name=self.headline_name,
+                 degenerate=self.degenerate)
+        return d
+
+
+def _decisions(out: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "logits":
+        return out.argmax(-1)
+    return (out > 0.5).long().reshape(out.shape[0], -1).squeeze(-1)
+
+
+@torch.no_grad()
+def measure_fidelity(student: torch.Tensor, teacher: torch.Tensor, kind: str,
+                     labels: torch.Tensor | None = None) -> Fidelity:
+    """Compare student and teacher outputs (dim 0 = examples).
+
+    Args:
+        student: Student outputs.
+        teacher: Teacher outputs of the same shape.
+        kind: One of ``OUTPUT_KINDS``.
+        labels: Optional labels (class indices for logits, 0/1 for probabilities).
+    """
+    check_kind(kind)
+    if student.shape != teacher.shape:
+        raise ConfigError(f"Student output {tuple(student.shape)} and teacher output "
+                          f"{tuple(teacher.shape)} differ in shape.")
+    s, t = student.detach().double(), teacher.detach().double()
+    if kind == "logits":
+        # Logits are defined up to a constant per example (softmax ignores it): compare them
+        # centred, so a shifted but otherwise identical student scores correlation 1.
+        sf = (s - s.mean(-1, keepdim=True)).reshape(-1)
+        tf = (t - t.mean(-1, keepdim=True)).reshape(-1)
+    else:
+        sf, tf = s.reshape(-1), t.reshape(-1)
+    sc, tc = sf - sf.mean(), tf - tf.mean()
+    denom = float(sc.norm() * tc.norm())
+    correlation = float(sc @ tc) / denom if denom > 0 else 0.0
+    relative_error = float((sf - tf).norm() / tf.norm().clamp_min(1e-30))
+    # Spread across inputs: std over dim 0 per output unit, averaged over units.
+    t_spread = float(t.reshape(t.shape[0], -1).std(0, unbiased=False).mean()) \
+        if t.shape[0] > 1 else 0.0
+    s_spread = float(s.reshape(s.shape[0], -1).std(0, unbiased=False).mean()) \
+        if s.shape[0] > 1 else 0.0
+    spread = s_spread / t_spread if t_spread > 0 else (1.0 if s_spread == 0 else math.inf)
+    agreement = cosine = accuracy = None
+    if kind in ("logits", "probability"):
+        agreement = float((_decisions(s, kind) == _decisions(t, kind)).double().mean())
+        if labels is not None and labels.numel() > 0:
+            pred = _decisions(s, kind)
+            if pred.shape != labels.shape:
+                raise ConfigError(f"Labels of shape {tuple(labels.shape)} do not match the "
+                                  f"model's decisions {tuple(pred.shape)}.")
+            accuracy = float((pred == labels.to(pred.dtype)).double().mean())
+    if kind == "embedding" or (s.ndim >= 2 and s.shape[-1] >= 2):
+        cosine = float(F.cosine_similarity(s, t, dim=-1).mean())
+    return Fidelity(kind, int(s.shape[0]), agreement, cosine, correlation, relative_error,
+                    accuracy, spread)

@@ -1,0 +1,424 @@
+"""Documented maxima for every size a file or an option can ask for, and a memory check.
+
+Sizes come from untrusted places: a generator file's metadata, an ``.npy`` header, a command-line
+option. Each is checked *before* anything is allocated against
+
+* the documented maxima below (a hostile or mistyped value such as ``--layers 100000`` is refused
+  at once, whatever the machine), and
+* the memory available now (:func:`check_memory`), with estimates of what the work will hold.
+
+A size over a limit raises :class:`~qtcompress.errors.ResourceLimitError` whose one-line message
+names the value, the limit and the option (or file field) to change. The limits are listed in
+``docs/format.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import threading
+from typing import TYPE_CHECKING, Any
+
+from qtcompress.errors import ConfigError, ResourceLimitError
+
+if TYPE_CHECKING:
+    from qtcompress.config import QTConfig
+    from qtcompress.targets import Layout
+
+__all__ = [
+    "MAX_BOND_DIM",
+    "MAX_CHUNK",
+    "MAX_GENERATED_WEIGHTS",
+    "MAX_GENERATOR_PARAMS",
+    "MAX_HIDDEN_LAYERS",
+    "MAX_HIDDEN_WIDTH",
+    "MAX_JSON_DEPTH",
+    "MAX_LAYERS",
+    "MAX_LAYOUT_TENSORS",
+    "MAX_QUBITS",
+    "MAX_RANK",
+    "MAX_SEED",
+    "MAX_STEPS",
+    "MAX_TENSOR_RANK",
+    "MEMORY_FRACTION",
+    "available_memory_bytes",
+    "check_config",
+    "check_count",
+    "check_generator_memory",
+    "check_memory",
+    "check_qnn_size",
+    "estimate_generator_bytes",
+    "plan_generator",
+]
+
+MAX_QUBITS = 30
+"""QNN qubits (the simulator's hard ceiling, ``qtcompress.qnn.MAX_QUBITS``); memory may allow
+fewer."""
+MAX_LAYERS = 256
+"""QNN layers."""
+MAX_CHUNK = 1 << 16
+"""Weights generated per basis state."""
+MAX_HIDDEN_WIDTH = 1 << 14
+"""Width of one hidden layer of the mapping MLP."""
+MAX_HIDDEN_LAYERS = 16
+"""Hidden layers of the mapping MLP."""
+MAX_BOND_DIM = 256
+"""Bond dimension of the MPS mapping."""
+MAX_RANK = 1 << 12
+"""Per-row feature width of the rows scheme (``QTConfig.rank``)."""
+MAX_GENERATED_WEIGHTS = 1 << 33
+"""Generated weights M (8.6e9: 32 GiB as float32)."""
+MAX_GENERATOR_PARAMS = 1 << 28
+"""Trainable generator parameters (a generator is meant to be small)."""
+MAX_TENSOR_RANK = 32
+"""Dimensions of one generated tensor."""
+MAX_LAYOUT_TENSORS = 1 << 20
+"""Generated tensors in one layout."""
+MAX_JSON_DEPTH = 32
+"""Nesting depth of a metadata JSON value."""
+MAX_SEED = (1 << 63) - 1
+"""Largest seed (torch seeds are 64-bit)."""
+MAX_STEPS = 10**9
+"""Training steps of one phase."""
+MEMORY_FRACTION = 0.8
+"""Share of the memory available now that one piece of work may plan to use."""
+
+# How a user changes each size: the command-line option and the QTConfig field.
+_OPTIONS = {
+    "n_qubits": "--qubits (QTConfig.n_qubits)",
+    "n_layers": "--layers (QTConfig.n_layers)",
+    "chunk": "--chunk (QTConfig.chunk)",
+    "hidden": "--hidden (QTConfig.hidden)",
+    "bond_dim": "QTConfig.bond_dim",
+    "total": "--target/--exclude (generate fewer weights)",
+    "rank": "--rank / --budget (QTConfig.rank)",
+    "tensors": "--target/--exclude (generate fewer tensors)",
+    "params": "--budget, --hidden, --rank or --chunk",
+}
+# Where each size lives in a generator file (docs/format.md).
+_FIELDS = {
+    "n_qubits": "ansatz.n_qubits",
+    "n_layers": "ansatz.n_layers",
+    "chunk": "config.chunk",
+    "hidden": "config.hidden",
+    "bond_dim": "config.bond_dim",
+    "total": "layout.total",
+    "rank": "config.rank",
+    "tensors": "layout.tensors",
+    "params": "config (generator parameters)",
+}
+
+
+def _too_big(key: str, value: int, limit: int, unit: str, source: str | None,
+             field: str | None = None) -> ResourceLimitError:
+    """The error for a size over its documented maximum (one line, value + limit + fix).
+
+    Sizes from options name the option to lower; sizes from a file name the field (``field``,
+    default the ``_FIELDS`` entry) and say the file is corrupt or hostile.
+    """
+    if source is None:
+        return ResourceLimitError(
+            f"{key} = {value:,} exceeds the limit of {limit:,} {unit}; lower {_OPTIONS[key]}.")
+    return ResourceLimitError(
+        f"{source}: {field or _FIELDS[key]} = {value:,} exceeds the limit of {limit:,} {unit}; "
+        "the file is corrupt or hostile: regenerate it within the limits of docs/format.md.")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# -- memory -----------------------------------------------------------------------------------
+def _cgroup_bytes() -> int | None:
+    """Memory left under this process's cgroup v2 limit, if one is set."""
+    try:
+        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as fh:
+            raw = fh.read().strip()
+        if raw == "max":
+            return None
+        with open("/sys/fs/cgroup/memory.current", encoding="ascii") as fh:
+            used = int(fh.read().strip())
+        return max(int(raw) - used, 0)
+    except (OSError, ValueError):
+        return None
+
+
+def available_memory_bytes() -> int:
+    """Memory this process can still allocate: MemAvailable, a cgroup limit or RLIMIT_AS.
+
+    Returns:
+        Bytes (the smallest of the known bounds).
+    """
+    bounds: list[int] = []
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    bounds.append(int(line.split()[1]) * 1024)
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    if not bounds:
+        try:
+            bounds.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        except (OSError, ValueError, AttributeError):  # not on a POSIX system
+            bounds.append(1 << 34)
+    cgroup = _cgroup_bytes()
+    if cgroup is not None:
+        bounds.append(cgroup)
+    soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        # Address space already mapped counts against the limit.
+        try:
+            with open("/proc/self/statm", encoding="ascii") as fh:
+                mapped = int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            mapped = 0
+        bounds.append(max(soft - mapped, 0))
+    return min(bounds)
+
+
+def check_memory(need_bytes: int, what: str, fix: str, *, available: int | None = None) -> None:
+    """Refuse work that would not fit in the memory available now.
+
+    Args:
+        need_bytes: Estimated peak bytes of the work.
+        what: The work, e.g. ``"regenerating 1e9 weights"``.
+        fix: What the user can change, e.g. ``"lower --chunk"``.
+        available: Bytes to plan with; default: :func:`available_memory_bytes`.
+
+    Raises:
+        ResourceLimitError: ``need_bytes`` exceeds :data:`MEMORY_FRACTION` of the available
+            memory.
+    """
+    free = available_memory_bytes() if available is None else available
+    limit = int(free * MEMORY_FRACTION)
+    if need_bytes > limit:
+        raise ResourceLimitError(
+            f"{what} needs about {_gib(need_bytes)} of memory, more than the {_gib(limit)} this "
+            f"process may use now ({MEMORY_FRACTION:.0%} of {_gib(free)} available); {fix}.")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**27 else f"{n / 2**20:,.1f} MiB"
+
+
+# -- plain counts -----------------------------------------------------------------------------
+def check_count(value: Any, name: str, *, maximum: int, minimum: int = 0) -> int:
+    """Check an integer option such as a step count: an int in ``minimum..maximum``.
+
+    Args:
+        value: The value given.
+        name: How the user sets it, e.g. ``"--fit-steps"``.
+        maximum: Largest accepted value (e.g. :data:`MAX_STEPS`).
+        minimum: Smallest accepted value.
+
+    Returns:
+        The value.
+
+    Raises:
+        ConfigError: Not an integer, or below ``minimum`` (e.g. a negative step count).
+        ResourceLimitError: Above ``maximum``.
+    """
+    if not _is_int(value):
+        raise ConfigError(f"{name} must be an integer, got {value!r}.")
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}.")
+    if value > maximum:
+        raise ResourceLimitError(f"{name} = {value:,} exceeds the limit of {maximum:,}; lower "
+                                 f"{name}.")
+    return int(value)
+
+
+# -- the QNN and the generator ----------------------------------------------------------------
+def check_qnn_size(n_qubits: int | None, n_layers: int, *, source: str | None = None,
+                   prefix: str = "ansatz") -> None:
+    """Check a QNN's qubits and layers against the documented maxima.
+
+    Memory for the state vectors is checked when the QNN is built
+    (:func:`qtcompress.qnn.check_qubit_limit`) and by :func:`check_config`.
+
+    Args:
+        n_qubits: Qubits (``None``: not known yet, only the layers are checked).
+        n_layers: Layers.
+        source: The file the sizes come from (``None``: command-line options / QTConfig).
+        prefix: The file's metadata field holding them (``ansatz`` or ``config``).
+
+    Raises:
+        ResourceLimitError: A size over :data:`MAX_QUBITS` or :data:`MAX_LAYERS`.
+    """
+    if n_qubits is not None and n_qubits > MAX_QUBITS:
+        raise _too_big("n_qubits", n_qubits, MAX_QUBITS, "qubits", source, f"{prefix}.n_qubits")
+    if n_layers > MAX_LAYERS:
+        raise _too_big("n_layers", n_layers, MAX_LAYERS, "QNN layers", source,
+                       f"{prefix}.n_layers")
+
+
+def _module_bytes(module: Any) -> tuple[int, int]:
+    """``(parameter bytes, buffer bytes)`` of a module (works on the meta device)."""
+    params = sum(p.numel() * p.element_size() for p in module.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in module.buffers())
+    return params, buffers
+
+
+def estimate_generator_bytes(generator: Any, layout: Layout, *, training: bool = False) -> int:
+    """Estimated peak bytes of regenerating (or, with ``training``, fitting) ``generator``.
+
+    Works on a generator built on the meta device, so it costs no memory: counts its parameters
+    and buffers, the QNN's state vectors, one streamed block of mapping activations (the widest
+    ``nn.Linear`` outputs) and the generated weights (a float32 vector plus the output tensors);
+    training adds gradients, Adam's moments and the phase-1 target.
+
+    Args:
+        generator: A ``QTGenerator`` or ``RowGenerator`` (any device).
+        layout: Its layout.
+        training: Plan for fitting rather than regeneration.
+    """
+    from torch import nn
+
+    params, buffers = _module_bytes(generator)
+    n_qubits = int(generator.n_qubits)
+    n_states = int(getattr(generator, "n_states", layout.total))
+    block = int(getattr(generator, "block_states", n_states) or n_states)
+    widths = sum(m.out_features for m in generator.modules() if isinstance(m, nn.Linear))
+    activations = min(block, n_states) * (n_qubits + 1 + widths) * 4
+    outputs = sum(s.numel * s.dtype.itemsize for s in layout.specs)
+    if training:
+        states = (1 << n_qubits) * 6 * 8
+        return states + params * 4 + buffers + activations * 4 + layout.total * 16 + outputs * 2
+    states = (1 << n_qubits) * (2 * 8 + 3 * 4)
+    return states + params + buffers + activations * 2 + layout.total * 4 + outputs
+
+
+# Re-entrancy guard: check_config builds the generator through from_config on the meta device,
+# so a from_config that itself calls check_config must not recurse.
+_PLANNING = threading.local()
+
+
+def plan_generator(config: QTConfig, layout: Layout, *, source: str | None = None) -> Any:
+    """Check the sizes a config sets, then build its generator on the ``meta`` device.
+
+    Checks every size against the documented maxima (the QNN's layers and qubits first: the
+    circuit is compiled while building), then runs :meth:`QTGenerator.from_config` under
+    ``torch.device("meta")``: every tensor gets its shape and dtype but no memory, so the
+    parameter count is known exactly, whatever the generator's scheme.
+
+    Args:
+        config: The settings.
+        layout: The generated tensors.
+        source: The file the config comes from (``None``: command-line options / QTConfig).
+
+    Returns:
+        The generator on the meta device, or ``None`` when called re-entrantly from inside that
+        build (``from_config`` itself calling :func:`check_config`).
+
+    Raises:
+        ConfigError: A value out of range (e.g. ``seed``) or an inconsistent config.
+        ResourceLimitError: A size over its documented maximum.
+    """
+    if getattr(_PLANNING, "active", False):
+        return None
+    import torch
+
+    from qtcompress.generator import QTGenerator
+
+    total = layout.total
+    if total > MAX_GENERATED_WEIGHTS:
+        raise _too_big("total", total, MAX_GENERATED_WEIGHTS, "generated weights", source)
+    if len(layout.specs) > MAX_LAYOUT_TENSORS:
+        raise _too_big("tensors", len(layout.specs), MAX_LAYOUT_TENSORS, "generated tensors",
+                       source)
+    if config.seed > MAX_SEED:
+        raise ConfigError(f"seed = {config.seed} is out of range 0..{MAX_SEED}; use a smaller "
+                          "--seed (QTConfig.seed).")
+    check_qnn_size(config.n_qubits, config.n_layers, source=source, prefix="config")
+    hidden = tuple(config.hidden or ())
+    if len(hidden) > MAX_HIDDEN_LAYERS:
+        raise _too_big("hidden", len(hidden), MAX_HIDDEN_LAYERS, "hidden layers", source,
+                       "config.hidden")
+    if max(hidden, default=0) > MAX_HIDDEN_WIDTH:
+        raise _too_big("hidden", max(hidden), MAX_HIDDEN_WIDTH, "units in a hidden layer", source,
+                       "config.hidden")
+    if config.bond_dim > MAX_BOND_DIM:
+        raise _too_big("bond_dim", config.bond_dim, MAX_BOND_DIM, "(MPS bond dimension)", source,
+                       "config.bond_dim")
+    rank = getattr(config, "rank", None)  # the rows scheme's feature width
+    if isinstance(rank, int) and rank > MAX_RANK:
+        raise _too_big("rank", rank, MAX_RANK, "(per-row feature width)", source, "config.rank")
+    chunk = config.resolve_chunk(total) if config.chunk is None else config.chunk
+    if getattr(config, "scheme", "flat") == "flat" and chunk > MAX_CHUNK:
+        raise _too_big("chunk", chunk, MAX_CHUNK, "weights per basis state", source,
+                       "config.chunk")
+    # Automatic sizes are resolved on the CPU (resolving may compute with real tensors); only
+    # the build runs on the meta device.
+    resolve = getattr(config, "resolve", None)
+    resolved = resolve(layout) if callable(resolve) else config
+    ranks = getattr(resolved, "ranks", None) or ()
+    if max(ranks, default=0) > MAX_RANK:
+        raise _too_big("rank", max(ranks), MAX_RANK, "(per-row feature width)", source,
+                       "config.ranks")
+    _PLANNING.active = True
+    try:
+        with torch.device("meta"):
+            planned = QTGenerator.from_config(layout, resolved)
+    finally:
+        _PLANNING.active = False
+    count = sum(p.numel() for p in planned.parameters())
+    if count > MAX_GENERATOR_PARAMS:
+        raise _too_big("params", count, MAX_GENERATOR_PARAMS, "generator parameters", source)
+    return planned
+
+
+def check_generator_memory(planned: Any, layout: Layout, *, training: bool = False,
+                           source: str | None = None, available: int | None = None) -> None:
+    """Refuse a generator whose estimated peak (:func:`estimate_generator_bytes`) does not fit.
+
+    Args:
+        planned: The generator, e.g. from :func:`plan_generator` (meta device).
+        layout: Its layout.
+        training: Plan for fitting rather than regeneration.
+        source: The file it comes from (``None``: command-line options / QTConfig).
+        available: Bytes to plan with (default: the memory available now).
+
+    Raises:
+        ResourceLimitError: The estimate exceeds the memory available.
+    """
+    need = estimate_generator_bytes(planned, layout, training=training)
+    count = sum(p.numel() for p in planned.parameters())
+    work = ("fitting" if training else "regenerating") + f" {layout.total:,} weights " \
+        f"({planned.n_qubits} qubits, {count:,} generator parameters)"
+    if source is None:
+        fix = "use a smaller --budget, --hidden or --chunk, generate fewer weights, or free memory"
+    else:
+        work = f"{source}: {work}"
+        fix = "free memory or use a machine with more"
+    check_memory(need, work, fix, available=available)
+
+
+def check_config(config: QTConfig, layout: Layout, *, training: bool = True,
+                 source: str | None = None, available: int | None = None) -> Any:
+    """Check the generator a :class:`~qtcompress.config.QTConfig` describes, before building it.
+
+    :func:`plan_generator` (documented maxima, exact parameter count on the meta device), then
+    :func:`check_generator_memory`. Call it right before :meth:`QTGenerator.from_config`.
+
+    Args:
+        config: The settings.
+        layout: The generated tensors.
+        training: Plan for fitting (default) rather than regeneration only.
+        source: The file the config comes from (``None``: command-line options / QTConfig).
+        available: Bytes to plan with (default: the memory available now).
+
+    Returns:
+        The generator on the meta device (``None`` when called re-entrantly).
+
+    Raises:
+        ConfigError: A value out of range (e.g. ``seed``) or an inconsistent config.
+        ResourceLimitError: A size over its documented maximum, or an estimated peak over the
+            memory available.
+    """
+    planned = plan_generator(config, layout, source=source)
+    if planned is not None:
+        check_generator_memory(planned, layout, training=training, source=source,
+                               available=available)
+    return planned
