@@ -53,3 +53,10 @@ class OutputError(QTCompressError, OSError):
 
 class FidelityError(QTCompressError, RuntimeError):
     """The compressed model is further from the original than the user allowed."""
+
+
+class ExportError(FormatError):
+    """The model could not be exported to ONNX, or the exported graph fails its checks.
+
+    A :class:`FormatError` for older handlers; it names the exporter's or onnxruntime's cause.
+    """

@@ -42,6 +42,44 @@ class DigitsCNN(nn.Module):
         return self.head(x.flatten(1))  # (B, classes)
 
 
+class DigitsCNN28(nn.Module):
+    """A ~420K-weight CNN **without BatchNorm** for 28x28 images (the demo's default model).
+
+    Real-shaped: nothing re-centres its activations, so a compressed copy whose weights are off
+    has no BatchNorm to rescue it. Trained by ``tools/suite.py`` (model ``cnn``) on
+    scikit-learn's digits upsampled to 28x28.
+
+    Args:
+        channels: Channels of the two 3x3 conv layers.
+        hidden: Width of the hidden fully connected layer.
+        classes: Output classes.
+        size: Input height and width (divisible by 4).
+    """
+
+    def __init__(self, channels: tuple[int, int] = (32, 64), hidden: int = 128,
+                 classes: int = 10, size: int = 28) -> None:
+        super().__init__()
+        c1, c2 = channels
+        self.conv1 = nn.Conv2d(1, c1, 3, padding=1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
+        self.fc1 = nn.Linear(c2 * (size // 4) ** 2, hidden)
+        self.fc2 = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, classes)`` for images ``(B, 1, size, size)``."""
+        x = torch.max_pool2d(torch.relu(self.conv1(x)), 2)  # (B, c1, 14, 14)
+        x = torch.max_pool2d(torch.relu(self.conv2(x)), 2)  # (B, c2, 7, 7)
+        x = torch.relu(self.fc1(x.flatten(1)))  # (B, hidden)
+        return self.fc2(x)  # (B, classes)
+
+
+def upsample(images: torch.Tensor, size: int = 28) -> torch.Tensor:
+    """Bilinearly upsample ``(N, 1, h, w)`` images in [0, 1] to ``(N, 1, size, size)``."""
+    out = nn.functional.interpolate(images, size=(size, size), mode="bilinear",
+                                    align_corners=False)
+    return out.clamp(0.0, 1.0)  # bilinear is a convex mix already; clamp guards rounding
+
+
 class TabularMLP(nn.Module):
     """A two-hidden-layer MLP for tabular data (scikit-learn's wine: 13 features, 3 classes).
 
@@ -90,11 +128,12 @@ def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int) -> Spl
 def load_dataset(name: str, seed: int = 0, test_fraction: float = 0.2) -> Split:
     """Load an offline scikit-learn classification data set as a seeded train/test split.
 
-    ``"digits"``: images scaled to [0, 1], shape ``(N, 1, 8, 8)``. ``"wine"``: 13 features
-    standardised with the training split's statistics.
+    ``"digits"``: images scaled to [0, 1], shape ``(N, 1, 8, 8)``. ``"digits28"``: the same
+    split upsampled to ``(N, 1, 28, 28)``. ``"wine"``: 13 features standardised with the
+    training split's statistics.
 
     Args:
-        name: ``"digits"`` or ``"wine"``.
+        name: ``"digits"``, ``"digits28"`` or ``"wine"``.
         seed: Seed of the shuffled split.
         test_fraction: Fraction held out for testing.
 
@@ -107,13 +146,18 @@ def load_dataset(name: str, seed: int = 0, test_fraction: float = 0.2) -> Split:
         data = datasets.load_digits()
         x = (data.images / 16.0)[:, None, :, :]
         return _split(x, data.target, test_fraction, seed)
+    if name == "digits28":
+        split = load_dataset("digits", seed=seed, test_fraction=test_fraction)
+        return Split(upsample(split.x_train), split.y_train, upsample(split.x_test),
+                     split.y_test)
     if name == "wine":
         data = datasets.load_wine()
         split = _split(data.data, data.target, test_fraction, seed)
         mean, std = split.x_train.mean(0), split.x_train.std(0) + 1e-6
         return Split((split.x_train - mean) / std, split.y_train,
                      (split.x_test - mean) / std, split.y_test)
-    raise ConfigError(f"Unknown example data set {name!r}; choose 'digits' or 'wine'.")
+    raise ConfigError(f"Unknown example data set {name!r}; choose 'digits', 'digits28' or "
+                      "'wine'.")
 
 
 @torch.no_grad()
@@ -156,6 +200,7 @@ def train_classifier(
 
 
 EXAMPLES = {
+    "digits_cnn28": (DigitsCNN28, "digits28"),
     "digits_cnn": (DigitsCNN, "digits"),
     "wine_mlp": (TabularMLP, "wine"),
 }

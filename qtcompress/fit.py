@@ -516,8 +516,8 @@ def finetune(
         probe_size: Examples in a fixed probe batch (the first of ``data``). Its distillation
             loss is the monitored value that picks the best state, and a student whose probe
             outputs turn constant triggers the collapse guard.
-        guard: On a collapse (outputs turning constant), restore the best state, halve the
-            learning rate and go on (at most ``MAX_RESTARTS`` times).
+        guard: On a collapse (outputs turning constant after they varied), restore the best
+            state, halve the learning rate and go on (at most ``MAX_RESTARTS`` times).
         **loop_kwargs: Passed to :func:`train_loop`.
     """
     if mode not in ("supervised", "distill"):
@@ -557,8 +557,12 @@ def finetune(
     def monitor() -> float:
         return float(distill_loss(probe_outputs(), teacher_probe, objective, temperature))
 
+    alive = [False]  # a collapse is alive -> constant; a student that starts dead is not one
+
     def collapsed() -> bool:
-        return measure_fidelity(probe_outputs(), teacher_probe, kind).degenerate
+        dead = measure_fidelity(probe_outputs(), teacher_probe, kind).degenerate
+        alive[0] = alive[0] or not dead
+        return dead and alive[0]
 
     return train_loop(fmodel.generator, loss_at, cfg, desc=loop_kwargs.pop("desc", mode),
                       extra_state=fmodel.buffers, monitor=monitor,

@@ -244,6 +244,8 @@ def save_generator(
     model_info: Mapping[str, Any] | None = None,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+    exported: onnx.ModelProto | None = None,
 ) -> Path:
     """Write a compressed model's generator file (atomically, byte-reproducibly).
 
@@ -257,6 +259,10 @@ def save_generator(
         model_info: Free-form JSON facts to keep (e.g. ``{"factory": "pkg.mod:Net"}``).
         input_names: ONNX graph input names.
         output_names: ONNX graph output names.
+        dynamic_axes: Axes beyond the batch that stay symbolic in the stored graph, by input
+            name (see :func:`qtcompress.onnx_export.to_onnx_proto`).
+        exported: The graph of ``qt.materialize()`` already exported with these inputs and
+            names; its skeleton is stored instead of exporting again.
 
     Returns:
         The written path.
@@ -307,7 +313,8 @@ def save_generator(
             raise NonFiniteError(f"The compressed model's outputs on the example inputs hold NaN "
                                  f"or Inf: {', '.join(bad)}; refit or check the inputs.")
         skeleton = export_skeleton(materialized, inputs, input_names=input_names,
-                                   output_names=output_names)
+                                   output_names=output_names, dynamic_axes=dynamic_axes,
+                                   exported=exported)
         tensors.update({f"{CHECK_INPUT_PREFIX}{i}": t for i, t in enumerate(inputs)})
         tensors.update({f"{CHECK_OUTPUT_PREFIX}{i}": t for i, t in enumerate(outputs)})
     return save_artifact(path, tensors, metadata, skeleton=skeleton)

@@ -39,7 +39,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from qtcompress.atomic import atomic_path
-from qtcompress.errors import ConfigError, FormatError, NonFiniteError
+from qtcompress.errors import ConfigError, ExportError, FormatError, NonFiniteError
 
 __all__ = [
     "SKELETON_KEY",
@@ -197,14 +197,60 @@ def _quiet_exporter() -> Iterator[None]:
         logger.setLevel(level)
 
 
+DynamicAxes = Mapping[str, Mapping[int, str]]
+
+
+def parse_dynamic_axis(text: str) -> tuple[str, int, str]:
+    """``"input_ids:1=seq"`` -> ``("input_ids", 1, "seq")`` (the CLI's ``--dynamic-axis``)."""
+    try:
+        left, dim = text.split("=", 1)
+        name, axis = left.rsplit(":", 1)
+        value = int(axis)
+    except ValueError:
+        raise ConfigError(f"Bad dynamic axis {text!r}; write INPUT:AXIS=NAME, e.g. "
+                          "input_ids:1=seq.") from None
+    return name, value, dim
+
+
+def _dynamic_shapes(args: tuple[torch.Tensor, ...], names: list[str],
+                    axes: DynamicAxes | None) -> tuple[dict[int, Any], ...]:
+    """Dynamic shapes for the exporter: the batch axis of every input plus the named axes.
+
+    Axes that share a name share one symbol (e.g. ``seq`` of ``input_ids`` and
+    ``attention_mask``), which is how the exporter learns they are equal.
+    """
+    axes = dict(axes or {})
+    unknown = sorted(set(axes) - set(names))
+    if unknown:
+        raise ConfigError(f"Dynamic axes name inputs {unknown}, the graph's inputs are {names}.")
+    dims: dict[str, Any] = {"batch": torch.export.Dim("batch")}
+    out = []
+    for arg, name in zip(args, names, strict=True):
+        spec: dict[int, Any] = {0: dims["batch"]}
+        for axis, dim in dict(axes.get(name, {})).items():
+            if not isinstance(axis, int) or not 1 <= axis < arg.ndim:
+                raise ConfigError(f"Dynamic axis {axis!r} of input {name!r} (shape "
+                                  f"{tuple(arg.shape)}) must be in 1..{arg.ndim - 1}; axis 0 "
+                                  "is always the batch.")
+            if not isinstance(dim, str) or not dim.isidentifier() or dim == "batch":
+                raise ConfigError(f"Dynamic axis name {dim!r} must be an identifier other than "
+                                  "'batch'.")
+            # Dim's default minimum is 0/1; the example's length must be >= 2 to stay symbolic.
+            dims.setdefault(dim, torch.export.Dim(dim))
+            spec[axis] = dims[dim]
+        out.append(spec)
+    return tuple(out)
+
+
 def to_onnx_proto(
     model: nn.Module,
     example_inputs: ExampleInputs,
     *,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
+    dynamic_axes: DynamicAxes | None = None,
 ) -> onnx.ModelProto:
-    """Export ``model`` (in eval mode) to an in-memory ONNX model with a dynamic batch axis.
+    """Export ``model`` (in eval mode) to an in-memory ONNX model with dynamic axes.
 
     Args:
         model: A materialised model (real weights, not meta tensors).
@@ -212,26 +258,35 @@ def to_onnx_proto(
             arguments), each with batch size >= 2 on axis 0.
         input_names: Graph input names; default ``input`` or ``input_0, input_1, ...``.
         output_names: Graph output names; default ``output`` or ``output_0, ...``.
+        dynamic_axes: Axes beyond the batch that stay symbolic, by input name:
+            ``{"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}}``; the same name means
+            the same length.
 
     Returns:
         The stripped ``ModelProto`` with all weights inside it.
 
     Raises:
-        ConfigError: Bad example inputs or names.
-        FormatError: The exporter failed, or the graph's batch axis is not dynamic.
+        ConfigError: Bad example inputs, names or dynamic axes (checked before exporting).
+        ExportError: The exporter failed, or an axis that should be dynamic came out fixed.
     """
     args = _as_tuple(example_inputs)
     in_names = _default_names("input", len(args), input_names)
+    dynamic = _dynamic_shapes(args, in_names, dynamic_axes)
     with _eval_mode(model), torch.no_grad():
         n_out = len(_flatten_outputs(model(*args)))
         out_names = _default_names("output", n_out, output_names)
-        batch = torch.export.Dim("batch")
-        dynamic = tuple({0: batch} for _ in args)
+        clash = sorted(set(in_names) & set(out_names))
+        if clash:
+            raise ConfigError(f"Names {clash} are used for both an input and an output; give "
+                              "every graph input and output its own name.")
         try:
             # The exporter prints progress to stdout even with verbose=False, and logs
             # warnings that say nothing about the user's model (torchvision missing, torch
             # internals deprecations): keep the command line quiet.
-            with contextlib.redirect_stdout(io.StringIO()), _quiet_exporter():
+            with contextlib.redirect_stdout(io.StringIO()), _quiet_exporter(), \
+                    warnings.catch_warnings():
+                # Axes that share a Dim are named once; the exporter warns about each alias.
+                warnings.filterwarnings("ignore", message=".*will not be used, since it shares")
                 program = torch.onnx.export(
                     model,
                     args,
@@ -243,22 +298,25 @@ def to_onnx_proto(
                     dynamic_shapes=dynamic,
                 )
         except Exception as exc:  # the exporter raises many unrelated types
-            raise FormatError(
+            raise ExportError(
                 f"torch.onnx.export could not export {type(model).__name__}: "
                 f"{type(exc).__name__}: {str(exc)[:1000]}"
             ) from exc
     if program is None:  # only when f= is given, which we never do
-        raise FormatError(f"torch.onnx.export returned no program for {type(model).__name__}.")
+        raise ExportError(f"torch.onnx.export returned no program for {type(model).__name__}.")
     proto = program.model_proto
     strip_metadata(proto)
-    for inp in proto.graph.input:
+    for inp, spec in zip(proto.graph.input, dynamic, strict=False):
         dims = inp.type.tensor_type.shape.dim
-        if not dims or not dims[0].dim_param:
-            fixed = dims[0].dim_value if dims else "none"
-            raise FormatError(
-                f"Exported graph input {inp.name!r} has a fixed batch axis ({fixed}); the model "
-                "probably depends on the batch size (e.g. a hard-coded reshape)."
-            )
+        for axis in spec:
+            if axis >= len(dims) or not dims[axis].dim_param:
+                fixed = dims[axis].dim_value if axis < len(dims) else "none"
+                what = "batch axis" if axis == 0 else f"dynamic axis {axis}"
+                raise ExportError(
+                    f"Exported graph input {inp.name!r} has a fixed {what} ({fixed}); the model "
+                    "probably depends on that size (e.g. a hard-coded reshape or a length "
+                    "check), so it cannot run at other sizes."
+                )
     return proto
 
 
@@ -272,7 +330,12 @@ def _ort_session(model: onnx.ModelProto | bytes):  # type: ignore[no-untyped-def
     data = model if isinstance(model, bytes) else model.SerializeToString()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise ExportError(f"onnxruntime cannot load the exported graph: {str(exc)[:500]} (an "
+                          "output name that clashes with a tensor inside the graph gives "
+                          "'Duplicate definition'; choose other output names).") from exc
 
 
 def compare_with_onnxruntime(
@@ -295,11 +358,12 @@ def compare_outputs(
     example_inputs: ExampleInputs,
     *,
     params: Mapping[str, torch.Tensor] | None = None,
+    dynamic_axes: DynamicAxes | None = None,
 ) -> tuple[float, float]:
     """Run the ONNX model in onnxruntime and torch on the same inputs.
 
-    The inputs are run as given and with one extra row (a different batch size), which checks
-    that the batch axis is really dynamic.
+    The inputs are run as given, with one extra row (a different batch size), and one step
+    shorter along each named dynamic axis, which checks that those axes really are dynamic.
 
     Args:
         onnx_model: The model, or its serialised bytes.
@@ -307,6 +371,7 @@ def compare_outputs(
         example_inputs: Inputs as for :func:`to_onnx_proto`.
         params: Optional parameters/buffers to run ``model`` with instead of its own
             (``torch.func.functional_call``).
+        dynamic_axes: The named axes of :func:`to_onnx_proto`, by graph input name.
 
     Returns:
         ``(max_abs_diff, max_abs_output)``: the largest absolute difference over all outputs
@@ -320,9 +385,18 @@ def compare_outputs(
     session = _ort_session(onnx_model)
     names = [i.name for i in session.get_inputs()]
     worst = scale = 0.0
-    grown = tuple(torch.cat([a, a[:1]]) for a in args)
+    variants = [args, tuple(torch.cat([a, a[:1]]) for a in args)]
+    by_dim: dict[str, list[tuple[int, int]]] = {}
+    for i, name in enumerate(names):
+        for axis, dim in dict((dynamic_axes or {}).get(name, {})).items():
+            by_dim.setdefault(dim, []).append((i, axis))
+    for places in by_dim.values():
+        shorter = list(args)
+        for i, axis in places:
+            shorter[i] = shorter[i].narrow(axis, 0, max(1, shorter[i].shape[axis] - 1))
+        variants.append(tuple(shorter))
     with _eval_mode(model), torch.no_grad():
-        for batch in (args, grown):
+        for batch in variants:
             try:
                 if params is None:
                     ref = _flatten_outputs(model(*batch))
@@ -330,10 +404,11 @@ def compare_outputs(
                     ref = _flatten_outputs(torch.func.functional_call(model, dict(params), batch))
                 feeds = {n: a.numpy() for n, a in zip(names, batch, strict=True)}
                 got = session.run(None, feeds)
-            except Exception as exc:  # torch or onnxruntime rejected this batch size
-                raise FormatError(
-                    f"{type(model).__name__} does not run at batch size {batch[0].shape[0]} in "
-                    f"torch or onnxruntime, so its batch axis is not fully dynamic: "
+            except Exception as exc:  # torch or onnxruntime rejected these sizes
+                shapes = ", ".join(str(tuple(a.shape)) for a in batch)
+                raise ExportError(
+                    f"{type(model).__name__} does not run on inputs of shapes {shapes} in torch "
+                    f"or onnxruntime, so its dynamic axes are not fully dynamic: "
                     f"{type(exc).__name__}: {str(exc)[:300]}"
                 ) from exc
             if len(got) != len(ref):
@@ -383,6 +458,8 @@ def export_onnx(
     atol: float = 1e-5,
     rtol: float = 1e-5,
     verify: bool = True,
+    dynamic_axes: DynamicAxes | None = None,
+    exported: onnx.ModelProto | None = None,
 ) -> ExportReport:
     """Export ``model`` to one self-contained ONNX file and check it against torch.
 
@@ -396,6 +473,10 @@ def export_onnx(
         rtol: Allowed difference relative to the largest torch output (float32 rounding grows
             with the output's magnitude); the check is ``max_abs_diff <= atol + rtol * scale``.
         verify: Run onnxruntime and compare (skip only for models too large to run twice).
+        dynamic_axes: Axes beyond the batch that stay symbolic (see :func:`to_onnx_proto`).
+        exported: A graph already exported from ``model`` by :func:`to_onnx_proto` with the
+            same inputs and names: it is checked and written instead of exporting again (the
+            pipeline exports once for this file and the generator file's skeleton).
 
     Returns:
         An :class:`ExportReport` with the measured difference.
@@ -407,11 +488,12 @@ def export_onnx(
     """
     if not (atol >= 0 and rtol >= 0):
         raise ConfigError(f"atol and rtol must be >= 0, got {atol} and {rtol}.")
-    proto = to_onnx_proto(model, example_inputs, input_names=input_names,
-                          output_names=output_names)
+    proto = exported if exported is not None else to_onnx_proto(
+        model, example_inputs, input_names=input_names, output_names=output_names,
+        dynamic_axes=dynamic_axes)
     diff = scale = float("nan")
     if verify:
-        diff, scale = compare_outputs(proto, model, example_inputs)
+        diff, scale = compare_outputs(proto, model, example_inputs, dynamic_axes=dynamic_axes)
         if not diff <= atol + rtol * scale:
             raise FormatError(
                 f"ONNX export of {type(model).__name__} differs from torch by max abs "
@@ -554,6 +636,8 @@ def export_skeleton(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     verify_atol: float | None = 1e-4,
+    dynamic_axes: DynamicAxes | None = None,
+    exported: onnx.ModelProto | None = None,
 ) -> bytes:
     """Export ``model`` and return its weightless skeleton (see :func:`make_skeleton`).
 
@@ -568,6 +652,9 @@ def export_skeleton(
         output_names: Graph output names.
         verify_atol: Allowed difference of the perturbed check, relative to the largest
             output when that exceeds 1 (absolute otherwise); ``None`` skips it.
+        dynamic_axes: Axes beyond the batch that stay symbolic (see :func:`to_onnx_proto`).
+        exported: A graph already exported from ``model`` (see :func:`export_onnx`); it is
+            not modified.
 
     Returns:
         The serialised skeleton.
@@ -576,8 +663,9 @@ def export_skeleton(
         ConfigError: Bad inputs.
         FormatError: Export failed, or the skeleton cannot be refilled faithfully.
     """
-    proto = to_onnx_proto(model, example_inputs, input_names=input_names,
-                          output_names=output_names)
+    proto = exported if exported is not None else to_onnx_proto(
+        model, example_inputs, input_names=input_names, output_names=output_names,
+        dynamic_axes=dynamic_axes)
     skeleton = make_skeleton(proto, model)
     if verify_atol is not None:
         noisy = _perturbed_state(model)

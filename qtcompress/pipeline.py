@@ -52,6 +52,8 @@ class PipelineSettings:
             inferred from the original model's outputs.
         min_fidelity: Fine-tuned fidelity (agreement, cosine or correlation, by kind) below
             which the run counts as failed (``fidelity_ok`` False; the CLI exits 1).
+        dynamic_axes: ONNX axes beyond the batch that stay symbolic, by input name (the
+            names of ``forward``'s parameters): ``{"input_ids": {1: "seq"}}``.
         progress: Show progress bars.
         report: Also write plots and a Markdown report (needs matplotlib).
         latency_repeats: Timed runs per latency figure.
@@ -67,6 +69,7 @@ class PipelineSettings:
     output: str | int | None = None
     output_kind: str | None = None
     min_fidelity: float | None = None
+    dynamic_axes: dict[str, dict[int, str]] | None = None
     progress: bool = False
     report: bool = False
     latency_repeats: int = 50
@@ -148,7 +151,7 @@ def _latencies(model: nn.Module, onnx_path: Path, test: InputSource,
     torch_ms, onnx_ms = {}, {}
     big = test.head(64)
     for label, batch in (("batch 1", test.head(1)), (f"batch {len(big)}", big)):
-        args = positional_inputs(model, batch)
+        args, _ = positional_inputs(model, batch)
         feeds = {n: a.numpy() for n, a in zip(predictor.input_names, args, strict=True)}
         with torch.no_grad():
             torch_ms[label] = _median_ms(partial(model, *args), repeats)
@@ -156,16 +159,22 @@ def _latencies(model: nn.Module, onnx_path: Path, test: InputSource,
     return torch_ms, onnx_ms
 
 
-def positional_inputs(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, ...]:
-    """The batch's inputs as positional tensors in the order of ``model.forward``'s parameters.
+def positional_inputs(model: nn.Module,
+                      batch: Batch) -> tuple[tuple[torch.Tensor, ...], list[str]]:
+    """The batch's inputs as positional tensors, and their names, in ``forward``'s order.
 
-    ONNX graphs take positional inputs; keyword inputs are placed by their parameter names.
+    ONNX graphs take positional inputs; keyword inputs are placed by their parameter names, and
+    the graph's inputs are named after the parameters (``input_ids``, ``attention_mask``).
     """
+    try:
+        params = [p.name for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):  # a callable without a readable signature
+        params = []
     if not batch.kwargs:
         args = batch.args
     else:
-        names = list(inspect.signature(model.forward).parameters)
-        order = names[len(batch.args):]
+        order = params[len(batch.args):]
         unknown = [k for k in batch.kwargs if k not in order]
         if unknown:
             raise ConfigError(f"Keyword inputs {unknown} are not parameters of "
@@ -173,8 +182,9 @@ def positional_inputs(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, ...
         args = batch.args + tuple(batch.kwargs[k] for k in order if k in batch.kwargs)
     if not all(isinstance(a, torch.Tensor) for a in args):
         raise ConfigError(f"ONNX export needs tensor inputs, got {batch.describe()}.")
-    return tuple(args)
-
+    names = params[:len(args)] if len(params) >= len(args) else []
+    default = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
+    return tuple(args), (names or default)
 
 def run_pipeline(
     model: nn.Module,
@@ -206,7 +216,7 @@ def run_pipeline(
         The measured :class:`PipelineResult` (also written to ``summary.json``).
     """
     from qtcompress.generator_file import save_generator
-    from qtcompress.onnx_export import export_onnx
+    from qtcompress.onnx_export import export_onnx, to_onnx_proto
 
     settings = settings or PipelineSettings()
     out = Path(out_dir)
@@ -226,7 +236,7 @@ def run_pipeline(
             settings.output_kind in (None, "logits")):
         for key, y in (("y_train", data.y_train), ("y_test", data.y_test)):
             check_label_range(y, int(teacher_head.shape[-1]), name=key)
-    example = positional_inputs(model, test.head(2))
+    example, input_names = positional_inputs(model, test.head(2))
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     check_writable_dir(out, 2 * model_bytes + (1 << 20))
 
@@ -282,9 +292,15 @@ def run_pipeline(
     onnx_path = out / f"{name}.onnx"
     record = OutputRecord(out, {"generator": gen_path, "onnx": onnx_path})
     with record:
-        save_generator(qt, gen_path, example_inputs=example, model_info=model_info)
+        # One export serves both files: the generator file keeps its weightless skeleton.
+        proto = to_onnx_proto(student, example, input_names=input_names,
+                              dynamic_axes=settings.dynamic_axes)
+        save_generator(qt, gen_path, example_inputs=example, model_info=model_info,
+                       input_names=input_names, dynamic_axes=settings.dynamic_axes,
+                       exported=proto)
         record.wrote("generator")
-        export = export_onnx(student, example, onnx_path)
+        export = export_onnx(student, example, onnx_path, input_names=input_names,
+                             dynamic_axes=settings.dynamic_axes, exported=proto)
         record.wrote("onnx")
         torch_ms, onnx_ms = _latencies(student, onnx_path, test, settings.latency_repeats)
         return _finish(record, start, name, model, qt, rep, student, settings, histories, fid1,

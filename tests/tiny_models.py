@@ -111,6 +111,42 @@ class TiedLM(nn.Module):
         return self.out(self.embed(tokens))  # (B, T, vocab)
 
 
+class TwoInputEncoder(nn.Module):
+    """BERT-style: ``forward(input_ids, attention_mask) -> (B, dim)`` unit-norm embedding."""
+
+    def __init__(self, vocab: int = 20, dim: int = 16, max_len: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.position = nn.Embedding(max_len, dim)
+        self.register_buffer("position_ids", torch.arange(max_len)[None], persistent=True)
+        self.layer = nn.TransformerEncoderLayer(dim, nhead=2, dim_feedforward=32, dropout=0.0,
+                                                batch_first=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        pos = self.position_ids[:, : input_ids.shape[1]]  # (1, T)
+        h = self.layer(self.embed(input_ids) + self.position(pos),
+                       src_key_padding_mask=attention_mask == 0)  # (B, T, dim)
+        m = attention_mask[..., None].to(h.dtype)
+        pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)  # masked mean (B, dim)
+        return nn.functional.normalize(self.proj(pooled), dim=-1)
+
+
+class StatefulCell(nn.Module):
+    """Streaming: ``forward(x, state) -> (probability, new_state)`` with an LSTMCell."""
+
+    def __init__(self, features: int = 6, hidden: int = 10) -> None:
+        super().__init__()
+        self.cell = nn.LSTMCell(features, hidden)
+        self.out = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h, c = state.unbind(1)  # state: (B, 2, hidden)
+        for t in range(x.shape[1]):  # x: (B, T, features)
+            h, c = self.cell(x[:, t], (h, c))
+        return torch.sigmoid(self.out(h)).squeeze(-1), torch.stack([h, c], 1)
+
+
 def example_input(model: nn.Module, batch: int = 4, seed: int = 0) -> torch.Tensor:
     """A deterministic example batch for any model in this file (batch >= 2 for ONNX export)."""
     g = torch.Generator().manual_seed(seed)

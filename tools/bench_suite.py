@@ -45,10 +45,12 @@ import suite  # noqa: E402
 from benchdoc import machine, write_section  # noqa: E402
 
 from qtcompress import QTConfig, compress  # noqa: E402
+from qtcompress.errors import ConfigError  # noqa: E402
 from qtcompress.examples import Split  # noqa: E402
 from qtcompress.fit import FunctionalModel, LoopConfig, evaluate_fidelity, finetune  # noqa: E402
 from qtcompress.generator import row_view  # noqa: E402
 from qtcompress.pipeline import PipelineSettings, run_pipeline  # noqa: E402
+from qtcompress.targets import select_targets  # noqa: E402
 
 METHODS = ("qt", "qt without QNN", "low-rank", "pruning")
 
@@ -177,10 +179,20 @@ def split_of(entry: Any) -> Split:
                  labels(entry.test_labels))
 
 
+def qt_config(entry: Any, budget: float, seed: int, **fields: Any) -> QTConfig:
+    """``budget``, or the smallest generator (rank 1 everywhere) where the budget is below it."""
+    config = QTConfig(budget=budget, seed=seed, **fields)
+    try:
+        config.resolve(select_targets(entry.model))
+    except ConfigError:
+        return QTConfig(rank=1, seed=seed, **fields)
+    return config
+
+
 def run_qt(entry: Any, budget: float, seed: int, steps: int, fit_steps: int) -> Row:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        r = run_pipeline(entry.model, QTConfig(budget=budget, seed=seed), split_of(entry),
+        r = run_pipeline(entry.model, qt_config(entry, budget, seed), split_of(entry),
                          Path(tmp) / "out", name=entry.name,
                          settings=PipelineSettings(fit_steps=fit_steps, finetune_steps=steps,
                                                    latency_repeats=1),
@@ -201,7 +213,7 @@ def run_other(entry: Any, method: str, budget: float, params: int, seed: int,
     labels = data.y_test if data.y_test.numel() else None
     p1_err = p1_fid = None
     if method == "qt without QNN":
-        qt = compress(entry.model, QTConfig(budget=budget, seed=seed, prob_transform="none"))
+        qt = compress(entry.model, qt_config(entry, budget, seed, prob_transform="none"))
         qt.fit_weights(steps=fit_steps, lr=1e-2, progress=False)
         p1_err = qt.weight_errors()["_total"]
         p1_fid = qt.evaluate(data.x_test, labels).headline

@@ -54,7 +54,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from qtcompress.atomic import atomic_path, atomic_write_bytes  # noqa: E402
-from qtcompress.examples import Split, load_dataset  # noqa: E402
+from qtcompress.examples import DigitsCNN28, Split, load_dataset, upsample  # noqa: E402
 
 __all__ = [
     "CACHE_DIR", "NAMES", "SEED", "DigitsCNN28", "StreamingRNN", "SuiteEntry", "TinyEncoder",
@@ -72,33 +72,6 @@ Inputs = Any  # Tensor | tuple[Tensor, ...] | dict[str, Tensor]; dim 0 = batch
 # ---------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------
-
-
-class DigitsCNN28(nn.Module):
-    """A ~420K-weight CNN without BatchNorm for 28x28 single-channel images.
-
-    Args:
-        channels: Channels of the two 3x3 conv layers.
-        hidden: Width of the hidden fully connected layer.
-        classes: Output classes.
-        size: Input height and width (divisible by 4).
-    """
-
-    def __init__(self, channels: tuple[int, int] = (32, 64), hidden: int = 128,
-                 classes: int = 10, size: int = 28) -> None:
-        super().__init__()
-        c1, c2 = channels
-        self.conv1 = nn.Conv2d(1, c1, 3, padding=1)
-        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
-        self.fc1 = nn.Linear(c2 * (size // 4) ** 2, hidden)
-        self.fc2 = nn.Linear(hidden, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, classes)`` for images ``(B, 1, size, size)``."""
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # (B, c1, 14, 14)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # (B, c2, 7, 7)
-        x = F.relu(self.fc1(x.flatten(1)))  # (B, hidden)
-        return self.fc2(x)  # (B, classes)
 
 
 class StreamingRNN(nn.Module):
@@ -257,12 +230,6 @@ class WideMLP(nn.Module):
 def digits_split(seed: int = SEED) -> Split:
     """The seeded 80/20 split of the 1,797 digits: 8x8 images in [0, 1], (N, 1, 8, 8)."""
     return load_dataset("digits", seed=seed, test_fraction=0.2)
-
-
-def upsample(images: torch.Tensor, size: int = 28) -> torch.Tensor:
-    """Bilinearly upsample ``(N, 1, h, w)`` images in [0, 1] to ``(N, 1, size, size)``."""
-    out = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-    return out.clamp(0.0, 1.0)  # bilinear is a convex mix already; clamp guards rounding
 
 
 def rnn_windows(images: torch.Tensor, windows: int = 2) -> list[torch.Tensor]:

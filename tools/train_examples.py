@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -25,7 +26,36 @@ from qtcompress.examples import EXAMPLES, accuracy, load_dataset, train_classifi
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def ship_suite_cnn(out_dir: Path) -> dict[str, object]:
+    """``digits_cnn28``: the suite's 420K CNN without BatchNorm (trained by tools/suite.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import suite
+
+    entry = suite.load_entry("cnn")
+    path = out_dir / "digits_cnn28.safetensors"
+    with atomic_path(path) as tmp:
+        shutil.copyfile(entry.checkpoint, tmp)
+    split = load_dataset("digits28", seed=suite.SEED)
+    card = {
+        "factory": "qtcompress.examples:DigitsCNN28",
+        "kwargs": {},
+        "dataset": "digits28",
+        "split_seed": suite.SEED,
+        "test_fraction": 0.2,
+        "weights": sum(p.numel() for p in entry.model.parameters()),
+        "train_accuracy": round(accuracy(entry.model, split.x_train, split.y_train), 4),
+        "test_accuracy": round(accuracy(entry.model, split.x_test, split.y_test), 4),
+        "trained_by": "tools/suite.py (model cnn), recipe " + json.dumps(entry.card["recipe"]),
+        "checkpoint_bytes": path.stat().st_size,
+        "checkpoint_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+    }
+    atomic_write_bytes(out_dir / "digits_cnn28.json", (json.dumps(card, indent=2) + "\n").encode())
+    return card
+
+
 def train(name: str, out_dir: Path, seed: int) -> dict[str, object]:
+    if name == "digits_cnn28":
+        return ship_suite_cnn(out_dir)
     model_cls, dataset = EXAMPLES[name]
     torch.manual_seed(seed)
     model = model_cls()

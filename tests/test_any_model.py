@@ -1,0 +1,141 @@
+"""Issue 10: any model, any data: several inputs, carried state, data loaders, dynamic axes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, TensorDataset
+
+from qtcompress import QTConfig, compress, load_generator, save_generator
+from qtcompress.errors import ConfigError, ExportError
+from qtcompress.onnx_export import export_onnx
+from tests.cli_helpers import ROOT, run
+from tests.tiny_models import StatefulCell, TwoInputEncoder
+
+
+def _tokens(n: int, length: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 20, (n, length), generator=g)
+    lengths = torch.randint(length // 2, length + 1, (n,), generator=g)
+    mask = (torch.arange(length)[None] < lengths[:, None]).long()
+    return {"input_ids": ids * mask, "attention_mask": mask}
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    torch.manual_seed(0)
+    return TwoInputEncoder().eval()
+
+
+@pytest.fixture(scope="module")
+def cell():
+    torch.manual_seed(0)
+    return StatefulCell().eval()
+
+
+def _states(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, 6, generator=g), torch.randn(n, 2, 10, generator=g) * 0.5
+
+
+def test_two_input_encoder_end_to_end_with_dynamic_sequence(encoder, tmp_path):
+    train, test = _tokens(128, 12, 0), _tokens(16, 12, 1)
+    qt = compress(encoder, QTConfig(budget=0.5))
+    qt.fit_weights(steps=5, progress=False)
+    result = qt.finetune(train, steps=30, progress=False)  # a dict: keyword inputs
+    assert result.steps == 30
+    fid = qt.evaluate(test)
+    assert fid.kind == "embedding" and fid.cosine is not None and not fid.degenerate
+    path = tmp_path / "enc.qtc.safetensors"
+    example = (test["input_ids"][:2], test["attention_mask"][:2])
+    axes = {"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}}
+    save_generator(qt, path, example_inputs=example, input_names=["input_ids", "attention_mask"],
+                   dynamic_axes=axes)
+    # A fresh process regenerates the same weights and a checked ONNX model from the file.
+    code = (f"from qtcompress import load_generator; g = load_generator(r'{path}'); "
+            f"assert g.verify_weights().identical; g.to_onnx(r'{tmp_path / 'enc.onnx'}')")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    session = ort.InferenceSession(str(tmp_path / "enc.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    student = load_generator(path).load_into(TwoInputEncoder()).eval()
+    for batch, length in ((3, 7), (5, 20)):  # other batch sizes and sequence lengths
+        feeds = _tokens(batch, length, 2)
+        got = session.run(None, {k: v.numpy() for k, v in feeds.items()})[0]
+        with torch.no_grad():
+            want = student(**feeds).numpy()
+        assert got.shape == (batch, 16)
+        np.testing.assert_allclose(got, want, atol=1e-5 * max(1.0, np.abs(want).max()))
+
+
+def test_stateful_model_with_tuple_batches_and_a_dataloader(cell):
+    x, state = _states(96, 0)
+    qt = compress(cell, QTConfig(rank=3))  # a 700-weight model: below any 5% budget
+    qt.finetune((x, state), steps=20, progress=False)  # a tuple: positional inputs
+    loader = DataLoader(TensorDataset(x, state), batch_size=16, shuffle=False)
+    result = qt.finetune(loader, steps=20, progress=False)
+    assert result.steps == 20
+    fid = qt.evaluate(_states(40, 1))
+    assert fid.kind == "probability" and fid.agreement is not None
+    student = qt.materialize()
+    with torch.no_grad():
+        prob, new_state = student(x[:3], state[:3])
+    assert prob.shape == (3,) and new_state.shape == (3, 2, 10)
+
+
+def test_cli_multi_input_npz_by_name_with_dynamic_axis(encoder, tmp_path):
+    ckpt = tmp_path / "enc.safetensors"
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(ckpt))
+    train, test = _tokens(64, 10, 0), _tokens(8, 10, 1)
+    np.savez(tmp_path / "data.npz",
+             **{f"x_train.{k}": v.numpy() for k, v in train.items()},
+             **{f"x_test.{k}": v.numpy() for k, v in test.items()})
+    result = run("compress", str(ckpt), "--factory", "tests.tiny_models:TwoInputEncoder",
+                 "--data", str(tmp_path / "data.npz"), "-o", str(tmp_path / "out"),
+                 "--budget", "50%", "--fit-steps", "2", "--finetune-steps", "5",
+                 "--dynamic-axis", "input_ids:1=seq", "--dynamic-axis", "attention_mask:1=seq",
+                 "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "output kind                                embedding" in result.stdout
+    session = ort.InferenceSession(str(tmp_path / "out" / "enc.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+    feeds = _tokens(2, 15, 3)
+    assert session.run(None, {k: v.numpy() for k, v in feeds.items()})[0].shape == (2, 16)
+
+
+def test_cli_refuses_data_the_model_cannot_take_before_fitting(cell, tmp_path):
+    ckpt = tmp_path / "cell.safetensors"
+    save_file({k: v.contiguous() for k, v in cell.state_dict().items()}, str(ckpt))
+    x, _ = _states(16, 0)
+    np.savez(tmp_path / "data.npz", x_train=x.numpy(), x_test=x[:4].numpy())  # no state
+    start = time.perf_counter()
+    result = run("compress", str(ckpt), "--factory", "tests.tiny_models:StatefulCell",
+                 "--data", str(tmp_path / "data.npz"), "-o", str(tmp_path / "out"))
+    assert result.returncode == 1, result.stderr
+    assert "StatefulCell.forward(x, state)" in result.stderr
+    assert "1 positional input" in result.stderr and "Traceback" not in result.stderr
+    assert time.perf_counter() - start < 60
+    assert not (tmp_path / "out").exists()  # nothing fitted, nothing written
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"output_names": ["same", "same"]}, ConfigError, "distinct output names"),
+    ({"input_names": ["x"], "output_names": ["x"]}, ConfigError, "both an input and an output"),
+    ({"dynamic_axes": {"x": {0: "seq"}}}, ConfigError, "axis 0 is always the batch"),
+    ({"dynamic_axes": {"nope": {1: "seq"}}}, ConfigError, "name inputs \\['nope'\\]"),
+    ({"dynamic_axes": {"x": {1: "seq"}}, "input_names": ["x"]}, ExportError,
+     "fixed dynamic axis 1"),
+])
+def test_export_failures_are_typed(tmp_path, kwargs, error, match):
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))  # fixed width
+    kwargs.setdefault("input_names", ["x"])
+    with pytest.raises(error, match=match):
+        export_onnx(model, torch.randn(2, 3, 4), tmp_path / "m.onnx", **kwargs)
+    assert not (tmp_path / "m.onnx").exists()
