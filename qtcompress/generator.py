@@ -36,6 +36,14 @@ if TYPE_CHECKING:
 DEFAULT_BLOCK_WEIGHTS = 1 << 18
 
 
+def check_target(target: torch.Tensor, total: int) -> None:
+    """The pretrained weights a generator is fitted to: a finite ``(total,)`` vector."""
+    if target.shape != (total,):
+        raise ConfigError(f"Expected target of shape ({total},), got {tuple(target.shape)}.")
+    if not torch.isfinite(target).all():
+        raise NonFiniteError("The pretrained weights hold NaN or Inf.")
+
+
 def qubits_for(total: int, chunk: int) -> int:
     """Qubits needed so that ``2**n * chunk >= total`` (at least 1)."""
     states = math.ceil(total / chunk)
@@ -172,11 +180,7 @@ class QTGenerator(nn.Module):
         Args:
             target: Flat ``(M,)`` pretrained weights.
         """
-        if target.shape != (self.total,):
-            raise ConfigError(f"Expected target of shape ({self.total},), got "
-                              f"{tuple(target.shape)}.")
-        if not torch.isfinite(target).all():
-            raise NonFiniteError("The pretrained weights hold NaN or Inf.")
+        check_target(target, self.total)
         for i, s in enumerate(self.layout.specs):
             part = target[s.offset:s.offset + s.numel].double()
             self.offset[i] = part.mean()
@@ -569,11 +573,7 @@ class RowGenerator(nn.Module):
         Args:
             target: Flat ``(M,)`` pretrained weights.
         """
-        if target.shape != (self.total,):
-            raise ConfigError(f"Expected target of shape ({self.total},), got "
-                              f"{tuple(target.shape)}.")
-        if not torch.isfinite(target).all():
-            raise NonFiniteError("The pretrained weights hold NaN or Inf.")
+        check_target(target, self.total)
         h = self.features().double()
         for i, s in enumerate(self.layout.specs):
             goal = self._as_view(target[s.offset:s.offset + s.numel].double(), i)

@@ -32,6 +32,7 @@ from qtcompress.errors import ConfigError
 from qtcompress.examples import Split
 from qtcompress.fidelity import Fidelity, infer_output_kind, measure_fidelity
 from qtcompress.runtime import check_label_range
+from qtcompress.targets import kinds_summary
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,7 @@ class PipelineResult:
     scheme: str
     shape: str
     budget: str
+    generated_kinds: dict[str, list[int]]
     output_kind: str
     accuracy_original: float | None
     accuracy_phase1: float | None
@@ -332,7 +334,9 @@ def _finish(record: OutputRecord, start: float, name: str, model: nn.Module, qt:
         checkpoint_bytes=checkpoint_bytes,
         generator_file_bytes=gen_path.stat().st_size,
         onnx_bytes=onnx_path.stat().st_size,
-        scheme=qt.config.scheme, shape=_shape_of(qt), budget=budget, output_kind=kind,
+        scheme=qt.config.scheme, shape=_shape_of(qt), budget=budget,
+        generated_kinds={k: [n, v] for k, (n, v) in kinds_summary(
+            (s.name, s.shape) for s in qt.layout.specs).items()}, output_kind=kind,
         accuracy_original=accuracy_original,
         accuracy_phase1=fid1.accuracy,
         accuracy_finetuned=fid2.accuracy,
@@ -394,6 +398,8 @@ def summary_rows(r: PipelineResult) -> dict[str, str]:
         "QNN": f"{r.n_qubits} qubits x {r.n_layers} layers, up to {r.chunk} weights per basis "
         "state",
         "generator": f"{r.scheme} scheme, {r.shape}, budget {r.budget}",
+        "generated tensors": ", ".join(f"{k} {n} ({v:,})"
+                                       for k, (n, v) in r.generated_kinds.items()),
         "checkpoint file": _size(r.checkpoint_bytes),
         "generator file": _size(r.generator_file_bytes),
         "ONNX file": _size(r.onnx_bytes),

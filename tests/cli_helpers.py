@@ -1,9 +1,12 @@
-"""Run the command line in a subprocess (the real console entry) or in-process (fast)."""
+"""Run the command line in a subprocess (the real console entry) or in-process (fast), and load
+the scripts under tools/ as modules."""
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "qtcompress.cli"]
@@ -34,3 +37,13 @@ def assert_one_line_error(result: subprocess.CompletedProcess, code: int = 1) ->
     assert len(lines) == 1, result.stderr
     if code == 1:
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def load_tool(name: str) -> ModuleType:
+    """A script under ``tools/`` as a module, importable as when run as ``python tools/X.py``."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

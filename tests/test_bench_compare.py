@@ -33,6 +33,7 @@ def _rows(text: str, prefix: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith(prefix)]
 
 
+@pytest.mark.slow
 def test_quick_run_writes_all_tables(tmp_path):
     bench = load_tool("bench_compare")
     out = tmp_path / "benchmarks.md"

@@ -179,6 +179,7 @@ def test_config_json_round_trip_and_validation():
     assert compress(TinyMLP(), SMALL, chunk=4).config.chunk == 4
 
 
+@pytest.mark.slow
 def test_digits_small_acceptance():
     """Small version of the issue's target: <= 20% of M trainable, accuracy within 5 points."""
     from safetensors.torch import load_file

@@ -5,25 +5,14 @@ no-op (an untrained model is saved) or by one that fails if it is called.
 """
 
 import dataclasses
-import importlib.util
 import inspect
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_tool(name: str):
-    sys.path.insert(0, str(ROOT / "tools"))  # as when run as `python tools/<name>.py`
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.cli_helpers import load_tool
 
 
 @pytest.fixture(scope="module")

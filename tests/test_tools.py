@@ -1,18 +1,7 @@
 """Smoke tests of the benchmark tools: they run and write their section, nothing timed here."""
 
-import importlib.util
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_tool(name: str):
-    sys.path.insert(0, str(ROOT / "tools"))  # as when run as `python tools/<name>.py`
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.cli_helpers import load_tool
 
 
 def test_bench_qnn_writes_its_section_and_keeps_others(tmp_path):
