@@ -212,7 +212,7 @@ def parse_dynamic_axis(text: str) -> tuple[str, int, str]:
     return name, value, dim
 
 
-def _dynamic_shapes(args: tuple[torch.Tensor, ...], names: list[str],
+def dynamic_shapes(args: tuple[torch.Tensor, ...], names: list[str],
                     axes: DynamicAxes | None) -> tuple[dict[int, Any], ...]:
     """Dynamic shapes for the exporter: the batch axis of every input plus the named axes.
 
@@ -271,7 +271,7 @@ def to_onnx_proto(
     """
     args = _as_tuple(example_inputs)
     in_names = _default_names("input", len(args), input_names)
-    dynamic = _dynamic_shapes(args, in_names, dynamic_axes)
+    dynamic = dynamic_shapes(args, in_names, dynamic_axes)
     with _eval_mode(model), torch.no_grad():
         n_out = len(_flatten_outputs(model(*args)))
         out_names = _default_names("output", n_out, output_names)

@@ -31,6 +31,7 @@ from qtcompress.config import QTConfig
 from qtcompress.errors import ConfigError
 from qtcompress.examples import Split
 from qtcompress.fidelity import Fidelity, infer_output_kind, measure_fidelity
+from qtcompress.onnx_export import dynamic_shapes
 from qtcompress.runtime import check_label_range
 from qtcompress.targets import kinds_summary
 
@@ -239,6 +240,7 @@ def run_pipeline(
         for key, y in (("y_train", data.y_train), ("y_test", data.y_test)):
             check_label_range(y, int(teacher_head.shape[-1]), name=key)
     example, input_names = positional_inputs(model, test.head(2))
+    dynamic_shapes(example, input_names, settings.dynamic_axes)  # bad axes fail before fitting
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     check_writable_dir(out, 2 * model_bytes + (1 << 20))
 
