@@ -55,6 +55,30 @@ def usable_cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+# Threads of QsimBackend instances built without an explicit count (set by set_threads).
+_default_threads: int | None = None
+
+
+def set_threads(threads: int | None) -> None:
+    """Threads for everything that computes: torch's intra-op pool and qsim.
+
+    ``None`` restores the defaults (all usable cores). Call it before building models; it does
+    not change backends that already exist. For BLAS and OpenMP's own settings
+    (``OPENBLAS_NUM_THREADS``, ``OMP_WAIT_POLICY``), set the environment before starting
+    Python: the command line does so (``--threads``).
+
+    Raises:
+        ConfigError: ``threads`` < 1.
+    """
+    import torch
+
+    global _default_threads
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"threads must be a positive integer, got {threads!r}.")
+    _default_threads = threads
+    torch.set_num_threads(threads or usable_cpu_count())
+
+
 def available_memory_bytes() -> int:
     """Memory available to this process now (from /proc/meminfo, else physical memory)."""
     try:
@@ -109,7 +133,7 @@ class QsimBackend:
     """qsim (qsimcirq) state-vector simulation in complex64.
 
     Args:
-        threads: CPU threads for qsim; default: all cores of this machine.
+        threads: CPU threads for qsim; default: :func:`set_threads`'s, else all usable cores.
         max_fused_gate_size: qsim's gate-fusion limit (2..4); larger fuses more gates per pass
             over the state vector.
     """
@@ -122,7 +146,7 @@ class QsimBackend:
     def __init__(self, threads: int | None = None, max_fused_gate_size: int = 2) -> None:
         if not 1 <= max_fused_gate_size <= 6:
             raise ConfigError(f"max_fused_gate_size must be in 1..6, got {max_fused_gate_size}.")
-        self.threads = threads or usable_cpu_count()
+        self.threads = threads or _default_threads or usable_cpu_count()
         self.max_fused_gate_size = max_fused_gate_size
         self._qsim = qsimcirq.qsim
         self._kinds = {k: getattr(self._qsim, v) for k, v in self._KINDS.items()}

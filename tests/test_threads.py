@@ -1,0 +1,36 @@
+"""One thread setting for torch and qsim (issue 12)."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qtcompress.errors import ConfigError
+from qtcompress.qnn.backends import QsimBackend, set_threads, usable_cpu_count
+from tests.cli_helpers import ROOT, run
+
+
+def test_set_threads_sets_torch_and_qsim_defaults():
+    before = torch.get_num_threads()
+    try:
+        set_threads(1)
+        assert torch.get_num_threads() == 1
+        assert QsimBackend().threads == 1
+        assert QsimBackend(threads=2).threads == 2  # an explicit count wins
+        set_threads(None)
+        assert QsimBackend().threads == usable_cpu_count()
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ConfigError, match="threads must be a positive integer"):
+        set_threads(0)
+
+
+def test_cli_threads_option_and_passive_wait_policy():
+    code = ("import os, qtcompress.cli as c; c.main(['--threads', '1', 'qnn', '--qubits', '4', "
+            "'--layers', '1', '--json']); import torch; "
+            "print(os.environ['OMP_WAIT_POLICY'], torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env={"PATH": "/usr/bin:/bin"}, check=True).stdout
+    assert out.strip().endswith("PASSIVE 1")
+    assert run("--threads", "0", "qnn").returncode == 2
