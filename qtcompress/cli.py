@@ -294,6 +294,15 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _config_from_args(args: argparse.Namespace) -> Any:
     from qtcompress.config import QTConfig
 
+    flat_only = [f for f, given in (("--chunk", args.chunk is not None),
+                                    ("--mapping mps", args.mapping == "mps")) if given]
+    if args.scheme == "rows" and flat_only:
+        raise _UsageError(f"{' and '.join(flat_only)}: only with --scheme flat; add "
+                          "--scheme flat, or size the default rows scheme with --budget/--rank")
+    if args.scheme == "flat" and (args.rank is not None or args.budget is not None):
+        raise _UsageError("--rank and --budget size the rows scheme; the flat scheme is sized by "
+                          "--chunk, --hidden and --layers")
+
     fields: dict[str, Any] = {"scheme": args.scheme, "budget": args.budget, "rank": args.rank,
                               "n_layers": args.layers, "n_qubits": args.qubits,
                               "mapping": args.mapping, "seed": args.seed}

@@ -12,7 +12,7 @@ from qtcompress.examples import TabularMLP, load_dataset
 from qtcompress.generator_file import load_generator
 from tests.cli_helpers import ROOT, assert_one_line_error, main_result, run
 
-FAST = ["--fit-steps", "10", "--finetune-steps", "10", "--layers", "2", "--chunk", "8",
+FAST = ["--fit-steps", "10", "--finetune-steps", "10", "--layers", "2",
         "--hidden", "8", "--no-progress"]
 
 
@@ -92,3 +92,15 @@ def test_compress_bad_inputs(tmp_path, capsys):
 def test_subprocess_usage_error_exit_2(tmp_path):
     result = run("compress", "x.pt", "-o", str(tmp_path), "--data", "wine", "--chunk", "0")
     assert_one_line_error(result, code=2)
+
+
+@pytest.mark.parametrize(("flags", "match"), [
+    (["--chunk", "4"], "--chunk: only with --scheme flat"),
+    (["--mapping", "mps"], "--mapping mps: only with --scheme flat"),
+    (["--scheme", "flat", "--budget", "5%"], "--rank and --budget size the rows scheme"),
+])
+def test_scheme_specific_flags_are_refused_with_the_fix(capsys, flags, match):
+    code, err = main_result(capsys, "compress", str(ROOT / "models" / "wine_mlp.safetensors"),
+                            "--factory", "qtcompress.examples:TabularMLP", "--data", "wine",
+                            "-o", "unused", *flags)
+    assert code == 2 and match in err
