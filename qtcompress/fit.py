@@ -550,17 +550,17 @@ def finetune(
             loss = alpha * loss + (1.0 - alpha) * sup(out, batch.labels)
         return loss
 
-    def probe_outputs() -> torch.Tensor:
-        with torch.no_grad():
-            return student(probe, False)
+    last: dict[str, torch.Tensor] = {}  # the monitor's probe outputs, reused by the guard
 
     def monitor() -> float:
-        return float(distill_loss(probe_outputs(), teacher_probe, objective, temperature))
+        with torch.no_grad():
+            last["out"] = student(probe, False)
+        return float(distill_loss(last["out"], teacher_probe, objective, temperature))
 
     alive = [False]  # a collapse is alive -> constant; a student that starts dead is not one
 
-    def collapsed() -> bool:
-        dead = measure_fidelity(probe_outputs(), teacher_probe, kind).degenerate
+    def collapsed() -> bool:  # train_loop calls it right after monitor()
+        dead = measure_fidelity(last["out"], teacher_probe, kind).degenerate
         alive[0] = alive[0] or not dead
         return dead and alive[0]
 
