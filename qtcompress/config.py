@@ -7,9 +7,8 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
+from qtcompress.constants import ACTIVATION_NAMES, MAX_QUBITS, PROB_TRANSFORMS
 from qtcompress.errors import ConfigError
-from qtcompress.mapping import ACTIVATIONS, PROB_TRANSFORMS
-from qtcompress.qnn import MAX_QUBITS
 
 if TYPE_CHECKING:
     import torch
@@ -133,9 +132,9 @@ class QTConfig:
             raise ConfigError(f"hidden must list positive integer widths, got {self.hidden!r}.")
         if self.mapping not in MAPPINGS:
             raise ConfigError(f"Unknown mapping {self.mapping!r}; choose from {MAPPINGS}.")
-        if self.activation not in ACTIVATIONS:
+        if self.activation not in ACTIVATION_NAMES:
             raise ConfigError(f"Unknown activation {self.activation!r}; choose from "
-                              f"{tuple(ACTIVATIONS)}.")
+                              f"{ACTIVATION_NAMES}.")
         if self.prob_transform not in PROB_TRANSFORMS:
             raise ConfigError(f"Unknown prob_transform {self.prob_transform!r}; choose from "
                               f"{PROB_TRANSFORMS}.")

@@ -19,6 +19,7 @@ import resource
 import threading
 from typing import TYPE_CHECKING, Any
 
+from qtcompress.constants import MAX_QUBITS  # the simulator's hard ceiling
 from qtcompress.errors import ConfigError, ResourceLimitError
 
 if TYPE_CHECKING:
@@ -51,9 +52,6 @@ __all__ = [
     "plan_generator",
 ]
 
-MAX_QUBITS = 30
-"""QNN qubits (the simulator's hard ceiling, ``qtcompress.qnn.MAX_QUBITS``); memory may allow
-fewer."""
 MAX_LAYERS = 256
 """QNN layers."""
 MAX_CHUNK = 1 << 16

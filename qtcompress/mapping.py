@@ -14,10 +14,11 @@ import math
 import torch
 from torch import nn
 
+from qtcompress.constants import ACTIVATION_NAMES, PROB_TRANSFORMS
 from qtcompress.errors import ConfigError
 
-PROB_TRANSFORMS = ("scaled", "paper", "log", "none")
-ACTIVATIONS = {"tanh": nn.Tanh, "gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
+ACTIVATIONS: dict[str, type[nn.Module]] = dict(
+    zip(ACTIVATION_NAMES, (nn.Tanh, nn.GELU, nn.ReLU, nn.SiLU), strict=True))
 
 
 def transform_probs(probs: torch.Tensor, n_qubits: int, kind: str = "scaled") -> torch.Tensor:

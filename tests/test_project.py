@@ -62,3 +62,12 @@ def test_top_level_verbs_are_the_real_objects():
         assert "no_such_thing" in str(exc)
     else:
         raise AssertionError("unknown attribute did not raise")
+
+
+def test_config_imports_nothing_heavy():
+    code = ("import sys, qtcompress.config; "
+            "print(sorted(m for m in ('torch', 'cirq', 'qsimcirq', 'onnx', 'onnxruntime') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout
+    assert out.strip() == "[]"

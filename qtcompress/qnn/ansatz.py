@@ -19,6 +19,7 @@ import cirq
 import numpy as np
 import sympy
 
+from qtcompress.constants import MAX_QUBITS
 from qtcompress.errors import ConfigError
 
 ANSATZ_FORMAT_VERSION = 1
@@ -27,7 +28,6 @@ ROTATIONS = ("rx", "ry", "rz")
 ENTANGLERS = ("chain", "ring", "none")
 
 # Hard ceiling independent of memory: 2**31 amplitudes overflow qsim's 32-bit-indexed paths.
-MAX_QUBITS = 30
 
 
 @dataclass(frozen=True)
