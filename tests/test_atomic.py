@@ -25,7 +25,7 @@ def test_mode_follows_umask(tmp_path):
 
 def test_missing_folder_names_folder_and_fix(tmp_path):
     dest = tmp_path / "nope" / "out.bin"
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(ConfigError, match="folder '.*' does not exist") as info:
         atomic_write_bytes(dest, b"x")
     assert str(tmp_path / "nope") in str(info.value)
     assert "mkdir" in str(info.value)

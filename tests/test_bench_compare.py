@@ -66,7 +66,8 @@ def test_lowrank_fits_budget_and_full_rank_is_exact():
     big, ranks = lowrank_factorize(model, trainable_count(model))
     x = torch.rand(4, 1, 8, 8)
     torch.testing.assert_close(big.eval()(x), model(x), atol=1e-4, rtol=1e-4)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="Rank 1 in every layer needs 493 parameters, over the "
+                                          "budget 100"):
         lowrank_factorize(model, 100)
 
 

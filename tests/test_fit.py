@@ -79,10 +79,10 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, phase, cls):
     for k, v in ref.functional.buffers.items():
         assert torch.equal(resumed.functional.buffers[k], v), k
     # A checkpoint from other settings is refused rather than silently mixed in.
-    with pytest.raises(FormatError):
+    with pytest.raises(FormatError, match="was written by a fit with other settings"):
         compress(model, SMALL).fit_weights(steps=21, checkpoint_path=ck, progress=False)
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
-    with pytest.raises(FormatError):
+    with pytest.raises(FormatError, match=r"Cannot read checkpoint .*junk\.ckpt"):
         compress(model, SMALL).fit_weights(steps=5, checkpoint_path=tmp_path / "junk.ckpt",
                                            progress=False)
 
@@ -114,7 +114,7 @@ def test_nan_loss_stops_and_keeps_last_good_state(tmp_path):
 
 def test_divergent_learning_rate_is_caught():
     qt = compress(TinyMLP(), SMALL)
-    with pytest.raises(NonFiniteError):
+    with pytest.raises(NonFiniteError, match=r"Loss is (inf|nan) at step 1\b"):
         qt.fit_weights(steps=5, lr=1e25, schedule="constant", progress=False)
     assert all(torch.isfinite(p).all() for p in qt.generator.parameters())
 
@@ -141,19 +141,19 @@ def test_lr_schedule_and_batches():
 def test_bad_inputs():
     qt = compress(TinyMLP(), SMALL)
     x = example_input(qt.functional.module, batch=8)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="Supervised fine-tuning needs labels"):
         qt.finetune(x, mode="supervised", steps=2, progress=False)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="The inputs have 8 examples but the labels have 3"):
         qt.finetune(x, torch.zeros(3, dtype=torch.long), mode="supervised", steps=2)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="Unknown mode 'reinforce'"):
         qt.finetune(x, mode="reinforce", steps=2)
-    with pytest.raises(NonFiniteError):
+    with pytest.raises(NonFiniteError, match=r"The inputs hold NaN or Inf in args\[0\]"):
         qt.finetune(x * math.nan, steps=2, progress=False)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="steps and eval_every must be >= 1"):
         qt.fit_weights(steps=0)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="Unknown schedule 'step'"):
         qt.fit_weights(steps=5, schedule="step")
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"compress\(\) needs an nn\.Module, got str"):
         compress("not a model")
 
 
@@ -165,18 +165,34 @@ def test_config_json_round_trip_and_validation():
     assert QTConfig().resolve_chunk(10**6) == 1
     assert QTConfig(chunk=None).resolve_chunk(10**6) == 16 and cfg.resolve_chunk(100) == 1
     assert QTConfig(chunk=None, max_qubits=20).resolve_chunk(20_000_000) == 32
-    for bad in ({"chunk": 0}, {"n_layers": 0}, {"mapping": "cnn"}, {"hidden": []},
-                {"activation": "step"}, {"target": "conv1"}, {"seed": -1}, {"version": 3},
-                {"max_qubits": 64}, {"include_frozen": 1}, {"prob_transform": "x"}):
-        with pytest.raises(ConfigError):
-            QTConfig(**bad)
     with pytest.warns(UserWarning, match="Ignoring unknown QTConfig keys \\['bogus'\\]"):
         assert QTConfig.from_json('{"chunk": 2, "bogus": 1}').chunk == 2  # forward compatible
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="QTConfig is not valid JSON"):
         QTConfig.from_json("{not json")
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="QTConfig version 99 is not supported"):
         QTConfig.from_json('{"version": 99}')
     assert compress(TinyMLP(), SMALL, chunk=4).config.chunk == 4
+
+
+BAD_CONFIGS = [
+    ({"chunk": 0}, "chunk must be a positive integer or None, got 0"),
+    ({"n_layers": 0}, "n_layers must be a positive integer, got 0"),
+    ({"mapping": "cnn"}, "Unknown mapping 'cnn'"),
+    ({"hidden": []}, r"hidden must list positive integer widths, got \(\)"),
+    ({"activation": "step"}, "Unknown activation 'step'"),
+    ({"target": "conv1"}, "target must be a list, got 'conv1'"),
+    ({"seed": -1}, "seed must be a non-negative integer, got -1"),
+    ({"version": 3}, "QTConfig version 3 is not supported"),
+    ({"max_qubits": 64}, "At most 30 qubits are supported"),
+    ({"include_frozen": 1}, "include_frozen must be a bool, got 1"),
+    ({"prob_transform": "x"}, "Unknown prob_transform 'x'"),
+]
+
+
+@pytest.mark.parametrize("bad,match", BAD_CONFIGS, ids=[next(iter(b)) for b, _ in BAD_CONFIGS])
+def test_config_rejects_bad_values(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        QTConfig(**bad)
 
 
 @pytest.mark.slow

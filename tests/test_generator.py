@@ -39,9 +39,9 @@ def test_m_not_power_of_two_sizes_and_counts():
     c = gen4.parameter_counts()
     assert c["qnn"] == 9 * 2 and c["affine"] == 2 * len(gen4.layout.specs)
     assert c["total"] == sum(p.numel() for p in gen4.parameters() if p.requires_grad)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="8 qubits give 256 states x chunk 4 < M=1946"):
         _generator(model, chunk=4, n_qubits=8)  # 256 * 4 < 1946
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="chunk must be >= 1, got 0"):
         _generator(model, chunk=0)
 
 
@@ -105,7 +105,7 @@ def test_prob_transforms_finite_and_order_one(kind):
     p = p / p.sum()
     x = transform_probs(p, 6, kind)
     assert x.shape == (64,) and torch.isfinite(x).all() and x.abs().max() < 50
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="Unknown prob_transform 'bogus'"):
         transform_probs(p, 6, "bogus")
 
 

@@ -121,12 +121,13 @@ def test_truncated_and_corrupt_files(cnn_file, tmp_path):
     with pytest.raises(FormatError, match="trunc.qtc.safetensors"):
         load_generator(tmp_path / "trunc.qtc.safetensors")
     (tmp_path / "junk.qtc.safetensors").write_bytes(b"\x00" * 64)
-    with pytest.raises(FormatError):
+    with pytest.raises(FormatError, match=r"junk\.qtc\.safetensors' is truncated, corrupt, or "
+                                          r"not a safetensors file"):
         load_generator(tmp_path / "junk.qtc.safetensors")
     flipped = bytearray(data)
     flipped[-10] ^= 0xFF  # a weight byte: the container's tensor hash catches it
     (tmp_path / "flip.qtc.safetensors").write_bytes(bytes(flipped))
-    with pytest.raises(FormatError):
+    with pytest.raises(FormatError, match=r"flip\.qtc\.safetensors': tensor checksum mismatch"):
         load_generator(tmp_path / "flip.qtc.safetensors")
     header_len = struct.unpack("<Q", data[:8])[0]
     assert header_len < len(data)

@@ -1,4 +1,5 @@
 import json
+import re
 import warnings
 
 import pytest
@@ -79,7 +80,7 @@ def test_torch_export_program(tmp_path):
 
 def test_pickle_refused_without_trust(tmp_path):
     torch.save(TinyMLP(), tmp_path / "full.pt")
-    with pytest.raises(UnsafeFileError) as info:
+    with pytest.raises(UnsafeFileError, match="this file needs code execution to load") as info:
         load_model(tmp_path / "full.pt")
     assert "--trust-pickle" in str(info.value) and "full.pt" in str(info.value)
 
@@ -104,7 +105,8 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
     del sd["net.3.bias"]
     sd["extra.weight"] = torch.zeros(2)
     torch.save(sd, tmp_path / "w.pt")
-    with pytest.raises(FormatError) as info:
+    with pytest.raises(FormatError, match=r"does not fit model TinyMLP: missing keys "
+                                          r"\['net\.3\.bias'\], unexpected keys") as info:
         load_model(tmp_path / "w.pt", factory=MLP)
     msg = str(info.value)
     assert "net.3.bias" in msg and "extra.weight" in msg and "missing" in msg
@@ -112,7 +114,8 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
 
 def test_shape_mismatch_is_named(tmp_path):
     torch.save(TinyMLP(classes=4).state_dict(), tmp_path / "w.pt")
-    with pytest.raises(FormatError) as info:
+    with pytest.raises(FormatError, match=r"shape mismatches \[net\.3\.weight: model \(3, 16\) "
+                                          r"vs file \(4, 16\)") as info:
         load_model(tmp_path / "w.pt", factory=MLP)  # builds classes=3
     assert "net.3.weight" in str(info.value) and "(3, 16)" in str(info.value)
 
@@ -130,7 +133,10 @@ def test_truncated_files_raise_format_error_naming_file(tmp_path, suffix):
     data = good.read_bytes()
     bad = tmp_path / f"bad{suffix}"
     bad.write_bytes(data[: len(data) // 2])
-    with pytest.raises(FormatError) as info:
+    kind = {".pt": "PyTorch file", ".safetensors": "safetensors file",
+            ".pt2": "torch.export program"}[suffix]
+    match = "is truncated, corrupt, or not a " + re.escape(kind)
+    with pytest.raises(FormatError, match=match) as info:
         load_model(bad, factory=None if suffix == ".pt2" else MLP)
     assert "bad" + suffix in str(info.value)
 

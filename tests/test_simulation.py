@@ -126,7 +126,7 @@ def test_qubit_limit_is_enforced():
     check_qubit_limit(20, memory=24 * 2**30)  # fits: no error
     limit = max_qubits_for_memory()
     if limit < 30:  # on this machine's real memory
-        with pytest.raises(ResourceLimitError):
+        with pytest.raises(ResourceLimitError, match=f"^{limit + 1} qubits need about "):
             QNN(Ansatz.paper(limit + 1, 1))
 
 

@@ -72,22 +72,23 @@ def test_frozen_parameters():
 
 
 def test_nothing_matches_lists_patterns_and_names():
-    with pytest.raises(TargetError) as info:
+    with pytest.raises(TargetError, match=r"pattern\(s\) \['conv9'\] match no parameter") as info:
         select_targets(TinyCNN(), target=["conv9"])
     msg = str(info.value)
     assert "conv9" in msg and "conv1.weight" in msg
-    with pytest.raises(TargetError):
+    with pytest.raises(TargetError, match=r"No parameter left to generate \(target=\['conv1'\], "
+                                          r"exclude=\['conv1'\]"):
         select_targets(TinyCNN(), target=["conv1"], exclude=["conv1"])
-    with pytest.raises(TargetError):
+    with pytest.raises(TargetError, match=r"No parameter left to generate \(target=all trainable"):
         select_targets(nn.Linear(2, 2).requires_grad_(False))
 
 
 def test_bad_patterns():
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="list of patterns, got the string 'conv1'"):
         select_targets(TinyCNN(), target="conv1")  # a string, not a list
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"Invalid regex in target pattern 're:\('"):
         select_targets(TinyCNN(), target=["re:("])
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="Every exclude pattern must be a non-empty string"):
         select_targets(TinyCNN(), exclude=[""])
 
 
@@ -98,7 +99,7 @@ def test_split_flatten_round_trip_and_shape_errors():
     views = layout.split(flat)
     for name, p in model.named_parameters():
         assert torch.equal(views[name], p.detach())
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"flat vector of 1946 weights, got shape \(1945,\)"):
         layout.split(flat[:-1])
-    with pytest.raises(TargetError):
+    with pytest.raises(TargetError, match=r"Missing tensors for the layout: \['conv1\.bias'"):
         layout.flatten({"conv1.weight": torch.zeros(1)})
