@@ -28,12 +28,13 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import heapq  # noqa: E402
+import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -289,6 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--quick", action="store_true", help="smoke run: cnn, 5%%, 30 steps")
     ap.add_argument("--no-write", action="store_true", help="do not write docs/benchmarks.md")
+    ap.add_argument("--rows", type=Path, default=None,
+                    help="JSON-lines file: every finished run is appended to it, and runs "
+                    "already in it are not measured again (resume after an interruption)")
+    ap.add_argument("--write-only", action="store_true",
+                    help="measure nothing: write the table of the runs in --rows")
     args = ap.parse_args(argv)
     if args.quick:
         args.models, args.budgets, args.seeds, args.steps, args.fit_steps = "cnn", "0.05", 1, \
@@ -296,33 +302,43 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",")]
     rows: list[Row] = []
-    t0 = time.perf_counter()
-    for name in args.models.split(","):
+    if args.rows is not None and args.rows.exists():
+        rows = [Row(**json.loads(line)) for line in args.rows.read_text().splitlines() if line]
+    done = {(r.model, r.budget, r.method, r.seed) for r in rows}
+
+    def keep(row: Row) -> None:
+        rows.append(row)
+        print(row, flush=True)
+        if args.rows is not None:
+            with args.rows.open("a") as f:
+                f.write(json.dumps(asdict(row)) + "\n")
+
+    for name in [] if args.write_only else args.models.split(","):
         entry = suite.load_entry(name, log=lambda *_: None)
         for budget in (float(b) for b in args.budgets.split(",")):
             seeds = range(args.seeds if math.isclose(budget, 0.05) else 1)
             for seed in seeds:
-                qt_row = run_qt(entry, budget, seed, args.steps, args.fit_steps)
-                rows.append(qt_row)
-                print(qt_row, flush=True)
+                qt_row = next((r for r in rows if (r.model, r.budget, r.method, r.seed)
+                               == (name, budget, "qt", seed)), None)
+                if qt_row is None:
+                    qt_row = run_qt(entry, budget, seed, args.steps, args.fit_steps)
+                    keep(qt_row)
                 for method in methods:
-                    if method == "qt":
+                    if method == "qt" or (name, budget, method, seed) in done:
                         continue
-                    row = run_other(entry, method, budget, qt_row.params, seed, args.steps,
-                                    args.fit_steps)
-                    rows.append(row)
-                    print(row, flush=True)
+                    keep(run_other(entry, method, budget, qt_row.params, seed, args.steps,
+                                   args.fit_steps))
     text = table(rows)
     print(text)
-    minutes = (time.perf_counter() - t0) / 60
+    minutes = sum(r.seconds for r in rows) / 60  # measured runs, also across resumed runs
     if not args.no_write and not args.quick:
         write_section(
             "bench_suite", "Real-shaped models: fidelity against the original (bench_suite.py)",
             f"Measured {machine()}; torch {torch.__version__}, {args.threads} torch threads, "
             f"qsim on the affinity mask, OMP_WAIT_POLICY=PASSIVE, OPENBLAS_NUM_THREADS=1; "
             f"{args.fit_steps} phase-1 and {args.steps} fine-tuning steps per run, batch 64, "
-            f"distillation without labels; {args.seeds} seeds at 5%, one elsewhere; "
-            f"{minutes:.0f} min in all. Fidelity is on held-out inputs: top-1 agreement with "
+            f"distillation without labels; seeds per row in the table; {minutes:.0f} min of "
+            "runs in all. Fidelity is on held-out inputs: top-1 agreement with "
             "the original for logits, agreement of the thresholded probability for the "
             "streaming model, mean cosine for the encoder's embeddings. Every method has the "
             "QT generator's parameter count (a budget below the smallest generator uses the "
