@@ -19,3 +19,28 @@ def test_bench_qnn_writes_its_section_and_keeps_others(tmp_path):
     text = out.read_text()
     assert text.count("<!-- bench_qnn:start -->") == 1
     assert len([line for line in text.splitlines() if line.startswith("| 4 |")]) == 1
+
+
+def test_bench_suite_students_fit_the_budget_and_rows_resume(tmp_path, capsys):
+    import json
+
+    import torch
+    from torch import nn
+
+    bench = load_tool("bench_suite")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    for cls in (bench.LowRankStudent, bench.PrunedStudent):
+        student = cls(model, 1500)
+        assert bench.count(student) <= 1500
+        shapes = {n: t.shape for n, t in student.tensors().items()}
+        assert shapes == {n: p.shape for n, p in model.named_parameters()}
+    # Finished runs are kept in --rows; --write-only makes the table without measuring.
+    row = bench.Row("cnn", 0.05, "qt", 0, 100, 2000, 0.9, 0.1, 0.97, "agreement", 0.96, 0.97,
+                    False, 1000, 20000, 12.0)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps(row.__dict__) + "\n")
+    assert bench.main(["--rows", str(rows), "--write-only", "--no-write"]) == 0
+    out = capsys.readouterr().out
+    assert "| cnn | 5% | qt | 100 (5.00%) | 0.900 | 10.00% | agreement 97.00% |" in out
+    assert "(20.0x smaller)" in out
