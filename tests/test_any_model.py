@@ -139,3 +139,28 @@ def test_export_failures_are_typed(tmp_path, kwargs, error, match):
     with pytest.raises(error, match=match):
         export_onnx(model, torch.randn(2, 3, 4), tmp_path / "m.onnx", **kwargs)
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_cli_stateful_model_positional_npz_then_fresh_load_verify_and_onnx(cell, tmp_path):
+    ckpt = tmp_path / "cell.safetensors"
+    save_file({k: v.contiguous() for k, v in cell.state_dict().items()}, str(ckpt))
+    (x, state), (xt, st) = _states(64, 0), _states(8, 1)
+    np.savez(tmp_path / "data.npz", **{"x_train.0": x.numpy(), "x_train.1": state.numpy(),
+                                       "x_test.0": xt.numpy(), "x_test.1": st.numpy()})
+    out = tmp_path / "out"
+    result = run("compress", str(ckpt), "--factory", "tests.tiny_models:StatefulCell",
+                 "--data", str(tmp_path / "data.npz"), "-o", str(out), "--rank", "3",
+                 "--fit-steps", "2", "--finetune-steps", "5", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "output kind                                probability" in result.stdout
+    gen_file = out / "cell.qtc.safetensors"
+    verify = run("verify", str(gen_file), "--factory", "tests.tiny_models:StatefulCell")
+    assert verify.returncode == 0, verify.stderr  # a fresh process: regenerate, hash, ONNX, torch
+    session = ort.InferenceSession(str(out / "cell.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["x", "state"]
+    student = load_generator(gen_file).load_into(StatefulCell()).eval()
+    got = session.run(None, {"x": xt.numpy(), "state": st.numpy()})
+    with torch.no_grad():
+        want = student(xt, st)
+    for g, w in zip(got, want, strict=True):  # the probability and the carried state
+        np.testing.assert_allclose(g, w.numpy(), atol=1e-5)
