@@ -50,6 +50,21 @@ def qubits_for(total: int, chunk: int) -> int:
     return max(1, math.ceil(math.log2(states))) if states > 1 else 1
 
 
+def _qnn_for(n_states: int, n_qubits: int | None, n_layers: int, prob_transform: str,
+             backend: str, seed: int, shortfall: str, remedy: str) -> QNN:
+    """The paper-ansatz QNN with enough basis states for ``n_states`` (both schemes).
+
+    ``shortfall`` and ``remedy`` complete the error message for too few qubits.
+    """
+    needed = qubits_for(n_states, 1)
+    n = needed if n_qubits is None else int(n_qubits)
+    if n < needed:
+        raise ConfigError(f"{n} qubits give {2**n} states {shortfall}; need at least {needed} "
+                          f"qubits{' ' + remedy if remedy else ''}.")
+    transform_probs(torch.zeros(2), 1, prob_transform)  # validates the name early
+    return QNN(Ansatz.paper(n, n_layers), backend=backend, seed=seed)
+
+
 class QTGenerator(nn.Module):
     """The flat-scheme generator (``scheme="flat"``): the flat weight vector of a layout.
 
@@ -97,14 +112,10 @@ class QTGenerator(nn.Module):
         self.total = layout.total
         self.chunk = int(chunk)
         self.n_states = math.ceil(self.total / self.chunk)
-        needed = qubits_for(self.total, self.chunk)
-        n = needed if n_qubits is None else int(n_qubits)
-        if n < needed:
-            raise ConfigError(f"{n} qubits give {2**n} states x chunk {chunk} < M={self.total}; "
-                              f"need at least {needed} qubits or a larger chunk.")
-        transform_probs(torch.zeros(2), 1, prob_transform)  # validates the name early
         self.prob_transform = prob_transform
-        self.qnn = QNN(Ansatz.paper(n, n_layers), backend=backend, seed=seed)
+        self.qnn = _qnn_for(self.n_states, n_qubits, n_layers, prob_transform, backend, seed,
+                            f"x chunk {chunk} < M={self.total}", "or a larger chunk")
+        n = self.qnn.n_qubits
         if isinstance(mapping, Mapping):
             if mapping.n_qubits != n or mapping.chunk != self.chunk:
                 raise ConfigError("The given mapping's n_qubits/chunk do not match the generator.")
@@ -461,15 +472,11 @@ class RowGenerator(nn.Module):
             starts.append(starts[-1] + (rows if k > 0 else 0))
         self.row_starts = starts
         self.n_states = max(1, starts[-1])
-        needed = qubits_for(self.n_states, 1)
-        n = needed if n_qubits is None else int(n_qubits)
-        if n < needed:
-            raise ConfigError(f"{n} qubits give {2**n} states < {self.n_states} rows; need at "
-                              f"least {needed} qubits.")
-        transform_probs(torch.zeros(2), 1, prob_transform)  # validates the name early
         self.prob_transform = prob_transform
         self.chunk = max(c for _, c in self.views)  # the longest row: weights per basis state
-        self.qnn = QNN(Ansatz.paper(n, n_layers), backend=backend, seed=seed)
+        self.qnn = _qnn_for(self.n_states, n_qubits, n_layers, prob_transform, backend, seed,
+                            f"< {self.n_states} rows", "")
+        n = self.qnn.n_qubits
         width_out = max(1, *self.ranks)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
