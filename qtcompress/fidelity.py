@@ -117,6 +117,7 @@ class Fidelity:
         relative_error: ``||s - t|| / ||t||`` over all output values (logits centred per
             example).
         accuracy: Fraction correct against labels, when labels were given.
+        teacher_accuracy: The original's fraction correct on the same inputs and labels.
         spread_ratio: The student's spread of outputs across inputs over the teacher's
             (1 = as varied as the teacher; ~0 = a constant function).
     """
@@ -128,6 +129,7 @@ class Fidelity:
     correlation: float
     relative_error: float
     accuracy: float | None
+    teacher_accuracy: float | None
     spread_ratio: float
 
     @property
@@ -220,16 +222,18 @@ def measure_fidelity(student: torch.Tensor, teacher: torch.Tensor, kind: str,
     s_spread = float(s.reshape(s.shape[0], -1).std(0, unbiased=False).mean()) \
         if s.shape[0] > 1 else 0.0
     spread = s_spread / t_spread if t_spread > 0 else (1.0 if s_spread == 0 else math.inf)
-    agreement = cosine = accuracy = None
+    agreement = cosine = accuracy = teacher_accuracy = None
     if kind in ("logits", "probability"):
-        agreement = float((_decisions(s, kind) == _decisions(t, kind)).double().mean())
+        pred, truth = _decisions(s, kind), _decisions(t, kind)
+        agreement = float((pred == truth).double().mean())
         if labels is not None and labels.numel() > 0:
-            pred = _decisions(s, kind)
             if pred.shape != labels.shape:
                 raise ConfigError(f"Labels of shape {tuple(labels.shape)} do not match the "
                                   f"model's decisions {tuple(pred.shape)}.")
-            accuracy = float((pred == labels.to(pred.dtype)).double().mean())
+            gold = labels.to(pred.dtype)
+            accuracy = float((pred == gold).double().mean())
+            teacher_accuracy = float((truth == gold).double().mean())
     if kind == "embedding" or (s.ndim >= 2 and s.shape[-1] >= 2):
         cosine = float(F.cosine_similarity(s, t, dim=-1).mean())
     return Fidelity(kind, int(s.shape[0]), agreement, cosine, correlation, relative_error,
-                    accuracy, spread)
+                    accuracy, teacher_accuracy, spread)

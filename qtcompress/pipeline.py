@@ -30,7 +30,7 @@ from qtcompress.batches import Batch, InputSource, check_call, forward_signature
 from qtcompress.config import QTConfig
 from qtcompress.errors import ConfigError
 from qtcompress.examples import Split
-from qtcompress.fidelity import Fidelity, infer_output_kind, measure_fidelity
+from qtcompress.fidelity import Fidelity, infer_output_kind
 from qtcompress.onnx_export import dynamic_shapes
 from qtcompress.runtime import check_label_range
 from qtcompress.targets import kinds_summary
@@ -230,7 +230,9 @@ def run_pipeline(
         raise ConfigError(f"min_fidelity must be in [0, 1], got {settings.min_fidelity}.")
     start = time.perf_counter()
     model = model.eval()
-    train = InputSource.of(data.x_train, data.y_train if labelled else None)
+    # Checked once here and handed on: finetune() and evaluate() take these sources as they are.
+    train = InputSource.of(data.x_train,
+                           data.y_train if settings.mode == "supervised" else None)
     test = InputSource.of(data.x_test, data.y_test if labelled else None)
     # Fail fast: the model must accept the data, labels must fit its classes, and the output
     # folder must take the files, all before any fitting starts.
@@ -252,8 +254,7 @@ def run_pipeline(
         f"parameters ({rep.n_qubits} qubits x {rep.n_layers} layers, {_shape_of(qt)})")
 
     def evaluate() -> Fidelity:
-        return qt.evaluate(data.x_test, data.y_test if labelled else None,
-                           output=settings.output, output_kind=settings.output_kind)
+        return qt.evaluate(test, output=settings.output, output_kind=settings.output_kind)
 
     histories: dict[str, list[float]] = {}
     fit_s = finetune_s = 0.0
@@ -266,8 +267,7 @@ def run_pipeline(
     kind = fid1.kind
     log(f"phase 1: relative weight error {phase1_error:.3f}; {fid1.describe()}")
     if settings.finetune_steps > 0:
-        labels = data.y_train if settings.mode == "supervised" else None
-        r2 = qt.finetune(data.x_train, labels, mode=settings.mode, steps=settings.finetune_steps,
+        r2 = qt.finetune(train, mode=settings.mode, steps=settings.finetune_steps,
                          lr=settings.finetune_lr, batch_size=settings.batch_size,
                          distill=settings.distill, output=settings.output, output_kind=kind,
                          progress=settings.progress)
@@ -285,11 +285,7 @@ def run_pipeline(
                         f"{settings.min_fidelity}")
     for w in warnings:
         log(f"warning: {w}")
-    accuracy_original = None
-    if labelled:
-        teacher = torch.cat([select_output(b.call(model), settings.output)
-                             for b in test.batches(256)])
-        accuracy_original = measure_fidelity(teacher, teacher, kind, data.y_test).accuracy
+    accuracy_original = fid2.teacher_accuracy
     student = qt.materialize().eval()
 
     gen_path = out / f"{name}.qtc.safetensors"
