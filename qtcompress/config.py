@@ -199,8 +199,6 @@ class QTConfig:
         Raises:
             ConfigError: An explicit budget is below the smallest generator for this model.
         """
-        import torch
-
         from qtcompress.generator import allocate_ranks, row_generator_size, uniform_ranks
 
         hidden = self.hidden if self.hidden is not None else DEFAULT_HIDDEN[self.scheme]
@@ -226,8 +224,6 @@ class QTConfig:
                 f"A budget of {allowed:,} parameters is below the smallest rows generator for "
                 f"this model ({smallest:,} = {smallest / layout.total:.2%} of M); raise "
                 "--budget or leave the largest tensors classical with --exclude.")
-        if target is None:
-            target = torch.zeros(layout.total)  # no spectra: the leftover goes by cost alone
         ranks = allocate_ranks(layout, target, allowed, self.n_layers, hidden, self.n_qubits)
         return replace(self, hidden=hidden, ranks=ranks)
 

@@ -353,7 +353,7 @@ def uniform_ranks(layout: Layout, rank: int) -> tuple[int, ...]:
     return tuple(min(rank, max_rank(s.shape)) for s in layout.specs)
 
 
-def allocate_ranks(layout: Layout, target: torch.Tensor, allowed: int, n_layers: int,
+def allocate_ranks(layout: Layout, target: torch.Tensor | None, allowed: int, n_layers: int,
                    hidden: tuple[int, ...], n_qubits: int | None = None) -> tuple[int, ...]:
     """Per-tensor ranks that fit ``allowed`` parameters, spent where the weights need them.
 
@@ -367,7 +367,7 @@ def allocate_ranks(layout: Layout, target: torch.Tensor, allowed: int, n_layers:
 
     Args:
         layout: The generated tensors.
-        target: Flat ``(M,)`` pretrained weights.
+        target: Flat ``(M,)`` pretrained weights; ``None``: spend the leftover by cost alone.
         allowed: Parameter budget.
         n_layers: QNN layers.
         hidden: Mapping body hidden widths.
@@ -389,8 +389,9 @@ def allocate_ranks(layout: Layout, target: torch.Tensor, allowed: int, n_layers:
     ranks = list(uniform_ranks(layout, low))
     gains: list[torch.Tensor] = []
     for s in layout.specs:
-        if max_rank(s.shape) == 0:
-            gains.append(torch.zeros(0))
+        if max_rank(s.shape) == 0 or target is None:
+            # No spectrum without weights: every gain is 0, so the leftover goes by cost alone.
+            gains.append(torch.zeros(max_rank(s.shape) + 1))
             continue
         w = target[s.offset:s.offset + s.numel].double().reshape(row_view(s.shape))
         w = w - w.mean(0, keepdim=True)  # the head's bias holds the column means
