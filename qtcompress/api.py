@@ -9,7 +9,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +20,7 @@ from torch import nn
 
 from qtcompress.batches import InputSource, check_call
 from qtcompress.config import QTConfig
+from qtcompress.device import resolve_device
 from qtcompress.errors import ConfigError
 from qtcompress.fidelity import Fidelity
 from qtcompress.fit import (
@@ -120,6 +123,37 @@ class QTModel:
         self._requires_grad = {n: p.requires_grad
                                for n, p in model.named_parameters(remove_duplicate=False)}
         self.functional = FunctionalModel(model, self.generator)
+        self.device = torch.device("cpu")
+
+    def to(self, device: str | torch.device) -> QTModel:
+        """Run the mapping, the model and the loss on ``device`` (e.g. ``"cuda"``).
+
+        The QNN stays on the CPU simulator: only its probability vector moves to ``device``
+        each step (and its gradient back). Inputs are moved batch by batch, so data may stay
+        on the CPU. Saving and export move the generator to the CPU for the time they take.
+
+        Raises:
+            ConfigError: ``device`` is unknown or not available here.
+        """
+        dev = resolve_device(device)
+        self.generator.to(dev)
+        self.target = self.target.to(dev)
+        self.functional.to(dev)
+        self.device = dev
+        return self
+
+    @contextlib.contextmanager
+    def on_cpu(self) -> Iterator[QTModel]:
+        """Hold everything on the CPU for the block (saving, export), then move it back."""
+        device = self.device
+        if device.type == "cpu":
+            yield self
+            return
+        self.to("cpu")
+        try:
+            yield self
+        finally:
+            self.to(device)
 
     # -- training -------------------------------------------------------------------------------
     def fit_weights(self, steps: int = 500, lr: float = 1e-2, **kwargs: Any) -> FitResult:
@@ -166,7 +200,8 @@ class QTModel:
                            warmup=max(1, steps // 10), grad_clip=1.0)
         if isinstance(self.generator, RowGenerator):
             probe = InputSource.of(data, labels,
-                                   labels_in_items=kwargs.get("labels_in_items", False)).head(64)
+                                   labels_in_items=kwargs.get("labels_in_items", False)
+                                   ).head(64).to(self.device)
             check_call(self.functional.module, probe)
             fid = evaluate_fidelity(self.functional, probe, output=kwargs.get("output"),
                                     output_kind=kwargs.get("output_kind"))
@@ -255,21 +290,26 @@ class QTModel:
                                  self.generator.qnn.ansatz.n_layers, self.generator.chunk)
 
 
-def compress(model: nn.Module, config: QTConfig | None = None, **overrides: Any) -> QTModel:
+def compress(model: nn.Module, config: QTConfig | None = None, *,
+             device: str | torch.device | None = None, **overrides: Any) -> QTModel:
     """Wrap a pretrained model for Quantum-Train compression.
 
     Args:
         model: Any PyTorch module (not modified).
         config: Settings; default :class:`QTConfig()`.
+        device: Where the mapping, the model and the loss run (see :meth:`QTModel.to`);
+            default the CPU. Checked before anything is built.
         **overrides: QTConfig fields that replace those of ``config``.
 
     Returns:
         A :class:`QTModel`, generator initialised but not yet fitted.
     """
+    dev = resolve_device(device)
     config = config or QTConfig()
     if overrides:
         config = QTConfig.from_dict({**config.to_dict(), **overrides})
-    return QTModel(model, config)
+    qt = QTModel(model, config)
+    return qt.to(dev) if dev.type != "cpu" else qt
 
 
 __all__ = ["CompressionReport", "QTConfig", "QTModel", "compress"]

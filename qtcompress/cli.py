@@ -336,7 +336,7 @@ def _settings_from_args(args: argparse.Namespace) -> Any:
         fit_steps=args.fit_steps, finetune_steps=args.finetune_steps, **lrs,
         mode=args.mode, batch_size=args.batch_size, distill=args.distill,
         output_kind=args.output_kind, min_fidelity=args.min_fidelity,
-        dynamic_axes=_dynamic_axes(args.dynamic_axis),
+        dynamic_axes=_dynamic_axes(args.dynamic_axis), device=args.device,
         progress=not args.json and not args.no_progress and sys.stderr.isatty(),
         report=args.report)
 
@@ -528,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
         fit.add_argument("--min-fidelity", type=_fraction, default=None, metavar="X",
                          help="exit 1 (files still written) when the fine-tuned fidelity "
                          "(agreement, cosine or correlation, by output kind) is below X")
+        fit.add_argument("--device", default=None, metavar="DEV",
+                         help="train the mapping and the model on DEV (cpu, cuda, cuda:N); "
+                         "the QNN stays on the CPU simulator (default: cpu)")
         out = cmd.add_argument_group("output")
         out.add_argument("--report", action="store_true",
                          help="also write PNG plots and report.md into OUTPUT/report "

@@ -212,7 +212,7 @@ def train_loop(
     resumed_from = None
     if path is not None and resume and path.exists():
         try:
-            ck = torch.load(path, weights_only=True)  # plain data only: no pickled code
+            ck = torch.load(path, map_location="cpu", weights_only=True)  # plain data only
         except Exception as exc:  # torch raises several types for corrupt files
             raise FormatError(f"Cannot read checkpoint {path}: {exc}") from exc
         if not isinstance(ck, dict) or ck.get("version") != CHECKPOINT_VERSION:
@@ -414,6 +414,18 @@ class FunctionalModel:
             n: b.detach().clone() for n, b in self.module.named_buffers()}
         self.norm_layers = [m for m in self.module.modules()
                             if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.device = torch.device("cpu")
+
+    def to(self, device: torch.device) -> FunctionalModel:
+        """Move the model copy, its buffers and the student's buffers to ``device``.
+
+        The generator is moved by its owner (:meth:`qtcompress.api.QTModel.to`).
+        """
+        self.module.to(device)
+        self.fixed = dict(self.module.named_parameters(remove_duplicate=False))
+        self.buffers = {n: b.to(device) for n, b in self.buffers.items()}
+        self.device = device
+        return self
 
     def __call__(self, *args: Any, generated: Mapping[str, torch.Tensor] | None = None,
                  batch_stats: bool = False, **kwargs: Any) -> Any:
@@ -457,7 +469,8 @@ class FunctionalModel:
                 b.fill_(1.0)
         try:
             for i in range(0, inputs.shape[0], batch_size):
-                self(inputs[i:i + batch_size], generated=tensors, batch_stats=True)
+                self(inputs[i:i + batch_size].to(self.device), generated=tensors,
+                     batch_stats=True)
         finally:
             for m, momentum in zip(self.norm_layers, momenta, strict=True):
                 m.momentum = momentum
@@ -526,7 +539,8 @@ def finetune(
         raise ConfigError(f"batch_size must be >= 1 and alpha in [0, 1] (got {batch_size}, "
                           f"{alpha}).")
     source = InputSource.of(data, labels, labels_in_items=labels_in_items)
-    probe = source.head(probe_size)
+    device = fmodel.device
+    probe = source.head(probe_size).to(device)
     check_call(fmodel.module, probe)
     teacher_probe = select_output(probe.call(fmodel.teacher), output)
     kind = check_kind(output_kind or infer_output_kind(teacher_probe))
@@ -540,7 +554,7 @@ def finetune(
         return select_output(batch.call(partial(fmodel, batch_stats=stats)), output)
 
     def loss_at(step: int) -> torch.Tensor:
-        batch = source.batch_at(step, batch_size, cfg.seed)
+        batch = source.batch_at(step, batch_size, cfg.seed).to(device)
         out = student(batch, batch_stats)
         if mode == "supervised":
             return sup(out, batch.labels)  # type: ignore[arg-type]
@@ -590,10 +604,13 @@ def evaluate_fidelity(fmodel: FunctionalModel, data: Any, labels: torch.Tensor |
     generated = fmodel.generator.tensors()
     students, teachers, golds = [], [], []
     for batch in source.batches(batch_size):
-        students.append(select_output(batch.call(partial(fmodel, generated=generated)), output))
-        teachers.append(select_output(batch.call(fmodel.teacher), output))
+        batch = batch.to(fmodel.device)
+        # Metrics on the CPU: one small copy per batch, and the same arithmetic on any device.
+        students.append(select_output(batch.call(partial(fmodel, generated=generated)),
+                                      output).cpu())
+        teachers.append(select_output(batch.call(fmodel.teacher), output).cpu())
         if batch.labels is not None:
-            golds.append(batch.labels)
+            golds.append(batch.labels.cpu())
     teacher = torch.cat(teachers)
     kind = output_kind or infer_output_kind(teacher)
     return measure_fidelity(torch.cat(students), teacher, kind,

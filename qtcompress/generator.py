@@ -584,18 +584,18 @@ class RowGenerator(nn.Module):
         check_target(target, self.total)
         h = self.features().double()
         for i, s in enumerate(self.layout.specs):
-            goal = self._as_view(target[s.offset:s.offset + s.numel].double(), i)
+            goal = self._as_view(target[s.offset:s.offset + s.numel].to(h.device, torch.float64), i)
             rows = goal.shape[0]
             k = self.ranks[i]
             if k == 0:
                 self.biases[i].copy_(goal.mean(0).float())
                 continue
             a, b = self.row_starts[i], self.row_starts[i + 1]
-            design = torch.cat([h[a:b, :k], torch.ones(rows, 1, dtype=torch.float64)], dim=1)
+            design = torch.cat([h[a:b, :k], h.new_ones(rows, 1)], dim=1)
             # Ridge-regularised normal equations: stable when features are nearly collinear.
             gram = design.T @ design
-            gram += 1e-6 * (gram.diagonal().mean() + 1e-12) * torch.eye(k + 1,
-                                                                         dtype=torch.float64)
+            gram += 1e-6 * (gram.diagonal().mean() + 1e-12) * torch.eye(
+                k + 1, dtype=torch.float64, device=h.device)
             sol = torch.linalg.solve(gram, design.T @ goal)  # (k + 1, cols)
             self.heads[i].copy_(sol[:-1].float())
             self.biases[i].copy_(sol[-1].float())

@@ -273,6 +273,11 @@ def save_generator(
         ConfigError: Bad metadata or a missing destination folder.
         OutputError: The destination cannot be written.
     """
+    if qt.device.type != "cpu":  # files and graphs are written from CPU tensors
+        with qt.on_cpu():
+            return save_generator(qt, path, example_inputs=example_inputs, model_info=model_info,
+                                  input_names=input_names, output_names=output_names,
+                                  dynamic_axes=dynamic_axes, exported=exported)
     # The exporter's own input/output handling, so the recorded check batch lines up with the
     # ONNX graph's inputs and outputs.
     from qtcompress.onnx_export import _as_tuple, _flatten_outputs, export_skeleton

@@ -56,6 +56,8 @@ class PipelineSettings:
             which the run counts as failed (``fidelity_ok`` False; the CLI exits 1).
         dynamic_axes: ONNX axes beyond the batch that stay symbolic, by input name (the
             names of ``forward``'s parameters): ``{"input_ids": {1: "seq"}}``.
+        device: Where the mapping, the model and the loss train (``"cuda"``...); the QNN
+            stays on the CPU simulator, and export and latency run on the CPU.
         progress: Show progress bars.
         report: Also write plots and a Markdown report (needs matplotlib).
         latency_repeats: Timed runs per latency figure.
@@ -72,13 +74,16 @@ class PipelineSettings:
     output_kind: str | None = None
     min_fidelity: float | None = None
     dynamic_axes: dict[str, dict[int, str]] | None = None
+    device: str | None = None
     progress: bool = False
     report: bool = False
     latency_repeats: int = 50
 
     def __post_init__(self) -> None:
         from qtcompress import limits
+        from qtcompress.device import resolve_device
 
+        resolve_device(self.device)  # an unusable device fails before anything is loaded
         limits.check_count(self.fit_steps, "--fit-steps", maximum=limits.MAX_STEPS)
         limits.check_count(self.finetune_steps, "--finetune-steps", maximum=limits.MAX_STEPS)
         limits.check_count(self.batch_size, "--batch-size", maximum=limits.MAX_STEPS, minimum=1)
@@ -246,7 +251,7 @@ def run_pipeline(
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     check_writable_dir(out, 2 * model_bytes + (1 << 20))
 
-    qt: QTModel = compress(model, config)
+    qt: QTModel = compress(model, config, device=settings.device)
     rep = qt.report()
     budget = (f"{qt.config.budget_params(rep.generated_weights):,} parameters"
               if qt.config.scheme == "rows" and qt.config.rank is None else "n/a")
@@ -286,6 +291,7 @@ def run_pipeline(
     for w in warnings:
         log(f"warning: {w}")
     accuracy_original = fid2.teacher_accuracy
+    qt.to("cpu")  # files, the ONNX graph and latency come from the CPU
     student = qt.materialize().eval()
 
     gen_path = out / f"{name}.qtc.safetensors"
