@@ -24,6 +24,7 @@ from qtcompress.device import resolve_device
 from qtcompress.errors import ConfigError
 from qtcompress.fidelity import Fidelity
 from qtcompress.fit import (
+    STREAM_WEIGHTS,
     FitResult,
     FunctionalModel,
     LoopConfig,
@@ -33,7 +34,7 @@ from qtcompress.fit import (
 from qtcompress.fit import finetune as _finetune
 from qtcompress.fit import fit_weights as _fit_weights
 from qtcompress.generator import QTGenerator, RowGenerator
-from qtcompress.limits import check_config
+from qtcompress.limits import check_config, return_freed_memory_to_os
 from qtcompress.targets import Layout, select_targets
 
 
@@ -110,6 +111,8 @@ class QTModel:
         self.config = config.resolve(self.layout, self.target)
         # Sizes against documented maxima and memory, before anything is allocated.
         check_config(self.config, self.layout)
+        if self.layout.total >= STREAM_WEIGHTS:
+            return_freed_memory_to_os()  # transient tensors of big models leave the heap
         self.generator = QTGenerator.from_config(self.layout, self.config)
         if isinstance(self.generator, RowGenerator):
             # Least-squares heads: the generated network starts as the best projection of the
@@ -123,6 +126,7 @@ class QTModel:
         self._requires_grad = {n: p.requires_grad
                                for n, p in model.named_parameters(remove_duplicate=False)}
         self.functional = FunctionalModel(model, self.generator)
+        self.functional.share_target(self.target, self.layout)
         self.device = torch.device("cpu")
 
     def to(self, device: str | torch.device) -> QTModel:
@@ -139,6 +143,7 @@ class QTModel:
         self.generator.to(dev)
         self.target = self.target.to(dev)
         self.functional.to(dev)
+        self.functional.share_target(self.target, self.layout)
         self.device = dev
         return self
 

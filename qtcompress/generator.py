@@ -34,13 +34,22 @@ if TYPE_CHECKING:
 
 # Weights produced per streamed block by default (bounds mapping activations, not the output).
 DEFAULT_BLOCK_WEIGHTS = 1 << 18
+# Least-squares heads take tensors above this many weights in column blocks (bounded memory).
+FIT_BLOCK = 1 << 22
+
+
+def all_finite(t: torch.Tensor, block: int = 1 << 22) -> bool:
+    """``torch.isfinite(t).all()`` in blocks: its temporaries took 1.7x a 1e8-vector's bytes."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + block]).all())
+               for i in range(0, flat.numel(), block))
 
 
 def check_target(target: torch.Tensor, total: int) -> None:
     """The pretrained weights a generator is fitted to: a finite ``(total,)`` vector."""
     if target.shape != (total,):
         raise ConfigError(f"Expected target of shape ({total},), got {tuple(target.shape)}.")
-    if not torch.isfinite(target).all():
+    if not all_finite(target):
         raise NonFiniteError("The pretrained weights hold NaN or Inf.")
 
 
@@ -534,6 +543,21 @@ class RowGenerator(nn.Module):
         w = torch.addmm(self.biases[i], h[a:b, :k], self.heads[i])  # (rows, columns)
         return w.reshape(shape)
 
+    def row_block_error(self, h: torch.Tensor, i: int, start: int,
+                        goal: torch.Tensor) -> torch.Tensor:
+        """Squared error of some rows of tensor ``i`` against ``goal``.
+
+        Rows ``start:start + len(goal)`` of the tensor's ``(rows, cols)`` view; phase 1 of big
+        models streams these blocks (see :func:`qtcompress.fit.row_weight_loss`).
+        """
+        k = self.ranks[i]
+        if k == 0:
+            w = self.biases[i].expand(goal.shape)
+        else:
+            a = self.row_starts[i] + start
+            w = torch.addmm(self.biases[i], h[a:a + goal.shape[0], :k], self.heads[i])
+        return torch.nn.functional.mse_loss(w, goal, reduction="sum")
+
     def generate_tensors(self) -> list[torch.Tensor]:
         """Every generated tensor in layout order (float32, differentiable)."""
         h = self.features()
@@ -584,11 +608,11 @@ class RowGenerator(nn.Module):
         check_target(target, self.total)
         h = self.features().double()
         for i, s in enumerate(self.layout.specs):
-            goal = self._as_view(target[s.offset:s.offset + s.numel].to(h.device, torch.float64), i)
-            rows = goal.shape[0]
+            flat = target[s.offset:s.offset + s.numel].to(h.device)
+            rows = self.views[i][0]
             k = self.ranks[i]
             if k == 0:
-                self.biases[i].copy_(goal.mean(0).float())
+                self.biases[i].copy_(self._as_view(flat.double(), i).mean(0).float())
                 continue
             a, b = self.row_starts[i], self.row_starts[i + 1]
             design = torch.cat([h[a:b, :k], h.new_ones(rows, 1)], dim=1)
@@ -596,9 +620,23 @@ class RowGenerator(nn.Module):
             gram = design.T @ design
             gram += 1e-6 * (gram.diagonal().mean() + 1e-12) * torch.eye(
                 k + 1, dtype=torch.float64, device=h.device)
-            sol = torch.linalg.solve(gram, design.T @ goal)  # (k + 1, cols)
+            sol = torch.linalg.solve(gram, self._moments(design, flat, i))  # (k + 1, cols)
             self.heads[i].copy_(sol[:-1].float())
             self.biases[i].copy_(sol[-1].float())
+
+    def _moments(self, design: torch.Tensor, flat: torch.Tensor, i: int) -> torch.Tensor:
+        """``design.T @ goal`` in float64, ``goal`` being tensor ``i``'s ``(rows, cols)`` view.
+
+        Big tensors go in column blocks of about ``FIT_BLOCK`` weights, so the float64 copy of
+        the goal never exceeds one block (a 49M-weight layer's would be 390 MB).
+        """
+        goal = self._as_view(flat, i)  # (rows, cols), target dtype
+        rows, cols = goal.shape
+        if goal.numel() <= FIT_BLOCK:
+            return design.T @ goal.double()
+        step = max(1, FIT_BLOCK // rows)
+        return torch.cat([design.T @ goal[:, c:c + step].double()
+                          for c in range(0, cols, step)], dim=1)
 
     def _as_view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
         """A tensor's flat values as its generated ``(rows, columns)`` matrix."""

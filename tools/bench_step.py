@@ -1,0 +1,366 @@
+"""The price of a Quantum-Train step: QT fine-tuning step vs the plain step of the same model.
+
+For an MLP, a CNN (no BatchNorm), an LSTM and a transformer encoder at ~1e5, 1e6 and 1e7
+weights, one process per model times, interleaved (plain, QT, plain, QT, ...; medians):
+
+* plain: a distillation step of the model itself, all weights trainable (student forward +
+  backward, teacher forward, KL loss, Adam step);
+* QT: the same step where the student's weights come from the generator (rows scheme, default
+  budget 5% of M) and Adam updates the generator;
+
+then splits the QT step into QNN (qsim forward + adjoint gradient), mapping body, heads
+(materialising every weight from its low-rank factors, forward + backward), model (student +
+teacher + loss), optimiser. The *floor* of the generator is what regenerating the weights must
+cost on this machine: the heads' multiply-adds at the measured sgemm rate, or the weights'
+bytes at the measured copy bandwidth, whichever is larger.
+
+``--phase1 1e8`` times phase-1 steps (weight loss, backward, Adam) on a 1e8-weight MLP with peak
+resident memory, in its own process.
+
+Threads: torch 2 intra-op threads, qsim 2 threads, ``OMP_NUM_THREADS=2``,
+``OPENBLAS_NUM_THREADS=2``, ``OMP_WAIT_POLICY=PASSIVE`` (as the CLI sets it).
+
+Usage: python tools/bench_step.py [--models mlp cnn lstm transformer] [--sizes 1e5 1e6 1e7]
+       [--repeats 7] [--phase1 1e8] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+THREADS = 2
+ENV = {"OMP_NUM_THREADS": str(THREADS), "OPENBLAS_NUM_THREADS": str(THREADS),
+       "MKL_NUM_THREADS": str(THREADS), "OMP_WAIT_POLICY": "PASSIVE"}
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchdoc import ROOT, machine, write_section  # noqa: E402
+
+
+# -- models ------------------------------------------------------------------------------------
+def build(kind: str, size: float) -> tuple[Any, Any]:
+    """A model of about ``size`` weights and one input batch for it (seeded)."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    if kind == "mlp":  # 784 -> w -> w -> w -> 10: 2w^2 + 797w weights
+        w = int((-797 + math.sqrt(797**2 + 8 * size)) / 4)
+        model = nn.Sequential(nn.Linear(784, w), nn.ReLU(), nn.Linear(w, w), nn.ReLU(),
+                              nn.Linear(w, w), nn.ReLU(), nn.Linear(w, 10))
+        return model.eval(), torch.randn(64, 784)
+    if kind == "cnn":  # four 3x3 convs (c, 2c, 4c, 4c), no BatchNorm: ~234 c^2 weights
+        c = max(4, round(math.sqrt(size / 234)))
+        model = nn.Sequential(
+            nn.Conv2d(3, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, 2 * c, 3, padding=1),
+            nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(2 * c, 4 * c, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(4 * c, 4 * c, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(), nn.Linear(4 * c, 10))
+        return model.eval(), torch.randn(16, 3, 16, 16)
+    if kind == "lstm":  # 2-layer LSTM over 16 steps: ~12 h^2 weights
+        h = max(8, round(math.sqrt(size / 12)))
+
+        class Recurrent(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.lstm = nn.LSTM(32, h, num_layers=2, batch_first=True)
+                self.head = nn.Linear(h, 10)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self.head(self.lstm(x)[0][:, -1])
+
+        return Recurrent().eval(), torch.randn(32, 16, 32)
+    if kind == "transformer":  # embedding + 2 encoder layers (ff 4d): ~24 d^2 + 1000 d
+        d = max(16, 8 * round((-1000 + math.sqrt(1000**2 + 96 * size)) / 48 / 8))
+
+        class Encoder(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.embed = nn.Embedding(1000, d)
+                layer = nn.TransformerEncoderLayer(d, 4, 4 * d, dropout=0.0, batch_first=True)
+                self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+                self.head = nn.Linear(d, 10)
+
+            def forward(self, ids: torch.Tensor) -> torch.Tensor:
+                return self.head(self.encoder(self.embed(ids)).mean(1))
+
+        return Encoder().eval(), torch.randint(0, 1000, (16, 32))
+    raise SystemExit(f"unknown model kind {kind!r}")
+
+
+# -- machine floors ----------------------------------------------------------------------------
+def machine_rates() -> dict[str, float]:
+    """Measured sgemm rate (GFLOP/s) and copy bandwidth (GB/s) of this process's threads."""
+    import torch
+
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    src, dst = torch.randn(1 << 24), torch.empty(1 << 24)
+    gemm, copy = [], []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        gemm.append(2 * 1024**3 / (time.perf_counter() - t0) / 1e9)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        copy.append(2 * 4 * (1 << 24) / (time.perf_counter() - t0) / 1e9)
+    return {"gflops": max(gemm), "gbps": max(copy)}
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _status_mib(key: str) -> float:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _rss_mib() -> float:
+    return _status_mib("VmRSS")
+
+
+def _reset_peak() -> bool:
+    """Restart the kernel's resident-memory high-water mark (Linux: clear_refs 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# -- one model, in a fresh process ---------------------------------------------------------------
+def measure(kind: str, size: float, repeats: int) -> dict[str, Any]:
+    """Interleaved plain vs QT step medians, the QT step's parts, and the generator's floor."""
+    import copy as copymod
+
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from qtcompress import compress
+    from qtcompress.fidelity import distill_loss
+    from qtcompress.mapping import transform_probs
+    from qtcompress.qnn.backends import set_threads
+
+    set_threads(THREADS)
+    model, x = build(kind, size)
+    rates = machine_rates()
+    with torch.no_grad():
+        teacher_out = model(x)  # warm-up; teacher outputs are recomputed each step below
+
+    student = copymod.deepcopy(model)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    plain_opt = torch.optim.Adam(student.parameters(), lr=1e-4, fused=True)
+
+    def plain_step() -> None:
+        with torch.no_grad():
+            teacher = model(x)
+        loss = distill_loss(student(x), teacher, "kl", 2.0)
+        plain_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        plain_opt.step()
+
+    qt = compress(model)
+    gen, fm = qt.generator, qt.functional
+    qt_opt = torch.optim.Adam(gen.parameters(), lr=1e-4, fused=True)
+
+    def qt_step() -> None:
+        with torch.no_grad():
+            teacher = model(x)
+        loss = distill_loss(fm(x), teacher, "kl", 2.0)
+        qt_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        qt_opt.step()
+
+    parts: dict[str, list[float]] = {k: [] for k in ("qnn", "body", "heads", "model", "adam")}
+    bits = gen._bits
+
+    def split_step() -> None:
+        t0 = time.perf_counter()
+        probs = gen.qnn()
+        t1 = time.perf_counter()
+        p_leaf = probs.detach().requires_grad_()
+        xin = transform_probs(p_leaf, gen.n_qubits, gen.prob_transform)[: gen.n_states]
+        h = gen.body(torch.cat([bits, xin[:, None]], dim=1))
+        t2 = time.perf_counter()
+        h_leaf = h.detach().requires_grad_()
+        made = [gen._tensor(h_leaf, i) for i in range(len(gen.views))]
+        t3 = time.perf_counter()
+        leaves = [t.detach().requires_grad_() for t in made]
+        named = {n: t for s, t in zip(gen.layout.specs, leaves, strict=True) for n in s.names}
+        with torch.no_grad():
+            teacher = model(x)
+        distill_loss(fm(x, generated=named), teacher, "kl", 2.0).backward()
+        t4 = time.perf_counter()
+        torch.autograd.backward(made, [t.grad for t in leaves])
+        t5 = time.perf_counter()
+        h.backward(h_leaf.grad)
+        t6 = time.perf_counter()
+        probs.backward(p_leaf.grad)
+        t7 = time.perf_counter()
+        qt_opt.step()
+        qt_opt.zero_grad(set_to_none=True)
+        t8 = time.perf_counter()
+        for key, value in (("qnn", (t1 - t0) + (t7 - t6)), ("body", (t2 - t1) + (t6 - t5)),
+                           ("heads", (t3 - t2) + (t5 - t4)), ("model", t4 - t3),
+                           ("adam", t8 - t7)):
+            parts[key].append(1000 * value)
+
+    plain, qtt = [], []
+    for i in range(repeats + 1):  # the first round is a warm-up
+        for fn, out in ((plain_step, plain), (qt_step, qtt)):
+            t0 = time.perf_counter()
+            fn()
+            if i:
+                out.append(1000 * (time.perf_counter() - t0))
+    for _ in range(repeats + 1):
+        split_step()
+    parts = {k: v[1:] for k, v in parts.items()}
+    m = gen.total
+    macs = sum(gen.views[i][0] * gen.views[i][1] * k for i, k in enumerate(gen.ranks) if k)
+    floor_ms = max(3 * 2 * macs / (rates["gflops"] * 1e9),  # forward + two backward matmuls
+                   3 * 4 * m / (rates["gbps"] * 1e9)) * 1000  # write W, read dW twice
+    med = {k: statistics.median(v) for k, v in parts.items()}
+    return {"kind": kind, "M": m, "trainable": gen.parameter_counts()["total"],
+            "qubits": gen.n_qubits, "rank": gen.rank,
+            "batch": int(x.shape[0]), "plain_ms": statistics.median(plain),
+            "qt_ms": statistics.median(qtt), **{f"{k}_ms": v for k, v in med.items()},
+            "generator_ms": med["qnn"] + med["body"] + med["heads"], "floor_ms": floor_ms,
+            "gflops": rates["gflops"], "gbps": rates["gbps"], "peak_mib": _peak_mib(),
+            "teacher_shape": list(teacher_out.shape)}
+
+
+def measure_phase1(size: float, steps: int) -> dict[str, Any]:
+    """Phase-1 steps of the rows generator on a ``size``-weight MLP: time and peak memory."""
+
+    sys.path.insert(0, str(ROOT))
+    from qtcompress import compress
+    from qtcompress.qnn.backends import set_threads
+
+    set_threads(THREADS)
+    model, _ = build("mlp", size)
+    weights_mib = sum(p.numel() * 4 for p in model.parameters()) / 2**20
+    rss_model = _rss_mib()
+    t0 = time.perf_counter()
+    qt = compress(model)
+    setup_s = time.perf_counter() - t0
+    rss_setup = _rss_mib()
+    compress_peak = _status_mib("VmHWM")
+    reset = _reset_peak()
+    result = qt.fit_weights(steps=steps, lr=1e-3, progress=False)
+    per_step = 1000 * result.elapsed_s / steps
+    return {"M": qt.layout.total, "weights_mib": weights_mib, "rss_model_mib": rss_model,
+            "rss_after_compress_mib": rss_setup, "peak_mib": _peak_mib(),
+            "compress_peak_mib": compress_peak,
+            "step_peak_mib": _status_mib("VmHWM") if reset else float("nan"),
+            "compress_s": setup_s, "step_ms": per_step, "steps": steps,
+            "trainable": qt.generator.parameter_counts()["total"]}
+
+
+# -- report ------------------------------------------------------------------------------------
+def table(rows: list[dict[str, Any]], phase1: dict[str, Any] | None, repeats: int) -> str:
+    """Markdown for docs/benchmarks.md."""
+    lines = [
+        f"QT fine-tuning step vs the plain distillation step of the same model (all weights "
+        f"trainable), interleaved in one process per model, medians of {repeats}. Rows scheme, "
+        f"default budget (5% of M). Threads: torch {THREADS}, qsim {THREADS}, "
+        f"OMP/OpenBLAS {THREADS}, OMP_WAIT_POLICY=PASSIVE. Measured {machine()}; written by "
+        "`tools/bench_step.py`.",
+        "",
+        "| model | M | batch | qubits | rank | plain (ms) | QT (ms) | QT / plain | QNN | body | "
+        "heads | model | Adam | generator f+b | floor | peak RSS (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['kind']} | {r['M']:,} | {r['batch']} | {r['qubits']} | {r['rank']} | "
+            f"{r['plain_ms']:.1f} | {r['qt_ms']:.1f} | {r['qt_ms'] / r['plain_ms']:.2f}x | "
+            f"{r['qnn_ms']:.1f} | {r['body_ms']:.1f} | {r['heads_ms']:.1f} | "
+            f"{r['model_ms']:.1f} | {r['adam_ms']:.1f} | {r['generator_ms']:.1f} | "
+            f"{r['floor_ms']:.1f} | {r['peak_mib']:.0f} |")
+    if rows:
+        lines += ["", f"Machine rates measured in the same runs: sgemm up to "
+                  f"{max(r['gflops'] for r in rows):.0f} GFLOP/s, copy up to "
+                  f"{max(r['gbps'] for r in rows):.1f} GB/s. *floor*: the heads' multiply-adds "
+                  "(forward and both backward products) at that sgemm rate, or writing the "
+                  "weights and reading their gradient twice at that bandwidth, whichever is "
+                  "larger. QNN / body / heads / model / Adam: one split step, run separately "
+                  "(ms)."]
+    if phase1:
+        p = phase1
+        lines += ["", f"Phase 1 at {p['M']:,} weights (MLP, {p['weights_mib']:.0f} MiB of "
+                  f"float32 weights, {p['trainable']:,} generator parameters): "
+                  f"`compress()` {p['compress_s']:.1f} s (least-squares heads), "
+                  f"{p['step_ms']:.0f} ms per weight-loss step (mean of {p['steps']}); resident "
+                  f"memory {p['rss_model_mib']:.0f} MiB with the model built, "
+                  f"{p['rss_after_compress_mib']:.0f} MiB after `compress()` (peak "
+                  f"{p['compress_peak_mib']:.0f} MiB during it), peak during the steps "
+                  f"{p['step_peak_mib']:.0f} MiB. Extra over the built model: "
+                  f"{(p['rss_after_compress_mib'] - p['rss_model_mib']) / p['weights_mib']:.1f}x "
+                  f"the weights' bytes held by `compress()`, "
+                  f"{(p['step_peak_mib'] - p['rss_model_mib']) / p['weights_mib']:.1f}x at the "
+                  "steps' peak."]
+    return "\n".join(lines)
+
+
+def _child(args: list[str]) -> dict[str, Any]:
+    env = {**os.environ, **ENV}
+    res = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+                         env=env)
+    if res.returncode != 0:
+        raise SystemExit(f"bench_step child {args} failed:\n{res.stderr[-3000:]}")
+    out: dict[str, Any] = json.loads(res.stdout.strip().splitlines()[-1])
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="*", default=["mlp", "cnn", "lstm", "transformer"])
+    ap.add_argument("--sizes", type=float, nargs="*", default=[1e5, 1e6, 1e7])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--phase1", type=float, default=None, help="also time phase 1 at this M")
+    ap.add_argument("--phase1-steps", type=int, default=3)
+    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # child: kind size
+    ap.add_argument("--one-phase1", type=float, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.one:
+        print(json.dumps(measure(a.one[0], float(a.one[1]), a.repeats)))
+        return
+    if a.one_phase1:
+        print(json.dumps(measure_phase1(a.one_phase1, a.phase1_steps)))
+        return
+    rows = []
+    for size in a.sizes:
+        for kind in a.models:
+            rows.append(_child(["--one", kind, str(size), "--repeats", str(a.repeats)]))
+            r = rows[-1]
+            print(f"{kind} M={r['M']:,}: plain {r['plain_ms']:.1f} ms, QT {r['qt_ms']:.1f} ms "
+                  f"({r['qt_ms'] / r['plain_ms']:.2f}x); generator {r['generator_ms']:.1f} ms, "
+                  f"floor {r['floor_ms']:.1f} ms", flush=True)
+    phase1 = None
+    if a.phase1:
+        phase1 = _child(["--one-phase1", str(a.phase1), "--phase1-steps", str(a.phase1_steps)])
+        print(phase1, flush=True)
+    text = table(rows, phase1, a.repeats)
+    print(text)
+    if not a.no_write:
+        write_section("bench_step", "QT step vs plain step (`tools/bench_step.py`)", text)
+
+
+if __name__ == "__main__":
+    main()
