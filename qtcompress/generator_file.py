@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import bisect
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -101,12 +102,19 @@ def generated_tensors(generator: AnyGenerator) -> dict[str, torch.Tensor]:
 
     Save and load both use this one path, so the same generator gives bit-identical weights.
     """
-    layout = generator.layout
-    flat = torch.empty(layout.total, dtype=torch.float32)
+    specs = generator.layout.specs  # in offset order
+    offsets = [s.offset for s in specs]
+    parts = [torch.empty(s.numel, dtype=torch.float32) for s in specs]  # no (M,) staging copy
     for start, block in generator.iter_blocks():
-        flat[start : start + block.shape[0]] = block
-    return {s.name: flat[s.offset : s.offset + s.numel].view(s.shape).to(s.dtype).clone()
-            for s in layout.specs}
+        stop = start + block.shape[0]
+        i = max(0, bisect.bisect_right(offsets, start) - 1)
+        while i < len(specs) and specs[i].offset < stop:
+            s = specs[i]
+            lo, hi = max(start, s.offset), min(stop, s.offset + s.numel)
+            if lo < hi:
+                parts[i][lo - s.offset:hi - s.offset] = block[lo - start:hi - start]
+            i += 1
+    return {s.name: p.view(s.shape).to(s.dtype) for s, p in zip(specs, parts, strict=True)}
 
 
 def _non_finite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
@@ -246,6 +254,7 @@ def save_generator(
     output_names: Sequence[str] | None = None,
     dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
     exported: onnx.ModelProto | None = None,
+    materialized: nn.Module | None = None,
 ) -> Path:
     """Write a compressed model's generator file (atomically, byte-reproducibly).
 
@@ -263,6 +272,8 @@ def save_generator(
             name (see :func:`qtcompress.onnx_export.to_onnx_proto`).
         exported: The graph of ``qt.materialize()`` already exported with these inputs and
             names; its skeleton is stored instead of exporting again.
+        materialized: ``qt.materialize()`` made by the caller since the generator last
+            changed: its weights are hashed and stored instead of generating them again.
 
     Returns:
         The written path.
@@ -277,18 +288,22 @@ def save_generator(
         with qt.on_cpu():
             return save_generator(qt, path, example_inputs=example_inputs, model_info=model_info,
                                   input_names=input_names, output_names=output_names,
-                                  dynamic_axes=dynamic_axes, exported=exported)
+                                  dynamic_axes=dynamic_axes, exported=exported,
+                                  materialized=None)
     # The exporter's own input/output handling, so the recorded check batch lines up with the
     # ONNX graph's inputs and outputs.
     from qtcompress.onnx_export import _as_tuple, _flatten_outputs, export_skeleton
 
     generator = qt.generator
-    generated = generated_tensors(generator)
+    # The weights are generated once per save: the materialised model holds exactly what
+    # generated_tensors() gives on load (same blocks, same casts).
+    materialized = (materialized if materialized is not None else qt.materialize()).eval()
+    named = dict(materialized.named_parameters(remove_duplicate=False))
+    generated = {s.name: named[s.name].detach() for s in qt.layout.specs}
     bad = _non_finite(generated)
     if bad:
         raise NonFiniteError(f"The generated weights hold NaN or Inf: {', '.join(bad)}; refit "
                              "the generator (e.g. with a lower learning rate) before saving.")
-    materialized = qt.materialize().eval()
     generated_names = {n for s in qt.layout.specs for n in s.names}
     classical = {k: v for k, v in materialized.state_dict().items() if k not in generated_names}
     tensors: dict[str, torch.Tensor] = {

@@ -303,7 +303,7 @@ def run_pipeline(
                               dynamic_axes=settings.dynamic_axes)
         save_generator(qt, gen_path, example_inputs=example, model_info=model_info,
                        input_names=input_names, dynamic_axes=settings.dynamic_axes,
-                       exported=proto)
+                       exported=proto, materialized=student)
         record.wrote("generator")
         export = export_onnx(student, example, onnx_path, input_names=input_names,
                              dynamic_axes=settings.dynamic_axes, exported=proto)

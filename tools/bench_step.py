@@ -20,8 +20,12 @@ resident memory, in its own process.
 Threads: torch 2 intra-op threads, qsim 2 threads, ``OMP_NUM_THREADS=2``,
 ``OPENBLAS_NUM_THREADS=2``, ``OMP_WAIT_POLICY=PASSIVE`` (as the CLI sets it).
 
+``--contention`` times the QNN (13 qubits, 8 layers, forward + adjoint gradient) through the
+public API with torch imported first and no environment variables set, quiet and next to one
+competing 2-thread process.
+
 Usage: python tools/bench_step.py [--models mlp cnn lstm transformer] [--sizes 1e5 1e6 1e7]
-       [--repeats 7] [--phase1 1e8] [--no-write]
+       [--repeats 7] [--phase1 1e8] [--contention] [--no-write]
 """
 
 from __future__ import annotations
@@ -270,8 +274,53 @@ def measure_phase1(size: float, steps: int) -> dict[str, Any]:
             "trainable": qt.generator.parameter_counts()["total"]}
 
 
+def measure_contention(repeats: int, variant: str) -> dict[str, float]:
+    """QNN forward + adjoint gradient (13 qubits, 8 layers) through the public API, quiet and
+    next to one competing 2-thread process; torch imported first, no environment variables.
+
+    Compares the default backend (small simulations on one qsim thread) with two qsim threads
+    (the default before, on this 2-core machine).
+    """
+    import torch  # as a user would: torch first
+
+    sys.path.insert(0, str(ROOT))
+    from qtcompress.qnn import QNN, Ansatz, QsimBackend
+
+    # One variant per process: an OpenMP team made by the other would skew this one.
+    backend = QsimBackend(2) if variant == "2 qsim threads" else "qsim"
+    qnns = {variant: QNN(Ansatz(n_qubits=13, n_layers=8), backend=backend)}
+    weights = torch.arange(1 << 13, dtype=torch.float32)
+
+    def median_ms(qnn: Any) -> float:
+        times = []
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            (qnn() * weights).sum().backward()
+            if i:
+                times.append(1000 * (time.perf_counter() - t0))
+        return statistics.median(times)
+
+    out = {}
+    for state in ("quiet", "busy"):
+        competitor = None
+        if state == "busy":
+            code = ("import torch, time\ntorch.set_num_threads(2)\na = torch.randn(512, 512)\n"
+                    "t = time.time()\nwhile time.time() - t < 120: a @ a\n")
+            competitor = subprocess.Popen([sys.executable, "-c", code])
+            time.sleep(2.0)
+        try:
+            for name, qnn in qnns.items():
+                out[f"{name}, {state}"] = median_ms(qnn)
+        finally:
+            if competitor is not None:
+                competitor.kill()
+                competitor.wait()
+    return out
+
+
 # -- report ------------------------------------------------------------------------------------
-def table(rows: list[dict[str, Any]], phase1: dict[str, Any] | None, repeats: int) -> str:
+def table(rows: list[dict[str, Any]], phase1: dict[str, Any] | None, repeats: int,
+          contention: dict[str, float] | None = None) -> str:
     """Markdown for docs/benchmarks.md."""
     lines = [
         f"QT fine-tuning step vs the plain distillation step of the same model (all weights "
@@ -313,11 +362,26 @@ def table(rows: list[dict[str, Any]], phase1: dict[str, Any] | None, repeats: in
                   f"the weights' bytes held by `compress()`, "
                   f"{(p['step_peak_mib'] - p['rss_model_mib']) / p['weights_mib']:.1f}x at the "
                   "steps' peak."]
+    if contention:
+        c = contention
+        lines += ["", "QNN forward + adjoint gradient, 13 qubits x 8 layers, through "
+                  "`qtcompress.qnn.QNN` with torch imported first and no environment variables "
+                  "set, median ms, quiet and next to one competing 2-thread torch process:", "",
+                  "| qsim threads | quiet (ms) | one competing process (ms) | slow-down |",
+                  "|---|---|---|---|"]
+        for name in ("default", "2 qsim threads"):
+            q, b = c[f"{name}, quiet"], c[f"{name}, busy"]
+            label = ("default (1 thread up to 16 qubits)" if name == "default"
+                     else "2 (the default before)")
+            lines.append(f"| {label} | {q:.2f} | {b:.2f} | {b / q:.1f}x |")
     return "\n".join(lines)
 
 
-def _child(args: list[str]) -> dict[str, Any]:
-    env = {**os.environ, **ENV}
+def _child(args: list[str], clean_env: bool = False) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "OPENBLAS_",
+                                                                     "MKL_"))}
+    if not clean_env:
+        env.update(ENV)
     res = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
                          env=env)
     if res.returncode != 0:
@@ -337,12 +401,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # child: kind size
     ap.add_argument("--one-phase1", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--contention", action="store_true",
+                    help="also time the QNN quiet and next to a competing process")
+    ap.add_argument("--one-contention", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.one:
         print(json.dumps(measure(a.one[0], float(a.one[1]), a.repeats)))
         return
     if a.one_phase1:
         print(json.dumps(measure_phase1(a.one_phase1, a.phase1_steps)))
+        return
+    if a.one_contention:
+        print(json.dumps(measure_contention(max(a.repeats, 21), a.one_contention)))
         return
     rows = []
     for size in a.sizes:
@@ -356,7 +426,14 @@ def main(argv: list[str] | None = None) -> None:
     if a.phase1:
         phase1 = _child(["--one-phase1", str(a.phase1), "--phase1-steps", str(a.phase1_steps)])
         print(phase1, flush=True)
-    text = table(rows, phase1, a.repeats)
+    contention = None
+    if a.contention:
+        contention = {}
+        for variant in ("default", "2 qsim threads"):
+            contention.update(_child(["--one-contention", variant, "--repeats", str(a.repeats)],
+                                     clean_env=True))
+        print(contention, flush=True)
+    text = table(rows, phase1, a.repeats, contention)
     print(text)
     if not a.no_write:
         write_section("bench_step", "QT step vs plain step (`tools/bench_step.py`)", text)
