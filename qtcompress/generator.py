@@ -25,7 +25,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from qtcompress.errors import ConfigError, NonFiniteError
-from qtcompress.mapping import Mapping, make_mapping, signed_bits, transform_probs
+from qtcompress.experimental.mps import MPSMapping
+from qtcompress.mapping import Mapping, MLPMapping, signed_bits, transform_probs
 from qtcompress.qnn import QNN, Ansatz
 from qtcompress.targets import Layout
 
@@ -72,6 +73,21 @@ def _qnn_for(n_states: int, n_qubits: int | None, n_layers: int, prob_transform:
                           f"qubits{' ' + remedy if remedy else ''}.")
     transform_probs(torch.zeros(2), 1, prob_transform)  # validates the name early
     return QNN(Ansatz.paper(n, n_layers), backend=backend, seed=seed)
+
+
+def make_mapping(kind: str, n_qubits: int, chunk: int, *, hidden: tuple[int, ...] = (16, 16),
+                 activation: str = "tanh", bond_dim: int = 4, seed: int = 0) -> Mapping:
+    """Build a mapping by name: ``"mlp"`` (:class:`MLPMapping`) or ``"mps"``.
+
+    ``"mps"`` is :class:`qtcompress.experimental.mps.MPSMapping` (arXiv 2409.06992 style).
+    """
+    # The factory lives here, not in mapping.py: experimental/mps.py builds on mapping.Mapping,
+    # so mapping.py importing it back was an import circle.
+    if kind == "mlp":
+        return MLPMapping(n_qubits, chunk, tuple(hidden), activation, seed)
+    if kind == "mps":
+        return MPSMapping(n_qubits, chunk, bond_dim, seed)
+    raise ConfigError(f"Unknown mapping {kind!r}; choose 'mlp' or 'mps'.")
 
 
 class QTGenerator(nn.Module):

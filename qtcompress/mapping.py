@@ -122,18 +122,3 @@ class MLPMapping(Mapping):
             ``(S, chunk)``.
         """
         return self.head(self.body(torch.cat([bits, x[:, None]], dim=1)))
-
-
-def make_mapping(kind: str, n_qubits: int, chunk: int, *, hidden: tuple[int, ...] = (16, 16),
-                 activation: str = "tanh", bond_dim: int = 4, seed: int = 0) -> Mapping:
-    """Build a mapping by name: ``"mlp"`` (:class:`MLPMapping`) or ``"mps"``.
-
-    ``"mps"`` is :class:`qtcompress.experimental.mps.MPSMapping` (arXiv 2409.06992 style).
-    """
-    if kind == "mlp":
-        return MLPMapping(n_qubits, chunk, tuple(hidden), activation, seed)
-    if kind == "mps":
-        from qtcompress.experimental.mps import MPSMapping
-
-        return MPSMapping(n_qubits, chunk, bond_dim, seed)
-    raise ConfigError(f"Unknown mapping {kind!r}; choose 'mlp' or 'mps'.")

@@ -1,5 +1,11 @@
 """Run the command line in a subprocess (the real console entry) or in-process (fast), and load
-the scripts under tools/ as modules."""
+the scripts under tools/ as modules.
+
+Both ways of running the CLI return a :class:`subprocess.CompletedProcess` (exit code, stdout,
+stderr), so a test asserts the same things whichever way it runs. Use the subprocess only where
+a fresh process matters: start-up, import side effects, the console script's exit code, or
+loading a file in a process that did not write it.
+"""
 
 import importlib.util
 import os
@@ -18,15 +24,27 @@ def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, env=env, cwd=cwd)
 
 
-def main_result(capsys, *args: str) -> tuple[int, str]:
-    """The CLI in-process: the same code path as the console script, without the start-up."""
+def run_in_process(capsys, *args: str) -> subprocess.CompletedProcess:
+    """The CLI in-process: the same code path as the console script, without the start-up.
+
+    ``main`` returns the exit code; argparse's usage errors and ``--help`` exit with
+    ``SystemExit``, whose code is the exit code too. Earlier captured output is discarded.
+    """
     from qtcompress.cli import main
 
+    capsys.readouterr()
     try:
         code = main(list(args))
-    except SystemExit as exc:  # argparse usage errors
-        code = int(exc.code)
-    return code, capsys.readouterr().err
+    except SystemExit as exc:  # argparse: usage errors (2) and --help (0)
+        code = 0 if exc.code is None else int(exc.code)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["qtcompress", *args], code, out, err)
+
+
+def main_result(capsys, *args: str) -> tuple[int, str]:
+    """The CLI in-process: its exit code and stderr."""
+    result = run_in_process(capsys, *args)
+    return result.returncode, result.stderr
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, code: int = 1) -> None:
@@ -41,7 +59,8 @@ def assert_one_line_error(result: subprocess.CompletedProcess, code: int = 1) ->
 
 def load_tool(name: str) -> ModuleType:
     """A script under ``tools/`` as a module, importable as when run as ``python tools/X.py``."""
-    sys.path.insert(0, str(ROOT / "tools"))
+    if str(ROOT / "tools") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tools"))
     spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

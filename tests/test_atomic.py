@@ -34,7 +34,7 @@ def test_missing_folder_names_folder_and_fix(tmp_path):
 
 def test_directory_as_destination(tmp_path):
     (tmp_path / "d").mkdir()
-    with pytest.raises(ConfigError, match="folder"):
+    with pytest.raises(ConfigError, match="is an existing folder, not a file"):
         check_output_path(tmp_path / "d")
 
 

@@ -392,7 +392,6 @@ def test_check_call_runs_a_stateful_model_and_the_output_is_selectable():
 
 
 def test_pieces_compose_into_a_training_step():
-    torch.manual_seed(0)
     model = KeywordNet()
     source = InputSource.of(DataLoader(DictDataset(True), batch_size=4),
                             labels_in_items="labels")

@@ -1,5 +1,6 @@
-"""`qtcompress compress` and `qtcompress demo` end to end in subprocesses (real qsim, real
-onnxruntime, real files), on a small config so that the suite stays fast."""
+"""`qtcompress compress` and `qtcompress demo` end to end (real qsim, real onnxruntime, real
+files), on a small config so that the suite stays fast: one run of each in a subprocess (the
+console script), the rest in-process."""
 
 import json
 
@@ -10,20 +11,21 @@ import torch
 
 from qtcompress.examples import TabularMLP, load_dataset
 from qtcompress.generator_file import load_generator
-from tests.cli_helpers import ROOT, assert_one_line_error, main_result, run
+from tests.cli_helpers import ROOT, assert_one_line_error, run
 
 FAST = ["--fit-steps", "10", "--finetune-steps", "10", "--layers", "2",
         "--hidden", "8", "--no-progress"]
+CKPT = ROOT / "models" / "wine_mlp.safetensors"
+WINE = ["--factory", "qtcompress.examples:TabularMLP", "--data", "wine"]
 
 
+@pytest.mark.slow
 def test_compress_writes_verified_files(tmp_path):
-    ckpt = ROOT / "models" / "wine_mlp.safetensors"
-    result = run("compress", str(ckpt), "--factory", "qtcompress.examples:TabularMLP",
-                 "--data", "wine", "-o", str(tmp_path / "out"), "--json", *FAST)
+    result = run("compress", str(CKPT), *WINE, "-o", str(tmp_path / "out"), "--json", *FAST)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["generated_weights"] == 1603 == summary["original_params"]
-    assert summary["checkpoint_bytes"] == ckpt.stat().st_size
+    assert summary["checkpoint_bytes"] == CKPT.stat().st_size
     assert 0 <= summary["accuracy_finetuned"] <= 1 and summary["accuracy_original"] > 0.9
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == [
@@ -41,6 +43,7 @@ def test_compress_writes_verified_files(tmp_path):
         np.testing.assert_allclose(got, model(x).numpy(), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_demo_runs_the_shipped_example(tmp_path):
     result = run("demo", *FAST, "-o", "demo-out", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -53,40 +56,42 @@ def test_demo_runs_the_shipped_example(tmp_path):
     assert (tmp_path / "demo-out" / "digits_cnn28.qtc.safetensors").is_file()
 
 
-def test_compress_report_writes_pictures(tmp_path):
+def test_compress_report_writes_pictures(tmp_path, cli):
     pytest.importorskip("matplotlib")
-    result = run("compress", str(ROOT / "models" / "wine_mlp.safetensors"), "--factory",
-                 "qtcompress.examples:TabularMLP", "--data", "wine", "-o", str(tmp_path / "o"),
-                 "--report", *FAST)
+    result = cli("compress", CKPT, *WINE, "-o", tmp_path / "o", "--report", *FAST)
     assert result.returncode == 0, result.stderr
     report = tmp_path / "o" / "report"
     assert {p.name for p in report.iterdir()} == {"losses.png", "weights.png", "report.md"}
 
 
-def test_compress_bad_inputs(tmp_path, capsys):
-    base = ["--factory", "qtcompress.examples:TabularMLP", "--data", "wine", *FAST]
-    ckpt = str(ROOT / "models" / "wine_mlp.safetensors")
-    pickled = tmp_path / "whole.pt"
-    torch.save(TabularMLP(), pickled)
-    cases = [
-        (["compress", str(tmp_path / "nope.pt"), "-o", str(tmp_path / "o"), *base], "nope.pt"),
-        (["compress", ckpt, "-o", str(tmp_path / "a" / "b"), *base], "does not exist"),
-        (["compress", ckpt, "-o", str(tmp_path / "o"), *base[:2], "--data",
-          str(tmp_path / "missing.npz"), *FAST], "missing.npz"),
-        (["compress", ckpt, "-o", str(tmp_path / "o"), "--factory",
-          "qtcompress.examples:DigitsCNN", "--data", "wine", *FAST], "does not fit"),
-        (["compress", str(pickled), "-o", str(tmp_path / "o"), "--data", "wine", *FAST],
-         "--trust-pickle"),
-    ]
-    for args, needle in cases:
-        code, err = main_result(capsys, *args)
-        assert code == 1, (args, err)
-        assert needle in err and len(err.strip().splitlines()) == 1, err
-    for flag in (["--chunk", "0"], ["--mode", "magic"]):
-        code, err = main_result(capsys, "compress", ckpt, "-o", str(tmp_path / "o"), *base, *flag)
-        assert code == 2 and "error:" in err
+@pytest.mark.parametrize(("args", "needle"), [
+    (["{tmp}/nope.pt", "-o", "{tmp}/o", *WINE], "nope.pt"),
+    (["{ckpt}", "-o", "{tmp}/a/b", *WINE], "does not exist"),
+    (["{ckpt}", "-o", "{tmp}/o", *WINE[:2], "--data", "{tmp}/missing.npz"], "missing.npz"),
+    (["{ckpt}", "-o", "{tmp}/o", "--factory", "qtcompress.examples:DigitsCNN", "--data", "wine"],
+     "does not fit"),
+    (["{tmp}/whole.pt", "-o", "{tmp}/o", "--data", "wine"], "--trust-pickle"),
+], ids=["missing-checkpoint", "missing-output-parent", "missing-data", "wrong-factory",
+        "pickled-model"])
+def test_compress_bad_inputs_exit_1_with_one_line(tmp_path, cli, args, needle):
+    torch.save(TabularMLP(), tmp_path / "whole.pt")
+    args = [a.format(tmp=tmp_path, ckpt=CKPT) for a in args]
+    result = cli("compress", *args, *FAST)
+    assert_one_line_error(result)
+    assert needle in result.stderr
     assert not (tmp_path / "a").exists()
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+@pytest.mark.parametrize(("flags", "match"), [
+    (["--chunk", "0"], "--chunk: expected a positive integer"),
+    (["--mode", "magic"], "--mode: invalid choice: 'magic'"),
+])
+def test_compress_bad_flag_values_are_usage_errors(tmp_path, cli, flags, match):
+    result = cli("compress", CKPT, "-o", tmp_path / "o", *WINE, *FAST, *flags)
+    assert_one_line_error(result, code=2)
+    assert match in result.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_subprocess_usage_error_exit_2(tmp_path):
@@ -99,8 +104,6 @@ def test_subprocess_usage_error_exit_2(tmp_path):
     (["--mapping", "mps"], "--mapping mps: only with --scheme flat"),
     (["--scheme", "flat", "--budget", "5%"], "--rank and --budget size the rows scheme"),
 ])
-def test_scheme_specific_flags_are_refused_with_the_fix(capsys, flags, match):
-    code, err = main_result(capsys, "compress", str(ROOT / "models" / "wine_mlp.safetensors"),
-                            "--factory", "qtcompress.examples:TabularMLP", "--data", "wine",
-                            "-o", "unused", *flags)
-    assert code == 2 and match in err
+def test_scheme_specific_flags_are_refused_with_the_fix(cli, flags, match):
+    result = cli("compress", CKPT, *WINE, "-o", "unused", *flags)
+    assert result.returncode == 2 and match in result.stderr

@@ -1,4 +1,5 @@
-"""`inspect`, `reconstruct` and `verify` end to end in subprocesses, on the golden file."""
+"""`inspect`, `reconstruct` and `verify` end to end on the golden file: reconstruct and verify
+once each in a subprocess (the console script), the rest in-process."""
 
 import json
 import shutil
@@ -8,7 +9,8 @@ import onnxruntime as ort
 import pytest
 from safetensors.torch import load_file
 
-from tests.cli_helpers import ROOT, assert_one_line_error, main_result, run
+from qtcompress.errors import ConfigError
+from tests.cli_helpers import ROOT, assert_one_line_error, run
 
 GOLDEN = ROOT / "tests" / "data" / "golden_mlp.qtc.safetensors"
 
@@ -20,8 +22,8 @@ def gen_file(tmp_path):
     return path
 
 
-def test_inspect_json(gen_file):
-    result = run("inspect", str(gen_file), "--json")
+def test_inspect_json(gen_file, cli):
+    result = cli("inspect", gen_file, "--json")
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     assert info["generated_weights"] == 307 and info["qubits"] == 7 and info["layers"] == 2
@@ -29,6 +31,7 @@ def test_inspect_json(gen_file):
     assert info["onnx_graph"] is True and info["file_bytes"] == gen_file.stat().st_size
 
 
+@pytest.mark.slow  # a fresh interpreter: about 3 s of imports first
 def test_reconstruct_writes_onnx_and_state_dict(gen_file, tmp_path):
     onnx_path, sd_path = tmp_path / "m.onnx", tmp_path / "m.safetensors"
     result = run("reconstruct", str(gen_file), "--onnx", str(onnx_path),
@@ -52,6 +55,7 @@ def test_reconstruct_writes_onnx_and_state_dict(gen_file, tmp_path):
     np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
+@pytest.mark.slow  # a fresh interpreter: about 3 s of imports first
 def test_verify_with_factory(gen_file):
     result = run("verify", str(gen_file), "--factory", "tests.tiny_models:TinyMLP", "--json")
     assert result.returncode == 0, result.stderr
@@ -59,33 +63,48 @@ def test_verify_with_factory(gen_file):
     assert report["ok"] and report["torch_vs_recorded_max_abs_diff"] <= 1e-5
 
 
-def test_bad_inputs_exit_non_zero_with_one_line(gen_file, tmp_path, capsys, monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT))
-    truncated = tmp_path / "t.qtc.safetensors"
-    truncated.write_bytes(gen_file.read_bytes()[:1000])
-    for command in ("inspect", "reconstruct", "verify"):
-        extra = ["--onnx", str(tmp_path / "o.onnx")] if command == "reconstruct" else []
-        for path in (truncated, tmp_path / "missing.qtc.safetensors"):
-            code, err = main_result(capsys, command, str(path), *extra)
-            assert code == 1 and len(err.strip().splitlines()) == 1, err
-            assert path.name in err
+@pytest.mark.parametrize("command", ["inspect", "reconstruct", "verify"])
+@pytest.mark.parametrize("name", ["truncated.qtc.safetensors", "missing.qtc.safetensors"])
+def test_bad_files_exit_1_with_one_line(gen_file, tmp_path, cli, command, name):
+    (tmp_path / "truncated.qtc.safetensors").write_bytes(gen_file.read_bytes()[:1000])
+    extra = ["--onnx", tmp_path / "o.onnx"] if command == "reconstruct" else []
+    result = cli(command, tmp_path / name, *extra)
+    assert_one_line_error(result)
+    assert name in result.stderr
     assert not (tmp_path / "o.onnx").exists()
-    code, err = main_result(capsys, "reconstruct", str(gen_file))
-    assert code == 2 and "needs --onnx" in err
-    assert main_result(capsys, "reconstruct", str(gen_file), "--atol", "abc")[0] == 2
-    code, err = main_result(capsys, "reconstruct", str(gen_file), "--onnx",
-                            str(tmp_path / "no" / "m.onnx"))
-    assert code == 1 and "does not exist" in err
-    code, err = main_result(capsys, "verify", str(gen_file), "--factory",
-                            "tests.tiny_models:TinyCNN")
-    assert code == 1 and "does not fit" in err and len(err.strip().splitlines()) == 1
 
 
+def test_reconstruct_usage_errors_exit_2(gen_file, cli):
+    result = cli("reconstruct", gen_file)
+    assert_one_line_error(result, code=2)
+    assert "needs --onnx" in result.stderr
+    result = cli("reconstruct", gen_file, "--atol", "abc")
+    assert_one_line_error(result, code=2)
+    assert "--atol: invalid float value: 'abc'" in result.stderr
+
+
+def test_reconstruct_into_a_missing_folder_exit_1(gen_file, tmp_path, cli):
+    result = cli("reconstruct", gen_file, "--onnx", tmp_path / "no" / "m.onnx")
+    assert_one_line_error(result)
+    assert "does not exist" in result.stderr
+    assert not (tmp_path / "no").exists()
+
+
+def test_verify_with_a_factory_that_does_not_fit_exit_1(gen_file, cli):
+    result = cli("verify", gen_file, "--factory", "tests.tiny_models:TinyCNN")
+    assert_one_line_error(result)
+    assert "does not fit" in result.stderr
+
+
+@pytest.mark.slow  # a fresh interpreter: about 3 s of imports first
 def test_subprocess_error_is_one_line(tmp_path):
     result = run("inspect", str(tmp_path / "missing.qtc.safetensors"))
     assert_one_line_error(result)
 
 
-def test_debug_flag_shows_traceback(tmp_path):
-    result = run("--debug", "inspect", str(tmp_path / "missing.qtc.safetensors"))
-    assert result.returncode != 0 and "Traceback" in result.stderr
+def test_debug_flag_lets_the_traceback_through(tmp_path):
+    from qtcompress.cli import main
+
+    missing = tmp_path / "missing.qtc.safetensors"
+    with pytest.raises(ConfigError, match=r"missing\.qtc\.safetensors' does not exist"):
+        main(["--debug", "inspect", str(missing)])

@@ -184,6 +184,7 @@ print(json.dumps({"results": results, "peak_growth": status("VmHWM") - peak}))
 """
 
 
+@pytest.mark.slow  # a fresh interpreter: about 3 s of imports first
 def test_memory_bombs_and_hangs_are_refused_at_once_without_allocating(tmp_path):
     paths = {}
     for name, build in BOMBS.items():
@@ -387,7 +388,7 @@ def test_skeleton_with_external_data_is_refused_unread(tmp_path):
 
 def test_corrupt_skeleton_is_format_error(tmp_path):
     path = remake(tmp_path / "s.qtc.safetensors", skeleton=b"\x08\x07garbage-not-onnx")
-    with pytest.raises(FormatError, match="ONNX"):
+    with pytest.raises(FormatError, match="the stored ONNX graph cannot be rebuilt"):
         load_generator(path).to_onnx()
 
 

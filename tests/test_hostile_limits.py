@@ -49,16 +49,18 @@ def test_memory_check_names_the_fix(layout):
         limits.check_config(QTConfig(), layout, available=1 << 14)
 
 
-def test_plan_matches_the_real_generator_without_memory(layout):
-    for config in (QTConfig(), QTConfig(scheme="flat", chunk=4, hidden=(8,)),
-                   QTConfig(scheme="flat", mapping="mps", chunk=4)):
-        planned = limits.check_config(config, layout)
-        assert all(p.device.type == "meta" for p in planned.parameters())
-        real = QTGenerator.from_config(layout, config)
-        assert {k: v.shape for k, v in planned.state_dict().items()} == {
-            k: v.shape for k, v in real.state_dict().items()}
-        assert limits.estimate_generator_bytes(planned, layout) == \
-            limits.estimate_generator_bytes(real, layout)
+@pytest.mark.parametrize("config", [
+    QTConfig(), QTConfig(scheme="flat", chunk=4, hidden=(8,)),
+    QTConfig(scheme="flat", mapping="mps", chunk=4),
+], ids=["rows", "flat-mlp", "flat-mps"])
+def test_plan_matches_the_real_generator_without_memory(layout, config):
+    planned = limits.check_config(config, layout)
+    assert all(p.device.type == "meta" for p in planned.parameters())
+    real = QTGenerator.from_config(layout, config)
+    assert {k: v.shape for k, v in planned.state_dict().items()} == {
+        k: v.shape for k, v in real.state_dict().items()}
+    assert limits.estimate_generator_bytes(planned, layout) == \
+        limits.estimate_generator_bytes(real, layout)
 
 
 def test_planning_is_reentrant_safe(layout, monkeypatch):

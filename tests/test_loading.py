@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file, save_model
 
 from qtcompress.errors import ConfigError, FormatError, UnsafeFileError
@@ -61,6 +62,8 @@ def test_safetensors_state_dict_with_batchnorm_buffers(tmp_path):
 def test_tied_weights_saved_once_by_safetensors(tmp_path):
     m = TiedLM()
     save_model(m, str(tmp_path / "tied.safetensors"))  # keeps one name of the tied pair
+    with safe_open(str(tmp_path / "tied.safetensors"), "pt") as f:
+        assert len({"embed.weight", "out.weight"} & set(f.keys())) == 1
     loaded = load_model(tmp_path / "tied.safetensors", factory="tests.tiny_models:TiedLM")
     assert loaded.out.weight is loaded.embed.weight
     _same(m, loaded, m)
@@ -150,7 +153,7 @@ def test_garbage_pt_is_format_error(tmp_path, content):
 
 def test_state_dict_without_factory(tmp_path):
     torch.save(TinyMLP().state_dict(), tmp_path / "w.pt")
-    with pytest.raises(ConfigError, match="factory"):
+    with pytest.raises(ConfigError, match=r"holds a state dict .*: give a model factory"):
         load_model(tmp_path / "w.pt")
 
 

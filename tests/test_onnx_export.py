@@ -1,5 +1,4 @@
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -184,7 +183,7 @@ def test_fill_non_finite_and_torch_tensors(mlp_skeleton):
 
 def test_fill_rejects_corrupt_and_foreign_bytes(mlp_skeleton, tmp_path):
     model, sk = mlp_skeleton
-    with pytest.raises(FormatError, match="corrupt"):
+    with pytest.raises(FormatError, match="ONNX skeleton is corrupt"):
         fill_skeleton(b"\xff\xff\xff\xff garbage", _weights(model))
     plain = to_onnx_proto(model, example_input(model)).SerializeToString()
     with pytest.raises(FormatError, match=SKELETON_KEY):
@@ -229,7 +228,7 @@ def test_skeleton_metadata_lists_ignored_entries():
 
 def test_batch_of_one_refused_and_nothing_written(tmp_path):
     model = _build(TinyMLP)
-    with pytest.raises(ConfigError, match="batch"):
+    with pytest.raises(ConfigError, match=r"the first \(batch\) axis must be 2 or more"):
         export_onnx(model, example_input(model, batch=1), tmp_path / "m.onnx")
     assert _listing(tmp_path) == []
 
@@ -266,15 +265,14 @@ class _ReshapesByBatch(torch.nn.Module):
         return x.reshape(4, -1)  # exports, but only runs for batches divisible by 4
 
 
-@pytest.mark.parametrize("module", [_AddsFixedBatch, _ReshapesByBatch])
-def test_batch_dependent_model_is_rejected(tmp_path, module):
-    with pytest.raises(FormatError, match="batch|Batch"):
+@pytest.mark.parametrize(("module", "match"), [
+    (_AddsFixedBatch, r"graph input 'input' has a fixed batch axis \(4\)"),
+    (_ReshapesByBatch, r"does not run on inputs of shapes \(5, 3\) in torch or onnxruntime"),
+], ids=["fixed-batch", "reshape-by-batch"])
+def test_batch_dependent_model_is_rejected(tmp_path, module, match):
+    with pytest.raises(FormatError, match=match):
         export_onnx(module(), torch.randn(4, 3), tmp_path / "m.onnx")
     assert _listing(tmp_path) == []
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(pytest.main([__file__]))
 
 
 def test_skeleton_check_scales_with_large_outputs():
@@ -284,7 +282,9 @@ def test_skeleton_check_scales_with_large_outputs():
     with torch.no_grad():
         model.head.weight.mul_(300.0)  # logits in the hundreds
     x = example_input(model)
-    assert float(model.eval()(x).abs().max()) > 100
+    with torch.no_grad():
+        peak = float(model.eval()(x).abs().max())
+    assert peak > 100
     skeleton = export_skeleton(model, x)
     filled = fill_skeleton(skeleton, _weights(model))
-    assert compare_with_onnxruntime(filled, model, x) <= 1e-5 * float(model(x).abs().max())
+    assert compare_with_onnxruntime(filled, model, x) <= 1e-5 * peak

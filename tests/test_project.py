@@ -1,11 +1,13 @@
 """The project's set-up promises: README commands and CI stay in sync, the CLI is installed."""
 
+import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import pytest
+
+from tests.cli_helpers import CLI, ROOT, assert_one_line_error
 
 
 def test_ci_runs_exactly_the_readme_test_command():
@@ -23,23 +25,21 @@ def test_torch_is_pinned_for_the_install_step():
     assert readme.count("-c constraints.txt") >= 2
 
 
-def test_cli_help_and_exit_codes():
-    run = [sys.executable, "-m", "qtcompress.cli"]
-    ok = subprocess.run([*run, "--help"], capture_output=True, text=True)
+def test_cli_help_and_exit_codes(cli):
+    ok = cli("--help")
     assert ok.returncode == 0 and "qnn" in ok.stdout
-    usage = subprocess.run([*run, "qnn", "--qubits", "zero"], capture_output=True, text=True)
-    assert usage.returncode == 2 and "expected a positive integer" in usage.stderr
-    error = subprocess.run([*run, "qnn", "--qubits", "31"], capture_output=True, text=True)
-    assert error.returncode == 1
-    assert "exceeds the limit of 30 qubits" in error.stderr and "Traceback" not in error.stderr
-    assert len(error.stderr.strip().splitlines()) == 1
+    usage = cli("qnn", "--qubits", "zero")
+    assert_one_line_error(usage, code=2)
+    assert "expected a positive integer" in usage.stderr
+    error = cli("qnn", "--qubits", "31")
+    assert_one_line_error(error)
+    assert "exceeds the limit of 30 qubits" in error.stderr
 
 
+@pytest.mark.slow  # a fresh interpreter: about 3 s of imports first
 def test_cli_qnn_json_output():
-    import json
-
-    out = subprocess.run([sys.executable, "-m", "qtcompress.cli", "qnn", "--qubits", "4",
-                          "--layers", "2", "--top", "3", "--json"],
+    """The `qnn` command through the console script, in a fresh interpreter."""
+    out = subprocess.run([*CLI, "qnn", "--qubits", "4", "--layers", "2", "--top", "3", "--json"],
                          capture_output=True, text=True, check=True)
     result = json.loads(out.stdout)
     assert result["num_params"] == 8 and result["num_states"] == 16
@@ -56,12 +56,8 @@ def test_top_level_verbs_are_the_real_objects():
     assert qtcompress.compress is compress and qtcompress.QTConfig is QTConfig
     assert qtcompress.save_generator is save_generator
     assert qtcompress.load_generator is load_generator
-    try:
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_thing'"):
         qtcompress.no_such_thing  # noqa: B018
-    except AttributeError as exc:
-        assert "no_such_thing" in str(exc)
-    else:
-        raise AssertionError("unknown attribute did not raise")
 
 
 def test_config_imports_nothing_heavy():

@@ -5,7 +5,7 @@ import torch
 from qtcompress.errors import ConfigError, FormatError
 from qtcompress.onnx_export import export_onnx
 from qtcompress.runtime import OnnxPredictor, load_arrays, predict_file, save_arrays
-from tests.tiny_models import TinyMLP, example_input
+from tests.tiny_models import example_input
 
 
 class TwoInTwoOut(torch.nn.Module):
@@ -15,15 +15,6 @@ class TwoInTwoOut(torch.nn.Module):
 
     def forward(self, x, tokens):
         return self.lin(x), tokens * 2
-
-
-@pytest.fixture(scope="module")
-def mlp(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("mlp")
-    torch.manual_seed(0)
-    model = TinyMLP().eval()
-    export_onnx(model, example_input(model), folder / "mlp.onnx")
-    return model, folder / "mlp.onnx"
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +28,8 @@ def multi(tmp_path_factory):
     return model, folder / "multi.onnx"
 
 
-def test_run_single_array_matches_torch(mlp):
-    model, path = mlp
+def test_run_single_array_matches_torch(mlp_onnx):
+    model, path = mlp_onnx
     pred = OnnxPredictor(path, threads=1)
     x = example_input(model, batch=6, seed=3)
     out = pred.run(x.numpy())
@@ -48,8 +39,8 @@ def test_run_single_array_matches_torch(mlp):
     np.testing.assert_array_equal(pred.run({"input": x.numpy()}), out)
 
 
-def test_wrong_name_dtype_shape_name_expected(mlp):
-    _, path = mlp
+def test_wrong_name_dtype_shape_name_expected(mlp_onnx):
+    _, path = mlp_onnx
     pred = OnnxPredictor(path)
     good = np.zeros((2, 13), np.float32)
     with pytest.raises(ConfigError, match=r"missing \['input'\].*unknown \['x'\].*float32"):
@@ -79,8 +70,8 @@ def test_multi_input_output(multi):
         pred.run(x)
 
 
-def test_predict_file_npy_roundtrip(mlp, tmp_path):
-    model, path = mlp
+def test_predict_file_npy_roundtrip(mlp_onnx, tmp_path):
+    model, path = mlp_onnx
     x = example_input(model, batch=5).numpy()
     np.save(tmp_path / "in.npy", x)
     predict_file(path, tmp_path / "in.npy", tmp_path / "out.npy")
@@ -103,8 +94,8 @@ def test_predict_file_npz_multi(multi, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.npz", "out.npz"]
 
 
-def test_bad_files(mlp, tmp_path):
-    _, path = mlp
+def test_bad_files(mlp_onnx, tmp_path):
+    _, path = mlp_onnx
     np.save(tmp_path / "x.npy", np.zeros((2, 13), np.float32))
     full = (tmp_path / "x.npy").read_bytes()
     (tmp_path / "cut.npy").write_bytes(full[:60])

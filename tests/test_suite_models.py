@@ -17,7 +17,6 @@ from tests.cli_helpers import load_tool
 
 @pytest.fixture(scope="module")
 def suite():
-    torch.set_num_threads(2)
     return load_tool("suite")
 
 
@@ -44,7 +43,6 @@ def test_cnn_and_mlp_small_widths(suite):
 
 
 def test_streaming_rnn_carries_its_state(suite):
-    torch.manual_seed(0)
     model = suite.StreamingRNN(channels=8, hidden=16).eval()
     assert list(inspect.signature(model.forward).parameters) == ["x", "state"]
     x = torch.rand(3, 14, 28)
@@ -59,7 +57,6 @@ def test_streaming_rnn_carries_its_state(suite):
 
 
 def test_tiny_encoder_keywords_mask_and_buffers(suite):
-    torch.manual_seed(0)
     model = suite.TinyEncoder(d_model=16, heads=2, layers=2, ff=32).eval()
     assert list(inspect.signature(model.forward).parameters) == ["input_ids", "attention_mask"]
     tokens = suite.tokenize(torch.rand(4, 1, 8, 8), seed=0)
@@ -131,7 +128,6 @@ def _patch_fit(suite, monkeypatch, name, fit):
 
 
 def test_rnn_data_are_carried_and_zero_state_pairs(suite, split):
-    torch.manual_seed(0)
     model = suite.StreamingRNN(channels=8, hidden=16).eval()
     train_in, test_in, y_train, y_test = suite._data_rnn(model, split)
     x, state = test_in
@@ -146,10 +142,6 @@ def test_rnn_data_are_carried_and_zero_state_pairs(suite, split):
     assert torch.equal(y_test[n:], y_test[:n])
     prob, new_state = suite.call_model(model, suite.index_inputs(test_in, slice(0, 4)))
     assert prob.shape == (4,) and new_state.shape == (4, 2, 16)
-
-
-def _patch_fit(suite, monkeypatch, name, fit):
-    monkeypatch.setitem(suite._SPECS, name, dataclasses.replace(suite._SPECS[name], fit=fit))
 
 
 def test_cache_round_trip(suite, tmp_path, monkeypatch):

@@ -9,7 +9,6 @@ from tests.tiny_models import ALL_MODELS, TiedLM, TinyCNN, TinyLSTM, TinyMLP, Ti
 
 @pytest.mark.parametrize("cls", ALL_MODELS)
 def test_default_selects_every_unique_trainable_parameter(cls):
-    torch.manual_seed(0)
     model = cls()
     layout = select_targets(model)
     unique = {id(p): p for p in model.parameters() if p.requires_grad}

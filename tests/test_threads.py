@@ -8,7 +8,7 @@ import torch
 
 from qtcompress.errors import ConfigError
 from qtcompress.qnn.backends import QsimBackend, set_threads, usable_cpu_count
-from tests.cli_helpers import ROOT, run
+from tests.cli_helpers import ROOT, assert_one_line_error
 
 
 def test_set_threads_sets_torch_and_qsim_defaults():
@@ -26,11 +26,18 @@ def test_set_threads_sets_torch_and_qsim_defaults():
         set_threads(0)
 
 
+@pytest.mark.slow  # a fresh interpreter: about 3 s of imports first
 def test_cli_threads_option_and_passive_wait_policy():
+    # OpenMP reads OMP_WAIT_POLICY once, when torch loads: only a new process shows it.
     code = ("import os, qtcompress.cli as c; c.main(['--threads', '1', 'qnn', '--qubits', '4', "
             "'--layers', '1', '--json']); import torch; "
             "print(os.environ['OMP_WAIT_POLICY'], torch.get_num_threads())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                          env={"PATH": "/usr/bin:/bin"}, check=True).stdout
     assert out.strip().endswith("PASSIVE 1")
-    assert run("--threads", "0", "qnn").returncode == 2
+
+
+def test_cli_threads_must_be_positive(cli):
+    result = cli("--threads", "0", "qnn")
+    assert_one_line_error(result, code=2)
+    assert "--threads: expected a positive integer, got 0" in result.stderr

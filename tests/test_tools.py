@@ -1,5 +1,9 @@
 """Smoke tests of the benchmark tools: they run and write their section, nothing timed here."""
 
+import json
+
+import pytest
+from torch import nn
 
 from tests.cli_helpers import load_tool
 
@@ -21,26 +25,27 @@ def test_bench_qnn_writes_its_section_and_keeps_others(tmp_path):
     assert len([line for line in text.splitlines() if line.startswith("| 4 |")]) == 1
 
 
-def test_bench_suite_students_fit_the_budget_and_rows_resume(tmp_path, capsys):
-    import json
+@pytest.fixture(scope="module")
+def bench_suite():
+    return load_tool("bench_suite")
 
-    import torch
-    from torch import nn
 
-    bench = load_tool("bench_suite")
-    torch.manual_seed(0)
+@pytest.mark.parametrize("student", ["LowRankStudent", "PrunedStudent"])
+def test_bench_suite_students_fit_the_budget(bench_suite, student):
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
-    for cls in (bench.LowRankStudent, bench.PrunedStudent):
-        student = cls(model, 1500)
-        assert bench.count(student) <= 1500
-        shapes = {n: t.shape for n, t in student.tensors().items()}
-        assert shapes == {n: p.shape for n, p in model.named_parameters()}
+    built = getattr(bench_suite, student)(model, 1500)
+    assert bench_suite.count(built) <= 1500
+    shapes = {n: t.shape for n, t in built.tensors().items()}
+    assert shapes == {n: p.shape for n, p in model.named_parameters()}
+
+
+def test_bench_suite_rows_resume(bench_suite, tmp_path, capsys):
     # Finished runs are kept in --rows; --write-only makes the table without measuring.
-    row = bench.Row("cnn", 0.05, "qt", 0, 100, 2000, 0.9, 0.1, 0.97, "agreement", 0.96, 0.97,
-                    False, 1000, 20000, 12.0)
+    row = bench_suite.Row("cnn", 0.05, "qt", 0, 100, 2000, 0.9, 0.1, 0.97, "agreement", 0.96,
+                          0.97, False, 1000, 20000, 12.0)
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps(row.__dict__) + "\n")
-    assert bench.main(["--rows", str(rows), "--write-only", "--no-write"]) == 0
+    assert bench_suite.main(["--rows", str(rows), "--write-only", "--no-write"]) == 0
     out = capsys.readouterr().out
     assert "| cnn | 5% | qt | 100 (5.00%) | 0.900 | 10.00% | agreement 97.00% |" in out
     assert "(20.0x smaller)" in out

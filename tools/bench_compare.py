@@ -38,14 +38,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchdoc import DOC, ROOT, machine, write_section  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
-from qtcompress.api import compress  # noqa: E402
-from qtcompress.baselines import (  # noqa: E402
+from baselines import (  # noqa: E402
     distill_finetune,
     lowrank_factorize,
     magnitude_prune,
     random_features_control,
     trainable_count,
 )
+
+from qtcompress.api import compress  # noqa: E402
 from qtcompress.config import QTConfig  # noqa: E402
 from qtcompress.examples import DigitsCNN, Split, TabularMLP, accuracy, load_dataset  # noqa: E402
 
