@@ -164,30 +164,27 @@ def measure(kind: str, size: float, repeats: int) -> dict[str, Any]:
     with torch.no_grad():
         teacher_out = model(x)  # warm-up; teacher outputs are recomputed each step below
 
+    def distill_step(forward: Any, opt: torch.optim.Optimizer) -> Any:
+        """One distillation step: teacher forward, ``forward(x)``, KL, backward, Adam."""
+        def step() -> None:
+            with torch.no_grad():
+                teacher = model(x)
+            loss = distill_loss(forward(x), teacher, "kl", 2.0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return step
+
     student = copymod.deepcopy(model)
     for p in student.parameters():
         p.requires_grad_(True)
-    plain_opt = torch.optim.Adam(student.parameters(), lr=1e-4, fused=True)
-
-    def plain_step() -> None:
-        with torch.no_grad():
-            teacher = model(x)
-        loss = distill_loss(student(x), teacher, "kl", 2.0)
-        plain_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        plain_opt.step()
-
+    plain_step = distill_step(student, torch.optim.Adam(student.parameters(), lr=1e-4,
+                                                        fused=True))
     qt = compress(model)
     gen, fm = qt.generator, qt.functional
     qt_opt = torch.optim.Adam(gen.parameters(), lr=1e-4, fused=True)
-
-    def qt_step() -> None:
-        with torch.no_grad():
-            teacher = model(x)
-        loss = distill_loss(fm(x), teacher, "kl", 2.0)
-        qt_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        qt_opt.step()
+    qt_step = distill_step(fm, qt_opt)
 
     parts: dict[str, list[float]] = {k: [] for k in ("qnn", "body", "heads", "model", "adam")}
     bits = gen._bits
