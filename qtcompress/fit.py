@@ -143,7 +143,7 @@ def _save_atomic(obj: Any, path: Path) -> None:
 
 
 def _all_finite(tensors: Any) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)
+    return all(all_finite(t) for t in tensors if t is not None)
 
 
 def make_adam(params: list[nn.Parameter], cfg: LoopConfig) -> torch.optim.Adam:
@@ -369,9 +369,8 @@ def row_weight_loss(generator: RowGenerator, target: torch.Tensor,
     loss = h.new_zeros(())
     for i, s in enumerate(generator.layout.specs):
         goal = generator._as_view(target[s.offset:s.offset + s.numel], i)  # (rows, cols) view
-        if not stream:
-            w = generator._tensor(h, i).reshape(goal.shape)
-            loss = loss + F.mse_loss(w, goal, reduction="sum") * scales[i]
+        if not stream:  # the whole tensor as one block, kept for the backward pass
+            loss = loss + generator.row_block_error(h, i, 0, goal) * scales[i]
             continue
         # Row blocks of at most STREAM_BLOCK weights, each recomputed in the backward pass.
         step = max(1, STREAM_BLOCK // goal.shape[1])
@@ -400,11 +399,12 @@ def relative_errors(generator: AnyGenerator, target: torch.Tensor) -> dict[str, 
         # Block by block (one tensor per block for the rows scheme): no M-sized copy.
         for start, block in generator.iter_blocks():
             stop = start + block.shape[0]
-            diff_sq += float(((block - target[start:stop]).double() ** 2).sum())
+            b = target[start:stop]
+            block_sq = float(((block - b).double() ** 2).sum())
+            diff_sq += block_sq
             s = specs.get(start)
             if s is not None and s.numel == block.shape[0]:
-                b = target[start:stop]
-                out[s.name] = float((block - b).norm() / b.norm().clamp_min(1e-12))
+                out[s.name] = block_sq ** 0.5 / float(b.double().norm().clamp_min(1e-12))
         if len(out) != len(specs):  # blocks that do not line up with tensors (flat scheme)
             w = torch.cat([b for _, b in generator.iter_blocks()])
             for s in generator.layout.specs:
