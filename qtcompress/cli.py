@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import os
 
-# Idle OpenMP threads sleep instead of spinning. torch and qsim each bring a pool; spinning
-# pools next to one other busy process made a QNN forward+gradient (13 qubits, 8 layers) take
-# 63 ms instead of 3.65 ms. OpenMP reads this once, when torch loads: in the CLI, later.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Idle OpenMP threads spin briefly, then sleep. libgomp's default spin holds a core for long
+# after each operator: next to one other busy 2-thread process a 1e6-weight MLP's training
+# step took 291 ms instead of 3.8 ms quiet. Sleeping at once (OMP_WAIT_POLICY=PASSIVE, the
+# setting before) pays a thread wake-up on every parallel operator: 8.2 ms quiet, 20 ms busy.
+# 1000 spins: 5.4 ms quiet, 12.7 ms busy (tools/bench_step.py --wait, docs/benchmarks.md).
+# libgomp reads this once, when torch loads: in the CLI, later. A user's own setting wins.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 import argparse  # noqa: E402
 import json  # noqa: E402

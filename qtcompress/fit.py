@@ -519,12 +519,13 @@ class FunctionalModel:
 
         Args:
             *args: Model inputs.
-            generated: Tensors by name; default ``generator.tensors()``.
+            generated: Tensors by name; default ``generator.tensors(factored=True)`` (linear
+                layers run on the low-rank factors, :mod:`qtcompress.lowrank`).
             batch_stats: Run BatchNorm layers in training mode: normalise with batch
                 statistics and update the student's running statistics (:attr:`buffers`).
             **kwargs: Model keyword inputs.
         """
-        tensors = self.generator.tensors() if generated is None else generated
+        tensors = self.generator.tensors(factored=True) if generated is None else generated
         if batch_stats:
             for m in self.norm_layers:
                 m.train()
@@ -544,7 +545,7 @@ class FunctionalModel:
         """
         if not self.norm_layers:
             return
-        tensors = self.generator.tensors()
+        tensors = self.generator.tensors(factored=True)
         momenta = [m.momentum for m in self.norm_layers]
         for m in self.norm_layers:
             m.momentum = None
@@ -687,7 +688,7 @@ def evaluate_fidelity(fmodel: FunctionalModel, data: Any, labels: torch.Tensor |
         labels_in_items: Where labels sit inside dataset items.
     """
     source = InputSource.of(data, labels, labels_in_items=labels_in_items)
-    generated = fmodel.generator.tensors()
+    generated = fmodel.generator.tensors(factored=True)
     students, teachers, golds = [], [], []
     for batch in source.batches(batch_size):
         batch = batch.to(fmodel.device)

@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from qtcompress.errors import ConfigError, NonFiniteError
 from qtcompress.experimental.mps import MPSMapping
+from qtcompress.lowrank import LowRankWeight
 from qtcompress.mapping import Mapping, MLPMapping, signed_bits, transform_probs
 from qtcompress.qnn import QNN, Ansatz
 from qtcompress.targets import Layout
@@ -323,11 +324,14 @@ class QTGenerator(nn.Module):
                 raw = (raw - mean[idx]) / std[idx]
             yield start, self._affine(raw, start)
 
-    def tensors(self, flat: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def tensors(self, flat: torch.Tensor | None = None, *,
+                factored: bool = False) -> dict[str, torch.Tensor]:
         """Generated tensors by name (aliases included), cast to each parameter's dtype.
 
         Args:
             flat: A vector from :meth:`generate`; generated now if ``None``.
+            factored: Ignored: flat chunks have no low-rank factors (see
+                :meth:`RowGenerator.tensors`).
         """
         flat = self.generate() if flat is None else flat
         out = self.layout.split(flat)
@@ -378,6 +382,40 @@ def uniform_ranks(layout: Layout, rank: int) -> tuple[int, ...]:
     return tuple(min(rank, max_rank(s.shape)) for s in layout.specs)
 
 
+# Above this many weights, a tensor whose needed singular values are few gets them from a
+# randomised SVD: exact svdvals of a 7,000 x 7,000 layer took most of compress() at 1e8 weights.
+EXACT_SPECTRUM_WEIGHTS = 1 << 22
+
+
+def spectrum_gains(flat: torch.Tensor, shape: tuple[int, ...], need: int) -> torch.Tensor:
+    """Each rank's share of a tensor's variance: ``sigma_r^2 / sum(sigma^2)``, ``r = 0..need``.
+
+    The tensor is its column-centred ``(rows, cols)`` view (the head's bias holds the column
+    means). Entries past ``need`` are zeros. Big tensors that need few values get them from
+    ``torch.svd_lowrank`` (seeded, 4 power iterations; the total comes from the Frobenius norm,
+    exactly): an estimate, close for the leading values that the allocation compares.
+
+    Args:
+        flat: The tensor's pretrained values, flat.
+        shape: Its shape.
+        need: The largest rank index read.
+    """
+    w = flat.double().reshape(row_view(shape))
+    w = w - w.mean(0, keepdim=True)
+    total = w.square().sum().clamp_min(1e-30)
+    out = torch.zeros(max_rank(shape) + 1, dtype=torch.float64)
+    q = need + 1 + 10  # oversampled
+    if w.numel() > EXACT_SPECTRUM_WEIGHTS and 4 * q < min(w.shape):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            sigma = torch.svd_lowrank(w, q=q, niter=4)[1][: need + 1]
+    else:
+        sigma = torch.linalg.svdvals(w)
+    energy = (sigma**2 / total)[: out.numel()]
+    out[: energy.numel()] = energy
+    return out
+
+
 def allocate_ranks(layout: Layout, target: torch.Tensor | None, allowed: int, n_layers: int,
                    hidden: tuple[int, ...], n_qubits: int | None = None) -> tuple[int, ...]:
     """Per-tensor ranks that fit ``allowed`` parameters, spent where the weights need them.
@@ -412,17 +450,17 @@ def allocate_ranks(layout: Layout, target: torch.Tensor | None, allowed: int, n_
         mid = (low + high) // 2
         low, high = (mid, high) if size_of(mid) <= allowed else (low, mid)
     ranks = list(uniform_ranks(layout, low))
+    size = row_generator_size(layout, ranks, n_layers, hidden, n_qubits)
     gains: list[torch.Tensor] = []
-    for s in layout.specs:
+    for s, rank in zip(layout.specs, ranks, strict=True):
         if max_rank(s.shape) == 0 or target is None:
             # No spectrum without weights: every gain is 0, so the leftover goes by cost alone.
             gains.append(torch.zeros(max_rank(s.shape) + 1))
             continue
-        w = target[s.offset:s.offset + s.numel].double().reshape(row_view(s.shape))
-        w = w - w.mean(0, keepdim=True)  # the head's bias holds the column means
-        energy = torch.linalg.svdvals(w) ** 2
-        gains.append(energy / energy.sum().clamp_min(1e-30))
-    size = row_generator_size(layout, ranks, n_layers, hidden, n_qubits)
+        # The leftover can buy this tensor at most this many more ranks: later singular values
+        # are never read.
+        need = min(max_rank(s.shape), rank + max(0, allowed - size) // row_view(s.shape)[1])
+        gains.append(spectrum_gains(target[s.offset:s.offset + s.numel], s.shape, need))
     widest = max(1, *ranks)
     body_unit = (hidden[-1] if hidden else 0) + 1  # parameters per extra feature width
     heap = [(-float(gains[i][ranks[i]]) / row_view(s.shape)[1], i)
@@ -551,11 +589,13 @@ class RowGenerator(nn.Module):
         bits: torch.Tensor = self._bits  # type: ignore[assignment]
         return self.body(torch.cat([bits, x[:, None]], dim=1))  # (S, rank)
 
-    def _tensor(self, h: torch.Tensor, i: int) -> torch.Tensor:
+    def _tensor(self, h: torch.Tensor, i: int, factored: bool = False) -> torch.Tensor:
         k, shape = self.ranks[i], self.layout.specs[i].shape
         if k == 0:
             return self.biases[i].expand(self.views[i]).reshape(shape)
         a, b = self.row_starts[i], self.row_starts[i + 1]
+        if factored and len(shape) == 2:
+            return LowRankWeight(h[a:b, :k], self.heads[i], self.biases[i], shape)
         w = torch.addmm(self.biases[i], h[a:b, :k], self.heads[i])  # (rows, columns)
         return w.reshape(shape)
 
@@ -574,26 +614,37 @@ class RowGenerator(nn.Module):
             w = torch.addmm(self.biases[i], h[a:a + goal.shape[0], :k], self.heads[i])
         return torch.nn.functional.mse_loss(w, goal, reduction="sum")
 
-    def generate_tensors(self) -> list[torch.Tensor]:
-        """Every generated tensor in layout order (float32, differentiable)."""
+    def generate_tensors(self, factored: bool = False) -> list[torch.Tensor]:
+        """Every generated tensor in layout order (float32, differentiable).
+
+        Args:
+            factored: Matrices as :class:`~qtcompress.lowrank.LowRankWeight` (see
+                :meth:`tensors`).
+        """
         h = self.features()
-        return [self._tensor(h, i) for i in range(len(self.views))]
+        return [self._tensor(h, i, factored) for i in range(len(self.views))]
 
     def generate(self) -> torch.Tensor:
         """All generated weights as one flat ``(M,)`` float32 vector (differentiable)."""
         return torch.cat([t.reshape(-1) for t in self.generate_tensors()])
 
-    def tensors(self, flat: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def tensors(self, flat: torch.Tensor | None = None, *,
+                factored: bool = False) -> dict[str, torch.Tensor]:
         """Generated tensors by name (aliases included), cast to each parameter's dtype.
 
         Args:
             flat: A vector from :meth:`generate`; generated now if ``None``.
+            factored: Hand 2-D float32 tensors over as
+                :class:`~qtcompress.lowrank.LowRankWeight`, so that ``nn.Linear`` layers run
+                on the factors instead of materialising the matrix (a training step's fast
+                path; any other use materialises it). Values equal the dense tensors' up to
+                float rounding (a different order of sums).
         """
         if flat is not None:
             parts = self.layout.split(flat)
             by_spec = [parts[s.name] for s in self.layout.specs]
         else:
-            by_spec = self.generate_tensors()
+            by_spec = self.generate_tensors(factored)
         out: dict[str, torch.Tensor] = {}
         for s, t in zip(self.layout.specs, by_spec, strict=True):
             t = t if t.dtype == s.dtype else t.to(s.dtype)

@@ -14,11 +14,14 @@ teacher + loss), optimiser. The *floor* of the generator is what regenerating th
 cost on this machine: the heads' multiply-adds at the measured sgemm rate, or the weights'
 bytes at the measured copy bandwidth, whichever is larger.
 
+``--wait`` times the MLP 1e6 steps under several OpenMP idle-thread settings, quiet and next to
+one competing 2-thread process (the evidence for the CLI's ``GOMP_SPINCOUNT=1000``).
+
 ``--phase1 1e8`` times phase-1 steps (weight loss, backward, Adam) on a 1e8-weight MLP with peak
 resident memory, in its own process.
 
 Threads: torch 2 intra-op threads, qsim 2 threads, ``OMP_NUM_THREADS=2``,
-``OPENBLAS_NUM_THREADS=2``, ``OMP_WAIT_POLICY=PASSIVE`` (as the CLI sets it).
+``OPENBLAS_NUM_THREADS=2``, ``GOMP_SPINCOUNT=1000`` (as the CLI sets it).
 
 ``--contention`` times the QNN (13 qubits, 8 layers, forward + adjoint gradient) through the
 public API with torch imported first and no environment variables set, quiet and next to one
@@ -44,7 +47,7 @@ from typing import Any
 
 THREADS = 2
 ENV = {"OMP_NUM_THREADS": str(THREADS), "OPENBLAS_NUM_THREADS": str(THREADS),
-       "MKL_NUM_THREADS": str(THREADS), "OMP_WAIT_POLICY": "PASSIVE"}
+       "MKL_NUM_THREADS": str(THREADS), "GOMP_SPINCOUNT": "1000"}
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchdoc import ROOT, machine, write_section  # noqa: E402
@@ -184,7 +187,8 @@ def measure(kind: str, size: float, repeats: int) -> dict[str, Any]:
     qt = compress(model)
     gen, fm = qt.generator, qt.functional
     qt_opt = torch.optim.Adam(gen.parameters(), lr=1e-4, fused=True)
-    qt_step = distill_step(fm, qt_opt)
+    qt_step = distill_step(fm, qt_opt)  # linear layers run on the factors (lowrank.py)
+    dense_step = distill_step(lambda inp: fm(inp, generated=gen.tensors()), qt_opt)
 
     parts: dict[str, list[float]] = {k: [] for k in ("qnn", "body", "heads", "model", "adam")}
     bits = gen._bits
@@ -220,9 +224,11 @@ def measure(kind: str, size: float, repeats: int) -> dict[str, Any]:
                            ("adam", t8 - t7)):
             parts[key].append(1000 * value)
 
-    plain, qtt = [], []
+    plain: list[float] = []
+    qtt: list[float] = []
+    dense: list[float] = []
     for i in range(repeats + 1):  # the first round is a warm-up
-        for fn, out in ((plain_step, plain), (qt_step, qtt)):
+        for fn, out in ((plain_step, plain), (qt_step, qtt), (dense_step, dense)):
             t0 = time.perf_counter()
             fn()
             if i:
@@ -238,7 +244,8 @@ def measure(kind: str, size: float, repeats: int) -> dict[str, Any]:
     return {"kind": kind, "M": m, "trainable": gen.parameter_counts()["total"],
             "qubits": gen.n_qubits, "rank": gen.rank,
             "batch": int(x.shape[0]), "plain_ms": statistics.median(plain),
-            "qt_ms": statistics.median(qtt), **{f"{k}_ms": v for k, v in med.items()},
+            "qt_ms": statistics.median(qtt), "dense_ms": statistics.median(dense),
+            **{f"{k}_ms": v for k, v in med.items()},
             "generator_ms": med["qnn"] + med["body"] + med["heads"], "floor_ms": floor_ms,
             "gflops": rates["gflops"], "gbps": rates["gbps"], "peak_mib": _peak_mib(),
             "teacher_shape": list(teacher_out.shape)}
@@ -271,6 +278,80 @@ def measure_phase1(size: float, steps: int) -> dict[str, Any]:
             "trainable": qt.generator.parameter_counts()["total"]}
 
 
+def measure_steps(kind: str, size: float, repeats: int) -> dict[str, float]:
+    """Plain and QT step medians only (interleaved): the wait-policy sweep's measurement."""
+    import copy as copymod
+
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from qtcompress import compress
+    from qtcompress.fidelity import distill_loss
+    from qtcompress.qnn.backends import set_threads
+
+    set_threads(THREADS)
+    model, x = build(kind, size)
+    student = copymod.deepcopy(model)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    qt = compress(model)
+    runs: dict[str, tuple[Any, torch.optim.Optimizer]] = {
+        "plain": (student, torch.optim.Adam(student.parameters(), lr=1e-4, fused=True)),
+        "qt": (qt.functional, torch.optim.Adam(qt.generator.parameters(), lr=1e-4,
+                                               fused=True))}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for i in range(repeats + 2):  # two warm-up rounds
+        for name, (forward, opt) in runs.items():
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                teacher = model(x)
+            loss = distill_loss(forward(x), teacher, "kl", 2.0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if i > 1:
+                times[name].append(1000 * (time.perf_counter() - t0))
+    return {f"{k}_ms": statistics.median(v) for k, v in times.items()}
+
+
+# OpenMP idle-thread settings compared by --wait (read once, when torch loads).
+WAIT_VARIANTS: dict[str, dict[str, str]] = {
+    "GOMP_SPINCOUNT=1000 (CLI default)": {"GOMP_SPINCOUNT": "1000"},
+    "GOMP_SPINCOUNT=5000": {"GOMP_SPINCOUNT": "5000"},
+    "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "nothing set (libgomp's default spin)": {},
+}
+
+
+def _competitor() -> subprocess.Popen[bytes]:
+    """One competing 2-thread torch process (matrix products), given 2 s to start."""
+    code = ("import torch, time\ntorch.set_num_threads(2)\na = torch.randn(512, 512)\n"
+            "t = time.time()\nwhile time.time() - t < 300: a @ a\n")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    time.sleep(2.0)
+    return proc
+
+
+def wait_sweep(kind: str, size: float, repeats: int) -> list[dict[str, Any]]:
+    """Plain and QT steps under each of :data:`WAIT_VARIANTS`, quiet and next to a competitor."""
+    rows = []
+    for label, env in WAIT_VARIANTS.items():
+        row: dict[str, Any] = {"variant": label}
+        for state in ("quiet", "busy"):
+            competitor = _competitor() if state == "busy" else None
+            try:
+                out = _child(["--one-steps", kind, str(size), "--repeats", str(repeats)],
+                             env=env)
+            finally:
+                if competitor is not None:
+                    competitor.kill()
+                    competitor.wait()
+            row.update({f"{state}_{k}": v for k, v in out.items()})
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
 def measure_contention(repeats: int, variant: str) -> dict[str, float]:
     """QNN forward + adjoint gradient (13 qubits, 8 layers) through the public API, quiet and
     next to one competing 2-thread process; torch imported first, no environment variables.
@@ -301,10 +382,7 @@ def measure_contention(repeats: int, variant: str) -> dict[str, float]:
     for state in ("quiet", "busy"):
         competitor = None
         if state == "busy":
-            code = ("import torch, time\ntorch.set_num_threads(2)\na = torch.randn(512, 512)\n"
-                    "t = time.time()\nwhile time.time() - t < 120: a @ a\n")
-            competitor = subprocess.Popen([sys.executable, "-c", code])
-            time.sleep(2.0)
+            competitor = _competitor()
         try:
             for name, qnn in qnns.items():
                 out[f"{name}, {state}"] = median_ms(qnn)
@@ -317,24 +395,26 @@ def measure_contention(repeats: int, variant: str) -> dict[str, float]:
 
 # -- report ------------------------------------------------------------------------------------
 def table(rows: list[dict[str, Any]], phase1: dict[str, Any] | None, repeats: int,
-          contention: dict[str, float] | None = None) -> str:
+          contention: dict[str, float] | None = None,
+          waits: list[dict[str, Any]] | None = None) -> str:
     """Markdown for docs/benchmarks.md."""
     lines = [
         f"QT fine-tuning step vs the plain distillation step of the same model (all weights "
         f"trainable), interleaved in one process per model, medians of {repeats}. Rows scheme, "
         f"default budget (5% of M). Threads: torch {THREADS}, qsim {THREADS}, "
-        f"OMP/OpenBLAS {THREADS}, OMP_WAIT_POLICY=PASSIVE. Measured {machine()}; written by "
+        f"OMP/OpenBLAS {THREADS}, GOMP_SPINCOUNT=1000 (as the CLI sets it). Measured {machine()}; written by "
         "`tools/bench_step.py`.",
         "",
-        "| model | M | batch | qubits | rank | plain (ms) | QT (ms) | QT / plain | QNN | body | "
-        "heads | model | Adam | generator f+b | floor | peak RSS (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | M | batch | qubits | rank | plain (ms) | QT (ms) | QT / plain | "
+        "QT, dense W (ms) | QNN | body | heads | model | Adam | generator f+b | floor | "
+        "peak RSS (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['kind']} | {r['M']:,} | {r['batch']} | {r['qubits']} | {r['rank']} | "
             f"{r['plain_ms']:.1f} | {r['qt_ms']:.1f} | {r['qt_ms'] / r['plain_ms']:.2f}x | "
-            f"{r['qnn_ms']:.1f} | {r['body_ms']:.1f} | {r['heads_ms']:.1f} | "
+            f"{r['dense_ms']:.1f} | {r['qnn_ms']:.1f} | {r['body_ms']:.1f} | {r['heads_ms']:.1f} | "
             f"{r['model_ms']:.1f} | {r['adam_ms']:.1f} | {r['generator_ms']:.1f} | "
             f"{r['floor_ms']:.1f} | {r['peak_mib']:.0f} |")
     if rows:
@@ -343,8 +423,11 @@ def table(rows: list[dict[str, Any]], phase1: dict[str, Any] | None, repeats: in
                   f"{max(r['gbps'] for r in rows):.1f} GB/s. *floor*: the heads' multiply-adds "
                   "(forward and both backward products) at that sgemm rate, or writing the "
                   "weights and reading their gradient twice at that bandwidth, whichever is "
-                  "larger. QNN / body / heads / model / Adam: one split step, run separately "
-                  "(ms)."]
+                  "larger. *QT*: linear layers run on the low-rank factors "
+                  "(`qtcompress/lowrank.py`); *QT, dense W*: the same step with every weight "
+                  "materialised first (the step before that change), interleaved with the "
+                  "other two. QNN / body / heads / model / Adam: one split step with dense "
+                  "weights, run separately (ms)."]
     if phase1:
         p = phase1
         lines += ["", f"Phase 1 at {p['M']:,} weights (MLP, {p['weights_mib']:.0f} MiB of "
@@ -371,16 +454,33 @@ def table(rows: list[dict[str, Any]], phase1: dict[str, Any] | None, repeats: in
             label = ("default (1 thread up to 16 qubits)" if name == "default"
                      else "2 (the default before)")
             lines.append(f"| {label} | {q:.2f} | {b:.2f} | {b / q:.1f}x |")
+    if waits:
+        lines += ["", "OpenMP idle threads, MLP 1e6 (batch 64), QT and plain steps in fresh "
+                  "processes (torch 2 threads), quiet and next to one competing 2-thread torch "
+                  "process, medians (ms). Idle threads that spin hold a core the other process "
+                  "needs; threads that sleep at once pay a wake-up on every parallel operator:",
+                  "", "| idle threads | plain quiet | QT quiet | QT / plain | plain busy | "
+                  "QT busy |", "|---|---|---|---|---|---|"]
+        for w in waits:
+            lines.append(f"| {w['variant']} | {w['quiet_plain_ms']:.1f} | "
+                         f"{w['quiet_qt_ms']:.1f} | "
+                         f"{w['quiet_qt_ms'] / w['quiet_plain_ms']:.2f}x | "
+                         f"{w['busy_plain_ms']:.1f} | {w['busy_qt_ms']:.1f} |")
     return "\n".join(lines)
 
 
-def _child(args: list[str], clean_env: bool = False) -> dict[str, Any]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "OPENBLAS_",
-                                                                     "MKL_"))}
+def _child(args: list[str], clean_env: bool = False,
+           env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run this script in a fresh process; ``env`` replaces the OpenMP wait settings."""
+    full = {k: v for k, v in os.environ.items()
+            if not k.startswith(("OMP_", "OPENBLAS_", "MKL_", "GOMP_"))}
     if not clean_env:
-        env.update(ENV)
+        full.update(ENV)
+    if env is not None:
+        full = {k: v for k, v in full.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+        full.update(env)
     res = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
-                         env=env)
+                         env=full)
     if res.returncode != 0:
         raise SystemExit(f"bench_step child {args} failed:\n{res.stderr[-3000:]}")
     out: dict[str, Any] = json.loads(res.stdout.strip().splitlines()[-1])
@@ -401,7 +501,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--contention", action="store_true",
                     help="also time the QNN quiet and next to a competing process")
     ap.add_argument("--one-contention", help=argparse.SUPPRESS)
+    ap.add_argument("--wait", action="store_true",
+                    help="also sweep OpenMP wait settings (MLP 1e6, quiet and busy)")
+    ap.add_argument("--one-steps", nargs=2, help=argparse.SUPPRESS)  # child: kind size
     a = ap.parse_args(argv)
+    if a.one_steps:
+        print(json.dumps(measure_steps(a.one_steps[0], float(a.one_steps[1]), a.repeats)))
+        return
     if a.one:
         print(json.dumps(measure(a.one[0], float(a.one[1]), a.repeats)))
         return
@@ -417,7 +523,8 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(_child(["--one", kind, str(size), "--repeats", str(a.repeats)]))
             r = rows[-1]
             print(f"{kind} M={r['M']:,}: plain {r['plain_ms']:.1f} ms, QT {r['qt_ms']:.1f} ms "
-                  f"({r['qt_ms'] / r['plain_ms']:.2f}x); generator {r['generator_ms']:.1f} ms, "
+                  f"({r['qt_ms'] / r['plain_ms']:.2f}x), dense W {r['dense_ms']:.1f} ms; "
+                  f"generator {r['generator_ms']:.1f} ms, "
                   f"floor {r['floor_ms']:.1f} ms", flush=True)
     phase1 = None
     if a.phase1:
@@ -430,7 +537,8 @@ def main(argv: list[str] | None = None) -> None:
             contention.update(_child(["--one-contention", variant, "--repeats", str(a.repeats)],
                                      clean_env=True))
         print(contention, flush=True)
-    text = table(rows, phase1, a.repeats, contention)
+    waits = wait_sweep("mlp", 1e6, a.repeats) if a.wait else None
+    text = table(rows, phase1, a.repeats, contention, waits)
     print(text)
     if not a.no_write:
         write_section("bench_step", "QT step vs plain step (`tools/bench_step.py`)", text)

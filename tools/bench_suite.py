@@ -100,7 +100,7 @@ class LowRankStudent(nn.Module):
             else:
                 self.dense[key] = nn.Parameter(p.detach().clone())
 
-    def tensors(self) -> dict[str, torch.Tensor]:
+    def tensors(self, factored: bool = False) -> dict[str, torch.Tensor]:  # noqa: ARG002
         out = {}
         for n in self.names:
             key = n.replace(".", "__")
@@ -134,7 +134,7 @@ class PrunedStudent(nn.Module):
                 w = w * self.masks[key]
             self.weights[key] = nn.Parameter(w)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
+    def tensors(self, factored: bool = False) -> dict[str, torch.Tensor]:  # noqa: ARG002
         out = {}
         for n in self.names:
             key = n.replace(".", "__")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 import cirq
@@ -239,15 +240,15 @@ class Program:
     num_params: int
     moments: tuple[tuple[Gate, ...], ...]
 
-    @property
+    @cached_property
     def is_real(self) -> bool:
         """True when every gate has a real matrix, so the state stays real."""
         return all(g.kind in REAL_GATES for m in self.moments for g in m)
 
-    @property
-    def gates(self) -> list[Gate]:
-        """All gates in execution order."""
-        return [g for m in self.moments for g in m]
+    @cached_property
+    def gates(self) -> tuple[Gate, ...]:
+        """All gates in execution order (one tuple per program: backends cache by it)."""
+        return tuple(g for m in self.moments for g in m)
 
 
 _PROGRAM_CACHE: dict[Ansatz, Program] = {}

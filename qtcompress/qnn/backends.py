@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import cirq
 import numpy as np
@@ -132,6 +132,11 @@ def _validate_state(state: np.ndarray, n_qubits: int) -> None:
         )
 
 
+# One gate as qsim takes it: (qsim kind, time slot, qsim qubits, the rotation or None).
+_PlannedGate = tuple[Any, int, list[int], Gate | None]
+_MAX_PLANS = 256
+
+
 class QsimBackend:
     """qsim (qsimcirq) state-vector simulation in complex64.
 
@@ -158,6 +163,10 @@ class QsimBackend:
             max_fused_gate_size=max_fused_gate_size, cpu_threads=self.threads
         ).as_dict()
         self._options["s"] = 0  # seed: unused by full-state simulation, but required
+        # Gate tuples (a program's gates, its adjoint sweep) -> their time slots and qubits:
+        # the layout depends on the circuit only, and recomputing it every call was most of a
+        # small simulation's cost.
+        self._plans: dict[tuple[int, int], tuple[Sequence[Gate], list[_PlannedGate]]] = {}
 
     def threads_for(self, n_qubits: int) -> int:
         """Threads qsim uses for one simulation of ``n_qubits``.
@@ -172,26 +181,43 @@ class QsimBackend:
             return self.threads
         return 1
 
+    def _plan(self, n_qubits: int, gates: Sequence[Gate]) -> list[_PlannedGate]:
+        """Each gate's qsim kind, time slot and qsim qubits (cached for tuples of gates)."""
+        key = (id(gates), n_qubits)
+        hit = self._plans.get(key)
+        if hit is not None and hit[0] is gates:
+            return hit[1]
+        # qsim wants gates in time order; give each gate the earliest slot after its qubits'
+        # previous gates so that independent gates share a time step.
+        free_at = [0] * n_qubits
+        top = n_qubits - 1
+        plan = []
+        for gate in gates:
+            time = max(free_at[q] for q in gate.qubits)
+            for q in gate.qubits:
+                free_at[q] = time + 1
+            rotation = gate.kind not in ("cx", "cz")
+            plan.append((self._kinds[gate.kind], time, [top - q for q in gate.qubits],
+                         gate if rotation else None))
+        if isinstance(gates, tuple):  # lists can change in place: never cached
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()
+            self._plans[key] = (gates, plan)
+        return plan
+
     def build_circuit(self, n_qubits: int, gates: Sequence[Gate], angles: np.ndarray) -> object:
         """Build qsim's native circuit, mapping Cirq qubit k to qsim qubit n-1-k."""
         qsim = self._qsim
         circuit = qsim.Circuit()
         circuit.num_qubits = n_qubits
-        # qsim wants gates in time order; give each gate the earliest slot after its qubits'
-        # previous gates so that independent gates share a time step.
-        free_at = [0] * n_qubits
-        top = n_qubits - 1
-        for gate in gates:
-            time = max(free_at[q] for q in gate.qubits)
-            for q in gate.qubits:
-                free_at[q] = time + 1
-            targets = [top - q for q in gate.qubits]
-            if gate.kind in ("cx", "cz"):
-                qsim.add_gate(self._kinds[gate.kind], time, targets, {}, circuit)
+        no_params: dict[str, float] = {}
+        for kind, time, targets, rotation in self._plan(n_qubits, gates):
+            if rotation is None:
+                qsim.add_gate(kind, time, targets, no_params, circuit)
             else:
                 # cirq.rx/ry/rz(a) == XPow/YPow/ZPow(exponent=a/pi, global_shift=-1/2).
-                params = {"exponent": gate.angle(angles) / math.pi, "global_shift": -0.5}
-                qsim.add_gate(self._kinds[gate.kind], time, targets, params, circuit)
+                params = {"exponent": rotation.angle(angles) / math.pi, "global_shift": -0.5}
+                qsim.add_gate(kind, time, targets, params, circuit)
         return circuit
 
     def run(

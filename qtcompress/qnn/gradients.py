@@ -62,6 +62,43 @@ def _frame_gates(moment: tuple[Gate, ...], undo: bool = False) -> list[Gate]:
     return gates
 
 
+# adjoint_sweep's results by program: the gate lists depend on the circuit only, and building
+# them (inverses, frame gates) was a third of a small QNN's backward pass. Bounded: tests and
+# sweeps make many programs.
+_SWEEPS: dict[int, tuple[Program, tuple[tuple[int, tuple[Gate, ...]], ...]]] = {}
+_MAX_SWEEPS = 64
+
+
+def adjoint_sweep(program: Program) -> tuple[tuple[int, tuple[Gate, ...]], ...]:
+    """The reverse sweep's steps: ``(m, gates)`` per parameterised moment ``m``, last first.
+
+    ``gates`` carries the adjoint vectors from the previous step's point (after the moment
+    before it, in that moment's measurement frame) back to the point after moment ``m``, in
+    moment ``m``'s frame: undo the previous frame, invert moments ``m+1..end-1``, enter the
+    frame of ``m``. Cached per program (the gate tuples are stable, so backends can cache the
+    circuits they build from them).
+    """
+    hit = _SWEEPS.get(id(program))
+    if hit is not None and hit[0] is program:
+        return hit[1]
+    moments = program.moments
+    param_moments = [i for i, m in enumerate(moments) if any(g.param is not None for g in m)]
+    steps = []
+    end = len(moments)  # vectors are at the point after moment end-1 (in moment `frame`'s frame)
+    frame: tuple[Gate, ...] = ()
+    for m in reversed(param_moments):
+        gates = _frame_gates(frame, undo=True)
+        for moment in reversed(moments[m + 1 : end]):
+            gates.extend(g.inverse() for g in moment)
+        gates.extend(_frame_gates(moments[m]))
+        steps.append((m, tuple(gates)))
+        end, frame = m + 1, moments[m]
+    if len(_SWEEPS) >= _MAX_SWEEPS:
+        _SWEEPS.clear()
+    _SWEEPS[id(program)] = (program, tuple(steps))
+    return _SWEEPS[id(program)][1]
+
+
 def check_finite_angles(angles: np.ndarray) -> None:
     """Raise :class:`NonFiniteError` naming the first bad angle."""
     bad = np.flatnonzero(~np.isfinite(angles))
@@ -111,16 +148,7 @@ def adjoint_gradient(
     real = program.is_real
     vectors = [psi + 1j * mu] if real else [psi + 1j * mu, psi - 1j * mu]  # u (, v)
 
-    moments = program.moments
-    param_moments = [i for i, m in enumerate(moments) if any(g.param is not None for g in m)]
-    end = len(moments)  # vectors are at the point after moment end-1 (in moment `frame`'s frame)
-    frame: tuple[Gate, ...] = ()
-    for m in reversed(param_moments):
-        # Undo the previous frame, step back over moments m+1..end-1, enter moment m's frame.
-        gates = _frame_gates(frame, undo=True)
-        for moment in reversed(moments[m + 1 : end]):
-            gates.extend(g.inverse() for g in moment)
-        gates.extend(_frame_gates(moments[m]))
+    for m, gates in adjoint_sweep(program):
         vectors = [backend.run(n, gates, angles, vec) for vec in vectors]
         expectations = [
             z_expectations((vec.real**2 + vec.imag**2), n) for vec in vectors
@@ -129,10 +157,9 @@ def adjoint_gradient(
             d_angle = expectations[0] / 2.0
         else:
             d_angle = (expectations[0] - expectations[1]) / 4.0
-        for gate in moments[m]:
+        for gate in program.moments[m]:
             if gate.param is not None:
                 grads[gate.param] += scale * gate.scale * d_angle[gate.qubits[0]]
-        end, frame = m + 1, moments[m]
     return grads
 
 
