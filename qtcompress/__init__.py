@@ -19,6 +19,7 @@ _LAZY = {
     "QTConfig": "qtcompress.config",
     "save_generator": "qtcompress.generator_file",
     "load_generator": "qtcompress.generator_file",
+    "load": "qtcompress.api",
     "QTCompressError": "qtcompress.errors",
 }
 

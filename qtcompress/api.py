@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 from torch import nn
@@ -21,7 +23,7 @@ from torch import nn
 from qtcompress.batches import InputSource, check_call
 from qtcompress.config import QTConfig
 from qtcompress.device import resolve_device
-from qtcompress.errors import ConfigError
+from qtcompress.errors import ConfigError, TargetError
 from qtcompress.fidelity import Fidelity
 from qtcompress.fit import (
     STREAM_WEIGHTS,
@@ -33,9 +35,12 @@ from qtcompress.fit import (
 )
 from qtcompress.fit import finetune as _finetune
 from qtcompress.fit import fit_weights as _fit_weights
-from qtcompress.generator import QTGenerator, RowGenerator
+from qtcompress.generator import AnyGenerator, QTGenerator, RowGenerator
 from qtcompress.limits import check_config, return_freed_memory_to_os
 from qtcompress.targets import Layout, select_targets
+
+if TYPE_CHECKING:
+    from qtcompress.generator_file import GeneratorFile
 
 
 @dataclass(frozen=True)
@@ -100,12 +105,15 @@ class QTModel:
         target: Flat ``(M,)`` pretrained weights (phase-1 target).
     """
 
-    def __init__(self, model: nn.Module, config: QTConfig) -> None:
+    def __init__(self, model: nn.Module, config: QTConfig,
+                 generator: AnyGenerator | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"compress() needs an nn.Module, got {type(model).__name__}.")
         self.config = config
         self.layout: Layout = select_targets(model, config.target, config.exclude,
                                              include_frozen=config.include_frozen)
+        if generator is not None:
+            _check_same_layout(self.layout, generator.layout)
         named = dict(model.named_parameters(remove_duplicate=False))
         self.target = self.layout.flatten({s.name: named[s.name] for s in self.layout.specs})
         self.config = config.resolve(self.layout, self.target)
@@ -113,14 +121,17 @@ class QTModel:
         check_config(self.config, self.layout)
         if self.layout.total >= STREAM_WEIGHTS:
             return_freed_memory_to_os()  # transient tensors of big models leave the heap
-        self.generator = QTGenerator.from_config(self.layout, self.config)
-        if isinstance(self.generator, RowGenerator):
-            # Least-squares heads: the generated network starts as the best projection of the
-            # pretrained one that this generator can express (relative error <= 1).
-            self.generator.fit_heads(self.target)
+        if generator is not None:  # a loaded generator (qtcompress.load): keep its state
+            self.generator: AnyGenerator = generator
         else:
-            # Each tensor's own mean/std puts every layer at the right scale.
-            self.generator.init_affine(self.target)
+            self.generator = QTGenerator.from_config(self.layout, self.config)
+            if isinstance(self.generator, RowGenerator):
+                # Least-squares heads: the generated network starts as the best projection of
+                # the pretrained one that this generator can express (relative error <= 1).
+                self.generator.fit_heads(self.target)
+            else:
+                # Each tensor's own mean/std puts every layer at the right scale.
+                self.generator.init_affine(self.target)
         self.revived: list[str] = []  # tensors whose spread finetune() had to restore
         self._training = model.training
         self._requires_grad = {n: p.requires_grad
@@ -285,6 +296,21 @@ class QTModel:
             p.requires_grad_(self._requires_grad[name])
         return out.train(self._training)
 
+    def save(self, path: str | os.PathLike[str], **kwargs: Any) -> Path:
+        """Write the generator file; :func:`load` reads it back (see :func:`save_generator`).
+
+        Args:
+            path: Destination, conventionally ``*.qtc.safetensors``.
+            **kwargs: :func:`~qtcompress.generator_file.save_generator`'s options
+                (``example_inputs`` stores the ONNX graph and a check batch).
+
+        Returns:
+            The written path.
+        """
+        from qtcompress.generator_file import save_generator
+
+        return save_generator(self, path, **kwargs)
+
     def report(self) -> CompressionReport:
         """Trainable generator parameters against M."""
         c = self.generator.parameter_counts()
@@ -293,6 +319,64 @@ class QTModel:
         return CompressionReport(self.layout.total, c["total"], c["qnn"], c["mapping"],
                                  c["affine"], classical, self.generator.n_qubits,
                                  self.generator.qnn.ansatz.n_layers, self.generator.chunk)
+
+
+def _check_same_layout(mine: Layout, stored: Layout) -> None:
+    """Raise :class:`TargetError` naming how a model's tensors differ from a stored layout."""
+    have = {s.name: tuple(s.shape) for s in mine.specs}
+    want = {s.name: tuple(s.shape) for s in stored.specs}
+    if have == want:
+        return
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    shapes = [f"{n} {list(have[n])} (stored {list(want[n])})"
+              for n in sorted(set(have) & set(want)) if have[n] != want[n]]
+    parts = ([f"missing {missing[:5]}"] if missing else []) + (
+        [f"unexpected {unexpected[:5]}"] if unexpected else []) + (
+        [f"shapes differ: {', '.join(shapes[:5])}"] if shapes else [])
+    raise TargetError(f"The model does not fit the stored generator: {'; '.join(parts)}. Pass "
+                      "the pretrained model the file was made from.")
+
+
+@overload
+def load(path: str | os.PathLike[str], model: None = None) -> GeneratorFile: ...
+
+
+@overload
+def load(path: str | os.PathLike[str], model: nn.Module) -> QTModel: ...
+
+
+def load(path: str | os.PathLike[str], model: nn.Module | None = None
+         ) -> GeneratorFile | QTModel:
+    """Read a generator file written by :meth:`QTModel.save` (or :func:`save_generator`).
+
+    Without ``model`` the file alone can regenerate the weights, rebuild and check the ONNX
+    model, or load into a module (:class:`~qtcompress.generator_file.GeneratorFile`). With the
+    pretrained ``model`` it was made from, the result is a :class:`QTModel` again, holding the
+    stored generator and the student's stored BatchNorm statistics, that fine-tunes further,
+    evaluates against the original and saves again: ``load(path, model)`` round-trips
+    ``qt.save(path)``.
+
+    Args:
+        path: A ``*.qtc.safetensors`` generator file.
+        model: The pretrained model (the teacher); not modified.
+
+    Raises:
+        MissingFileError: The file does not exist.
+        FormatError: The file is corrupt or inconsistent (see :func:`load_generator`).
+        TargetError: ``model``'s generated tensors are not the stored layout's (names the
+            missing and unexpected tensors and the shape differences).
+    """
+    from qtcompress.generator_file import load_generator
+
+    stored = load_generator(path)
+    if model is None:
+        return stored
+    qt = QTModel(model, stored.config, generator=stored.generator.train())
+    for name, value in stored.classical.items():
+        if name in qt.functional.buffers:  # re-estimated statistics; parameters come from model
+            qt.functional.buffers[name].copy_(value)
+    return qt
 
 
 def compress(model: nn.Module, config: QTConfig | None = None, *,
@@ -317,4 +401,4 @@ def compress(model: nn.Module, config: QTConfig | None = None, *,
     return qt.to(dev) if dev.type != "cpu" else qt
 
 
-__all__ = ["CompressionReport", "QTConfig", "QTModel", "compress"]
+__all__ = ["CompressionReport", "QTConfig", "QTModel", "compress", "load"]

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from qtcompress.atomic import atomic_path
-from qtcompress.errors import ConfigError, FormatError
+from qtcompress.errors import ConfigError, FormatError, MissingFileError
 from qtcompress.limits import MAX_JSON_DEPTH, MAX_TENSOR_RANK
 from qtcompress.schema import Int, ListOf, MapOf, Obj, Str, json_depth, validate
 
@@ -280,7 +280,7 @@ def read_artifact(
         The :class:`Artifact`.
 
     Raises:
-        ConfigError: The file does not exist.
+        MissingFileError: The file does not exist.
         FormatError: Truncated/corrupt file, wrong format name or unsupported version,
             missing/extra tensors, tensors that differ from the declared dtypes/shapes, or a
             checksum mismatch. The message names the file and the problem.
@@ -289,7 +289,7 @@ def read_artifact(
 
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"Generator file {str(p)!r} does not exist.")
+        raise MissingFileError(f"Generator file {str(p)!r} does not exist.")
     try:
         with safe_open(str(p), framework="pt", device="cpu") as f:
             header = dict(f.metadata() or {})
@@ -390,7 +390,7 @@ def load_artifact(
         Tensors (skeleton excluded) and the caller's metadata fields.
 
     Raises:
-        ConfigError: The file does not exist.
+        MissingFileError: The file does not exist.
         FormatError: See :func:`read_artifact`.
     """
     art = read_artifact(path, expected_tensors=expected_tensors)

@@ -28,7 +28,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from qtcompress.errors import ConfigError, OutputError
+from qtcompress.errors import ConfigError, MissingFileError, OutputError
 
 try:  # POSIX; elsewhere stale temporary files are simply left alone.
     import fcntl
@@ -84,7 +84,7 @@ def check_output_path(path: str | os.PathLike[str]) -> Path:
     dest = Path(path)
     parent = dest.parent
     if not parent.exists():
-        raise ConfigError(
+        raise MissingFileError(
             f"Cannot write {str(dest)!r}: folder {str(parent)!r} does not exist. "
             f"Create it first (e.g. `mkdir -p {parent}`) or choose another output path."
         )
@@ -254,7 +254,7 @@ def check_writable_dir(path: str | os.PathLike[str], expected_bytes: int = 0, *,
     created = False
     if not folder.exists():
         if not create or not folder.parent.is_dir():
-            raise ConfigError(f"Output folder {str(folder)!r} cannot be created: its parent "
+            raise MissingFileError(f"Output folder {str(folder)!r} cannot be created: its parent "
                               f"{str(folder.parent)!r} does not exist; create it first.")
         try:
             folder.mkdir()

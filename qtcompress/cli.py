@@ -407,15 +407,15 @@ def shipped_models_dir() -> Any:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     """The main job on the shipped digits CNN."""
-    from qtcompress.errors import ConfigError
+    from qtcompress.errors import MissingFileError
     from qtcompress.examples import load_dataset
     from qtcompress.loading import load_model
 
     card_path = shipped_models_dir() / f"{args.example}.json"
     if not card_path.is_file():
-        raise ConfigError(f"The shipped example {card_path} is missing: run the demo from a "
-                          "source checkout (pip install -e .), or use 'qtcompress compress' "
-                          "on your own checkpoint.")
+        raise MissingFileError(f"The shipped example {card_path} is missing: run the demo from a "
+                               "source checkout (pip install -e .), or use 'qtcompress compress' "
+                               "on your own checkpoint.")
     card = json.loads(card_path.read_text())
     checkpoint = card_path.with_suffix(".safetensors")
     model = load_model(checkpoint, factory=card["factory"], factory_kwargs=card["kwargs"])

@@ -31,11 +31,15 @@ class FormatError(QTCompressError, ValueError):
     """A file is truncated, corrupt, of an unknown version, or does not match its metadata."""
 
 
-class TargetError(QTCompressError, KeyError):
+class TargetError(QTCompressError, ValueError):
     """Parameter-name patterns matched nothing, or a model does not fit a stored layout."""
 
+
+class MissingFileError(QTCompressError, FileNotFoundError):
+    """An input file or folder does not exist."""
+
     def __str__(self) -> str:
-        # KeyError quotes its message; show it as written instead.
+        # OSError formats (errno, strerror) pairs; show the message as written instead.
         return str(self.args[0]) if self.args else ""
 
 
@@ -55,8 +59,9 @@ class FidelityError(QTCompressError, RuntimeError):
     """The compressed model is further from the original than the user allowed."""
 
 
-class ExportError(FormatError):
+class ExportError(QTCompressError, RuntimeError):
     """The model could not be exported to ONNX, or the exported graph fails its checks.
 
-    A :class:`FormatError` for older handlers; it names the exporter's or onnxruntime's cause.
+    Raised for the exporter's and onnxruntime's failures and for parity checks between the
+    graph and PyTorch; a file that is corrupt on disk is a :class:`FormatError` instead.
     """

@@ -36,7 +36,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from qtcompress.errors import ConfigError, FormatError, QTCompressError, UnsafeFileError
+from qtcompress.errors import (
+    ConfigError,
+    FormatError,
+    MissingFileError,
+    QTCompressError,
+    UnsafeFileError,
+)
 
 __all__ = [
     "STATE_DICT_SUFFIXES",
@@ -69,7 +75,7 @@ def _unsafe(path: Path) -> UnsafeFileError:
 def _existing_file(path: str | os.PathLike[str]) -> Path:
     p = Path(path)
     if not p.exists():
-        raise ConfigError(f"Model file {str(p)!r} does not exist.")
+        raise MissingFileError(f"Model file {str(p)!r} does not exist.")
     if not p.is_file():
         raise ConfigError(f"Model path {str(p)!r} is not a file.")
     return p
@@ -251,7 +257,7 @@ def load_state_dict_file(
         Parameter names to tensors (on CPU).
 
     Raises:
-        ConfigError: The file does not exist.
+        MissingFileError: The file does not exist.
         FormatError: The file is truncated/corrupt or does not hold a state dict.
         UnsafeFileError: The file needs full unpickling and ``trust_pickle`` is False.
     """

@@ -444,7 +444,7 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-            raise FormatError(f"ONNX model for {str(path)!r} fails onnx.checker: {exc}") from exc
+            raise ExportError(f"ONNX model for {str(path)!r} fails onnx.checker: {exc}") from exc
     return Path(path)
 
 
@@ -495,7 +495,7 @@ def export_onnx(
     if verify:
         diff, scale = compare_outputs(proto, model, example_inputs, dynamic_axes=dynamic_axes)
         if not diff <= atol + rtol * scale:
-            raise FormatError(
+            raise ExportError(
                 f"ONNX export of {type(model).__name__} differs from torch by max abs "
                 f"{diff:.3g} > atol {atol:g} + rtol {rtol:g} x max |output| {scale:.3g}; "
                 f"nothing was written to {str(path)!r}."
@@ -557,7 +557,7 @@ def make_skeleton(onnx_model: onnx.ModelProto, model: nn.Module) -> bytes:
         if init.name in arrays:
             ref = arrays[init.name]
             if ref.shape != value.shape or not np.array_equal(ref, value, equal_nan=True):
-                raise FormatError(
+                raise ExportError(
                     f"ONNX initializer {init.name!r} does not hold state-dict tensor "
                     f"{init.name!r} unchanged (shape {value.shape} vs {ref.shape}); export with "
                     "optimize=False."
@@ -571,7 +571,7 @@ def make_skeleton(onnx_model: onnx.ModelProto, model: nn.Module) -> bytes:
                 and np.array_equal(a, value, equal_nan=True)
             })
             if len(matches) > 1:
-                raise FormatError(
+                raise ExportError(
                     f"ONNX initializer {init.name!r} equals several weights {matches}; cannot "
                     "tell which one it is. Give those weights distinct values before export."
                 )
@@ -594,7 +594,7 @@ def make_skeleton(onnx_model: onnx.ModelProto, model: nn.Module) -> bytes:
         for onnx_name, sd_name in weight_map.items():
             b = arrays[sd_name]
             if a.shape == b.shape and np.array_equal(a, b):
-                raise FormatError(
+                raise ExportError(
                     f"Weight {name!r} is not in the ONNX graph but equals {sd_name!r} (initializer "
                     f"{onnx_name!r}): the exporter probably merged them. Give them distinct "
                     "values before export."
@@ -676,7 +676,7 @@ def export_skeleton(
         # is +-20%); float32 rounding stays near 1e-6 of it. Scale the bound with the outputs.
         bound = verify_atol * max(1.0, scale)
         if not diff <= bound:
-            raise FormatError(
+            raise ExportError(
                 f"The skeleton of {type(model).__name__} refilled with perturbed weights differs "
                 f"from torch by {diff:.3g} > {bound:.3g} (outputs up to {scale:.3g}): some "
                 "weight is baked into the graph or transformed, so regenerated weights would "

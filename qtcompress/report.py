@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from qtcompress.atomic import atomic_path, atomic_write_bytes
-from qtcompress.errors import ConfigError
+from qtcompress.errors import ConfigError, MissingFileError
 
 
 def _pyplot() -> Any:
@@ -133,7 +133,7 @@ def write_report(
     """
     out = Path(out_dir)
     if not out.parent.exists():
-        raise ConfigError(
+        raise MissingFileError(
             f"Cannot write the report into {out}: its parent folder {out.parent} does not exist."
         )
     out.mkdir(exist_ok=True)

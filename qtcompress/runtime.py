@@ -18,7 +18,7 @@ from typing import IO, Any
 import numpy as np
 
 from qtcompress.atomic import atomic_path
-from qtcompress.errors import ConfigError, FormatError, NonFiniteError
+from qtcompress.errors import ConfigError, FormatError, MissingFileError, NonFiniteError
 from qtcompress.limits import check_memory
 
 __all__ = [
@@ -83,7 +83,8 @@ class OnnxPredictor:
             threads: Intra-op threads (``None``: onnxruntime's default).
 
         Raises:
-            ConfigError: The file does not exist, or ``threads`` < 1.
+            MissingFileError: The file does not exist.
+            ConfigError: ``threads`` < 1.
             FormatError: The file is not a loadable ONNX model.
         """
         import onnxruntime as ort
@@ -91,7 +92,7 @@ class OnnxPredictor:
         in_memory = isinstance(path, bytes)
         self.path = Path("<in-memory model>") if in_memory else Path(path)  # type: ignore[arg-type]
         if not in_memory and not self.path.is_file():
-            raise ConfigError(f"ONNX model {str(self.path)!r} does not exist.")
+            raise MissingFileError(f"ONNX model {str(self.path)!r} does not exist.")
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if threads is not None:
@@ -259,14 +260,15 @@ def load_arrays(path: str | os.PathLike[str]) -> np.ndarray | dict[str, np.ndarr
         The array (``.npy``) or a dict of arrays (``.npz``).
 
     Raises:
-        ConfigError: The file does not exist or has another suffix.
+        MissingFileError: The file does not exist.
+        ConfigError: The file has another suffix.
         FormatError: The file is truncated, corrupt, holds pickled objects, or its headers
             claim more data than it holds.
         ResourceLimitError: The arrays would not fit in the memory available.
     """
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"Input file {str(p)!r} does not exist.")
+        raise MissingFileError(f"Input file {str(p)!r} does not exist.")
     if p.suffix not in (".npy", ".npz"):
         raise ConfigError(f"Input file {str(p)!r} must be .npy or .npz.")
     try:

@@ -16,7 +16,7 @@ from qtcompress.artifact import (
     save_artifact,
     sha256_of_tensors,
 )
-from qtcompress.errors import ConfigError, FormatError
+from qtcompress.errors import ConfigError, FormatError, MissingFileError
 from qtcompress.onnx_export import export_skeleton, fill_skeleton
 from tests.tiny_models import TinyMLP, example_input
 
@@ -177,7 +177,7 @@ def test_bad_inputs_to_save_leave_nothing(tmp_path):
         save_artifact(target, {"a": np.zeros(2)}, {})
     with pytest.raises(ConfigError, match="reserved for the ONNX skeleton"):
         save_artifact(target, {SKELETON_TENSOR: torch.zeros(2)}, {})
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(MissingFileError, match="does not exist"):
         save_artifact(tmp_path / "missing" / "g.qtc.safetensors", _tensors(), {})
     assert _listing(tmp_path) == []
 
@@ -189,7 +189,7 @@ def test_overwrite_is_atomic_and_missing_file(tmp_path):
     tensors, meta = load_artifact(target)
     assert meta == {"v": 2} and torch.equal(tensors["a"], torch.ones(3))
     assert _listing(tmp_path) == ["g.qtc.safetensors"]
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(MissingFileError, match="does not exist"):
         load_artifact(tmp_path / "nope.qtc.safetensors")
 
 

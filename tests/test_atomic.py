@@ -3,7 +3,7 @@ import os
 import pytest
 
 from qtcompress.atomic import atomic_path, atomic_write_bytes, check_output_path
-from qtcompress.errors import ConfigError
+from qtcompress.errors import ConfigError, MissingFileError
 
 
 def test_write_and_overwrite_leave_only_the_file(tmp_path):
@@ -25,7 +25,7 @@ def test_mode_follows_umask(tmp_path):
 
 def test_missing_folder_names_folder_and_fix(tmp_path):
     dest = tmp_path / "nope" / "out.bin"
-    with pytest.raises(ConfigError, match="folder '.*' does not exist") as info:
+    with pytest.raises(MissingFileError, match="folder '.*' does not exist") as info:
         atomic_write_bytes(dest, b"x")
     assert str(tmp_path / "nope") in str(info.value)
     assert "mkdir" in str(info.value)

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 from safetensors.torch import load_file
 
-from qtcompress.errors import ConfigError
+from qtcompress.errors import MissingFileError
 from tests.cli_helpers import ROOT, assert_one_line_error, run
 
 GOLDEN = ROOT / "tests" / "data" / "golden_mlp.qtc.safetensors"
@@ -106,5 +106,5 @@ def test_debug_flag_lets_the_traceback_through(tmp_path):
     from qtcompress.cli import main
 
     missing = tmp_path / "missing.qtc.safetensors"
-    with pytest.raises(ConfigError, match=r"missing\.qtc\.safetensors' does not exist"):
+    with pytest.raises(MissingFileError, match=r"missing\.qtc\.safetensors' does not exist"):
         main(["--debug", "inspect", str(missing)])

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from qtcompress.api import compress
 from qtcompress.config import QTConfig
-from qtcompress.errors import ConfigError, FormatError
+from qtcompress.errors import FormatError, MissingFileError
 from qtcompress.generator_file import load_generator, save_generator
 from tests.tiny_models import TinyCNN, TinyLSTM, TinyMLP, TinyTransformer, example_input
 
@@ -215,7 +215,7 @@ def test_model_that_does_not_fit_the_layout(cnn_file):
 
 def test_output_in_missing_folder_writes_nothing(cnn_file, tmp_path):
     _, qt, x = cnn_file
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(MissingFileError, match="does not exist"):
         save_generator(qt, tmp_path / "nope" / "m.qtc.safetensors", example_inputs=(x,))
     assert not (tmp_path / "nope").exists()
     save_generator(qt, tmp_path / "m.qtc.safetensors")

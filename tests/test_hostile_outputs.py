@@ -21,7 +21,7 @@ from qtcompress.atomic import (
     check_writable_dir,
     remove_stale_temps,
 )
-from qtcompress.errors import ConfigError, OutputError
+from qtcompress.errors import ConfigError, MissingFileError, OutputError
 
 ROOT = Path(__file__).resolve().parents[1]
 NOBODY = 65534
@@ -93,7 +93,7 @@ def test_output_folder_that_is_a_file(tmp_path):
 
 
 def test_output_folder_with_missing_parent(tmp_path):
-    with pytest.raises(ConfigError, match="its parent .* does not exist"):
+    with pytest.raises(MissingFileError, match="its parent .* does not exist"):
         check_writable_dir(tmp_path / "a" / "b")
     assert not (tmp_path / "a").exists()
 

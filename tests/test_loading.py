@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file, save_model
 
-from qtcompress.errors import ConfigError, FormatError, UnsafeFileError
+from qtcompress.errors import ConfigError, FormatError, MissingFileError, UnsafeFileError
 from qtcompress.loading import load_model, parse_factory_kwargs, resolve_factory
 from tests.tiny_models import TiedLM, TinyCNN, TinyMLP, example_input
 
@@ -164,7 +164,7 @@ def test_non_state_dict_content(tmp_path):
 
 
 def test_missing_file_and_unknown_suffix(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(MissingFileError, match="does not exist"):
         load_model(tmp_path / "missing.pt", factory=MLP)
     (tmp_path / "w.h5").write_bytes(b"x")
     with pytest.raises(ConfigError, match=r"\.h5"):

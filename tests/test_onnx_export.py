@@ -8,7 +8,13 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from qtcompress.errors import ConfigError, FormatError, NonFiniteError
+from qtcompress.errors import (
+    ConfigError,
+    ExportError,
+    FormatError,
+    MissingFileError,
+    NonFiniteError,
+)
 from qtcompress.onnx_export import (
     SKELETON_KEY,
     compare_with_onnxruntime,
@@ -196,7 +202,7 @@ def test_transformed_initializer_is_rejected():
     init = next(i for i in proto.graph.initializer if i.name == "net.0.weight")
     init.CopyFrom(numpy_helper.from_array(
         numpy_helper.to_array(init) * 2, name="net.0.weight"))  # like a folded/rescaled weight
-    with pytest.raises(FormatError, match="net.0.weight.*optimize=False"):
+    with pytest.raises(ExportError, match="net.0.weight.*optimize=False"):
         make_skeleton(proto, model)
 
 
@@ -214,7 +220,7 @@ def test_merged_initializers_are_rejected():
             for i in proto.graph.initializer if i.name != "net.0.bias"]
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(keep)
-    with pytest.raises(FormatError, match="net.0.bias.*merged"):
+    with pytest.raises(ExportError, match="net.0.bias.*merged"):
         make_skeleton(proto, model)
 
 
@@ -235,14 +241,14 @@ def test_batch_of_one_refused_and_nothing_written(tmp_path):
 
 def test_missing_folder_refused_and_nothing_written(tmp_path):
     model = _build(TinyMLP)
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(MissingFileError, match="does not exist"):
         export_onnx(model, example_input(model), tmp_path / "sub" / "m.onnx")
     assert _listing(tmp_path) == []
 
 
 def test_parity_failure_writes_nothing(tmp_path):
     model = _build(TinyCNN)
-    with pytest.raises(FormatError, match="differs from torch"):
+    with pytest.raises(ExportError, match="differs from torch"):
         export_onnx(model, example_input(model), tmp_path / "m.onnx", atol=1e-12, rtol=0.0)
     assert _listing(tmp_path) == []
 
@@ -270,7 +276,7 @@ class _ReshapesByBatch(torch.nn.Module):
     (_ReshapesByBatch, r"does not run on inputs of shapes \(5, 3\) in torch or onnxruntime"),
 ], ids=["fixed-batch", "reshape-by-batch"])
 def test_batch_dependent_model_is_rejected(tmp_path, module, match):
-    with pytest.raises(FormatError, match=match):
+    with pytest.raises(ExportError, match=match):
         export_onnx(module(), torch.randn(4, 3), tmp_path / "m.onnx")
     assert _listing(tmp_path) == []
 

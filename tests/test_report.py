@@ -5,7 +5,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from qtcompress.errors import ConfigError  # noqa: E402
+from qtcompress.errors import ConfigError, MissingFileError  # noqa: E402
 from qtcompress.report import write_report  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -27,7 +27,7 @@ def test_report_writes_pngs_and_markdown(tmp_path):
 
 
 def test_report_errors(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(MissingFileError, match="does not exist"):
         write_report(tmp_path / "missing" / "out", {}, {}, {})
     bad = {"w": (np.zeros(4), np.zeros(5))}
     with pytest.raises(ConfigError, match="original has 4 values, reconstruction 5"):

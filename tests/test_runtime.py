@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from qtcompress.errors import ConfigError, FormatError
+from qtcompress.errors import ConfigError, FormatError, MissingFileError
 from qtcompress.onnx_export import export_onnx
 from qtcompress.runtime import OnnxPredictor, load_arrays, predict_file, save_arrays
 from tests.tiny_models import example_input
@@ -107,9 +107,9 @@ def test_bad_files(mlp_onnx, tmp_path):
     (tmp_path / "bad.onnx").write_bytes(b"not onnx")
     with pytest.raises(FormatError, match="bad.onnx"):
         OnnxPredictor(tmp_path / "bad.onnx")
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(MissingFileError, match="does not exist"):
         OnnxPredictor(tmp_path / "missing.onnx")
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(MissingFileError, match="does not exist"):
         predict_file(path, tmp_path / "x.npy", tmp_path / "no" / "o.npy")
     with pytest.raises(ConfigError, match=r"\.npy or \.npz"):
         save_arrays(tmp_path / "o.csv", np.zeros(2))
