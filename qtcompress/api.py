@@ -75,10 +75,12 @@ class CompressionReport:
         return self.trainable / self.generated_weights
 
     def __str__(self) -> str:
-        return (f"M={self.generated_weights} generated weights from {self.trainable} trainable "
-                f"parameters ({self.ratio:.1%}): qnn {self.qnn} ({self.n_qubits} qubits x "
-                f"{self.n_layers} layers), mapping {self.mapping}, affine {self.affine}; "
-                f"chunk {self.chunk}; {self.classical} classical parameters untouched")
+        return (
+            f"M={self.generated_weights} generated weights from {self.trainable} trainable "
+            f"parameters ({self.ratio:.1%}): qnn {self.qnn} ({self.n_qubits} qubits x "
+            f"{self.n_layers} layers), mapping {self.mapping}, affine {self.affine}; "
+            f"chunk {self.chunk}; {self.classical} classical parameters untouched"
+        )
 
 
 # Phase-2 peak learning rate. At 1e-2 (the old default) a 390K-weight CNN without BatchNorm
@@ -105,13 +107,15 @@ class QTModel:
         target: Flat ``(M,)`` pretrained weights (phase-1 target).
     """
 
-    def __init__(self, model: nn.Module, config: QTConfig,
-                 generator: AnyGenerator | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, config: QTConfig, generator: AnyGenerator | None = None
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"compress() needs an nn.Module, got {type(model).__name__}.")
         self.config = config
-        self.layout: Layout = select_targets(model, config.target, config.exclude,
-                                             include_frozen=config.include_frozen)
+        self.layout: Layout = select_targets(
+            model, config.target, config.exclude, include_frozen=config.include_frozen
+        )
         if generator is not None:
             _check_same_layout(self.layout, generator.layout)
         named = dict(model.named_parameters(remove_duplicate=False))
@@ -134,8 +138,9 @@ class QTModel:
                 self.generator.init_affine(self.target)
         self.revived: list[str] = []  # tensors whose spread finetune() had to restore
         self._training = model.training
-        self._requires_grad = {n: p.requires_grad
-                               for n, p in model.named_parameters(remove_duplicate=False)}
+        self._requires_grad = {
+            n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)
+        }
         self.functional = FunctionalModel(model, self.generator)
         self.functional.share_target(self.target, self.layout)
         self.device = torch.device("cpu")
@@ -186,9 +191,16 @@ class QTModel:
         cfg = _loop_config(kwargs, steps=steps, lr=lr, seed=self.config.seed)
         return _fit_weights(self.generator, self.target, cfg, **kwargs)
 
-    def finetune(self, data: Any, labels: torch.Tensor | None = None, *,
-                 mode: str = "distill", steps: int = 1000, lr: float = DEFAULT_FINETUNE_LR,
-                 **kwargs: Any) -> FitResult:
+    def finetune(
+        self,
+        data: Any,
+        labels: torch.Tensor | None = None,
+        *,
+        mode: str = "distill",
+        steps: int = 1000,
+        lr: float = DEFAULT_FINETUNE_LR,
+        **kwargs: Any,
+    ) -> FitResult:
         """Phase 2: train the generator on the task via the model's own forward pass.
 
         The recipe is robust without tuning per model: linear warm-up over the first 10% of
@@ -212,23 +224,42 @@ class QTModel:
                 ``loss_fn``, ``temperature``, ``alpha``, ``batch_stats``, ``labels_in_items``)
                 and :func:`~qtcompress.fit.train_loop` keywords.
         """
-        cfg = _loop_config(kwargs, steps=steps, lr=lr, seed=self.config.seed,
-                           warmup=max(1, steps // 10), grad_clip=1.0)
+        cfg = _loop_config(
+            kwargs,
+            steps=steps,
+            lr=lr,
+            seed=self.config.seed,
+            warmup=max(1, steps // 10),
+            grad_clip=1.0,
+        )
         if isinstance(self.generator, RowGenerator):
-            probe = InputSource.of(data, labels,
-                                   labels_in_items=kwargs.get("labels_in_items", False)
-                                   ).head(64).to(self.device)
+            probe = (
+                InputSource.of(data, labels, labels_in_items=kwargs.get("labels_in_items", False))
+                .head(64)
+                .to(self.device)
+            )
             check_call(self.functional.module, probe)
-            fid = evaluate_fidelity(self.functional, probe, output=kwargs.get("output"),
-                                    output_kind=kwargs.get("output_kind"))
+            fid = evaluate_fidelity(
+                self.functional,
+                probe,
+                output=kwargs.get("output"),
+                output_kind=kwargs.get("output_kind"),
+            )
             if fid.degenerate:
                 self.revived = self.generator.match_spread(self.target)
         return _finetune(self.functional, data, labels, cfg, mode=mode, **kwargs)
 
     @torch.no_grad()
-    def evaluate(self, data: Any, labels: torch.Tensor | None = None, *,
-                 output: str | int | None = None, output_kind: str | None = None,
-                 batch_size: int = 256, labels_in_items: bool | str = False) -> Fidelity:
+    def evaluate(
+        self,
+        data: Any,
+        labels: torch.Tensor | None = None,
+        *,
+        output: str | int | None = None,
+        output_kind: str | None = None,
+        batch_size: int = 256,
+        labels_in_items: bool | str = False,
+    ) -> Fidelity:
         """Fidelity of the generated network to the original on ``data`` (held-out inputs).
 
         Args:
@@ -244,9 +275,15 @@ class QTModel:
             A :class:`~qtcompress.fidelity.Fidelity`: agreement / cosine / correlation /
             relative error, accuracy with labels, and whether the student is degenerate.
         """
-        return evaluate_fidelity(self.functional, data, labels, output=output,
-                                 output_kind=output_kind, batch_size=batch_size,
-                                 labels_in_items=labels_in_items)
+        return evaluate_fidelity(
+            self.functional,
+            data,
+            labels,
+            output=output,
+            output_kind=output_kind,
+            batch_size=batch_size,
+            labels_in_items=labels_in_items,
+        )
 
     # -- use ------------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -291,7 +328,9 @@ class QTModel:
             for s in specs:
                 lo, hi = max(start, s.offset), min(stop, s.offset + s.numel)
                 if lo < hi:
-                    flat_views[s.name][lo - s.offset:hi - s.offset] = block[lo - start:hi - start]
+                    flat_views[s.name][lo - s.offset : hi - s.offset] = block[
+                        lo - start : hi - start
+                    ]
         for name, p in named.items():
             p.requires_grad_(self._requires_grad[name])
         return out.train(self._training)
@@ -314,11 +353,22 @@ class QTModel:
     def report(self) -> CompressionReport:
         """Trainable generator parameters against M."""
         c = self.generator.parameter_counts()
-        classical = sum(p.numel() for n, p in self.functional.module.named_parameters()
-                        if n in set(self.layout.classical))
-        return CompressionReport(self.layout.total, c["total"], c["qnn"], c["mapping"],
-                                 c["affine"], classical, self.generator.n_qubits,
-                                 self.generator.qnn.ansatz.n_layers, self.generator.chunk)
+        classical = sum(
+            p.numel()
+            for n, p in self.functional.module.named_parameters()
+            if n in set(self.layout.classical)
+        )
+        return CompressionReport(
+            self.layout.total,
+            c["total"],
+            c["qnn"],
+            c["mapping"],
+            c["affine"],
+            classical,
+            self.generator.n_qubits,
+            self.generator.qnn.ansatz.n_layers,
+            self.generator.chunk,
+        )
 
 
 def _check_same_layout(mine: Layout, stored: Layout) -> None:
@@ -329,13 +379,20 @@ def _check_same_layout(mine: Layout, stored: Layout) -> None:
         return
     missing = sorted(set(want) - set(have))
     unexpected = sorted(set(have) - set(want))
-    shapes = [f"{n} {list(have[n])} (stored {list(want[n])})"
-              for n in sorted(set(have) & set(want)) if have[n] != want[n]]
-    parts = ([f"missing {missing[:5]}"] if missing else []) + (
-        [f"unexpected {unexpected[:5]}"] if unexpected else []) + (
-        [f"shapes differ: {', '.join(shapes[:5])}"] if shapes else [])
-    raise TargetError(f"The model does not fit the stored generator: {'; '.join(parts)}. Pass "
-                      "the pretrained model the file was made from.")
+    shapes = [
+        f"{n} {list(have[n])} (stored {list(want[n])})"
+        for n in sorted(set(have) & set(want))
+        if have[n] != want[n]
+    ]
+    parts = (
+        ([f"missing {missing[:5]}"] if missing else [])
+        + ([f"unexpected {unexpected[:5]}"] if unexpected else [])
+        + ([f"shapes differ: {', '.join(shapes[:5])}"] if shapes else [])
+    )
+    raise TargetError(
+        f"The model does not fit the stored generator: {'; '.join(parts)}. Pass "
+        "the pretrained model the file was made from."
+    )
 
 
 @overload
@@ -346,8 +403,7 @@ def load(path: str | os.PathLike[str], model: None = None) -> GeneratorFile: ...
 def load(path: str | os.PathLike[str], model: nn.Module) -> QTModel: ...
 
 
-def load(path: str | os.PathLike[str], model: nn.Module | None = None
-         ) -> GeneratorFile | QTModel:
+def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> GeneratorFile | QTModel:
     """Read a generator file written by :meth:`QTModel.save` (or :func:`save_generator`).
 
     Without ``model`` the file alone can regenerate the weights, rebuild and check the ONNX
@@ -379,8 +435,13 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None
     return qt
 
 
-def compress(model: nn.Module, config: QTConfig | None = None, *,
-             device: str | torch.device | None = None, **overrides: Any) -> QTModel:
+def compress(
+    model: nn.Module,
+    config: QTConfig | None = None,
+    *,
+    device: str | torch.device | None = None,
+    **overrides: Any,
+) -> QTModel:
     """Wrap a pretrained model for Quantum-Train compression.
 
     Args:

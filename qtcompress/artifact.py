@@ -57,14 +57,23 @@ RESERVED_KEYS = frozenset({"format", "format_version", "tensors", "tensors_sha25
 
 # safetensors dtype codes (the subset torch and qtcompress use).
 _SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL", torch.complex64: "C64",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.complex64: "C64",
 }
 
 # Schemas of the container's own metadata fields.
-_TENSORS_SPEC = MapOf(Obj({"dtype": Str(max_len=32),
-                           "shape": ListOf(Int(min=0), max_len=MAX_TENSOR_RANK)}))
+_TENSORS_SPEC = MapOf(
+    Obj({"dtype": Str(max_len=32), "shape": ListOf(Int(min=0), max_len=MAX_TENSOR_RANK)})
+)
 _SKELETON_SPEC = Obj({"tensor": Str(), "bytes": Int(min=1)})
 
 
@@ -131,7 +140,8 @@ def _plain(name: str, t: Any) -> torch.Tensor:
 
 
 def write_safetensors(
-    path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Write a safetensors file atomically and byte-reproducibly.
@@ -156,8 +166,11 @@ def write_safetensors(
     return _write_plain(path, {name: _plain(name, t) for name, t in tensors.items()}, metadata)
 
 
-def _write_plain(path: str | os.PathLike[str], stored: Mapping[str, torch.Tensor],
-                 metadata: Mapping[str, str] | None) -> Path:
+def _write_plain(
+    path: str | os.PathLike[str],
+    stored: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None,
+) -> Path:
     """:func:`write_safetensors` for tensors that are already plain (see :func:`_plain`)."""
     meta = dict(metadata or {})
     bad = [k for k, v in meta.items() if not isinstance(k, str) or not isinstance(v, str)]
@@ -170,11 +183,15 @@ def _write_plain(path: str | os.PathLike[str], stored: Mapping[str, torch.Tensor
         t = stored[name]
         code = _SAFETENSORS_DTYPES.get(t.dtype)
         if code is None:
-            raise ConfigError(f"Tensor {name!r} has dtype {t.dtype}, which a generator file "
-                              "cannot store.")
+            raise ConfigError(
+                f"Tensor {name!r} has dtype {t.dtype}, which a generator file cannot store."
+            )
         nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": code, "shape": list(t.shape),
-                        "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": code,
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     blob += b" " * (-len(blob) % 8)
@@ -234,13 +251,13 @@ def save_artifact(
         if not isinstance(skeleton, (bytes, bytearray)) or not skeleton:
             raise ConfigError("The ONNX skeleton must be non-empty bytes.")
         stored[SKELETON_TENSOR] = torch.frombuffer(bytearray(skeleton), dtype=torch.uint8)
-        header["skeleton"] = _json("skeleton", {"tensor": SKELETON_TENSOR,
-                                                "bytes": len(skeleton)})
+        header["skeleton"] = _json("skeleton", {"tensor": SKELETON_TENSOR, "bytes": len(skeleton)})
     header["format"] = FORMAT_NAME
     header["format_version"] = str(FORMAT_VERSION)
-    header["tensors"] = _json("tensors", {
-        n: {"dtype": _dtype_name(t.dtype), "shape": list(t.shape)} for n, t in stored.items()
-    })
+    header["tensors"] = _json(
+        "tensors",
+        {n: {"dtype": _dtype_name(t.dtype), "shape": list(t.shape)} for n, t in stored.items()},
+    )
     header["tensors_sha256"] = sha256_of_tensors(stored)
     # Sorted keys throughout: the same generator gives the same bytes (docs/format.md).
     return _write_plain(path, stored, header)
@@ -261,8 +278,10 @@ def _loads(key: str, raw: str, path: Path) -> Any:
         ) from exc
     depth = json_depth(value)
     if depth > MAX_JSON_DEPTH:
-        raise FormatError(f"{str(path)!r}: metadata field {key!r} is nested {depth} deep, more "
-                          f"than the limit of {MAX_JSON_DEPTH}; the file is corrupt or hostile.")
+        raise FormatError(
+            f"{str(path)!r}: metadata field {key!r} is nested {depth} deep, more "
+            f"than the limit of {MAX_JSON_DEPTH}; the file is corrupt or hostile."
+        )
     return value
 
 
@@ -308,8 +327,9 @@ def read_artifact(
     raw_version = header.get("format_version", "")
     # ASCII digits only: str.isdigit() accepts "²" and "١", which int() then rejects or misreads.
     if not re.fullmatch(r"[0-9]{1,9}", raw_version):
-        raise FormatError(f"{str(p)!r} has an invalid format_version {raw_version[:40]!r}; the "
-                          "file is corrupt.")
+        raise FormatError(
+            f"{str(p)!r} has an invalid format_version {raw_version[:40]!r}; the file is corrupt."
+        )
     version = int(raw_version)
     if not 1 <= version <= FORMAT_VERSION:
         raise FormatError(
@@ -325,15 +345,13 @@ def read_artifact(
     extra = sorted(set(tensors) - set(declared))
     if missing or extra:
         raise FormatError(
-            f"{str(p)!r}: tensors do not match the metadata: missing {missing}, undeclared "
-            f"{extra}."
+            f"{str(p)!r}: tensors do not match the metadata: missing {missing}, undeclared {extra}."
         )
     wrong = []
     for tname, spec in declared.items():
         t = tensors[tname]
         if spec["dtype"] != _dtype_name(t.dtype) or spec["shape"] != list(t.shape):
-            wrong.append(f"{tname}: declared {spec}, stored {_dtype_name(t.dtype)} "
-                         f"{list(t.shape)}")
+            wrong.append(f"{tname}: declared {spec}, stored {_dtype_name(t.dtype)} {list(t.shape)}")
     if wrong:
         raise FormatError(f"{str(p)!r}: tensors differ from the metadata: {'; '.join(wrong)}.")
     digest = sha256_of_tensors(tensors)
@@ -364,15 +382,10 @@ def read_artifact(
         missing = sorted(want - set(tensors))
         extra = sorted(set(tensors) - want)
         if missing or extra:
-            raise FormatError(
-                f"{str(p)!r}: missing tensors {missing}, unexpected tensors {extra}."
-            )
+            raise FormatError(f"{str(p)!r}: missing tensors {missing}, unexpected tensors {extra}.")
 
-    metadata = {
-        k: _loads(k, v, p) for k, v in header.items() if k not in RESERVED_KEYS
-    }
-    return Artifact(tensors=tensors, metadata=metadata, skeleton=skeleton,
-                    format_version=version)
+    metadata = {k: _loads(k, v, p) for k, v in header.items() if k not in RESERVED_KEYS}
+    return Artifact(tensors=tensors, metadata=metadata, skeleton=skeleton, format_version=version)
 
 
 def load_artifact(

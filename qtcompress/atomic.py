@@ -60,11 +60,15 @@ def _output_error(dest: Path, exc: OSError) -> OutputError | None:
     """The typed error for a write failure caused by the destination, else ``None``."""
     reason = exc.strerror or type(exc).__name__
     if exc.errno in _NO_ROOM:
-        return OutputError(f"Cannot write {str(dest)!r}: {reason}; free disk space or choose "
-                           "another output folder.")
+        return OutputError(
+            f"Cannot write {str(dest)!r}: {reason}; free disk space or choose "
+            "another output folder."
+        )
     if exc.errno in _NO_WRITE:
-        return OutputError(f"Cannot write {str(dest)!r}: {reason}; choose a writable output "
-                           "folder or fix its permissions.")
+        return OutputError(
+            f"Cannot write {str(dest)!r}: {reason}; choose a writable output "
+            "folder or fix its permissions."
+        )
     return None
 
 
@@ -93,8 +97,10 @@ def check_output_path(path: str | os.PathLike[str]) -> Path:
     if dest.is_dir():
         raise ConfigError(f"Cannot write {str(dest)!r}: it is an existing folder, not a file.")
     if dest.exists() and not dest.is_file():
-        raise ConfigError(f"Cannot write {str(dest)!r}: it exists and is not a regular file; "
-                          "choose another output path.")
+        raise ConfigError(
+            f"Cannot write {str(dest)!r}: it exists and is not a regular file; "
+            "choose another output path."
+        )
     return dest
 
 
@@ -159,8 +165,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     dest = check_output_path(path)
     remove_stale_temps(dest.parent)
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp" + dest.suffix,
-                                        dir=dest.parent)
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f".{dest.name}.", suffix=".tmp" + dest.suffix, dir=dest.parent
+        )
     except OSError as exc:
         raise (_output_error(dest, exc) or exc) from exc
     tmp = Path(tmp_name)
@@ -225,8 +232,9 @@ def atomic_write_json(path: str | os.PathLike[str], value: Any) -> Path:
     return atomic_write_bytes(path, (text + "\n").encode("utf-8"))
 
 
-def check_writable_dir(path: str | os.PathLike[str], expected_bytes: int = 0, *,
-                       create: bool = True) -> Path:
+def check_writable_dir(
+    path: str | os.PathLike[str], expected_bytes: int = 0, *, create: bool = True
+) -> Path:
     """Make sure a run can write its outputs into folder ``path`` before the run starts.
 
     Creates the folder if needed (its parent must exist), writes and removes a probe file (the
@@ -249,22 +257,29 @@ def check_writable_dir(path: str | os.PathLike[str], expected_bytes: int = 0, *,
     """
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
-        raise OutputError(f"Output folder {str(folder)!r} is an existing file; choose a folder "
-                          "name with -o.")
+        raise OutputError(
+            f"Output folder {str(folder)!r} is an existing file; choose a folder name with -o."
+        )
     created = False
     if not folder.exists():
         if not create or not folder.parent.is_dir():
-            raise MissingFileError(f"Output folder {str(folder)!r} cannot be created: its parent "
-                              f"{str(folder.parent)!r} does not exist; create it first.")
+            raise MissingFileError(
+                f"Output folder {str(folder)!r} cannot be created: its parent "
+                f"{str(folder.parent)!r} does not exist; create it first."
+            )
         try:
             folder.mkdir()
             created = True
         except FileExistsError:
             pass
         except OSError as exc:
-            raise (_output_error(folder, exc) or OutputError(
-                f"Cannot create output folder {str(folder)!r}: {exc.strerror}; choose another "
-                "folder.")) from exc
+            raise (
+                _output_error(folder, exc)
+                or OutputError(
+                    f"Cannot create output folder {str(folder)!r}: {exc.strerror}; choose another "
+                    "folder."
+                )
+            ) from exc
     try:
         fd, probe = tempfile.mkstemp(prefix=".qtcompress-probe.", dir=folder)
         os.close(fd)
@@ -273,15 +288,19 @@ def check_writable_dir(path: str | os.PathLike[str], expected_bytes: int = 0, *,
         if created:
             with contextlib.suppress(OSError):
                 folder.rmdir()
-        raise (_output_error(folder, exc) or OutputError(
-            f"Cannot write into {str(folder)!r}: {exc.strerror}; choose another output "
-            "folder.")) from exc
+        raise (
+            _output_error(folder, exc)
+            or OutputError(
+                f"Cannot write into {str(folder)!r}: {exc.strerror}; choose another output folder."
+            )
+        ) from exc
     free = shutil.disk_usage(folder).free
     if expected_bytes + _DISK_MARGIN > free:
         raise OutputError(
             f"Output folder {str(folder)!r} has {free / 2**20:,.1f} MiB free, the run needs "
             f"about {(expected_bytes + _DISK_MARGIN) / 2**20:,.1f} MiB; free disk space or "
-            "choose another output folder.")
+            "choose another output folder."
+        )
     return folder
 
 
@@ -306,8 +325,13 @@ class OutputRecord:
         summary: File name of the record inside ``folder``.
     """
 
-    def __init__(self, folder: str | os.PathLike[str], expected: Mapping[str, Any], *,
-                 summary: str = "summary.json") -> None:
+    def __init__(
+        self,
+        folder: str | os.PathLike[str],
+        expected: Mapping[str, Any],
+        *,
+        summary: str = "summary.json",
+    ) -> None:
         self.folder = Path(folder)
         self.summary = self.folder / summary
         self.expected = {role: str(p) for role, p in expected.items()}
@@ -316,8 +340,9 @@ class OutputRecord:
 
     def _record(self, status: str, **extra: Any) -> None:
         missing = {r: p for r, p in self.expected.items() if r not in self.written}
-        atomic_write_json(self.summary, {"status": status, "written": self.written,
-                                         "missing": missing, **extra})
+        atomic_write_json(
+            self.summary, {"status": status, "written": self.written, "missing": missing, **extra}
+        )
 
     def __enter__(self) -> OutputRecord:
         self._record("incomplete")
@@ -326,8 +351,7 @@ class OutputRecord:
     def wrote(self, role: str) -> None:
         """Mark the output ``role`` as written (call right after its atomic write)."""
         if role not in self.expected:
-            raise ConfigError(f"Unknown output {role!r}; expected one of "
-                              f"{sorted(self.expected)}.")
+            raise ConfigError(f"Unknown output {role!r}; expected one of {sorted(self.expected)}.")
         self.written[role] = self.expected[role]
         self._record("incomplete")
 
@@ -337,8 +361,12 @@ class OutputRecord:
         self.completed = True
         return self.summary
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         if exc is not None and not self.completed:
             # Best effort: the original error matters more than a failure to record it.
             with contextlib.suppress(Exception):

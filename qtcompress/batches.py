@@ -142,14 +142,14 @@ class Batch:
             if not isinstance(self.args, list):
                 raise ConfigError(f"Batch.args must be a tuple, got {type(self.args).__name__}.")
             object.__setattr__(self, "args", tuple(self.args))
-        if not isinstance(self.kwargs, Mapping) or not all(
-                isinstance(k, str) for k in self.kwargs):
+        if not isinstance(self.kwargs, Mapping) or not all(isinstance(k, str) for k in self.kwargs):
             raise ConfigError("Batch.kwargs must be a dict with string keys (keyword inputs).")
         if not isinstance(self.kwargs, dict):
             object.__setattr__(self, "kwargs", dict(self.kwargs))
         if self.labels is not None and not isinstance(self.labels, torch.Tensor):
-            raise ConfigError(f"Batch.labels must be a tensor or None, got "
-                              f"{type(self.labels).__name__}.")
+            raise ConfigError(
+                f"Batch.labels must be a tensor or None, got {type(self.labels).__name__}."
+            )
 
     @classmethod
     def of(cls, item: Any, *, labels_in_items: bool | str = False) -> Batch:
@@ -174,14 +174,16 @@ class Batch:
                 raise ConfigError(
                     f"With labels_in_items=True every item must be a tuple or list (inputs..., "
                     f"label) of at least 2 elements; "
-                    f"got {_type_summary(item)}.")
+                    f"got {_type_summary(item)}."
+                )
             *inputs, labels = item
             item = inputs[0] if len(inputs) == 1 else tuple(inputs)
         elif isinstance(labels_in_items, str):
             if not isinstance(item, Mapping) or labels_in_items not in item:
                 raise ConfigError(
                     f"With labels_in_items={labels_in_items!r} every item must be a dict holding "
-                    f"{labels_in_items!r}; got {_type_summary(item)}.")
+                    f"{labels_in_items!r}; got {_type_summary(item)}."
+                )
             item = dict(item)
             labels = item.pop(labels_in_items)
         if labels is not None and not isinstance(labels, torch.Tensor):
@@ -192,11 +194,15 @@ class Batch:
             return cls(tuple(item), {}, labels)
         if isinstance(item, Mapping):
             if not all(isinstance(k, str) for k in item):
-                raise ConfigError("A dict of inputs must have string keys (keyword names); got "
-                                  f"keys {list(item)[:4]}.")
+                raise ConfigError(
+                    "A dict of inputs must have string keys (keyword names); got "
+                    f"keys {list(item)[:4]}."
+                )
             return cls((), dict(item), labels)
-        raise ConfigError(f"Cannot read a batch from {_type_summary(item)}; a batch is a tensor, "
-                          "a tuple or list of inputs, a dict of keyword inputs, or a Batch.")
+        raise ConfigError(
+            f"Cannot read a batch from {_type_summary(item)}; a batch is a tensor, "
+            "a tuple or list of inputs, a dict of keyword inputs, or a Batch."
+        )
 
     def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
         """Every input tensor with its name: ``args[0]``, ``args[1][0]``, ``input_ids``, ...
@@ -232,19 +238,27 @@ class Batch:
         Returns:
             A new batch; constants (0-d tensors, non-tensors) are shared.
         """
+
         def rows(t: torch.Tensor) -> torch.Tensor:
             return t[index.to(t.device)] if t.ndim >= 1 else t
 
-        return Batch(_map_tensors(self.args, rows), _map_tensors(self.kwargs, rows),
-                     None if self.labels is None else rows(self.labels))
+        return Batch(
+            _map_tensors(self.args, rows),
+            _map_tensors(self.kwargs, rows),
+            None if self.labels is None else rows(self.labels),
+        )
 
     def to(self, device: torch.device | str) -> Batch:
         """Copy every tensor (labels included) to ``device``."""
+
         def move(t: torch.Tensor) -> torch.Tensor:
             return t.to(device)
 
-        return Batch(_map_tensors(self.args, move), _map_tensors(self.kwargs, move),
-                     None if self.labels is None else self.labels.to(device))
+        return Batch(
+            _map_tensors(self.args, move),
+            _map_tensors(self.kwargs, move),
+            None if self.labels is None else self.labels.to(device),
+        )
 
     def describe(self) -> str:
         """The inputs in words, for messages (labels are not included).
@@ -258,8 +272,12 @@ class Batch:
             inner = ", ".join(_describe_value(v) for v in self.args)
             parts.append(f"{len(self.args)} positional {noun} ({inner})")
         if self.kwargs:
-            inner = ", ".join(f"{k} ({_describe_value(v)})" if isinstance(v, torch.Tensor)
-                              else f"{k} {_describe_value(v)}" for k, v in self.kwargs.items())
+            inner = ", ".join(
+                f"{k} ({_describe_value(v)})"
+                if isinstance(v, torch.Tensor)
+                else f"{k} {_describe_value(v)}"
+                for k, v in self.kwargs.items()
+            )
             parts.append(f"keyword inputs {inner}")
         return " and ".join(parts) if parts else "no inputs"
 
@@ -291,8 +309,7 @@ def _check_batch(batch: Batch, where: str) -> Batch:
     """
     named = [(n, t) for n, t in batch.named_tensors() if t.ndim >= 1]
     if not named:
-        raise ConfigError(f"The {where} hold no tensor with a batch dimension: "
-                          f"{batch.describe()}.")
+        raise ConfigError(f"The {where} hold no tensor with a batch dimension: {batch.describe()}.")
     sizes = {n: int(t.shape[0]) for n, t in named}
     if len(set(sizes.values())) > 1:
         listed = ", ".join(f"{n} {s}" for n, s in sizes.items())
@@ -331,7 +348,7 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor
     epoch, j = divmod(step, per_epoch)
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     perm = torch.randperm(n, generator=g)
-    return perm[j * batch_size:(j + 1) * batch_size]
+    return perm[j * batch_size : (j + 1) * batch_size]
 
 
 def _check_size(name: str, value: int) -> None:
@@ -355,8 +372,9 @@ class InputSource:
     exact_resume: bool = True
 
     @classmethod
-    def of(cls, data: Any, labels: torch.Tensor | None = None, *,
-           labels_in_items: bool | str = False) -> InputSource:
+    def of(
+        cls, data: Any, labels: torch.Tensor | None = None, *, labels_in_items: bool | str = False
+    ) -> InputSource:
         """Wrap ``data`` in the matching source.
 
         Accepted forms:
@@ -392,23 +410,27 @@ class InputSource:
         if labels is not None and not isinstance(labels, torch.Tensor):
             raise ConfigError(f"labels must be a tensor, got {type(labels).__name__}.")
         if labels is not None and labels_in_items is not False:
-            raise ConfigError("Pass labels either as `labels` or inside the items "
-                              "(labels_in_items), not both.")
+            raise ConfigError(
+                "Pass labels either as `labels` or inside the items (labels_in_items), not both."
+            )
         if not isinstance(labels_in_items, (bool, str)):
-            raise ConfigError(f"labels_in_items must be a bool or a key, got "
-                              f"{labels_in_items!r}.")
+            raise ConfigError(f"labels_in_items must be a bool or a key, got {labels_in_items!r}.")
         if isinstance(data, InputSource):
             if labels is not None or labels_in_items is not False:
-                raise ConfigError("An InputSource already fixes its labels; do not pass labels "
-                                  "or labels_in_items with it.")
+                raise ConfigError(
+                    "An InputSource already fixes its labels; do not pass labels "
+                    "or labels_in_items with it."
+                )
             return data
-        in_memory = (isinstance(data, (Batch, torch.Tensor, tuple, Mapping))
-                     or (isinstance(data, list) and bool(data)
-                         and isinstance(data[0], torch.Tensor)))
+        in_memory = isinstance(data, (Batch, torch.Tensor, tuple, Mapping)) or (
+            isinstance(data, list) and bool(data) and isinstance(data[0], torch.Tensor)
+        )
         if in_memory:
             if isinstance(data, torch.Tensor) and labels_in_items is not False:
-                raise ConfigError("labels_in_items needs a tuple or dict of inputs, not a "
-                                  "single tensor; pass labels=... instead.")
+                raise ConfigError(
+                    "labels_in_items needs a tuple or dict of inputs, not a "
+                    "single tensor; pass labels=... instead."
+                )
             batch = Batch.of(data, labels_in_items=labels_in_items)
             if labels is not None:
                 if batch.labels is not None:
@@ -417,39 +439,58 @@ class InputSource:
             return _InMemory(_check_batch(batch, "inputs"))
         if isinstance(data, DataLoader):
             if labels is not None:
-                raise ConfigError("Labels cannot be aligned with a DataLoader's batches; yield "
-                                  "them in the batches and pass labels_in_items.")
+                raise ConfigError(
+                    "Labels cannot be aligned with a DataLoader's batches; yield "
+                    "them in the batches and pass labels_in_items."
+                )
             return _Iterated(data, labels_in_items, _loader_size(data))
         if isinstance(data, IterableDataset):
-            raise ConfigError("An IterableDataset yields single examples; wrap it in a "
-                              "torch.utils.data.DataLoader(dataset, batch_size=...) first.")
+            raise ConfigError(
+                "An IterableDataset yields single examples; wrap it in a "
+                "torch.utils.data.DataLoader(dataset, batch_size=...) first."
+            )
         if isinstance(data, Dataset):
             if not hasattr(data, "__len__"):
-                raise ConfigError(f"The dataset {type(data).__name__} has no __len__; give it "
-                                  "one or wrap it in a DataLoader.")
+                raise ConfigError(
+                    f"The dataset {type(data).__name__} has no __len__; give it "
+                    "one or wrap it in a DataLoader."
+                )
             return _MapDataset(data, labels, labels_in_items)
         if isinstance(data, (str, bytes)) or type(data).__module__ == "numpy":
-            hint = (" Convert arrays with torch.from_numpy." if type(data).__module__ == "numpy"
-                    else "")
-            raise ConfigError(f"Cannot use data of type {type(data).__name__} as model inputs; "
-                              f"accepted: {ACCEPTED_FORMS}.{hint}")
+            hint = (
+                " Convert arrays with torch.from_numpy." if type(data).__module__ == "numpy" else ""
+            )
+            raise ConfigError(
+                f"Cannot use data of type {type(data).__name__} as model inputs; "
+                f"accepted: {ACCEPTED_FORMS}.{hint}"
+            )
         if isinstance(data, Iterable):
             if iter(data) is data:
-                raise ConfigError(f"A {type(data).__name__} can be read only once, but training "
-                                  "cycles through the data; pass a list of batches, a "
-                                  "DataLoader, or an object whose __iter__ starts a new pass.")
+                raise ConfigError(
+                    f"A {type(data).__name__} can be read only once, but training "
+                    "cycles through the data; pass a list of batches, a "
+                    "DataLoader, or an object whose __iter__ starts a new pass."
+                )
             if labels is not None:
-                raise ConfigError("Labels cannot be aligned with an iterable's batches; put "
-                                  "them in the batches and pass labels_in_items.")
+                raise ConfigError(
+                    "Labels cannot be aligned with an iterable's batches; put "
+                    "them in the batches and pass labels_in_items."
+                )
             if isinstance(data, list):
                 if not data:
                     raise ConfigError("The list of batches is empty.")
-                batches = [_check_batch(Batch.of(b, labels_in_items=labels_in_items),
-                                        f"inputs of batch {i}") for i, b in enumerate(data)]
+                batches = [
+                    _check_batch(
+                        Batch.of(b, labels_in_items=labels_in_items), f"inputs of batch {i}"
+                    )
+                    for i, b in enumerate(data)
+                ]
                 return _Iterated(batches, False, sum(len(b) for b in batches))
             return _Iterated(data, labels_in_items, None)
-        raise ConfigError(f"Cannot use data of type {type(data).__name__} as model inputs; "
-                          f"accepted: {ACCEPTED_FORMS}.")
+        raise ConfigError(
+            f"Cannot use data of type {type(data).__name__} as model inputs; "
+            f"accepted: {ACCEPTED_FORMS}."
+        )
 
     def batch_at(self, step: int, batch_size: int, seed: int) -> Batch:
         """The training batch of ``step``.
@@ -513,8 +554,9 @@ class _InMemory(InputSource):
 class _MapDataset(InputSource):
     """A map-style dataset: items by index, collated with ``default_collate``."""
 
-    def __init__(self, dataset: Any, labels: torch.Tensor | None,
-                 labels_in_items: bool | str) -> None:
+    def __init__(
+        self, dataset: Any, labels: torch.Tensor | None, labels_in_items: bool | str
+    ) -> None:
         self.dataset = dataset
         self.labels = labels
         self.labels_in_items = labels_in_items
@@ -546,8 +588,10 @@ class _MapDataset(InputSource):
         _check_size("batch_size", batch_size)
         assert self.n is not None
         for i in range(0, self.n, batch_size):
-            yield self._collate(torch.arange(i, min(i + batch_size, self.n)),
-                                f"inputs of examples {i}..{min(i + batch_size, self.n) - 1}")
+            yield self._collate(
+                torch.arange(i, min(i + batch_size, self.n)),
+                f"inputs of examples {i}..{min(i + batch_size, self.n) - 1}",
+            )
 
     def head(self, k: int) -> Batch:  # noqa: D102
         _check_size("k", k)
@@ -571,8 +615,7 @@ class _Iterated(InputSource):
 
     exact_resume = False
 
-    def __init__(self, data: Iterable[Any], labels_in_items: bool | str,
-                 n: int | None) -> None:
+    def __init__(self, data: Iterable[Any], labels_in_items: bool | str, n: int | None) -> None:
         self.data = data
         self.labels_in_items = labels_in_items
         self.n = n
@@ -623,6 +666,7 @@ class _Iterated(InputSource):
 
 def _concat(parts: list[Batch]) -> Batch:
     """Concatenate batches of the same structure along dim 0 (constants from the first)."""
+
     def cat(values: list[Any]) -> Any:
         first = values[0]
         if isinstance(first, torch.Tensor):
@@ -637,11 +681,16 @@ def _concat(parts: list[Batch]) -> Batch:
 
     try:
         labels = [p.labels for p in parts if p.labels is not None]
-        return Batch(cat([p.args for p in parts]), cat([p.kwargs for p in parts]),
-                     torch.cat(labels) if len(labels) == len(parts) else None)
+        return Batch(
+            cat([p.args for p in parts]),
+            cat([p.kwargs for p in parts]),
+            torch.cat(labels) if len(labels) == len(parts) else None,
+        )
     except (KeyError, ValueError, RuntimeError) as exc:
-        raise ConfigError(f"Batches differ in structure and cannot be joined: "
-                          f"{parts[0].describe()} vs {parts[-1].describe()}.") from exc
+        raise ConfigError(
+            f"Batches differ in structure and cannot be joined: "
+            f"{parts[0].describe()} vs {parts[-1].describe()}."
+        ) from exc
 
 
 # -- outputs ------------------------------------------------------------------------------------
@@ -672,8 +721,9 @@ def _or_list(options: list[str]) -> str:
     return options[0] if len(options) == 1 else ", ".join(options[:-1]) + " or " + options[-1]
 
 
-def _output_error(out: Any, fields: list[tuple[str | int, Any]] | None,
-                  problem: str) -> ConfigError:
+def _output_error(
+    out: Any, fields: list[tuple[str | int, Any]] | None, problem: str
+) -> ConfigError:
     """A ConfigError saying what ``out`` holds and which keys would select a tensor."""
     kind = type(out).__name__
     if fields is None:
@@ -714,8 +764,10 @@ def select_output(out: Any, key: str | int | None = None) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         if key is None:
             return out
-        raise ConfigError(f"output={key!r} selects nothing: output is a Tensor "
-                          f"{'x'.join(str(d) for d in out.shape)}; leave output unset.")
+        raise ConfigError(
+            f"output={key!r} selects nothing: output is a Tensor "
+            f"{'x'.join(str(d) for d in out.shape)}; leave output unset."
+        )
     fields = _fields(out)
     if fields is None:
         raise _output_error(out, None, "The model output holds no tensor")
@@ -740,8 +792,11 @@ def select_output(out: Any, key: str | int | None = None) -> torch.Tensor:
         value, found = fields[key][1], True
     if found and isinstance(value, torch.Tensor):
         return value
-    problem = (f"output={key!r} is {_value_summary(value)}, not a tensor" if found
-               else f"output={key!r} is not in the model output")
+    problem = (
+        f"output={key!r} is {_value_summary(value)}, not a tensor"
+        if found
+        else f"output={key!r} is not in the model output"
+    )
     raise _output_error(out, fields, problem)
 
 
@@ -761,7 +816,7 @@ def forward_signature(model: nn.Module) -> str:
 def _one_line(exc: BaseException, limit: int = 300) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     text = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @torch.no_grad()
@@ -796,8 +851,11 @@ def check_call(model: nn.Module, batch: Batch) -> Any:
                 sig.bind(*batch.args, **batch.kwargs)
             except TypeError as exc:
                 hint = ""
-                if "too many positional" in str(exc) and len(batch.args) > 1 \
-                        and batch.labels is None:
+                if (
+                    "too many positional" in str(exc)
+                    and len(batch.args) > 1
+                    and batch.labels is None
+                ):
                     hint = " (if the last input is the label, pass labels_in_items=True)"
                 raise ConfigError(f"{where}: {exc}{hint}.") from exc
     modes = [(m, m.training) for m in model.modules()]

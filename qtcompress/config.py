@@ -102,8 +102,10 @@ class QTConfig:
                 raise ConfigError(f"{name} must be a list, got {v!r}.")
             object.__setattr__(self, name, tuple(v))
         if self.version != CONFIG_VERSION:
-            raise ConfigError(f"QTConfig version {self.version} is not supported (this qtcompress "
-                              f"reads version {CONFIG_VERSION}).")
+            raise ConfigError(
+                f"QTConfig version {self.version} is not supported (this qtcompress "
+                f"reads version {CONFIG_VERSION})."
+            )
         for name in ("n_layers", "max_qubits", "bond_dim", "seed"):
             v = getattr(self, name)
             if not _is_int(v) or v < (0 if name == "seed" else 1):
@@ -118,26 +120,35 @@ class QTConfig:
         if self.scheme not in SCHEMES:
             raise ConfigError(f"Unknown scheme {self.scheme!r}; choose from {SCHEMES}.")
         b = self.budget
-        if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float))
-                              or not b > 0 or b != b or b == float("inf")
-                              or (isinstance(b, float) and 1.0 < b and not b.is_integer())):
-            raise ConfigError(f"budget must be a fraction of M in (0, 1] or a parameter count, "
-                              f"got {b!r}.")
+        if b is not None and (
+            isinstance(b, bool)
+            or not isinstance(b, (int, float))
+            or not b > 0
+            or b != b
+            or b == float("inf")
+            or (isinstance(b, float) and 1.0 < b and not b.is_integer())
+        ):
+            raise ConfigError(
+                f"budget must be a fraction of M in (0, 1] or a parameter count, got {b!r}."
+            )
         if self.ranks is not None and not all(_is_int(k) and k >= 0 for k in self.ranks):
             raise ConfigError(f"ranks must list non-negative integers, got {self.ranks!r}.")
         if self.rank is not None and (not _is_int(self.rank) or self.rank < 1):
             raise ConfigError(f"rank must be a positive integer or None, got {self.rank!r}.")
         if self.hidden is not None and (
-                not self.hidden or not all(_is_int(h) and h >= 1 for h in self.hidden)):
+            not self.hidden or not all(_is_int(h) and h >= 1 for h in self.hidden)
+        ):
             raise ConfigError(f"hidden must list positive integer widths, got {self.hidden!r}.")
         if self.mapping not in MAPPINGS:
             raise ConfigError(f"Unknown mapping {self.mapping!r}; choose from {MAPPINGS}.")
         if self.activation not in ACTIVATION_NAMES:
-            raise ConfigError(f"Unknown activation {self.activation!r}; choose from "
-                              f"{ACTIVATION_NAMES}.")
+            raise ConfigError(
+                f"Unknown activation {self.activation!r}; choose from {ACTIVATION_NAMES}."
+            )
         if self.prob_transform not in PROB_TRANSFORMS:
-            raise ConfigError(f"Unknown prob_transform {self.prob_transform!r}; choose from "
-                              f"{PROB_TRANSFORMS}.")
+            raise ConfigError(
+                f"Unknown prob_transform {self.prob_transform!r}; choose from {PROB_TRANSFORMS}."
+            )
         for name in ("include_frozen", "per_tensor_affine", "standardize"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be a bool, got {getattr(self, name)!r}.")
@@ -165,16 +176,24 @@ class QTConfig:
         known = {f.name for f in fields(cls)}
         extra = sorted(set(data) - known)
         if extra:
-            warnings.warn(f"Ignoring unknown QTConfig keys {extra} (written by a newer "
-                          "qtcompress?).", stacklevel=2)
+            warnings.warn(
+                f"Ignoring unknown QTConfig keys {extra} (written by a newer qtcompress?).",
+                stacklevel=2,
+            )
         data = {k: v for k, v in data.items() if k in known}
         version = data.get("version", CONFIG_VERSION)
         if version == 1:
-            data = {"scheme": "flat", "hidden": list(DEFAULT_HIDDEN["flat"]), **data,
-                    "version": CONFIG_VERSION}
+            data = {
+                "scheme": "flat",
+                "hidden": list(DEFAULT_HIDDEN["flat"]),
+                **data,
+                "version": CONFIG_VERSION,
+            }
         elif version != CONFIG_VERSION:
-            raise ConfigError(f"QTConfig version {version!r} is not supported (this qtcompress "
-                              f"reads versions 1 and {CONFIG_VERSION}).")
+            raise ConfigError(
+                f"QTConfig version {version!r} is not supported (this qtcompress "
+                f"reads versions 1 and {CONFIG_VERSION})."
+            )
         return cls(**data)
 
     @classmethod
@@ -206,8 +225,10 @@ class QTConfig:
             return replace(self, hidden=hidden, chunk=self.resolve_chunk(layout.total))
         if self.ranks is not None:
             if len(self.ranks) != len(layout.specs):
-                raise ConfigError(f"ranks lists {len(self.ranks)} tensors, the model has "
-                                  f"{len(layout.specs)} generated tensors.")
+                raise ConfigError(
+                    f"ranks lists {len(self.ranks)} tensors, the model has "
+                    f"{len(layout.specs)} generated tensors."
+                )
             return replace(self, hidden=hidden)
         if self.rank is not None:
             return replace(self, hidden=hidden, ranks=uniform_ranks(layout, self.rank))
@@ -223,7 +244,8 @@ class QTConfig:
             raise ConfigError(
                 f"A budget of {allowed:,} parameters is below the smallest rows generator for "
                 f"this model ({smallest:,} = {smallest / layout.total:.2%} of M); raise "
-                "--budget or leave the largest tensors classical with --exclude.")
+                "--budget or leave the largest tensors classical with --exclude."
+            )
         ranks = allocate_ranks(layout, target, allowed, self.n_layers, hidden, self.n_qubits)
         return replace(self, hidden=hidden, ranks=ranks)
 

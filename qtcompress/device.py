@@ -27,21 +27,26 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise ConfigError(f"Unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'mps'."
-                          ) from None
+        raise ConfigError(
+            f"Unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'mps'."
+        ) from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"Device {device!r} asked for, but CUDA is not available to this "
-                              f"torch (build {torch.__version__}); use device 'cpu'.")
+            raise ConfigError(
+                f"Device {device!r} asked for, but CUDA is not available to this "
+                f"torch (build {torch.__version__}); use device 'cpu'."
+            )
         count = torch.cuda.device_count()
         if dev.index is not None and dev.index >= count:
-            raise ConfigError(f"Device {device!r} asked for, but this machine has {count} CUDA "
-                              f"device(s) (cuda:0..cuda:{count - 1}).")
+            raise ConfigError(
+                f"Device {device!r} asked for, but this machine has {count} CUDA "
+                f"device(s) (cuda:0..cuda:{count - 1})."
+            )
     elif dev.type == "mps":
         if not torch.backends.mps.is_available():
-            raise ConfigError(f"Device {device!r} asked for, but MPS is not available here; "
-                              "use device 'cpu'.")
+            raise ConfigError(
+                f"Device {device!r} asked for, but MPS is not available here; use device 'cpu'."
+            )
     elif dev.type != "cpu":
-        raise ConfigError(f"Device type {dev.type!r} is not supported; use 'cpu', 'cuda' or "
-                          "'mps'.")
+        raise ConfigError(f"Device type {dev.type!r} is not supported; use 'cpu', 'cuda' or 'mps'.")
     return dev

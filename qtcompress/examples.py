@@ -56,8 +56,13 @@ class DigitsCNN28(nn.Module):
         size: Input height and width (divisible by 4).
     """
 
-    def __init__(self, channels: tuple[int, int] = (32, 64), hidden: int = 128,
-                 classes: int = 10, size: int = 28) -> None:
+    def __init__(
+        self,
+        channels: tuple[int, int] = (32, 64),
+        hidden: int = 128,
+        classes: int = 10,
+        size: int = 28,
+    ) -> None:
         super().__init__()
         c1, c2 = channels
         self.conv1 = nn.Conv2d(1, c1, 3, padding=1)
@@ -75,8 +80,7 @@ class DigitsCNN28(nn.Module):
 
 def upsample(images: torch.Tensor, size: int = 28) -> torch.Tensor:
     """Bilinearly upsample ``(N, 1, h, w)`` images in [0, 1] to ``(N, 1, size, size)``."""
-    out = nn.functional.interpolate(images, size=(size, size), mode="bilinear",
-                                    align_corners=False)
+    out = nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
     return out.clamp(0.0, 1.0)  # bilinear is a convex mix already; clamp guards rounding
 
 
@@ -92,8 +96,10 @@ class TabularMLP(nn.Module):
     def __init__(self, features: int = 13, classes: int = 3, hidden: int = 32) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(features, hidden), nn.ReLU(),
-            nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Linear(features, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
             nn.Linear(hidden, classes),
         )
 
@@ -148,21 +154,21 @@ def load_dataset(name: str, seed: int = 0, test_fraction: float = 0.2) -> Split:
         return _split(x, data.target, test_fraction, seed)
     if name == "digits28":
         split = load_dataset("digits", seed=seed, test_fraction=test_fraction)
-        return Split(upsample(split.x_train), split.y_train, upsample(split.x_test),
-                     split.y_test)
+        return Split(upsample(split.x_train), split.y_train, upsample(split.x_test), split.y_test)
     if name == "wine":
         data = datasets.load_wine()
         split = _split(data.data, data.target, test_fraction, seed)
         mean, std = split.x_train.mean(0), split.x_train.std(0) + 1e-6
-        return Split((split.x_train - mean) / std, split.y_train,
-                     (split.x_test - mean) / std, split.y_test)
-    raise ConfigError(f"Unknown example data set {name!r}; choose 'digits', 'digits28' or "
-                      "'wine'.")
+        return Split(
+            (split.x_train - mean) / std, split.y_train, (split.x_test - mean) / std, split.y_test
+        )
+    raise ConfigError(f"Unknown example data set {name!r}; choose 'digits', 'digits28' or 'wine'.")
 
 
 @torch.no_grad()
-def accuracy(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-             y: torch.Tensor) -> float:
+def accuracy(
+    model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor
+) -> float:
     """Top-1 accuracy in [0, 1] of a model's logits.
 
     An ``nn.Module`` is run in eval mode and its train/eval mode restored; any other callable
@@ -179,7 +185,11 @@ def accuracy(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
 
 
 def train_classifier(
-    model: nn.Module, split: Split, epochs: int = 40, lr: float = 1e-2, batch_size: int = 64,
+    model: nn.Module,
+    split: Split,
+    epochs: int = 40,
+    lr: float = 1e-2,
+    batch_size: int = 64,
     seed: int = 0,
 ) -> nn.Module:
     """Train a classifier with Adam and cross-entropy, deterministically for a given seed."""

@@ -61,8 +61,9 @@ def check_kind(kind: str) -> str:
     return kind
 
 
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "kl",
-                 temperature: float = 2.0) -> torch.Tensor:
+def distill_loss(
+    student: torch.Tensor, teacher: torch.Tensor, kind: str = "kl", temperature: float = 2.0
+) -> torch.Tensor:
     """Distillation loss between student and teacher outputs of the same shape.
 
     Args:
@@ -77,12 +78,16 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "kl",
         temperature: Softmax temperature for ``"kl"``.
     """
     if student.shape != teacher.shape:
-        raise ConfigError(f"Student output {tuple(student.shape)} and teacher output "
-                          f"{tuple(teacher.shape)} differ in shape.")
+        raise ConfigError(
+            f"Student output {tuple(student.shape)} and teacher output "
+            f"{tuple(teacher.shape)} differ in shape."
+        )
     if kind == "kl":
         if student.ndim < 2 or student.shape[-1] < 2:
-            raise ConfigError("The 'kl' distillation loss needs a class axis (last dimension "
-                              ">= 2); use --distill mse or bce for scalar outputs.")
+            raise ConfigError(
+                "The 'kl' distillation loss needs a class axis (last dimension "
+                ">= 2); use --distill mse or bce for scalar outputs."
+            )
         t = temperature
         s = F.log_softmax(student.flatten(0, -2) / t, dim=-1)
         q = F.log_softmax(teacher.flatten(0, -2) / t, dim=-1)
@@ -92,15 +97,18 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "kl",
         return kl + LOGIT_ANCHOR * F.mse_loss(sc, tc) / tc.var().clamp_min(1e-8)
     if kind == "bce":
         if bool(((teacher < 0) | (teacher > 1)).any()):
-            raise ConfigError("The 'bce' distillation loss needs teacher outputs in [0, 1] "
-                              "(probabilities); use --distill mse for other outputs.")
+            raise ConfigError(
+                "The 'bce' distillation loss needs teacher outputs in [0, 1] "
+                "(probabilities); use --distill mse for other outputs."
+            )
         return F.binary_cross_entropy(student.clamp(1e-6, 1 - 1e-6), teacher)
     if kind == "cosine":
         return (1.0 - F.cosine_similarity(student, teacher, dim=-1)).mean()
     if kind == "mse":
         return F.mse_loss(student, teacher) / teacher.var().clamp_min(1e-8)
-    raise ConfigError(f"Unknown distillation loss {kind!r}; choose from "
-                      f"{', '.join(DISTILL_LOSSES)}.")
+    raise ConfigError(
+        f"Unknown distillation loss {kind!r}; choose from {', '.join(DISTILL_LOSSES)}."
+    )
 
 
 @dataclass(frozen=True)
@@ -140,8 +148,12 @@ class Fidelity:
     @property
     def headline_name(self) -> str:
         """Name of the figure that :attr:`headline` holds."""
-        return {"logits": "agreement", "probability": "agreement", "embedding": "cosine",
-                "regression": "correlation"}[self.kind]
+        return {
+            "logits": "agreement",
+            "probability": "agreement",
+            "embedding": "cosine",
+            "regression": "correlation",
+        }[self.kind]
 
     @property
     def headline(self) -> float:
@@ -156,18 +168,27 @@ class Fidelity:
         """One line per problem: a constant student, or poor fidelity."""
         out = []
         if self.degenerate:
-            out.append(f"the student's outputs are nearly constant across inputs (spread "
-                       f"{self.spread_ratio:.3g} of the teacher's): it is a dead network")
+            out.append(
+                f"the student's outputs are nearly constant across inputs (spread "
+                f"{self.spread_ratio:.3g} of the teacher's): it is a dead network"
+            )
         elif self.headline < POOR_FIDELITY:
-            out.append(f"fidelity is poor: {self.headline_name} {self.headline:.3f} < "
-                       f"{POOR_FIDELITY}; raise --budget or --finetune-steps")
+            out.append(
+                f"fidelity is poor: {self.headline_name} {self.headline:.3f} < "
+                f"{POOR_FIDELITY}; raise --budget or --finetune-steps"
+            )
         return out
 
     def describe(self) -> str:
         """Short text, e.g. ``agreement 97.2%, correlation 0.981``."""
-        parts = [f"{self.headline_name} "
-                 + (f"{self.headline:.2%}" if self.headline_name == "agreement"
-                    else f"{self.headline:.4f}")]
+        parts = [
+            f"{self.headline_name} "
+            + (
+                f"{self.headline:.2%}"
+                if self.headline_name == "agreement"
+                else f"{self.headline:.4f}"
+            )
+        ]
         if self.headline_name != "correlation":
             parts.append(f"correlation {self.correlation:.3f}")
         parts.append(f"relative error {self.relative_error:.3f}")
@@ -178,8 +199,9 @@ class Fidelity:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready figures (with ``headline`` and ``degenerate``)."""
         d = asdict(self)
-        d.update(headline=self.headline, headline_name=self.headline_name,
-                 degenerate=self.degenerate)
+        d.update(
+            headline=self.headline, headline_name=self.headline_name, degenerate=self.degenerate
+        )
         return d
 
 
@@ -190,8 +212,9 @@ def _decisions(out: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def measure_fidelity(student: torch.Tensor, teacher: torch.Tensor, kind: str,
-                     labels: torch.Tensor | None = None) -> Fidelity:
+def measure_fidelity(
+    student: torch.Tensor, teacher: torch.Tensor, kind: str, labels: torch.Tensor | None = None
+) -> Fidelity:
     """Compare student and teacher outputs (dim 0 = examples).
 
     Args:
@@ -202,8 +225,10 @@ def measure_fidelity(student: torch.Tensor, teacher: torch.Tensor, kind: str,
     """
     check_kind(kind)
     if student.shape != teacher.shape:
-        raise ConfigError(f"Student output {tuple(student.shape)} and teacher output "
-                          f"{tuple(teacher.shape)} differ in shape.")
+        raise ConfigError(
+            f"Student output {tuple(student.shape)} and teacher output "
+            f"{tuple(teacher.shape)} differ in shape."
+        )
     s, t = student.detach().double(), teacher.detach().double()
     if kind == "logits":
         # Logits are defined up to a constant per example (softmax ignores it): compare them
@@ -217,10 +242,12 @@ def measure_fidelity(student: torch.Tensor, teacher: torch.Tensor, kind: str,
     correlation = float(sc @ tc) / denom if denom > 0 else 0.0
     relative_error = float((sf - tf).norm() / tf.norm().clamp_min(1e-30))
     # Spread across inputs: std over dim 0 per output unit, averaged over units.
-    t_spread = float(t.reshape(t.shape[0], -1).std(0, unbiased=False).mean()) \
-        if t.shape[0] > 1 else 0.0
-    s_spread = float(s.reshape(s.shape[0], -1).std(0, unbiased=False).mean()) \
-        if s.shape[0] > 1 else 0.0
+    t_spread = (
+        float(t.reshape(t.shape[0], -1).std(0, unbiased=False).mean()) if t.shape[0] > 1 else 0.0
+    )
+    s_spread = (
+        float(s.reshape(s.shape[0], -1).std(0, unbiased=False).mean()) if s.shape[0] > 1 else 0.0
+    )
     spread = s_spread / t_spread if t_spread > 0 else (1.0 if s_spread == 0 else math.inf)
     agreement = cosine = accuracy = teacher_accuracy = None
     if kind in ("logits", "probability"):
@@ -228,12 +255,23 @@ def measure_fidelity(student: torch.Tensor, teacher: torch.Tensor, kind: str,
         agreement = float((pred == truth).double().mean())
         if labels is not None and labels.numel() > 0:
             if pred.shape != labels.shape:
-                raise ConfigError(f"Labels of shape {tuple(labels.shape)} do not match the "
-                                  f"model's decisions {tuple(pred.shape)}.")
+                raise ConfigError(
+                    f"Labels of shape {tuple(labels.shape)} do not match the "
+                    f"model's decisions {tuple(pred.shape)}."
+                )
             gold = labels.to(pred.dtype)
             accuracy = float((pred == gold).double().mean())
             teacher_accuracy = float((truth == gold).double().mean())
     if kind == "embedding" or (s.ndim >= 2 and s.shape[-1] >= 2):
         cosine = float(F.cosine_similarity(s, t, dim=-1).mean())
-    return Fidelity(kind, int(s.shape[0]), agreement, cosine, correlation, relative_error,
-                    accuracy, teacher_accuracy, spread)
+    return Fidelity(
+        kind,
+        int(s.shape[0]),
+        agreement,
+        cosine,
+        correlation,
+        relative_error,
+        accuracy,
+        teacher_accuracy,
+        spread,
+    )

@@ -111,8 +111,10 @@ class LoopConfig:
         if self.steps < 1 or self.eval_every < 1 or self.warmup < 0:
             raise ConfigError("steps and eval_every must be >= 1 and warmup >= 0.")
         if not (self.lr > 0 and math.isfinite(self.lr)) or self.weight_decay < 0:
-            raise ConfigError(f"lr must be positive and finite, weight_decay >= 0 (got {self.lr}, "
-                              f"{self.weight_decay}).")
+            raise ConfigError(
+                f"lr must be positive and finite, weight_decay >= 0 (got {self.lr}, "
+                f"{self.weight_decay})."
+            )
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"Unknown schedule {self.schedule!r}; choose from {SCHEDULES}.")
         if self.patience is not None and self.patience < 1:
@@ -153,10 +155,11 @@ def make_adam(params: list[nn.Parameter], cfg: LoopConfig) -> torch.optim.Adam:
     of Python per step on the 21 tensors of a 1e6-weight MLP's generator (fused: 0.13 ms). Fused
     Adam rounds differently in the last bits (not bit-identical to the loop; same math).
     """
-    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype in (
-        torch.float32, torch.float64) for p in params)
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            fused=fused or None)
+    fused = bool(params) and all(
+        p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64)
+        for p in params
+    )
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 def train_loop(
@@ -214,8 +217,10 @@ def train_loop(
     extra = dict(extra_state or {})
 
     def full_state() -> dict[str, Any]:
-        return {"generator": copy.deepcopy(generator.state_dict()),
-                "extra": {k: v.detach().clone() for k, v in extra.items()}}
+        return {
+            "generator": copy.deepcopy(generator.state_dict()),
+            "extra": {k: v.detach().clone() for k, v in extra.items()},
+        }
 
     def load_full(state: dict[str, Any]) -> None:
         generator.load_state_dict(state["generator"])
@@ -231,25 +236,44 @@ def train_loop(
         except Exception as exc:  # torch raises several types for corrupt files
             raise FormatError(f"Cannot read checkpoint {path}: {exc}") from exc
         if not isinstance(ck, dict) or ck.get("version") != CHECKPOINT_VERSION:
-            raise FormatError(f"{path} is not a qtcompress fit checkpoint (version "
-                              f"{CHECKPOINT_VERSION}).")
+            raise FormatError(
+                f"{path} is not a qtcompress fit checkpoint (version {CHECKPOINT_VERSION})."
+            )
         if ck["fingerprint"] != cfg.fingerprint() or ck["desc"] != desc:
-            raise FormatError(f"Checkpoint {path} was written by a fit with other settings: "
-                              f"{ck['fingerprint']} ({ck['desc']}).")
+            raise FormatError(
+                f"Checkpoint {path} was written by a fit with other settings: "
+                f"{ck['fingerprint']} ({ck['desc']})."
+            )
         load_full(ck["state"])
         opt.load_state_dict(ck["optimizer"])
-        start, best, best_step, bad, ema = ck["step"], ck["best"], ck["best_step"], ck["bad"], ck[
-            "ema"]
+        start, best, best_step, bad, ema = (
+            ck["step"],
+            ck["best"],
+            ck["best_step"],
+            ck["bad"],
+            ck["ema"],
+        )
         lr_scale, restarts = ck.get("lr_scale", 1.0), ck.get("restarts", 0)
         history, best_state = list(ck["history"]), ck["best_state"]
         resumed_from = start
 
     def snapshot(step: int) -> dict[str, Any]:
-        return {"version": CHECKPOINT_VERSION, "desc": desc, "fingerprint": cfg.fingerprint(),
-                "state": full_state(), "optimizer": opt.state_dict(), "step": step,
-                "best": best, "best_step": best_step, "bad": bad, "ema": ema,
-                "lr_scale": lr_scale, "restarts": restarts,
-                "history": history, "best_state": best_state}
+        return {
+            "version": CHECKPOINT_VERSION,
+            "desc": desc,
+            "fingerprint": cfg.fingerprint(),
+            "state": full_state(),
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "best": best,
+            "best_step": best_step,
+            "bad": bad,
+            "ema": ema,
+            "lr_scale": lr_scale,
+            "restarts": restarts,
+            "history": history,
+            "best_state": best_state,
+        }
 
     stopped = False
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not progress, leave=False)
@@ -296,8 +320,10 @@ def train_loop(
                     opt = make_adam(params, cfg)
                     lr_scale *= 0.5
                     if progress:
-                        bar.write(f"{desc}: outputs collapsed at step {done}; restored the "
-                                  f"best state (step {best_step}), halved the learning rate")
+                        bar.write(
+                            f"{desc}: outputs collapsed at step {done}; restored the "
+                            f"best state (step {best_step}), halved the learning rate"
+                        )
                     if restarts > MAX_RESTARTS:
                         bar.close()
                         break
@@ -319,8 +345,17 @@ def train_loop(
         bar.close()
     if cfg.restore_best and best_state is not None and best < math.inf:
         load_full(best_state)
-    return FitResult(len(history), best, best_step, history[-1] if history else math.nan,
-                     history, stopped, resumed_from, time.perf_counter() - t0, restarts)
+    return FitResult(
+        len(history),
+        best,
+        best_step,
+        history[-1] if history else math.nan,
+        history,
+        stopped,
+        resumed_from,
+        time.perf_counter() - t0,
+        restarts,
+    )
 
 
 # -- phase 1 ------------------------------------------------------------------------------------
@@ -334,7 +369,7 @@ def tensor_normalisers(generator: AnyGenerator, target: torch.Tensor) -> torch.T
     layout = generator.layout
     factors = torch.empty(layout.total, device=target.device)
     for s, scale in zip(layout.specs, tensor_scales(generator, target), strict=True):
-        factors[s.offset:s.offset + s.numel] = scale
+        factors[s.offset : s.offset + s.numel] = scale
     return factors
 
 
@@ -343,7 +378,7 @@ def tensor_scales(generator: AnyGenerator, target: torch.Tensor) -> list[float]:
     layout = generator.layout
     out = []
     for s in layout.specs:
-        part = target[s.offset:s.offset + s.numel].double()
+        part = target[s.offset : s.offset + s.numel].double()
         denom = max(float(part.var(unbiased=False)), 1e-4 * float((part**2).mean()), 1e-12)
         out.append(1.0 / (denom * s.numel * len(layout.specs)))
     return out
@@ -355,8 +390,9 @@ STREAM_WEIGHTS = 1 << 24
 STREAM_BLOCK = 1 << 22  # weights per recomputed block (16 MiB of float32)
 
 
-def row_weight_loss(generator: RowGenerator, target: torch.Tensor,
-                    scales: Sequence[float]) -> torch.Tensor:
+def row_weight_loss(
+    generator: RowGenerator, target: torch.Tensor, scales: Sequence[float]
+) -> torch.Tensor:
     """Phase-1 loss of the rows scheme, tensor by tensor (same value as :func:`weight_loss`).
 
     Each tensor is generated from the shared features and compared with its slice of
@@ -368,21 +404,23 @@ def row_weight_loss(generator: RowGenerator, target: torch.Tensor,
     stream = generator.total >= STREAM_WEIGHTS
     loss = h.new_zeros(())
     for i, s in enumerate(generator.layout.specs):
-        goal = generator._as_view(target[s.offset:s.offset + s.numel], i)  # (rows, cols) view
+        goal = generator._as_view(target[s.offset : s.offset + s.numel], i)  # (rows, cols) view
         if not stream:  # the whole tensor as one block, kept for the backward pass
             loss = loss + generator.row_block_error(h, i, 0, goal) * scales[i]
             continue
         # Row blocks of at most STREAM_BLOCK weights, each recomputed in the backward pass.
         step = max(1, STREAM_BLOCK // goal.shape[1])
         for r in range(0, goal.shape[0], step):
-            part = checkpoint(generator.row_block_error, h, i, r, goal[r:r + step],
-                              use_reentrant=False)
+            part = checkpoint(
+                generator.row_block_error, h, i, r, goal[r : r + step], use_reentrant=False
+            )
             loss = loss + part * scales[i]
     return loss
 
 
-def weight_loss(generated: torch.Tensor, target: torch.Tensor,
-                factors: torch.Tensor) -> torch.Tensor:
+def weight_loss(
+    generated: torch.Tensor, target: torch.Tensor, factors: torch.Tensor
+) -> torch.Tensor:
     """Phase-1 loss: per-tensor normalised MSE averaged over tensors.
 
     See :func:`tensor_normalisers` for the normalisation.
@@ -404,18 +442,24 @@ def relative_errors(generator: AnyGenerator, target: torch.Tensor) -> dict[str, 
             diff_sq += block_sq
             s = specs.get(start)
             if s is not None and s.numel == block.shape[0]:
-                out[s.name] = block_sq ** 0.5 / float(b.double().norm().clamp_min(1e-12))
+                out[s.name] = block_sq**0.5 / float(b.double().norm().clamp_min(1e-12))
         if len(out) != len(specs):  # blocks that do not line up with tensors (flat scheme)
             w = torch.cat([b for _, b in generator.iter_blocks()])
             for s in generator.layout.specs:
-                a, b = w[s.offset:s.offset + s.numel], target[s.offset:s.offset + s.numel]
+                a, b = w[s.offset : s.offset + s.numel], target[s.offset : s.offset + s.numel]
                 out[s.name] = float((a - b).norm() / b.norm().clamp_min(1e-12))
         total = float(target.double().norm().clamp_min(1e-12))
-    return {"_total": diff_sq ** 0.5 / total, **out}
+    return {"_total": diff_sq**0.5 / total, **out}
 
 
-def fit_weights(generator: AnyGenerator, target: torch.Tensor, cfg: LoopConfig, *,
-                freeze_scale: bool = True, **loop_kwargs: Any) -> FitResult:
+def fit_weights(
+    generator: AnyGenerator,
+    target: torch.Tensor,
+    cfg: LoopConfig,
+    *,
+    freeze_scale: bool = True,
+    **loop_kwargs: Any,
+) -> FitResult:
     """Phase 1: fit the generator so that it reproduces ``target`` (flat pretrained weights).
 
     Args:
@@ -432,16 +476,22 @@ def fit_weights(generator: AnyGenerator, target: torch.Tensor, cfg: LoopConfig, 
         **loop_kwargs: Passed to :func:`train_loop` (checkpointing, progress, ...).
     """
     if target.shape != (generator.total,):
-        raise ConfigError(f"target must have shape ({generator.total},), got "
-                          f"{tuple(target.shape)}.")
+        raise ConfigError(
+            f"target must have shape ({generator.total},), got {tuple(target.shape)}."
+        )
     if not all_finite(target):
         raise NonFiniteError("The pretrained weights hold NaN or Inf.")
     target = target.detach().to(torch.float32)
     desc = loop_kwargs.pop("desc", "fit_weights")
     if isinstance(generator, RowGenerator):
         scales = tensor_scales(generator, target)
-        result = train_loop(generator, lambda _step: row_weight_loss(generator, target, scales),
-                            cfg, desc=desc, **loop_kwargs)
+        result = train_loop(
+            generator,
+            lambda _step: row_weight_loss(generator, target, scales),
+            cfg,
+            desc=desc,
+            **loop_kwargs,
+        )
         # The heads' least-squares optimum for the trained features: never worse than zeros.
         generator.fit_heads(target)
         return result
@@ -451,8 +501,12 @@ def fit_weights(generator: AnyGenerator, target: torch.Tensor, cfg: LoopConfig, 
         generator.scale.requires_grad_(False)
     try:
         return train_loop(
-            generator, lambda _step: weight_loss(generator.generate(), target, factors), cfg,
-            desc=desc, **loop_kwargs)
+            generator,
+            lambda _step: weight_loss(generator.generate(), target, factors),
+            cfg,
+            desc=desc,
+            **loop_kwargs,
+        )
     finally:
         generator.scale.requires_grad_(trainable)
 
@@ -478,11 +532,14 @@ class FunctionalModel:
             p.requires_grad_(False)
         self.generator = generator
         self.fixed: dict[str, torch.Tensor] = dict(
-            self.module.named_parameters(remove_duplicate=False))
+            self.module.named_parameters(remove_duplicate=False)
+        )
         self.buffers: dict[str, torch.Tensor] = {
-            n: b.detach().clone() for n, b in self.module.named_buffers()}
-        self.norm_layers = [m for m in self.module.modules()
-                            if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            n: b.detach().clone() for n, b in self.module.named_buffers()
+        }
+        self.norm_layers = [
+            m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ]
         self.device = torch.device("cpu")
 
     def share_target(self, target: torch.Tensor, layout: Layout) -> None:
@@ -496,9 +553,10 @@ class FunctionalModel:
         named = dict(self.module.named_parameters(remove_duplicate=False))
         for s in layout.specs:
             params = [named[n] for n in s.names if n in named]
-            if params and all(p.dtype == target.dtype and p.device == target.device
-                              for p in params):
-                view = target[s.offset:s.offset + s.numel].view(s.shape)
+            if params and all(
+                p.dtype == target.dtype and p.device == target.device for p in params
+            ):
+                view = target[s.offset : s.offset + s.numel].view(s.shape)
                 for p in params:
                     p.data = view
 
@@ -513,8 +571,13 @@ class FunctionalModel:
         self.device = device
         return self
 
-    def __call__(self, *args: Any, generated: Mapping[str, torch.Tensor] | None = None,
-                 batch_stats: bool = False, **kwargs: Any) -> Any:
+    def __call__(
+        self,
+        *args: Any,
+        generated: Mapping[str, torch.Tensor] | None = None,
+        batch_stats: bool = False,
+        **kwargs: Any,
+    ) -> Any:
         """Forward pass with generated weights (generated now if not given).
 
         Args:
@@ -530,8 +593,14 @@ class FunctionalModel:
             for m in self.norm_layers:
                 m.train()
         try:
-            return functional_call(self.module, {**self.fixed, **self.buffers, **tensors}, args,
-                                   kwargs, tie_weights=False, strict=False)
+            return functional_call(
+                self.module,
+                {**self.fixed, **self.buffers, **tensors},
+                args,
+                kwargs,
+                tie_weights=False,
+                strict=False,
+            )
         finally:
             for m in self.norm_layers:
                 m.eval()
@@ -556,8 +625,9 @@ class FunctionalModel:
                 b.fill_(1.0)
         try:
             for i in range(0, inputs.shape[0], batch_size):
-                self(inputs[i:i + batch_size].to(self.device), generated=tensors,
-                     batch_stats=True)
+                self(
+                    inputs[i : i + batch_size].to(self.device), generated=tensors, batch_stats=True
+                )
         finally:
             for m, momentum in zip(self.norm_layers, momenta, strict=True):
                 m.momentum = momentum
@@ -623,8 +693,9 @@ def finetune(
     if mode not in ("supervised", "distill"):
         raise ConfigError(f"Unknown mode {mode!r}; choose 'supervised' or 'distill'.")
     if batch_size < 1 or not 0.0 <= alpha <= 1.0:
-        raise ConfigError(f"batch_size must be >= 1 and alpha in [0, 1] (got {batch_size}, "
-                          f"{alpha}).")
+        raise ConfigError(
+            f"batch_size must be >= 1 and alpha in [0, 1] (got {batch_size}, {alpha})."
+        )
     source = InputSource.of(data, labels, labels_in_items=labels_in_items)
     device = fmodel.device
     probe = source.head(probe_size).to(device)
@@ -665,15 +736,29 @@ def finetune(
         alive[0] = alive[0] or not dead
         return dead and alive[0]
 
-    return train_loop(fmodel.generator, loss_at, cfg, desc=loop_kwargs.pop("desc", mode),
-                      extra_state=fmodel.buffers, monitor=monitor,
-                      guard=collapsed if guard else None, **loop_kwargs)
+    return train_loop(
+        fmodel.generator,
+        loss_at,
+        cfg,
+        desc=loop_kwargs.pop("desc", mode),
+        extra_state=fmodel.buffers,
+        monitor=monitor,
+        guard=collapsed if guard else None,
+        **loop_kwargs,
+    )
 
 
 @torch.no_grad()
-def evaluate_fidelity(fmodel: FunctionalModel, data: Any, labels: torch.Tensor | None = None,
-                      *, output: str | int | None = None, output_kind: str | None = None,
-                      batch_size: int = 256, labels_in_items: bool | str = False) -> Fidelity:
+def evaluate_fidelity(
+    fmodel: FunctionalModel,
+    data: Any,
+    labels: torch.Tensor | None = None,
+    *,
+    output: str | int | None = None,
+    output_kind: str | None = None,
+    batch_size: int = 256,
+    labels_in_items: bool | str = False,
+) -> Fidelity:
     """Fidelity of ``fmodel``'s generated network to its original on ``data``.
 
     Weights are generated once; teacher and student run batch by batch in eval mode.
@@ -693,12 +778,12 @@ def evaluate_fidelity(fmodel: FunctionalModel, data: Any, labels: torch.Tensor |
     for batch in source.batches(batch_size):
         batch = batch.to(fmodel.device)
         # Metrics on the CPU: one small copy per batch, and the same arithmetic on any device.
-        students.append(select_output(batch.call(partial(fmodel, generated=generated)),
-                                      output).cpu())
+        students.append(
+            select_output(batch.call(partial(fmodel, generated=generated)), output).cpu()
+        )
         teachers.append(select_output(batch.call(fmodel.teacher), output).cpu())
         if batch.labels is not None:
             golds.append(batch.labels.cpu())
     teacher = torch.cat(teachers)
     kind = output_kind or infer_output_kind(teacher)
-    return measure_fidelity(torch.cat(students), teacher, kind,
-                            torch.cat(golds) if golds else None)
+    return measure_fidelity(torch.cat(students), teacher, kind, torch.cat(golds) if golds else None)

@@ -43,8 +43,9 @@ FIT_BLOCK = 1 << 22
 def all_finite(t: torch.Tensor, block: int = 1 << 22) -> bool:
     """``torch.isfinite(t).all()`` in blocks: its temporaries took 1.7x a 1e8-vector's bytes."""
     flat = t.reshape(-1)
-    return all(bool(torch.isfinite(flat[i:i + block]).all())
-               for i in range(0, flat.numel(), block))
+    return all(
+        bool(torch.isfinite(flat[i : i + block]).all()) for i in range(0, flat.numel(), block)
+    )
 
 
 def check_target(target: torch.Tensor, total: int) -> None:
@@ -61,8 +62,16 @@ def qubits_for(total: int, chunk: int) -> int:
     return max(1, math.ceil(math.log2(states))) if states > 1 else 1
 
 
-def _qnn_for(n_states: int, n_qubits: int | None, n_layers: int, prob_transform: str,
-             backend: str, seed: int, shortfall: str, remedy: str) -> QNN:
+def _qnn_for(
+    n_states: int,
+    n_qubits: int | None,
+    n_layers: int,
+    prob_transform: str,
+    backend: str,
+    seed: int,
+    shortfall: str,
+    remedy: str,
+) -> QNN:
     """The paper-ansatz QNN with enough basis states for ``n_states`` (both schemes).
 
     ``shortfall`` and ``remedy`` complete the error message for too few qubits.
@@ -70,14 +79,24 @@ def _qnn_for(n_states: int, n_qubits: int | None, n_layers: int, prob_transform:
     needed = qubits_for(n_states, 1)
     n = needed if n_qubits is None else int(n_qubits)
     if n < needed:
-        raise ConfigError(f"{n} qubits give {2**n} states {shortfall}; need at least {needed} "
-                          f"qubits{' ' + remedy if remedy else ''}.")
+        raise ConfigError(
+            f"{n} qubits give {2**n} states {shortfall}; need at least {needed} "
+            f"qubits{' ' + remedy if remedy else ''}."
+        )
     transform_probs(torch.zeros(2), 1, prob_transform)  # validates the name early
     return QNN(Ansatz.paper(n, n_layers), backend=backend, seed=seed)
 
 
-def make_mapping(kind: str, n_qubits: int, chunk: int, *, hidden: tuple[int, ...] = (16, 16),
-                 activation: str = "tanh", bond_dim: int = 4, seed: int = 0) -> Mapping:
+def make_mapping(
+    kind: str,
+    n_qubits: int,
+    chunk: int,
+    *,
+    hidden: tuple[int, ...] = (16, 16),
+    activation: str = "tanh",
+    bond_dim: int = 4,
+    seed: int = 0,
+) -> Mapping:
     """Build a mapping by name: ``"mlp"`` (:class:`MLPMapping`) or ``"mps"``.
 
     ``"mps"`` is :class:`qtcompress.experimental.mps.MPSMapping` (arXiv 2409.06992 style).
@@ -139,16 +158,31 @@ class QTGenerator(nn.Module):
         self.chunk = int(chunk)
         self.n_states = math.ceil(self.total / self.chunk)
         self.prob_transform = prob_transform
-        self.qnn = _qnn_for(self.n_states, n_qubits, n_layers, prob_transform, backend, seed,
-                            f"x chunk {chunk} < M={self.total}", "or a larger chunk")
+        self.qnn = _qnn_for(
+            self.n_states,
+            n_qubits,
+            n_layers,
+            prob_transform,
+            backend,
+            seed,
+            f"x chunk {chunk} < M={self.total}",
+            "or a larger chunk",
+        )
         n = self.qnn.n_qubits
         if isinstance(mapping, Mapping):
             if mapping.n_qubits != n or mapping.chunk != self.chunk:
                 raise ConfigError("The given mapping's n_qubits/chunk do not match the generator.")
             self.mapping = mapping
         else:
-            self.mapping = make_mapping(mapping, n, self.chunk, hidden=tuple(hidden),
-                                        activation=activation, bond_dim=bond_dim, seed=seed)
+            self.mapping = make_mapping(
+                mapping,
+                n,
+                self.chunk,
+                hidden=tuple(hidden),
+                activation=activation,
+                bond_dim=bond_dim,
+                seed=seed,
+            )
         t = len(layout.specs)
         self.scale = nn.Parameter(torch.ones(t), requires_grad=per_tensor_affine)
         self.offset = nn.Parameter(torch.zeros(t), requires_grad=per_tensor_affine)
@@ -162,8 +196,9 @@ class QTGenerator(nn.Module):
         self.register_buffer("_ends", ends, persistent=False)
 
     @classmethod
-    def from_config(cls, layout: Layout, config: QTConfig,
-                    target: torch.Tensor | None = None) -> QTGenerator | RowGenerator:
+    def from_config(
+        cls, layout: Layout, config: QTConfig, target: torch.Tensor | None = None
+    ) -> QTGenerator | RowGenerator:
         """The generator that ``config`` describes for ``layout`` (the one place that maps them).
 
         Args:
@@ -175,17 +210,32 @@ class QTGenerator(nn.Module):
         config = config.resolve(layout, target)
         if config.scheme == "rows":
             return RowGenerator(
-                layout, ranks=config.ranks or (), n_layers=config.n_layers,
-                n_qubits=config.n_qubits, hidden=tuple(config.hidden or ()),
-                activation=config.activation, prob_transform=config.prob_transform,
-                backend=config.backend, seed=config.seed)
+                layout,
+                ranks=config.ranks or (),
+                n_layers=config.n_layers,
+                n_qubits=config.n_qubits,
+                hidden=tuple(config.hidden or ()),
+                activation=config.activation,
+                prob_transform=config.prob_transform,
+                backend=config.backend,
+                seed=config.seed,
+            )
         return cls(
-            layout, chunk=config.resolve_chunk(layout.total), n_layers=config.n_layers,
-            n_qubits=config.n_qubits, mapping=config.mapping, hidden=tuple(config.hidden or ()),
-            activation=config.activation, bond_dim=config.bond_dim,
-            prob_transform=config.prob_transform, backend=config.backend,
-            per_tensor_affine=config.per_tensor_affine, standardize=config.standardize,
-            block_states=config.block_states, seed=config.seed)
+            layout,
+            chunk=config.resolve_chunk(layout.total),
+            n_layers=config.n_layers,
+            n_qubits=config.n_qubits,
+            mapping=config.mapping,
+            hidden=tuple(config.hidden or ()),
+            activation=config.activation,
+            bond_dim=config.bond_dim,
+            prob_transform=config.prob_transform,
+            backend=config.backend,
+            per_tensor_affine=config.per_tensor_affine,
+            standardize=config.standardize,
+            block_states=config.block_states,
+            seed=config.seed,
+        )
 
     # -- sizes ----------------------------------------------------------------------------------
     @property
@@ -195,6 +245,7 @@ class QTGenerator(nn.Module):
 
     def parameter_counts(self) -> dict[str, int]:
         """Trainable parameters by part (``qnn``, ``mapping``, ``affine``) and ``total``."""
+
         def count(ps: Iterator[nn.Parameter]) -> int:
             return sum(p.numel() for p in ps if p.requires_grad)
 
@@ -219,7 +270,7 @@ class QTGenerator(nn.Module):
         """
         check_target(target, self.total)
         for i, s in enumerate(self.layout.specs):
-            part = target[s.offset:s.offset + s.numel].double()
+            part = target[s.offset : s.offset + s.numel].double()
             self.offset[i] = part.mean()
             self.scale[i] = part.std(unbiased=False) if s.numel > 1 else 0.0
 
@@ -269,7 +320,7 @@ class QTGenerator(nn.Module):
         # mapping at M = 1e6.
         parts = []
         for i, s in enumerate(self.layout.specs):
-            seg = raw[s.offset:s.offset + s.numel]
+            seg = raw[s.offset : s.offset + s.numel]
             if self.standardize:
                 mean = seg.mean()
                 std = ((seg - mean) ** 2).mean().clamp_min(1e-12).sqrt()
@@ -282,8 +333,9 @@ class QTGenerator(nn.Module):
         ends: torch.Tensor = self._ends  # type: ignore[assignment]
         return torch.searchsorted(ends, pos, right=True)  # tensor of each weight
 
-    def _block_sums(self, raw: torch.Tensor, start: int,
-                    mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _block_sums(
+        self, raw: torch.Tensor, start: int, mean: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-tensor partial sums over one streamed block: (sum, sum of squared deviations)."""
         t = len(self.layout.specs)
         idx = self._index(start, raw.shape[0], raw.device)
@@ -324,8 +376,9 @@ class QTGenerator(nn.Module):
                 raw = (raw - mean[idx]) / std[idx]
             yield start, self._affine(raw, start)
 
-    def tensors(self, flat: torch.Tensor | None = None, *,
-                factored: bool = False) -> dict[str, torch.Tensor]:
+    def tensors(
+        self, flat: torch.Tensor | None = None, *, factored: bool = False
+    ) -> dict[str, torch.Tensor]:
         """Generated tensors by name (aliases included), cast to each parameter's dtype.
 
         Args:
@@ -341,8 +394,10 @@ class QTGenerator(nn.Module):
     def extra_repr(self) -> str:
         """Summary shown by ``print(module)``."""
         c = self.parameter_counts()
-        return (f"M={self.total}, chunk={self.chunk}, n_states={self.n_states}, "
-                f"trainable={c['total']} ({c['total'] / self.total:.1%} of M)")
+        return (
+            f"M={self.total}, chunk={self.chunk}, n_states={self.n_states}, "
+            f"trainable={c['total']} ({c['total'] / self.total:.1%} of M)"
+        )
 
 
 def row_view(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -365,8 +420,13 @@ def max_rank(shape: tuple[int, ...]) -> int:
     return 0 if rows == 1 else min(rows - 1, cols)
 
 
-def row_generator_size(layout: Layout, ranks: Sequence[int], n_layers: int,
-                       hidden: tuple[int, ...], n_qubits: int | None = None) -> int:
+def row_generator_size(
+    layout: Layout,
+    ranks: Sequence[int],
+    n_layers: int,
+    hidden: tuple[int, ...],
+    n_qubits: int | None = None,
+) -> int:
     """Trainable parameters of a :class:`RowGenerator` with these per-tensor ranks."""
     views = [row_view(s.shape) for s in layout.specs]
     states = max(1, sum(r for (r, _), k in zip(views, ranks, strict=True) if k > 0))
@@ -416,8 +476,14 @@ def spectrum_gains(flat: torch.Tensor, shape: tuple[int, ...], need: int) -> tor
     return out
 
 
-def allocate_ranks(layout: Layout, target: torch.Tensor | None, allowed: int, n_layers: int,
-                   hidden: tuple[int, ...], n_qubits: int | None = None) -> tuple[int, ...]:
+def allocate_ranks(
+    layout: Layout,
+    target: torch.Tensor | None,
+    allowed: int,
+    n_layers: int,
+    hidden: tuple[int, ...],
+    n_qubits: int | None = None,
+) -> tuple[int, ...]:
     """Per-tensor ranks that fit ``allowed`` parameters, spent where the weights need them.
 
     Every matrix first gets the same rank, the largest that fits (uniform ranks measured best
@@ -439,9 +505,9 @@ def allocate_ranks(layout: Layout, target: torch.Tensor | None, allowed: int, n_
     Returns:
         One rank per tensor, in layout order (the minimum even if it exceeds ``allowed``).
     """
+
     def size_of(rank: int) -> int:
-        return row_generator_size(layout, uniform_ranks(layout, rank), n_layers, hidden,
-                                  n_qubits)
+        return row_generator_size(layout, uniform_ranks(layout, rank), n_layers, hidden, n_qubits)
 
     low, high = 1, 2
     while size_of(high) <= allowed and high < 1 << 20:
@@ -460,11 +526,14 @@ def allocate_ranks(layout: Layout, target: torch.Tensor | None, allowed: int, n_
         # The leftover can buy this tensor at most this many more ranks: later singular values
         # are never read.
         need = min(max_rank(s.shape), rank + max(0, allowed - size) // row_view(s.shape)[1])
-        gains.append(spectrum_gains(target[s.offset:s.offset + s.numel], s.shape, need))
+        gains.append(spectrum_gains(target[s.offset : s.offset + s.numel], s.shape, need))
     widest = max(1, *ranks)
     body_unit = (hidden[-1] if hidden else 0) + 1  # parameters per extra feature width
-    heap = [(-float(gains[i][ranks[i]]) / row_view(s.shape)[1], i)
-            for i, s in enumerate(layout.specs) if 0 < ranks[i] < max_rank(s.shape)]
+    heap = [
+        (-float(gains[i][ranks[i]]) / row_view(s.shape)[1], i)
+        for i, s in enumerate(layout.specs)
+        if 0 < ranks[i] < max_rank(s.shape)
+    ]
     heapq.heapify(heap)
     while heap:
         _, i = heapq.heappop(heap)
@@ -510,23 +579,35 @@ class RowGenerator(nn.Module):
 
     scheme = "rows"
 
-    def __init__(self, layout: Layout, *, ranks: Sequence[int], n_layers: int = 8,
-                 n_qubits: int | None = None, hidden: tuple[int, ...] = (32,),
-                 activation: str = "tanh", prob_transform: str = "scaled",
-                 backend: str = "qsim", seed: int = 0) -> None:
+    def __init__(
+        self,
+        layout: Layout,
+        *,
+        ranks: Sequence[int],
+        n_layers: int = 8,
+        n_qubits: int | None = None,
+        hidden: tuple[int, ...] = (32,),
+        activation: str = "tanh",
+        prob_transform: str = "scaled",
+        backend: str = "qsim",
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         from qtcompress.mapping import ACTIVATIONS
 
         if len(ranks) != len(layout.specs):
-            raise ConfigError(f"ranks lists {len(ranks)} tensors, the layout has "
-                              f"{len(layout.specs)}.")
+            raise ConfigError(
+                f"ranks lists {len(ranks)} tensors, the layout has {len(layout.specs)}."
+            )
         for k, s in zip(ranks, layout.specs, strict=True):
             if not isinstance(k, int) or not 0 <= k <= max(1, max_rank(s.shape)):
-                raise ConfigError(f"rank {k!r} for {s.name} {s.shape} is outside 0.."
-                                  f"{max(1, max_rank(s.shape))}.")
+                raise ConfigError(
+                    f"rank {k!r} for {s.name} {s.shape} is outside 0..{max(1, max_rank(s.shape))}."
+                )
         if activation not in ACTIVATIONS:
-            raise ConfigError(f"Unknown activation {activation!r}; choose from "
-                              f"{', '.join(ACTIVATIONS)}.")
+            raise ConfigError(
+                f"Unknown activation {activation!r}; choose from {', '.join(ACTIVATIONS)}."
+            )
         self.layout = layout
         self.total = layout.total
         self.ranks = tuple(int(k) for k in ranks)
@@ -538,8 +619,16 @@ class RowGenerator(nn.Module):
         self.n_states = max(1, starts[-1])
         self.prob_transform = prob_transform
         self.chunk = max(c for _, c in self.views)  # the longest row: weights per basis state
-        self.qnn = _qnn_for(self.n_states, n_qubits, n_layers, prob_transform, backend, seed,
-                            f"< {self.n_states} rows", "")
+        self.qnn = _qnn_for(
+            self.n_states,
+            n_qubits,
+            n_layers,
+            prob_transform,
+            backend,
+            seed,
+            f"< {self.n_states} rows",
+            "",
+        )
         n = self.qnn.n_qubits
         width_out = max(1, *self.ranks)
         with torch.random.fork_rng(devices=[]):
@@ -552,8 +641,11 @@ class RowGenerator(nn.Module):
             self.body = nn.Sequential(*layers)
             # One head per tensor: (rank, columns) weights and a (columns,) bias.
             self.heads = nn.ParameterList(
-                [nn.Parameter(torch.randn(k, c) / math.sqrt(max(1, k)))
-                 for (_, c), k in zip(self.views, self.ranks, strict=True)])
+                [
+                    nn.Parameter(torch.randn(k, c) / math.sqrt(max(1, k)))
+                    for (_, c), k in zip(self.views, self.ranks, strict=True)
+                ]
+            )
             self.biases = nn.ParameterList([nn.Parameter(torch.zeros(c)) for _, c in self.views])
         self.register_buffer("_bits", signed_bits(n, 0, self.n_states), persistent=False)
 
@@ -573,12 +665,15 @@ class RowGenerator(nn.Module):
         ``mapping``: the body and the heads' weights; ``affine``: the heads' biases (per-column
         offsets, and the exact values of vectors).
         """
+
         def count(ps: Iterator[nn.Parameter]) -> int:
             return sum(p.numel() for p in ps if p.requires_grad)
 
-        counts = {"qnn": count(self.qnn.parameters()),
-                  "mapping": count(self.body.parameters()) + count(self.heads.parameters()),
-                  "affine": count(self.biases.parameters())}
+        counts = {
+            "qnn": count(self.qnn.parameters()),
+            "mapping": count(self.body.parameters()) + count(self.heads.parameters()),
+            "affine": count(self.biases.parameters()),
+        }
         counts["total"] = sum(counts.values())
         return counts
 
@@ -599,8 +694,9 @@ class RowGenerator(nn.Module):
         w = torch.addmm(self.biases[i], h[a:b, :k], self.heads[i])  # (rows, columns)
         return w.reshape(shape)
 
-    def row_block_error(self, h: torch.Tensor, i: int, start: int,
-                        goal: torch.Tensor) -> torch.Tensor:
+    def row_block_error(
+        self, h: torch.Tensor, i: int, start: int, goal: torch.Tensor
+    ) -> torch.Tensor:
         """Squared error of some rows of tensor ``i`` against ``goal``.
 
         Rows ``start:start + len(goal)`` of the tensor's ``(rows, cols)`` view; phase 1 of big
@@ -611,7 +707,7 @@ class RowGenerator(nn.Module):
             w = self.biases[i].expand(goal.shape)
         else:
             a = self.row_starts[i] + start
-            w = torch.addmm(self.biases[i], h[a:a + goal.shape[0], :k], self.heads[i])
+            w = torch.addmm(self.biases[i], h[a : a + goal.shape[0], :k], self.heads[i])
         return torch.nn.functional.mse_loss(w, goal, reduction="sum")
 
     def generate_tensors(self, factored: bool = False) -> list[torch.Tensor]:
@@ -628,8 +724,9 @@ class RowGenerator(nn.Module):
         """All generated weights as one flat ``(M,)`` float32 vector (differentiable)."""
         return torch.cat([t.reshape(-1) for t in self.generate_tensors()])
 
-    def tensors(self, flat: torch.Tensor | None = None, *,
-                factored: bool = False) -> dict[str, torch.Tensor]:
+    def tensors(
+        self, flat: torch.Tensor | None = None, *, factored: bool = False
+    ) -> dict[str, torch.Tensor]:
         """Generated tensors by name (aliases included), cast to each parameter's dtype.
 
         Args:
@@ -675,7 +772,7 @@ class RowGenerator(nn.Module):
         check_target(target, self.total)
         h = self.features().double()
         for i, s in enumerate(self.layout.specs):
-            flat = target[s.offset:s.offset + s.numel].to(h.device)
+            flat = target[s.offset : s.offset + s.numel].to(h.device)
             rows = self.views[i][0]
             k = self.ranks[i]
             if k == 0:
@@ -685,8 +782,11 @@ class RowGenerator(nn.Module):
             design = torch.cat([h[a:b, :k], h.new_ones(rows, 1)], dim=1)
             # Ridge-regularised normal equations: stable when features are nearly collinear.
             gram = design.T @ design
-            gram += 1e-6 * (gram.diagonal().mean() + 1e-12) * torch.eye(
-                k + 1, dtype=torch.float64, device=h.device)
+            gram += (
+                1e-6
+                * (gram.diagonal().mean() + 1e-12)
+                * torch.eye(k + 1, dtype=torch.float64, device=h.device)
+            )
             sol = torch.linalg.solve(gram, self._moments(design, flat, i))  # (k + 1, cols)
             self.heads[i].copy_(sol[:-1].float())
             self.biases[i].copy_(sol[-1].float())
@@ -702,8 +802,9 @@ class RowGenerator(nn.Module):
         if goal.numel() <= FIT_BLOCK:
             return design.T @ goal.double()
         step = max(1, FIT_BLOCK // rows)
-        return torch.cat([design.T @ goal[:, c:c + step].double()
-                          for c in range(0, cols, step)], dim=1)
+        return torch.cat(
+            [design.T @ goal[:, c : c + step].double() for c in range(0, cols, step)], dim=1
+        )
 
     def _as_view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
         """A tensor's flat values as its generated ``(rows, columns)`` matrix."""
@@ -725,7 +826,7 @@ class RowGenerator(nn.Module):
         for i, s in enumerate(self.layout.specs):
             if self.ranks[i] == 0 or s.numel < 2:
                 continue
-            want = float(target[s.offset:s.offset + s.numel].std(unbiased=False))
+            want = float(target[s.offset : s.offset + s.numel].std(unbiased=False))
             w = self._tensor(h, i)
             have = float(w.std(unbiased=False))
             if have > 1e-12 and want > 1.05 * have:
@@ -739,8 +840,10 @@ class RowGenerator(nn.Module):
     def extra_repr(self) -> str:
         """Summary shown by ``print(module)``."""
         c = self.parameter_counts()
-        return (f"M={self.total}, rows={self.n_states}, ranks={list(self.ranks)}, "
-                f"trainable={c['total']} ({c['total'] / self.total:.1%} of M)")
+        return (
+            f"M={self.total}, rows={self.n_states}, ranks={list(self.ranks)}, "
+            f"trainable={c['total']} ({c['total'] / self.total:.1%} of M)"
+        )
 
 
 # Either generator scheme: both offer generate(), tensors(), iter_blocks(), parameter_counts().

@@ -52,47 +52,96 @@ CHECK_OUTPUT_PREFIX = "check.output."
 FINGERPRINT_RTOL = 1e-5
 
 # Floating-point dtypes a generated tensor may have (layout "dtype" names).
-_FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16,
-                 "float32": torch.float32, "float64": torch.float64}
+_FLOAT_DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
 
 # -- the metadata schema (docs/format.md, "Generator fields") ---------------------------------
 # Types and signs only: sizes are checked against qtcompress.limits, and the ansatz and mapping
 # descriptions against the generator that `config` builds, after this.
 _NAME = Str(min_len=1, max_len=1024)
 _OPT_INT = OneOf((Null(), Int(min=1)))
-_CONFIG_SPEC = Obj({}, optional={
-    "target": OneOf((Null(), ListOf(Str()))), "exclude": ListOf(Str()),
-    "include_frozen": Bool(), "chunk": _OPT_INT, "max_qubits": Int(min=1),
-    "n_layers": Int(min=1), "n_qubits": _OPT_INT, "mapping": Str(max_len=64),
-    "hidden": OneOf((Null(), ListOf(Int(min=1), min_len=1))), "activation": Str(max_len=64),
-    "scheme": Str(max_len=16), "budget": OneOf((Null(), Num())), "rank": _OPT_INT,
-    "ranks": OneOf((Null(), ListOf(Int(min=0), max_len=limits.MAX_LAYOUT_TENSORS))),
-    "bond_dim": Int(min=1), "prob_transform": Str(max_len=64), "per_tensor_affine": Bool(),
-    "standardize": Bool(), "backend": Str(max_len=64), "block_states": _OPT_INT,
-    "seed": Int(min=0, max=limits.MAX_SEED), "version": Int(),
-})
-_ANSATZ_SPEC = Obj({"n_qubits": Int(min=1), "n_layers": Int(min=1),
-                    "rotations": ListOf(Str(max_len=16), min_len=1, max_len=16)},
-                   optional={"version": Int(), "entangler": Str(max_len=64)})
-_MAPPING_SPEC = Obj({"kind": Str(max_len=64), "chunk": Int(min=1), "n_qubits": Int(min=1)},
-                    optional={"hidden": ListOf(Int(min=1)), "activation": Str(max_len=64),
-                              "bond_dim": Int(min=1), "prob_transform": Str(max_len=64)})
-_LAYOUT_SPEC = Obj({
-    "total": Int(min=1),
-    "tensors": ListOf(Obj({
-        "name": _NAME, "dtype": Str(choices=tuple(_FLOAT_DTYPES)), "offset": Int(min=0),
-        "numel": Int(min=0), "aliases": ListOf(_NAME),
-        "shape": ListOf(Int(min=0), max_len=limits.MAX_TENSOR_RANK)}),
-        min_len=1, max_len=limits.MAX_LAYOUT_TENSORS),
-    "classical": ListOf(_NAME), "buffers": ListOf(_NAME)})
+_CONFIG_SPEC = Obj(
+    {},
+    optional={
+        "target": OneOf((Null(), ListOf(Str()))),
+        "exclude": ListOf(Str()),
+        "include_frozen": Bool(),
+        "chunk": _OPT_INT,
+        "max_qubits": Int(min=1),
+        "n_layers": Int(min=1),
+        "n_qubits": _OPT_INT,
+        "mapping": Str(max_len=64),
+        "hidden": OneOf((Null(), ListOf(Int(min=1), min_len=1))),
+        "activation": Str(max_len=64),
+        "scheme": Str(max_len=16),
+        "budget": OneOf((Null(), Num())),
+        "rank": _OPT_INT,
+        "ranks": OneOf((Null(), ListOf(Int(min=0), max_len=limits.MAX_LAYOUT_TENSORS))),
+        "bond_dim": Int(min=1),
+        "prob_transform": Str(max_len=64),
+        "per_tensor_affine": Bool(),
+        "standardize": Bool(),
+        "backend": Str(max_len=64),
+        "block_states": _OPT_INT,
+        "seed": Int(min=0, max=limits.MAX_SEED),
+        "version": Int(),
+    },
+)
+_ANSATZ_SPEC = Obj(
+    {
+        "n_qubits": Int(min=1),
+        "n_layers": Int(min=1),
+        "rotations": ListOf(Str(max_len=16), min_len=1, max_len=16),
+    },
+    optional={"version": Int(), "entangler": Str(max_len=64)},
+)
+_MAPPING_SPEC = Obj(
+    {"kind": Str(max_len=64), "chunk": Int(min=1), "n_qubits": Int(min=1)},
+    optional={
+        "hidden": ListOf(Int(min=1)),
+        "activation": Str(max_len=64),
+        "bond_dim": Int(min=1),
+        "prob_transform": Str(max_len=64),
+    },
+)
+_LAYOUT_SPEC = Obj(
+    {
+        "total": Int(min=1),
+        "tensors": ListOf(
+            Obj(
+                {
+                    "name": _NAME,
+                    "dtype": Str(choices=tuple(_FLOAT_DTYPES)),
+                    "offset": Int(min=0),
+                    "numel": Int(min=0),
+                    "aliases": ListOf(_NAME),
+                    "shape": ListOf(Int(min=0), max_len=limits.MAX_TENSOR_RANK),
+                }
+            ),
+            min_len=1,
+            max_len=limits.MAX_LAYOUT_TENSORS,
+        ),
+        "classical": ListOf(_NAME),
+        "buffers": ListOf(_NAME),
+    }
+)
 GENERATOR_SCHEMA = Obj(
-    {"config": _CONFIG_SPEC, "ansatz": _ANSATZ_SPEC, "mapping": _MAPPING_SPEC,
-     "layout": _LAYOUT_SPEC, "weights_sha256": Str(pattern="[0-9a-f]{64}"),
-     "weights_fingerprint": MapOf(ListOf(Num(), min_len=2, max_len=2))},
-    optional={"qtcompress_version": Str(max_len=64), "model": Json()})
+    {
+        "config": _CONFIG_SPEC,
+        "ansatz": _ANSATZ_SPEC,
+        "mapping": _MAPPING_SPEC,
+        "layout": _LAYOUT_SPEC,
+        "weights_sha256": Str(pattern="[0-9a-f]{64}"),
+        "weights_fingerprint": MapOf(ListOf(Num(), min_len=2, max_len=2)),
+    },
+    optional={"qtcompress_version": Str(max_len=64), "model": Json()},
+)
 """Schema of the generator fields of a generator file's metadata (unknown fields are ignored)."""
-REQUIRED_FIELDS = ("config", "ansatz", "mapping", "layout", "weights_sha256",
-                   "weights_fingerprint")
+REQUIRED_FIELDS = ("config", "ansatz", "mapping", "layout", "weights_sha256", "weights_fingerprint")
 
 
 # -- helpers shared by save and load ----------------------------------------------------------
@@ -112,7 +161,7 @@ def generated_tensors(generator: AnyGenerator) -> dict[str, torch.Tensor]:
             s = specs[i]
             lo, hi = max(start, s.offset), min(stop, s.offset + s.numel)
             if lo < hi:
-                parts[i][lo - s.offset:hi - s.offset] = block[lo - start:hi - start]
+                parts[i][lo - s.offset : hi - s.offset] = block[lo - start : hi - start]
             i += 1
     return {s.name: p.view(s.shape).to(s.dtype) for s, p in zip(specs, parts, strict=True)}
 
@@ -140,8 +189,9 @@ def fingerprint(tensors: Mapping[str, torch.Tensor]) -> dict[str, list[float]]:
     return out
 
 
-def fingerprint_distance(want: Mapping[str, Sequence[float]],
-                         have: Mapping[str, Sequence[float]]) -> float:
+def fingerprint_distance(
+    want: Mapping[str, Sequence[float]], have: Mapping[str, Sequence[float]]
+) -> float:
     """Largest relative difference between two fingerprints; ``inf`` if any value is not finite.
 
     NaN-aware on purpose: Python's ``max`` skips NaN (``max(0.0, nan) == 0.0``), which once let
@@ -168,9 +218,15 @@ def mapping_description(generator: nn.Module, config: QTConfig) -> dict[str, Any
     """
     g: Any = generator
     hidden = config.hidden if config.hidden is not None else config.resolve(g.layout).hidden
-    desc = {"kind": config.mapping, "chunk": int(g.chunk), "n_qubits": int(g.n_qubits),
-            "hidden": [int(h) for h in hidden or ()], "activation": config.activation,
-            "bond_dim": config.bond_dim, "prob_transform": config.prob_transform}
+    desc = {
+        "kind": config.mapping,
+        "chunk": int(g.chunk),
+        "n_qubits": int(g.n_qubits),
+        "hidden": [int(h) for h in hidden or ()],
+        "activation": config.activation,
+        "bond_dim": config.bond_dim,
+        "prob_transform": config.prob_transform,
+    }
     scheme = getattr(g, "scheme", "flat")
     if scheme != "flat":
         # The rows scheme has its own MLP body (no MPS) and a per-row feature of width rank.
@@ -183,8 +239,14 @@ def _layout_to_json(layout: Layout) -> dict[str, Any]:
     return {
         "total": layout.total,
         "tensors": [
-            {"name": s.name, "shape": list(s.shape), "dtype": str(s.dtype).removeprefix("torch."),
-             "offset": s.offset, "numel": s.numel, "aliases": list(s.aliases)}
+            {
+                "name": s.name,
+                "shape": list(s.shape),
+                "dtype": str(s.dtype).removeprefix("torch."),
+                "offset": s.offset,
+                "numel": s.numel,
+                "aliases": list(s.aliases),
+            }
             for s in layout.specs
         ],
         "classical": list(layout.classical),
@@ -204,24 +266,37 @@ def _layout_from_json(data: dict[str, Any], source: str) -> Layout:
             raise ResourceLimitError(
                 f"{source}: layout tensor {item['name']!r} of shape {list(shape)} has {numel:,} "
                 f"weights, over the limit of {limits.MAX_GENERATED_WEIGHTS:,}; the file is "
-                "corrupt or hostile.")
+                "corrupt or hostile."
+            )
         if numel != item["numel"] or item["offset"] != offset:
             raise FormatError(
                 f"{source}: layout tensor {item['name']!r}: shape {list(shape)} and offset "
                 f"{item['offset']} do not match numel {item['numel']} / expected offset "
-                f"{offset}; the file is corrupt.")
+                f"{offset}; the file is corrupt."
+            )
         names = (item["name"], *item["aliases"])
-        dup = sorted(seen.intersection(names)) or sorted(n for n in set(names)
-                                                         if names.count(n) > 1)
+        dup = sorted(seen.intersection(names)) or sorted(
+            n for n in set(names) if names.count(n) > 1
+        )
         if dup:
             raise FormatError(f"{source}: layout names {dup} appear twice; the file is corrupt.")
         seen.update(names)
-        specs.append(TensorSpec(item["name"], shape, _FLOAT_DTYPES[item["dtype"]], offset,
-                                numel, tuple(item["aliases"])))
+        specs.append(
+            TensorSpec(
+                item["name"],
+                shape,
+                _FLOAT_DTYPES[item["dtype"]],
+                offset,
+                numel,
+                tuple(item["aliases"]),
+            )
+        )
         offset += numel
     if offset != data["total"]:
-        raise FormatError(f"{source}: layout tensors add up to {offset} weights, metadata says "
-                          f"{data['total']}; the file is corrupt.")
+        raise FormatError(
+            f"{source}: layout tensors add up to {offset} weights, metadata says "
+            f"{data['total']}; the file is corrupt."
+        )
     return Layout(tuple(specs), offset, tuple(data["classical"]), tuple(data["buffers"]))
 
 
@@ -230,16 +305,19 @@ def _as_numpy(t: torch.Tensor, what: str) -> np.ndarray:
     try:
         return t.detach().cpu().numpy()
     except TypeError as exc:
-        raise FormatError(f"{what} has dtype {t.dtype}, which the ONNX check cannot use; the "
-                          "file is corrupt.") from exc
+        raise FormatError(
+            f"{what} has dtype {t.dtype}, which the ONNX check cannot use; the file is corrupt."
+        ) from exc
 
 
 def _flat_outputs(out: Any) -> list[torch.Tensor]:
     """A model's outputs as a list of tensors (tensor, or tuple/list of tensors)."""
     items = list(out) if isinstance(out, (tuple, list)) else [out]
     if not all(isinstance(t, torch.Tensor) for t in items):
-        raise FormatError("The model's outputs are not tensors (or a tuple of tensors), so they "
-                          "cannot be compared with the recorded check outputs.")
+        raise FormatError(
+            "The model's outputs are not tensors (or a tuple of tensors), so they "
+            "cannot be compared with the recorded check outputs."
+        )
     return items
 
 
@@ -286,10 +364,17 @@ def save_generator(
     """
     if qt.device.type != "cpu":  # files and graphs are written from CPU tensors
         with qt.on_cpu():
-            return save_generator(qt, path, example_inputs=example_inputs, model_info=model_info,
-                                  input_names=input_names, output_names=output_names,
-                                  dynamic_axes=dynamic_axes, exported=exported,
-                                  materialized=None)
+            return save_generator(
+                qt,
+                path,
+                example_inputs=example_inputs,
+                model_info=model_info,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=dynamic_axes,
+                exported=exported,
+                materialized=None,
+            )
     # The exporter's own input/output handling, so the recorded check batch lines up with the
     # ONNX graph's inputs and outputs.
     from qtcompress.onnx_export import _as_tuple, _flatten_outputs, export_skeleton
@@ -302,12 +387,15 @@ def save_generator(
     generated = {s.name: named[s.name].detach() for s in qt.layout.specs}
     bad = _non_finite(generated)
     if bad:
-        raise NonFiniteError(f"The generated weights hold NaN or Inf: {', '.join(bad)}; refit "
-                             "the generator (e.g. with a lower learning rate) before saving.")
+        raise NonFiniteError(
+            f"The generated weights hold NaN or Inf: {', '.join(bad)}; refit "
+            "the generator (e.g. with a lower learning rate) before saving."
+        )
     generated_names = {n for s in qt.layout.specs for n in s.names}
     classical = {k: v for k, v in materialized.state_dict().items() if k not in generated_names}
     tensors: dict[str, torch.Tensor] = {
-        GENERATOR_PREFIX + k: v for k, v in generator.state_dict().items()}
+        GENERATOR_PREFIX + k: v for k, v in generator.state_dict().items()
+    }
     tensors.update({CLASSICAL_PREFIX + k: v for k, v in classical.items()})
     metadata: dict[str, Any] = {
         "qtcompress_version": __version__,
@@ -324,17 +412,26 @@ def save_generator(
         inputs = _as_tuple(example_inputs)
         bad = _non_finite({f"input {i}": t for i, t in enumerate(inputs)})
         if bad:
-            raise NonFiniteError(f"The example inputs hold NaN or Inf: {', '.join(bad)}; give "
-                                 "finite example inputs (e.g. clean x_test).")
+            raise NonFiniteError(
+                f"The example inputs hold NaN or Inf: {', '.join(bad)}; give "
+                "finite example inputs (e.g. clean x_test)."
+            )
         with torch.no_grad():
             outputs = _flatten_outputs(materialized(*inputs))
         bad = _non_finite({f"output {i}": t for i, t in enumerate(outputs)})
         if bad:
-            raise NonFiniteError(f"The compressed model's outputs on the example inputs hold NaN "
-                                 f"or Inf: {', '.join(bad)}; refit or check the inputs.")
-        skeleton = export_skeleton(materialized, inputs, input_names=input_names,
-                                   output_names=output_names, dynamic_axes=dynamic_axes,
-                                   exported=exported)
+            raise NonFiniteError(
+                f"The compressed model's outputs on the example inputs hold NaN "
+                f"or Inf: {', '.join(bad)}; refit or check the inputs."
+            )
+        skeleton = export_skeleton(
+            materialized,
+            inputs,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=dynamic_axes,
+            exported=exported,
+        )
         tensors.update({f"{CHECK_INPUT_PREFIX}{i}": t for i, t in enumerate(inputs)})
         tensors.update({f"{CHECK_OUTPUT_PREFIX}{i}": t for i, t in enumerate(outputs)})
     return save_artifact(path, tensors, metadata, skeleton=skeleton)
@@ -378,8 +475,11 @@ def _external_data(proto: onnx.ModelProto) -> list[str]:
                 tensors.extend(attr.tensors)
                 graphs.extend([attr.g] if attr.HasField("g") else [])
                 graphs.extend(attr.graphs)
-        found += [t.name or "<unnamed>" for t in tensors
-                  if t.data_location == onnx.TensorProto.EXTERNAL or len(t.external_data)]
+        found += [
+            t.name or "<unnamed>"
+            for t in tensors
+            if t.data_location == onnx.TensorProto.EXTERNAL or len(t.external_data)
+        ]
     return found
 
 
@@ -418,8 +518,10 @@ class GeneratorFile:
         out = generated_tensors(self.generator)
         bad = _non_finite(out)
         if bad:
-            raise FormatError(f"{self.path.name}: the regenerated weights hold NaN or Inf: "
-                              f"{', '.join(bad)}; the file is corrupt.")
+            raise FormatError(
+                f"{self.path.name}: the regenerated weights hold NaN or Inf: "
+                f"{', '.join(bad)}; the file is corrupt."
+            )
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -460,28 +562,37 @@ class GeneratorFile:
                 the record, or they hold NaN or Inf.
         """
         if not self.check_outputs:
-            raise FormatError(f"{self.path.name} holds no check outputs (it was saved without "
-                              "example inputs).")
+            raise FormatError(
+                f"{self.path.name} holds no check outputs (it was saved without example inputs)."
+            )
         got = [_as_numpy(t, "a model output") for t in _flat_outputs(outputs)]
         return self._diff(got)
 
     def _diff(self, got: Sequence[np.ndarray]) -> float:
-        want = [_as_numpy(t, f"{self.path.name}: check.output.{i}")
-                for i, t in enumerate(self.check_outputs)]
+        want = [
+            _as_numpy(t, f"{self.path.name}: check.output.{i}")
+            for i, t in enumerate(self.check_outputs)
+        ]
         if len(got) != len(want):
-            raise FormatError(f"{self.path.name}: the model gives {len(got)} outputs, the file "
-                              f"recorded {len(want)}.")
+            raise FormatError(
+                f"{self.path.name}: the model gives {len(got)} outputs, the file "
+                f"recorded {len(want)}."
+            )
         worst = 0.0
         for i, (o, e) in enumerate(zip(got, want, strict=True)):
             if o.shape != e.shape:
-                raise FormatError(f"{self.path.name}: output {i} has shape {list(o.shape)}, the "
-                                  f"recorded one {list(e.shape)}.")
+                raise FormatError(
+                    f"{self.path.name}: output {i} has shape {list(o.shape)}, the "
+                    f"recorded one {list(e.shape)}."
+                )
             if o.size == 0:
                 continue
             d = np.abs(o.astype(np.float64) - e.astype(np.float64))
             if not np.isfinite(d).all():
-                raise FormatError(f"{self.path.name}: output {i} holds NaN or Inf on the check "
-                                  "batch; the rebuilt model is broken.")
+                raise FormatError(
+                    f"{self.path.name}: output {i} holds NaN or Inf on the check "
+                    "batch; the rebuilt model is broken."
+                )
             worst = max(worst, float(d.max()))
         return worst
 
@@ -494,11 +605,14 @@ class GeneratorFile:
         """
         from qtcompress.loading import load_state_dict_strict
 
-        return load_state_dict_strict(model, self.state_dict(),
-                                      source=f"Generator file {self.path.name}")
+        return load_state_dict_strict(
+            model, self.state_dict(), source=f"Generator file {self.path.name}"
+        )
 
     def to_onnx(
-        self, path: str | os.PathLike[str] | None = None, atol: float = 1e-5,
+        self,
+        path: str | os.PathLike[str] | None = None,
+        atol: float = 1e-5,
         rtol: float = 1e-5,
     ) -> tuple[onnx.ModelProto, float]:
         """Rebuild the ONNX model from the file alone and check it on the stored batch.
@@ -528,46 +642,62 @@ class GeneratorFile:
         if self.skeleton is None:
             raise FormatError(
                 f"{name} holds no ONNX graph (it was saved without example inputs); "
-                "rebuild into your own module with load_into() and export that instead.")
+                "rebuild into your own module with load_into() and export that instead."
+            )
         if not self.check_inputs or not self.check_outputs:
-            raise FormatError(f"{name} stores an ONNX graph without its check batch; the file "
-                              "is corrupt.")
+            raise FormatError(
+                f"{name} stores an ONNX graph without its check batch; the file is corrupt."
+            )
         weights = self.state_dict()
         try:
             proto = onnx.ModelProto()
             proto.ParseFromString(self.skeleton)
             external = _external_data(proto)
             if external:
-                raise FormatError(f"{name}: the stored ONNX graph refers to external data files "
-                                  f"({external[:3]}), which a generator file may not do; the "
-                                  "file is corrupt or hostile.")
+                raise FormatError(
+                    f"{name}: the stored ONNX graph refers to external data files "
+                    f"({external[:3]}), which a generator file may not do; the "
+                    "file is corrupt or hostile."
+                )
             proto = fill_skeleton(self.skeleton, {k: v.numpy() for k, v in weights.items()})
             onnx.checker.check_model(proto, full_check=True)
             predictor = OnnxPredictor(proto.SerializeToString())
         except QTCompressError:
             raise
         except Exception as exc:  # onnx/protobuf raise many types (DecodeError, ValidationError)
-            raise FormatError(f"{name}: the stored ONNX graph cannot be rebuilt "
-                              f"({type(exc).__name__}: {str(exc)[:200]}); the file is "
-                              "corrupt.") from exc
+            raise FormatError(
+                f"{name}: the stored ONNX graph cannot be rebuilt "
+                f"({type(exc).__name__}: {str(exc)[:200]}); the file is "
+                "corrupt."
+            ) from exc
         if len(self.check_inputs) != len(predictor.input_names):
-            raise FormatError(f"{name}: {len(self.check_inputs)} check inputs for a graph with "
-                              f"{len(predictor.input_names)} inputs; the file is corrupt.")
-        feeds = {n: _as_numpy(t, f"{name}: check.input.{i}") for i, (n, t) in
-                 enumerate(zip(predictor.input_names, self.check_inputs, strict=True))}
+            raise FormatError(
+                f"{name}: {len(self.check_inputs)} check inputs for a graph with "
+                f"{len(predictor.input_names)} inputs; the file is corrupt."
+            )
+        feeds = {
+            n: _as_numpy(t, f"{name}: check.input.{i}")
+            for i, (n, t) in enumerate(zip(predictor.input_names, self.check_inputs, strict=True))
+        }
         try:
             got = predictor.run(feeds)
         except QTCompressError as exc:
-            raise FormatError(f"{name}: the stored check batch does not fit the stored graph "
-                              f"({exc}); the file is corrupt.") from exc
+            raise FormatError(
+                f"{name}: the stored check batch does not fit the stored graph "
+                f"({exc}); the file is corrupt."
+            ) from exc
         outs = list(got.values()) if isinstance(got, dict) else [got]
         diff = self._diff(outs)
-        scale = max(float(np.abs(_as_numpy(e, name).astype(np.float64)).max()) if e.numel()
-                    else 0.0 for e in self.check_outputs)
+        scale = max(
+            float(np.abs(_as_numpy(e, name).astype(np.float64)).max()) if e.numel() else 0.0
+            for e in self.check_outputs
+        )
         if not diff <= atol + rtol * scale:
-            raise FormatError(f"The ONNX model rebuilt from {name} differs from the "
-                              f"recorded outputs by {diff:.3g} > {atol:g} + {rtol:g} x "
-                              f"{scale:.3g}.")
+            raise FormatError(
+                f"The ONNX model rebuilt from {name} differs from the "
+                f"recorded outputs by {diff:.3g} > {atol:g} + {rtol:g} x "
+                f"{scale:.3g}."
+            )
         if path is not None:
             save_onnx(proto, path)
         return proto, diff
@@ -575,13 +705,21 @@ class GeneratorFile:
 
 def _describe_difference(stored: Mapping[str, Any], built: Mapping[str, Any]) -> str:
     keys = sorted(set(stored) | set(built))
-    diffs = [f"{k} {stored.get(k, '<missing>')!r} vs {built.get(k, '<missing>')!r}"
-             for k in keys if stored.get(k, ...) != built.get(k, ...)]
+    diffs = [
+        f"{k} {stored.get(k, '<missing>')!r} vs {built.get(k, '<missing>')!r}"
+        for k in keys
+        if stored.get(k, ...) != built.get(k, ...)
+    ]
     return "; ".join(diffs[:4])
 
 
-def _check_against(planned: nn.Module, meta: dict[str, Any], config: QTConfig,
-                   tensors: Mapping[str, torch.Tensor], source: str) -> None:
+def _check_against(
+    planned: nn.Module,
+    meta: dict[str, Any],
+    config: QTConfig,
+    tensors: Mapping[str, torch.Tensor],
+    source: str,
+) -> None:
     """Compare the file with the generator its config builds (``planned``, on the meta device).
 
     One source of truth: the stored ``ansatz`` and ``mapping`` descriptions and every stored
@@ -593,32 +731,42 @@ def _check_against(planned: nn.Module, meta: dict[str, Any], config: QTConfig,
     g: Any = planned
     built_ansatz = g.qnn.ansatz.to_dict()
     if meta["ansatz"] != built_ansatz:
-        raise FormatError(f"{source}: the stored ansatz does not match the one its config builds "
-                          f"({_describe_difference(meta['ansatz'], built_ansatz)}); the file is "
-                          "inconsistent.")
+        raise FormatError(
+            f"{source}: the stored ansatz does not match the one its config builds "
+            f"({_describe_difference(meta['ansatz'], built_ansatz)}); the file is "
+            "inconsistent."
+        )
     built_mapping = mapping_description(planned, config)
     if meta["mapping"] != built_mapping:
-        raise FormatError(f"{source}: the stored mapping does not match the one its config builds "
-                          f"({_describe_difference(meta['mapping'], built_mapping)}); the file "
-                          "is inconsistent.")
-    gen_state = {k[len(GENERATOR_PREFIX):]: v for k, v in tensors.items()
-                 if k.startswith(GENERATOR_PREFIX)}
+        raise FormatError(
+            f"{source}: the stored mapping does not match the one its config builds "
+            f"({_describe_difference(meta['mapping'], built_mapping)}); the file "
+            "is inconsistent."
+        )
+    gen_state = {
+        k[len(GENERATOR_PREFIX) :]: v for k, v in tensors.items() if k.startswith(GENERATOR_PREFIX)
+    }
     own = planned.state_dict()
     missing = sorted(set(own) - set(gen_state))
     extra = sorted(set(gen_state) - set(own))
-    bad = [f"{k}: file {tuple(gen_state[k].shape)} {gen_state[k].dtype} vs metadata "
-           f"{tuple(own[k].shape)} {own[k].dtype}"
-           for k in sorted(set(own) & set(gen_state))
-           if gen_state[k].shape != own[k].shape or gen_state[k].dtype != own[k].dtype]
+    bad = [
+        f"{k}: file {tuple(gen_state[k].shape)} {gen_state[k].dtype} vs metadata "
+        f"{tuple(own[k].shape)} {own[k].dtype}"
+        for k in sorted(set(own) & set(gen_state))
+        if gen_state[k].shape != own[k].shape or gen_state[k].dtype != own[k].dtype
+    ]
     if missing or extra or bad:
         raise FormatError(
             f"{source}: generator tensors do not match the metadata: missing "
             f"{[GENERATOR_PREFIX + k for k in missing]}, unexpected "
-            f"{[GENERATOR_PREFIX + k for k in extra]}, shape mismatches {bad[:3]}.")
+            f"{[GENERATOR_PREFIX + k for k in extra]}, shape mismatches {bad[:3]}."
+        )
     nan = _non_finite(gen_state)
     if nan:
-        raise FormatError(f"{source}: the stored generator holds NaN or Inf: {', '.join(nan)}; "
-                          "the file is corrupt.")
+        raise FormatError(
+            f"{source}: the stored generator holds NaN or Inf: {', '.join(nan)}; "
+            "the file is corrupt."
+        )
 
 
 def load_generator(path: str | os.PathLike[str]) -> GeneratorFile:
@@ -643,8 +791,9 @@ def load_generator(path: str | os.PathLike[str]) -> GeneratorFile:
     name = Path(path).name
     absent = [k for k in REQUIRED_FIELDS if k not in meta]
     if absent:
-        raise FormatError(f"{name} is a qtcompress container but not a generator "
-                          f"file: metadata {absent} missing.")
+        raise FormatError(
+            f"{name} is a qtcompress container but not a generator file: metadata {absent} missing."
+        )
     validate(meta, GENERATOR_SCHEMA, "", source=name)
     try:
         config = QTConfig.from_dict(meta["config"])
@@ -653,8 +802,10 @@ def load_generator(path: str | os.PathLike[str]) -> GeneratorFile:
     layout = _layout_from_json(meta["layout"], name)
     prints = set(meta["weights_fingerprint"])
     if prints != set(layout.names()):
-        raise FormatError(f"{name}: weights_fingerprint names {sorted(prints)[:5]} do not match "
-                          f"the layout's tensors {layout.names()[:5]}; the file is corrupt.")
+        raise FormatError(
+            f"{name}: weights_fingerprint names {sorted(prints)[:5]} do not match "
+            f"the layout's tensors {layout.names()[:5]}; the file is corrupt."
+        )
     tensors = artifact.tensors
     ansatz = meta["ansatz"]
     # The sizes the file claims, then those its config implies, against the documented limits
@@ -677,16 +828,18 @@ def load_generator(path: str | os.PathLike[str]) -> GeneratorFile:
         raise
     except (QTCompressError, TypeError, ValueError, KeyError) as exc:
         raise FormatError(f"{name}: mapping/ansatz metadata is inconsistent: {exc}") from exc
-    gen_state = {k[len(GENERATOR_PREFIX):]: v for k, v in tensors.items()
-                 if k.startswith(GENERATOR_PREFIX)}
+    gen_state = {
+        k[len(GENERATOR_PREFIX) :]: v for k, v in tensors.items() if k.startswith(GENERATOR_PREFIX)
+    }
     generator.load_state_dict(gen_state, strict=True)
     generator.eval()
     prefixes = (GENERATOR_PREFIX, CLASSICAL_PREFIX, CHECK_INPUT_PREFIX, CHECK_OUTPUT_PREFIX)
     unknown = sorted(k for k in tensors if not k.startswith(prefixes))
     if unknown:
         raise FormatError(f"{name}: unexpected tensors {unknown}.")
-    classical = {k[len(CLASSICAL_PREFIX):]: v for k, v in tensors.items()
-                 if k.startswith(CLASSICAL_PREFIX)}
+    classical = {
+        k[len(CLASSICAL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(CLASSICAL_PREFIX)
+    }
     clash = sorted(set(classical) & {n for s in layout.specs for n in s.names})
     if clash:
         raise FormatError(f"{name}: tensors {clash} are both generated and stored.")
@@ -695,15 +848,30 @@ def load_generator(path: str | os.PathLike[str]) -> GeneratorFile:
         names = {k for k in tensors if k.startswith(prefix)}
         want = {f"{prefix}{i}" for i in range(len(names))}
         if names != want:
-            raise FormatError(f"{name}: check tensors {sorted(names - want)[:3]} are not "
-                              f"numbered {prefix}0..{len(names) - 1}; the file is corrupt.")
+            raise FormatError(
+                f"{name}: check tensors {sorted(names - want)[:3]} are not "
+                f"numbered {prefix}0..{len(names) - 1}; the file is corrupt."
+            )
         return [tensors[f"{prefix}{i}"] for i in range(len(names))]
 
     check_inputs, check_outputs = numbered(CHECK_INPUT_PREFIX), numbered(CHECK_OUTPUT_PREFIX)
-    nan = _non_finite({f"check.input.{i}": t for i, t in enumerate(check_inputs)}
-                      | {f"check.output.{i}": t for i, t in enumerate(check_outputs)})
+    nan = _non_finite(
+        {f"check.input.{i}": t for i, t in enumerate(check_inputs)}
+        | {f"check.output.{i}": t for i, t in enumerate(check_outputs)}
+    )
     if nan:
-        raise FormatError(f"{name}: the stored check batch holds NaN or Inf: {', '.join(nan)}; "
-                          "the file is corrupt.")
-    return GeneratorFile(Path(path), meta, config, layout, generator, classical,
-                         artifact.skeleton, check_inputs, check_outputs)
+        raise FormatError(
+            f"{name}: the stored check batch holds NaN or Inf: {', '.join(nan)}; "
+            "the file is corrupt."
+        )
+    return GeneratorFile(
+        Path(path),
+        meta,
+        config,
+        layout,
+        generator,
+        classical,
+        artifact.skeleton,
+        check_inputs,
+        check_outputs,
+    )

@@ -107,8 +107,9 @@ _FIELDS = {
 }
 
 
-def _too_big(key: str, value: int, limit: int, unit: str, source: str | None,
-             field: str | None = None) -> ResourceLimitError:
+def _too_big(
+    key: str, value: int, limit: int, unit: str, source: str | None, field: str | None = None
+) -> ResourceLimitError:
     """The error for a size over its documented maximum (one line, value + limit + fix).
 
     Sizes from options name the option to lower; sizes from a file name the field (``field``,
@@ -116,10 +117,12 @@ def _too_big(key: str, value: int, limit: int, unit: str, source: str | None,
     """
     if source is None:
         return ResourceLimitError(
-            f"{key} = {value:,} exceeds the limit of {limit:,} {unit}; lower {_OPTIONS[key]}.")
+            f"{key} = {value:,} exceeds the limit of {limit:,} {unit}; lower {_OPTIONS[key]}."
+        )
     return ResourceLimitError(
         f"{source}: {field or _FIELDS[key]} = {value:,} exceeds the limit of {limit:,} {unit}; "
-        "the file is corrupt or hostile: regenerate it within the limits of docs/format.md.")
+        "the file is corrupt or hostile: regenerate it within the limits of docs/format.md."
+    )
 
 
 def _is_int(value: Any) -> bool:
@@ -194,7 +197,8 @@ def check_memory(need_bytes: int, what: str, fix: str, *, available: int | None 
     if need_bytes > limit:
         raise ResourceLimitError(
             f"{what} needs about {_gib(need_bytes)} of memory, more than the {_gib(limit)} this "
-            f"process may use now ({MEMORY_FRACTION:.0%} of {_gib(free)} available); {fix}.")
+            f"process may use now ({MEMORY_FRACTION:.0%} of {_gib(free)} available); {fix}."
+        )
 
 
 def _gib(n: int) -> str:
@@ -223,14 +227,16 @@ def check_count(value: Any, name: str, *, maximum: int, minimum: int = 0) -> int
     if value < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {value}.")
     if value > maximum:
-        raise ResourceLimitError(f"{name} = {value:,} exceeds the limit of {maximum:,}; lower "
-                                 f"{name}.")
+        raise ResourceLimitError(
+            f"{name} = {value:,} exceeds the limit of {maximum:,}; lower {name}."
+        )
     return int(value)
 
 
 # -- the QNN and the generator ----------------------------------------------------------------
-def check_qnn_size(n_qubits: int | None, n_layers: int, *, source: str | None = None,
-                   prefix: str = "ansatz") -> None:
+def check_qnn_size(
+    n_qubits: int | None, n_layers: int, *, source: str | None = None, prefix: str = "ansatz"
+) -> None:
     """Check a QNN's qubits and layers against the documented maxima.
 
     Memory for the state vectors is checked when the QNN is built
@@ -248,8 +254,7 @@ def check_qnn_size(n_qubits: int | None, n_layers: int, *, source: str | None = 
     if n_qubits is not None and n_qubits > MAX_QUBITS:
         raise _too_big("n_qubits", n_qubits, MAX_QUBITS, "qubits", source, f"{prefix}.n_qubits")
     if n_layers > MAX_LAYERS:
-        raise _too_big("n_layers", n_layers, MAX_LAYERS, "QNN layers", source,
-                       f"{prefix}.n_layers")
+        raise _too_big("n_layers", n_layers, MAX_LAYERS, "QNN layers", source, f"{prefix}.n_layers")
 
 
 def _module_bytes(module: Any) -> tuple[int, int]:
@@ -324,37 +329,53 @@ def plan_generator(config: QTConfig, layout: Layout, *, source: str | None = Non
     if total > MAX_GENERATED_WEIGHTS:
         raise _too_big("total", total, MAX_GENERATED_WEIGHTS, "generated weights", source)
     if len(layout.specs) > MAX_LAYOUT_TENSORS:
-        raise _too_big("tensors", len(layout.specs), MAX_LAYOUT_TENSORS, "generated tensors",
-                       source)
+        raise _too_big(
+            "tensors", len(layout.specs), MAX_LAYOUT_TENSORS, "generated tensors", source
+        )
     if config.seed > MAX_SEED:
-        raise ConfigError(f"seed = {config.seed} is out of range 0..{MAX_SEED}; use a smaller "
-                          "--seed (QTConfig.seed).")
+        raise ConfigError(
+            f"seed = {config.seed} is out of range 0..{MAX_SEED}; use a smaller "
+            "--seed (QTConfig.seed)."
+        )
     check_qnn_size(config.n_qubits, config.n_layers, source=source, prefix="config")
     hidden = tuple(config.hidden or ())
     if len(hidden) > MAX_HIDDEN_LAYERS:
-        raise _too_big("hidden", len(hidden), MAX_HIDDEN_LAYERS, "hidden layers", source,
-                       "config.hidden")
+        raise _too_big(
+            "hidden", len(hidden), MAX_HIDDEN_LAYERS, "hidden layers", source, "config.hidden"
+        )
     if max(hidden, default=0) > MAX_HIDDEN_WIDTH:
-        raise _too_big("hidden", max(hidden), MAX_HIDDEN_WIDTH, "units in a hidden layer", source,
-                       "config.hidden")
+        raise _too_big(
+            "hidden",
+            max(hidden),
+            MAX_HIDDEN_WIDTH,
+            "units in a hidden layer",
+            source,
+            "config.hidden",
+        )
     if config.bond_dim > MAX_BOND_DIM:
-        raise _too_big("bond_dim", config.bond_dim, MAX_BOND_DIM, "(MPS bond dimension)", source,
-                       "config.bond_dim")
+        raise _too_big(
+            "bond_dim",
+            config.bond_dim,
+            MAX_BOND_DIM,
+            "(MPS bond dimension)",
+            source,
+            "config.bond_dim",
+        )
     rank = getattr(config, "rank", None)  # the rows scheme's feature width
     if isinstance(rank, int) and rank > MAX_RANK:
         raise _too_big("rank", rank, MAX_RANK, "(per-row feature width)", source, "config.rank")
     chunk = config.resolve_chunk(total) if config.chunk is None else config.chunk
     if getattr(config, "scheme", "flat") == "flat" and chunk > MAX_CHUNK:
-        raise _too_big("chunk", chunk, MAX_CHUNK, "weights per basis state", source,
-                       "config.chunk")
+        raise _too_big("chunk", chunk, MAX_CHUNK, "weights per basis state", source, "config.chunk")
     # Automatic sizes are resolved on the CPU (resolving may compute with real tensors); only
     # the build runs on the meta device.
     resolve = getattr(config, "resolve", None)
     resolved = resolve(layout) if callable(resolve) else config
     ranks = getattr(resolved, "ranks", None) or ()
     if max(ranks, default=0) > MAX_RANK:
-        raise _too_big("rank", max(ranks), MAX_RANK, "(per-row feature width)", source,
-                       "config.ranks")
+        raise _too_big(
+            "rank", max(ranks), MAX_RANK, "(per-row feature width)", source, "config.ranks"
+        )
     _PLANNING.active = True
     try:
         with torch.device("meta"):
@@ -367,8 +388,14 @@ def plan_generator(config: QTConfig, layout: Layout, *, source: str | None = Non
     return planned
 
 
-def check_generator_memory(planned: Any, layout: Layout, *, training: bool = False,
-                           source: str | None = None, available: int | None = None) -> None:
+def check_generator_memory(
+    planned: Any,
+    layout: Layout,
+    *,
+    training: bool = False,
+    source: str | None = None,
+    available: int | None = None,
+) -> None:
     """Refuse a generator whose estimated peak (:func:`estimate_generator_bytes`) does not fit.
 
     Args:
@@ -383,8 +410,9 @@ def check_generator_memory(planned: Any, layout: Layout, *, training: bool = Fal
     """
     need = estimate_generator_bytes(planned, layout, training=training)
     count = sum(p.numel() for p in planned.parameters())
-    work = ("fitting" if training else "regenerating") + f" {layout.total:,} weights " \
-        f"({planned.n_qubits} qubits, {count:,} generator parameters)"
+    work = (
+        "fitting" if training else "regenerating"
+    ) + f" {layout.total:,} weights ({planned.n_qubits} qubits, {count:,} generator parameters)"
     if source is None:
         fix = "use a smaller --budget, --hidden or --chunk, generate fewer weights, or free memory"
     else:
@@ -393,8 +421,14 @@ def check_generator_memory(planned: Any, layout: Layout, *, training: bool = Fal
     check_memory(need, work, fix, available=available)
 
 
-def check_config(config: QTConfig, layout: Layout, *, training: bool = True,
-                 source: str | None = None, available: int | None = None) -> Any:
+def check_config(
+    config: QTConfig,
+    layout: Layout,
+    *,
+    training: bool = True,
+    source: str | None = None,
+    available: int | None = None,
+) -> Any:
     """Check the generator a :class:`~qtcompress.config.QTConfig` describes, before building it.
 
     :func:`plan_generator` (documented maxima, exact parameter count on the meta device), then
@@ -417,8 +451,9 @@ def check_config(config: QTConfig, layout: Layout, *, training: bool = True,
     """
     planned = plan_generator(config, layout, source=source)
     if planned is not None:
-        check_generator_memory(planned, layout, training=training, source=source,
-                               available=available)
+        check_generator_memory(
+            planned, layout, training=training, source=source, available=available
+        )
     return planned
 
 

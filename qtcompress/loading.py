@@ -69,7 +69,8 @@ def _unsafe(path: Path) -> UnsafeFileError:
     """The one-line refusal of a file that can only be loaded by running code from it."""
     return UnsafeFileError(
         f"{str(path)!r}: this file needs code execution to load; use --trust-pickle "
-        "(trust_pickle=True) only if you trust its source.")
+        "(trust_pickle=True) only if you trust its source."
+    )
 
 
 def _existing_file(path: str | os.PathLike[str]) -> Path:
@@ -212,8 +213,9 @@ def _torch_load(path: Path, *, trust_pickle: bool) -> Any:
         # The weights-only unpickler refused something: a valid pickle that needs arbitrary
         # classes (a whole nn.Module, or a malicious payload), or a corrupt file.
         if not _is_wellformed_pickle_file(path):
-            raise FormatError(f"{str(path)!r} is truncated, corrupt, or not a PyTorch file; "
-                              "check the file.") from exc
+            raise FormatError(
+                f"{str(path)!r} is truncated, corrupt, or not a PyTorch file; check the file."
+            ) from exc
         if not trust_pickle:
             raise _unsafe(path) from exc
     except Exception as exc:  # torch reports corruption as RuntimeError/KeyError/EOFError...
@@ -286,7 +288,10 @@ def _alias_groups(model: nn.Module) -> list[set[str]]:
 
 
 def load_state_dict_strict(
-    model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str = "state dict",
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    source: str = "state dict",
     strict: bool = True,
 ) -> nn.Module:
     """Load ``state_dict`` into ``model`` after checking names and shapes exactly.
@@ -328,7 +333,8 @@ def load_state_dict_strict(
         params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
         skipped = [k for k in missing if k not in params]
         notes = ([f"ignored unexpected keys {unexpected}"] if unexpected else []) + (
-            [f"kept the model's own values for missing buffers {skipped}"] if skipped else [])
+            [f"kept the model's own values for missing buffers {skipped}"] if skipped else []
+        )
         if notes:
             warnings.warn(f"{source}: " + "; ".join(notes) + " (--non-strict).", stacklevel=2)
         for k in unexpected:
@@ -345,7 +351,8 @@ def load_state_dict_strict(
         problems.append(f"shape mismatches [{'; '.join(mismatched)}]")
     if problems:
         raise FormatError(
-            f"{source} does not fit model {type(model).__name__}: " + ", ".join(problems)
+            f"{source} does not fit model {type(model).__name__}: "
+            + ", ".join(problems)
             + ". Check the model factory and its kwargs"
             + ("; --non-strict ignores extra keys and missing buffers." if strict else ".")
         )
@@ -443,13 +450,16 @@ def build_model(factory: str | Callable[..., Any], factory_kwargs: Any = None) -
     try:
         model = build(**kwargs)
     except TypeError as exc:
-        raise ConfigError(f"Model factory {factory!r} rejected kwargs {kwargs}: "
-                          f"{_first_line(exc)}") from exc
+        raise ConfigError(
+            f"Model factory {factory!r} rejected kwargs {kwargs}: {_first_line(exc)}"
+        ) from exc
     except QTCompressError:
         raise
     except Exception as exc:  # the user's code may raise anything
-        raise ConfigError(f"Model factory {factory!r} failed with {type(exc).__name__}: "
-                          f"{_first_line(exc)}; fix the factory or its kwargs.") from exc
+        raise ConfigError(
+            f"Model factory {factory!r} failed with {type(exc).__name__}: "
+            f"{_first_line(exc)}; fix the factory or its kwargs."
+        ) from exc
     if not isinstance(model, nn.Module):
         raise ConfigError(
             f"Model factory {factory!r} returned {type(model).__name__}, not an nn.Module."
@@ -473,11 +483,18 @@ def check_model_dtypes(model: nn.Module, *, source: str = "The model") -> nn.Mod
     Raises:
         ConfigError: A parameter has another floating-point dtype.
     """
-    bad = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
-                  if p.is_floating_point() and p.dtype not in SUPPORTED_DTYPES})
+    bad = sorted(
+        {
+            str(p.dtype).removeprefix("torch.")
+            for p in model.parameters()
+            if p.is_floating_point() and p.dtype not in SUPPORTED_DTYPES
+        }
+    )
     if bad:
-        raise ConfigError(f"{source} has {'/'.join(bad)} parameters; qtcompress compresses "
-                          "float32 models: convert it with model.float() and save it again.")
+        raise ConfigError(
+            f"{source} has {'/'.join(bad)} parameters; qtcompress compresses "
+            "float32 models: convert it with model.float() and save it again."
+        )
     return model
 
 
@@ -499,17 +516,22 @@ def _pt2_problems(path: Path) -> list[str]:
             names = zf.namelist()
             roots = {n.split("/", 1)[0] for n in names}
             if len(roots) != 1 or not all("/" in n for n in names):
-                raise FormatError(f"{str(path)!r} is not a torch.export program (no single "
-                                  "archive folder); re-export it with torch.export.save.")
+                raise FormatError(
+                    f"{str(path)!r} is not a torch.export program (no single "
+                    "archive folder); re-export it with torch.export.save."
+                )
             root = roots.pop() + "/"
             if root + "archive_version" not in names or root + "models/" not in {
-                    n[: len(root) + 7] for n in names}:
-                raise FormatError(f"{str(path)!r} is truncated, corrupt, or not a torch.export "
-                                  "program (no archive_version or models/); re-export it with "
-                                  "torch.export.save.")
+                n[: len(root) + 7] for n in names
+            }:
+                raise FormatError(
+                    f"{str(path)!r} is truncated, corrupt, or not a torch.export "
+                    "program (no archive_version or models/); re-export it with "
+                    "torch.export.save."
+                )
             problems = []
             for full in names:
-                name = full[len(root):]
+                name = full[len(root) :]
                 if name.endswith("/") or name.startswith(_PT2_PLAIN):
                     continue
                 if name.startswith(("data/weights/", "data/constants/")):
@@ -526,8 +548,10 @@ def _pt2_problems(path: Path) -> list[str]:
     except QTCompressError:
         raise
     except (zipfile.BadZipFile, OSError, EOFError, KeyError, ValueError, RuntimeError) as exc:
-        raise FormatError(f"{str(path)!r} is truncated, corrupt, or not a torch.export program "
-                          f"({type(exc).__name__}: {_first_line(exc)}).") from exc
+        raise FormatError(
+            f"{str(path)!r} is truncated, corrupt, or not a torch.export program "
+            f"({type(exc).__name__}: {_first_line(exc)})."
+        ) from exc
 
 
 def _weights_only_loads(data: bytes, name: str) -> bool:
@@ -553,12 +577,17 @@ def _pt2_config_problems(raw: bytes, name: str) -> list[str]:
     """Payloads of one weights/constants config that torch would unpickle."""
     try:
         config = json.loads(raw)["config"]
-        entries = [(fqn, bool(meta.get("use_pickle")), str(meta.get("path_name", "")))
-                   for fqn, meta in config.items()]
+        entries = [
+            (fqn, bool(meta.get("use_pickle")), str(meta.get("path_name", "")))
+            for fqn, meta in config.items()
+        ]
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"malformed {name}") from exc
-    return [f"{name}: {fqn}" for fqn, pickled, file in entries
-            if pickled or not file.startswith(("weight_", "tensor_"))]
+    return [
+        f"{name}: {fqn}"
+        for fqn, pickled, file in entries
+        if pickled or not file.startswith(("weight_", "tensor_"))
+    ]
 
 
 @contextlib.contextmanager
@@ -569,8 +598,10 @@ def _quiet_untrusted_export_load() -> Iterator[None]:
     weights-only even where it passes ``weights_only=False``: a second line of defence behind
     :func:`_pt2_problems`.
     """
-    saved_env = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD",
-                                                       "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    saved_env = {
+        k: os.environ.pop(k, None)
+        for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    }
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     loggers = [logging.getLogger(n) for n in ("torch.export", "torch._export")]
     levels = [lg.level for lg in loggers]

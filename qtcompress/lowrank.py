@@ -25,19 +25,41 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_map
 
 # Calls answered from the wrapper's own metadata (shape, dtype, device), never materialising.
-_METADATA_CALLS = {torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel,
-                   torch.Tensor.is_floating_point, torch.Tensor.is_complex,
-                   torch.Tensor.element_size, torch.Tensor.get_device, torch.Tensor.__len__}
-_METADATA_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "layout", "is_cuda", "is_cpu",
-                        "is_sparse", "is_meta", "is_quantized", "is_nested", "is_mps", "is_xpu"}
+_METADATA_CALLS = {
+    torch.Tensor.size,
+    torch.Tensor.dim,
+    torch.Tensor.numel,
+    torch.Tensor.is_floating_point,
+    torch.Tensor.is_complex,
+    torch.Tensor.element_size,
+    torch.Tensor.get_device,
+    torch.Tensor.__len__,
+}
+_METADATA_ATTRIBUTES = {
+    "shape",
+    "dtype",
+    "device",
+    "ndim",
+    "layout",
+    "is_cuda",
+    "is_cpu",
+    "is_sparse",
+    "is_meta",
+    "is_quantized",
+    "is_nested",
+    "is_mps",
+    "is_xpu",
+}
 
 
 def _is_metadata(func: Callable[..., Any]) -> bool:
     if func in _METADATA_CALLS:
         return True
     owner = getattr(func, "__self__", None)  # a property getter: Tensor.shape.__get__
-    return (getattr(func, "__name__", "") == "__get__"
-            and getattr(owner, "__name__", None) in _METADATA_ATTRIBUTES)
+    return (
+        getattr(func, "__name__", "") == "__get__"
+        and getattr(owner, "__name__", None) in _METADATA_ATTRIBUTES
+    )
 
 
 class LowRankWeight(torch.Tensor):
@@ -56,14 +78,17 @@ class LowRankWeight(torch.Tensor):
     _dense: torch.Tensor | None
 
     @staticmethod
-    def __new__(cls, features: torch.Tensor, head: torch.Tensor, bias: torch.Tensor,
-                shape: tuple[int, ...]) -> LowRankWeight:
+    def __new__(
+        cls, features: torch.Tensor, head: torch.Tensor, bias: torch.Tensor, shape: tuple[int, ...]
+    ) -> LowRankWeight:
         """A wrapper without storage: it answers metadata; values come from :meth:`dense`."""
         return torch.Tensor._make_wrapper_subclass(  # type: ignore[attr-defined,no-any-return]
-            cls, shape, dtype=head.dtype, device=head.device, requires_grad=False)
+            cls, shape, dtype=head.dtype, device=head.device, requires_grad=False
+        )
 
-    def __init__(self, features: torch.Tensor, head: torch.Tensor, bias: torch.Tensor,
-                 shape: tuple[int, ...]) -> None:
+    def __init__(
+        self, features: torch.Tensor, head: torch.Tensor, bias: torch.Tensor, shape: tuple[int, ...]
+    ) -> None:
         self.features, self.head, self.bias = features, head, bias
         self._dense = None
 
@@ -94,17 +119,20 @@ class LowRankWeight(torch.Tensor):
         return f"LowRankWeight(shape={tuple(self.shape)}, rank={k})"
 
     @classmethod
-    def __torch_function__(cls, func: Callable[..., Any], types: Any, args: Any = (),
-                           kwargs: Any = None) -> Any:
+    def __torch_function__(
+        cls, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None
+    ) -> Any:
         """Factored ``F.linear``; metadata from the wrapper; anything else on the dense tensor."""
         kwargs = kwargs or {}
         if func is F.linear:
             x, weight = args[0], args[1] if len(args) > 1 else kwargs.get("weight")
-            if (isinstance(weight, LowRankWeight) and weight.ndim == 2
-                    and not isinstance(x, LowRankWeight)):
+            if (
+                isinstance(weight, LowRankWeight)
+                and weight.ndim == 2
+                and not isinstance(x, LowRankWeight)
+            ):
                 bias = args[2] if len(args) > 2 else kwargs.get("bias")
-                return weight.linear(x, bias.dense() if isinstance(bias, LowRankWeight)
-                                     else bias)
+                return weight.linear(x, bias.dense() if isinstance(bias, LowRankWeight) else bias)
         if _is_metadata(func):
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
@@ -116,8 +144,15 @@ class LowRankWeight(torch.Tensor):
             return func(*tree_map(dense, args), **tree_map(dense, kwargs))
 
     @classmethod
-    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (),  # type: ignore[override]
-                           kwargs: Any = None) -> Any:
+    def __torch_dispatch__(  # type: ignore[override]
+        cls,
+        func: Any,
+        types: Any,
+        args: Any = (),
+        kwargs: Any = None,
+    ) -> Any:
         """Never reached: ``__torch_function__`` hands every operation a dense tensor."""
-        raise RuntimeError(f"LowRankWeight reached the dispatcher in {func}; this is a bug in "
-                           "qtcompress.lowrank (an operation was not intercepted).")
+        raise RuntimeError(
+            f"LowRankWeight reached the dispatcher in {func}; this is a bug in "
+            "qtcompress.lowrank (an operation was not intercepted)."
+        )

@@ -18,7 +18,8 @@ from qtcompress.constants import ACTIVATION_NAMES, PROB_TRANSFORMS
 from qtcompress.errors import ConfigError
 
 ACTIVATIONS: dict[str, type[nn.Module]] = dict(
-    zip(ACTIVATION_NAMES, (nn.Tanh, nn.GELU, nn.ReLU, nn.SiLU), strict=True))
+    zip(ACTIVATION_NAMES, (nn.Tanh, nn.GELU, nn.ReLU, nn.SiLU), strict=True)
+)
 
 
 def transform_probs(probs: torch.Tensor, n_qubits: int, kind: str = "scaled") -> torch.Tensor:
@@ -87,16 +88,23 @@ class MLPMapping(Mapping):
         seed: Seeds the initial weights.
     """
 
-    def __init__(self, n_qubits: int, chunk: int = 1, hidden: tuple[int, ...] = (16, 16),
-                 activation: str = "tanh", seed: int = 0) -> None:
+    def __init__(
+        self,
+        n_qubits: int,
+        chunk: int = 1,
+        hidden: tuple[int, ...] = (16, 16),
+        activation: str = "tanh",
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         if chunk < 1 or n_qubits < 1:
             raise ConfigError(f"chunk and n_qubits must be >= 1, got {chunk}, {n_qubits}.")
         if not hidden or any(int(h) < 1 for h in hidden):
             raise ConfigError(f"hidden must list at least one positive width, got {hidden!r}.")
         if activation not in ACTIVATIONS:
-            raise ConfigError(f"Unknown activation {activation!r}; choose from "
-                              f"{', '.join(ACTIVATIONS)}.")
+            raise ConfigError(
+                f"Unknown activation {activation!r}; choose from {', '.join(ACTIVATIONS)}."
+            )
         self.n_qubits, self.chunk = n_qubits, chunk
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -207,13 +207,15 @@ def parse_dynamic_axis(text: str) -> tuple[str, int, str]:
         name, axis = left.rsplit(":", 1)
         value = int(axis)
     except ValueError:
-        raise ConfigError(f"Bad dynamic axis {text!r}; write INPUT:AXIS=NAME, e.g. "
-                          "input_ids:1=seq.") from None
+        raise ConfigError(
+            f"Bad dynamic axis {text!r}; write INPUT:AXIS=NAME, e.g. input_ids:1=seq."
+        ) from None
     return name, value, dim
 
 
-def dynamic_shapes(args: tuple[torch.Tensor, ...], names: list[str],
-                    axes: DynamicAxes | None) -> tuple[dict[int, Any], ...]:
+def dynamic_shapes(
+    args: tuple[torch.Tensor, ...], names: list[str], axes: DynamicAxes | None
+) -> tuple[dict[int, Any], ...]:
     """Dynamic shapes for the exporter: the batch axis of every input plus the named axes.
 
     Axes that share a name share one symbol (e.g. ``seq`` of ``input_ids`` and
@@ -229,12 +231,15 @@ def dynamic_shapes(args: tuple[torch.Tensor, ...], names: list[str],
         spec: dict[int, Any] = {0: dims["batch"]}
         for axis, dim in dict(axes.get(name, {})).items():
             if not isinstance(axis, int) or not 1 <= axis < arg.ndim:
-                raise ConfigError(f"Dynamic axis {axis!r} of input {name!r} (shape "
-                                  f"{tuple(arg.shape)}) must be in 1..{arg.ndim - 1}; axis 0 "
-                                  "is always the batch.")
+                raise ConfigError(
+                    f"Dynamic axis {axis!r} of input {name!r} (shape "
+                    f"{tuple(arg.shape)}) must be in 1..{arg.ndim - 1}; axis 0 "
+                    "is always the batch."
+                )
             if not isinstance(dim, str) or not dim.isidentifier() or dim == "batch":
-                raise ConfigError(f"Dynamic axis name {dim!r} must be an identifier other than "
-                                  "'batch'.")
+                raise ConfigError(
+                    f"Dynamic axis name {dim!r} must be an identifier other than 'batch'."
+                )
             # Dim's default minimum is 0/1; the example's length must be >= 2 to stay symbolic.
             dims.setdefault(dim, torch.export.Dim(dim))
             spec[axis] = dims[dim]
@@ -277,14 +282,19 @@ def to_onnx_proto(
         out_names = _default_names("output", n_out, output_names)
         clash = sorted(set(in_names) & set(out_names))
         if clash:
-            raise ConfigError(f"Names {clash} are used for both an input and an output; give "
-                              "every graph input and output its own name.")
+            raise ConfigError(
+                f"Names {clash} are used for both an input and an output; give "
+                "every graph input and output its own name."
+            )
         try:
             # The exporter prints progress to stdout even with verbose=False, and logs
             # warnings that say nothing about the user's model (torchvision missing, torch
             # internals deprecations): keep the command line quiet.
-            with contextlib.redirect_stdout(io.StringIO()), _quiet_exporter(), \
-                    warnings.catch_warnings():
+            with (
+                contextlib.redirect_stdout(io.StringIO()),
+                _quiet_exporter(),
+                warnings.catch_warnings(),
+            ):
                 # Axes that share a Dim are named once; the exporter warns about each alias.
                 warnings.filterwarnings("ignore", message=".*will not be used, since it shares")
                 program = torch.onnx.export(
@@ -333,9 +343,11 @@ def _ort_session(model: onnx.ModelProto | bytes):  # type: ignore[no-untyped-def
     try:
         return ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-        raise ExportError(f"onnxruntime cannot load the exported graph: {str(exc)[:500]} (an "
-                          "output name that clashes with a tensor inside the graph gives "
-                          "'Duplicate definition'; choose other output names).") from exc
+        raise ExportError(
+            f"onnxruntime cannot load the exported graph: {str(exc)[:500]} (an "
+            "output name that clashes with a tensor inside the graph gives "
+            "'Duplicate definition'; choose other output names)."
+        ) from exc
 
 
 def compare_with_onnxruntime(
@@ -488,9 +500,17 @@ def export_onnx(
     """
     if not (atol >= 0 and rtol >= 0):
         raise ConfigError(f"atol and rtol must be >= 0, got {atol} and {rtol}.")
-    proto = exported if exported is not None else to_onnx_proto(
-        model, example_inputs, input_names=input_names, output_names=output_names,
-        dynamic_axes=dynamic_axes)
+    proto = (
+        exported
+        if exported is not None
+        else to_onnx_proto(
+            model,
+            example_inputs,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=dynamic_axes,
+        )
+    )
     diff = scale = float("nan")
     if verify:
         diff, scale = compare_outputs(proto, model, example_inputs, dynamic_axes=dynamic_axes)
@@ -521,8 +541,7 @@ def _state_arrays(model: nn.Module) -> tuple[dict[str, np.ndarray], list[set[str
     groups: dict[tuple[int, int], set[str]] = {}
     for name, t in state.items():
         if t.numel():
-            groups.setdefault((t.untyped_storage().data_ptr(), t.storage_offset()),
-                              set()).add(name)
+            groups.setdefault((t.untyped_storage().data_ptr(), t.storage_offset()), set()).add(name)
     arrays = {k: v.numpy() for k, v in state.items() if v.dtype != torch.bfloat16}
     return arrays, [g for g in groups.values() if len(g) > 1]
 
@@ -564,12 +583,16 @@ def make_skeleton(onnx_model: onnx.ModelProto, model: nn.Module) -> bytes:
                 )
             weight_map[init.name] = init.name
         else:
-            matches = sorted({
-                min(alias_of.get(k, {k}))
-                for k, a in arrays.items()
-                if a.shape == value.shape and a.dtype == value.dtype and a.size
-                and np.array_equal(a, value, equal_nan=True)
-            })
+            matches = sorted(
+                {
+                    min(alias_of.get(k, {k}))
+                    for k, a in arrays.items()
+                    if a.shape == value.shape
+                    and a.dtype == value.dtype
+                    and a.size
+                    and np.array_equal(a, value, equal_nan=True)
+                }
+            )
             if len(matches) > 1:
                 raise ExportError(
                     f"ONNX initializer {init.name!r} equals several weights {matches}; cannot "
@@ -663,14 +686,23 @@ def export_skeleton(
         ConfigError: Bad inputs.
         FormatError: Export failed, or the skeleton cannot be refilled faithfully.
     """
-    proto = exported if exported is not None else to_onnx_proto(
-        model, example_inputs, input_names=input_names, output_names=output_names,
-        dynamic_axes=dynamic_axes)
+    proto = (
+        exported
+        if exported is not None
+        else to_onnx_proto(
+            model,
+            example_inputs,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=dynamic_axes,
+        )
+    )
     skeleton = make_skeleton(proto, model)
     if verify_atol is not None:
         noisy = _perturbed_state(model)
-        filled = fill_skeleton(skeleton, {k: v.numpy() for k, v in noisy.items()
-                                          if v.dtype != torch.bfloat16})
+        filled = fill_skeleton(
+            skeleton, {k: v.numpy() for k, v in noisy.items() if v.dtype != torch.bfloat16}
+        )
         diff, scale = compare_outputs(filled, model, example_inputs, params=noisy)
         # A weight baked into the graph shows up at ~10% of the output scale (the perturbation
         # is +-20%); float32 rounding stays near 1e-6 of it. Scale the bound with the outputs.

@@ -91,8 +91,10 @@ class PipelineSettings:
         for name in ("fit_lr", "finetune_lr"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
-                raise ConfigError(f"{name} must be a positive number, got {value!r}; pass "
-                                  f"--{name.replace('_', '-')} > 0.")
+                raise ConfigError(
+                    f"{name} must be a positive number, got {value!r}; pass "
+                    f"--{name.replace('_', '-')} > 0."
+                )
         if self.mode not in ("distill", "supervised"):
             raise ConfigError(f"Unknown mode {self.mode!r}; choose 'distill' or 'supervised'.")
 
@@ -151,8 +153,9 @@ def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def _latencies(model: nn.Module, onnx_path: Path, test: InputSource,
-               repeats: int) -> tuple[dict[str, float], dict[str, float]]:
+def _latencies(
+    model: nn.Module, onnx_path: Path, test: InputSource, repeats: int
+) -> tuple[dict[str, float], dict[str, float]]:
     from qtcompress.runtime import OnnxPredictor
 
     predictor = OnnxPredictor(onnx_path)
@@ -167,32 +170,36 @@ def _latencies(model: nn.Module, onnx_path: Path, test: InputSource,
     return torch_ms, onnx_ms
 
 
-def positional_inputs(model: nn.Module,
-                      batch: Batch) -> tuple[tuple[torch.Tensor, ...], list[str]]:
+def positional_inputs(model: nn.Module, batch: Batch) -> tuple[tuple[torch.Tensor, ...], list[str]]:
     """The batch's inputs as positional tensors, and their names, in ``forward``'s order.
 
     ONNX graphs take positional inputs; keyword inputs are placed by their parameter names, and
     the graph's inputs are named after the parameters (``input_ids``, ``attention_mask``).
     """
     try:
-        params = [p.name for p in inspect.signature(model.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        params = [
+            p.name
+            for p in inspect.signature(model.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
     except (TypeError, ValueError):  # a callable without a readable signature
         params = []
     if not batch.kwargs:
         args = batch.args
     else:
-        order = params[len(batch.args):]
+        order = params[len(batch.args) :]
         unknown = [k for k in batch.kwargs if k not in order]
         if unknown:
-            raise ConfigError(f"Keyword inputs {unknown} are not parameters of "
-                              f"{forward_signature(model)}.")
+            raise ConfigError(
+                f"Keyword inputs {unknown} are not parameters of {forward_signature(model)}."
+            )
         args = batch.args + tuple(batch.kwargs[k] for k in order if k in batch.kwargs)
     if not all(isinstance(a, torch.Tensor) for a in args):
         raise ConfigError(f"ONNX export needs tensor inputs, got {batch.describe()}.")
-    names = params[:len(args)] if len(params) >= len(args) else []
+    names = params[: len(args)] if len(params) >= len(args) else []
     default = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
     return tuple(args), (names or default)
+
 
 def run_pipeline(
     model: nn.Module,
@@ -236,14 +243,16 @@ def run_pipeline(
     start = time.perf_counter()
     model = model.eval()
     # Checked once here and handed on: finetune() and evaluate() take these sources as they are.
-    train = InputSource.of(data.x_train,
-                           data.y_train if settings.mode == "supervised" else None)
+    train = InputSource.of(data.x_train, data.y_train if settings.mode == "supervised" else None)
     test = InputSource.of(data.x_test, data.y_test if labelled else None)
     # Fail fast: the model must accept the data, labels must fit its classes, and the output
     # folder must take the files, all before any fitting starts.
     teacher_head = select_output(check_call(model, train.head(2)), settings.output)
-    if labelled and infer_output_kind(teacher_head) == "logits" and (
-            settings.output_kind in (None, "logits")):
+    if (
+        labelled
+        and infer_output_kind(teacher_head) == "logits"
+        and (settings.output_kind in (None, "logits"))
+    ):
         for key, y in (("y_train", data.y_train), ("y_test", data.y_test)):
             check_label_range(y, int(teacher_head.shape[-1]), name=key)
     example, input_names = positional_inputs(model, test.head(2))
@@ -253,10 +262,15 @@ def run_pipeline(
 
     qt: QTModel = compress(model, config, device=settings.device)
     rep = qt.report()
-    budget = (f"{qt.config.budget_params(rep.generated_weights):,} parameters"
-              if qt.config.scheme == "rows" and qt.config.rank is None else "n/a")
-    log(f"compressing {rep.generated_weights:,} weights with {rep.trainable:,} generator "
-        f"parameters ({rep.n_qubits} qubits x {rep.n_layers} layers, {_shape_of(qt)})")
+    budget = (
+        f"{qt.config.budget_params(rep.generated_weights):,} parameters"
+        if qt.config.scheme == "rows" and qt.config.rank is None
+        else "n/a"
+    )
+    log(
+        f"compressing {rep.generated_weights:,} weights with {rep.trainable:,} generator "
+        f"parameters ({rep.n_qubits} qubits x {rep.n_layers} layers, {_shape_of(qt)})"
+    )
 
     def evaluate() -> Fidelity:
         return qt.evaluate(test, output=settings.output, output_kind=settings.output_kind)
@@ -264,30 +278,42 @@ def run_pipeline(
     histories: dict[str, list[float]] = {}
     fit_s = finetune_s = 0.0
     if settings.fit_steps > 0:
-        r1 = qt.fit_weights(steps=settings.fit_steps, lr=settings.fit_lr,
-                            progress=settings.progress)
+        r1 = qt.fit_weights(
+            steps=settings.fit_steps, lr=settings.fit_lr, progress=settings.progress
+        )
         fit_s, histories["phase 1: reproduce weights"] = r1.elapsed_s, r1.history
     phase1_error = qt.weight_errors()["_total"]
     fid1 = evaluate()
     kind = fid1.kind
     log(f"phase 1: relative weight error {phase1_error:.3f}; {fid1.describe()}")
     if settings.finetune_steps > 0:
-        r2 = qt.finetune(train, mode=settings.mode, steps=settings.finetune_steps,
-                         lr=settings.finetune_lr, batch_size=settings.batch_size,
-                         distill=settings.distill, output=settings.output, output_kind=kind,
-                         progress=settings.progress)
+        r2 = qt.finetune(
+            train,
+            mode=settings.mode,
+            steps=settings.finetune_steps,
+            lr=settings.finetune_lr,
+            batch_size=settings.batch_size,
+            distill=settings.distill,
+            output=settings.output,
+            output_kind=kind,
+            progress=settings.progress,
+        )
         finetune_s, histories[f"phase 2: fine-tune ({settings.mode})"] = r2.elapsed_s, r2.history
     fid2 = evaluate()
     log(f"phase 2: {fid2.describe()}")
     warnings = [f"phase 2: {w}" for w in fid2.warnings()]
     if qt.revived:
-        warnings.append(f"phase 1 left a dead network; fine-tuning restored the spread of "
-                        f"{len(qt.revived)} tensors first")
+        warnings.append(
+            f"phase 1 left a dead network; fine-tuning restored the spread of "
+            f"{len(qt.revived)} tensors first"
+        )
     fidelity_ok = settings.min_fidelity is None or (
-        fid2.headline >= settings.min_fidelity and not fid2.degenerate)
+        fid2.headline >= settings.min_fidelity and not fid2.degenerate
+    )
     if not fidelity_ok:
-        warnings.append(f"fidelity {fid2.headline:.4f} is below --min-fidelity "
-                        f"{settings.min_fidelity}")
+        warnings.append(
+            f"fidelity {fid2.headline:.4f} is below --min-fidelity {settings.min_fidelity}"
+        )
     for w in warnings:
         log(f"warning: {w}")
     accuracy_original = fid2.teacher_accuracy
@@ -299,67 +325,155 @@ def run_pipeline(
     record = OutputRecord(out, {"generator": gen_path, "onnx": onnx_path})
     with record:
         # One export serves both files: the generator file keeps its weightless skeleton.
-        proto = to_onnx_proto(student, example, input_names=input_names,
-                              dynamic_axes=settings.dynamic_axes)
-        save_generator(qt, gen_path, example_inputs=example, model_info=model_info,
-                       input_names=input_names, dynamic_axes=settings.dynamic_axes,
-                       exported=proto, materialized=student)
+        proto = to_onnx_proto(
+            student, example, input_names=input_names, dynamic_axes=settings.dynamic_axes
+        )
+        save_generator(
+            qt,
+            gen_path,
+            example_inputs=example,
+            model_info=model_info,
+            input_names=input_names,
+            dynamic_axes=settings.dynamic_axes,
+            exported=proto,
+            materialized=student,
+        )
         record.wrote("generator")
-        export = export_onnx(student, example, onnx_path, input_names=input_names,
-                             dynamic_axes=settings.dynamic_axes, exported=proto)
+        export = export_onnx(
+            student,
+            example,
+            onnx_path,
+            input_names=input_names,
+            dynamic_axes=settings.dynamic_axes,
+            exported=proto,
+        )
         record.wrote("onnx")
         torch_ms, onnx_ms = _latencies(student, onnx_path, test, settings.latency_repeats)
-        return _finish(record, start, name, model, qt, rep, student, settings, histories, fid1,
-                       fid2, kind, budget, warnings, fidelity_ok, accuracy_original,
-                       phase1_error, export, torch_ms, onnx_ms, fit_s, finetune_s,
-                       checkpoint_bytes, gen_path, onnx_path, out, log)
+        return _finish(
+            record,
+            start,
+            name,
+            model,
+            qt,
+            rep,
+            student,
+            settings,
+            histories,
+            fid1,
+            fid2,
+            kind,
+            budget,
+            warnings,
+            fidelity_ok,
+            accuracy_original,
+            phase1_error,
+            export,
+            torch_ms,
+            onnx_ms,
+            fit_s,
+            finetune_s,
+            checkpoint_bytes,
+            gen_path,
+            onnx_path,
+            out,
+            log,
+        )
 
 
-def _finish(record: OutputRecord, start: float, name: str, model: nn.Module, qt: QTModel,
-            rep: Any, student: nn.Module, settings: PipelineSettings,
-            histories: dict[str, list[float]], fid1: Fidelity, fid2: Fidelity, kind: str,
-            budget: str, warnings: list[str], fidelity_ok: bool,
-            accuracy_original: float | None, phase1_error: float, export: Any,
-            torch_ms: dict[str, float], onnx_ms: dict[str, float], fit_s: float,
-            finetune_s: float, checkpoint_bytes: int | None, gen_path: Path, onnx_path: Path,
-            out: Path, log: Callable[[str], None]) -> PipelineResult:
+def _finish(
+    record: OutputRecord,
+    start: float,
+    name: str,
+    model: nn.Module,
+    qt: QTModel,
+    rep: Any,
+    student: nn.Module,
+    settings: PipelineSettings,
+    histories: dict[str, list[float]],
+    fid1: Fidelity,
+    fid2: Fidelity,
+    kind: str,
+    budget: str,
+    warnings: list[str],
+    fidelity_ok: bool,
+    accuracy_original: float | None,
+    phase1_error: float,
+    export: Any,
+    torch_ms: dict[str, float],
+    onnx_ms: dict[str, float],
+    fit_s: float,
+    finetune_s: float,
+    checkpoint_bytes: int | None,
+    gen_path: Path,
+    onnx_path: Path,
+    out: Path,
+    log: Callable[[str], None],
+) -> PipelineResult:
     """Summarise a run whose files are written, and record it as complete."""
-    log(f"wrote {gen_path.name} ({gen_path.stat().st_size:,} bytes) and {onnx_path.name} "
-        f"(onnxruntime vs torch max |diff| {export.max_abs_diff:.2g})")
-    files = {"generator": str(gen_path), "onnx": str(onnx_path),
-             "summary": str(out / "summary.json")}
+    log(
+        f"wrote {gen_path.name} ({gen_path.stat().st_size:,} bytes) and {onnx_path.name} "
+        f"(onnxruntime vs torch max |diff| {export.max_abs_diff:.2g})"
+    )
+    files = {
+        "generator": str(gen_path),
+        "onnx": str(onnx_path),
+        "summary": str(out / "summary.json"),
+    }
     result = PipelineResult(
         name=name,
         original_params=sum(p.numel() for p in model.parameters()),
         generated_weights=rep.generated_weights,
         generator_params=rep.trainable,
         compression_ratio=rep.generated_weights / rep.trainable,
-        n_qubits=rep.n_qubits, n_layers=rep.n_layers, chunk=rep.chunk,
+        n_qubits=rep.n_qubits,
+        n_layers=rep.n_layers,
+        chunk=rep.chunk,
         checkpoint_bytes=checkpoint_bytes,
         generator_file_bytes=gen_path.stat().st_size,
         onnx_bytes=onnx_path.stat().st_size,
-        scheme=qt.config.scheme, shape=_shape_of(qt), budget=budget,
-        generated_kinds={k: [n, v] for k, (n, v) in kinds_summary(
-            (s.name, s.shape) for s in qt.layout.specs).items()}, output_kind=kind,
+        scheme=qt.config.scheme,
+        shape=_shape_of(qt),
+        budget=budget,
+        generated_kinds={
+            k: [n, v]
+            for k, (n, v) in kinds_summary((s.name, s.shape) for s in qt.layout.specs).items()
+        },
+        output_kind=kind,
         accuracy_original=accuracy_original,
         accuracy_phase1=fid1.accuracy,
         accuracy_finetuned=fid2.accuracy,
-        fidelity_phase1=fid1.to_dict(), fidelity_finetuned=fid2.to_dict(),
-        warnings=warnings, min_fidelity=settings.min_fidelity, fidelity_ok=fidelity_ok,
+        fidelity_phase1=fid1.to_dict(),
+        fidelity_finetuned=fid2.to_dict(),
+        warnings=warnings,
+        min_fidelity=settings.min_fidelity,
+        fidelity_ok=fidelity_ok,
         phase1_rel_weight_error=phase1_error,
         onnx_max_abs_diff=export.max_abs_diff,
         onnx_max_abs_output=export.max_abs_output,
-        latency_torch_ms=torch_ms, latency_onnx_ms=onnx_ms,
-        fit_s=fit_s, finetune_s=finetune_s, total_s=0.0, files=files, histories=histories)
+        latency_torch_ms=torch_ms,
+        latency_onnx_ms=onnx_ms,
+        fit_s=fit_s,
+        finetune_s=finetune_s,
+        total_s=0.0,
+        files=files,
+        histories=histories,
+    )
     if settings.report:
         from qtcompress.report import write_report
 
         original = dict(model.named_parameters())
         rebuilt = dict(student.named_parameters())
-        weights = {s.name: (original[s.name].detach().numpy(), rebuilt[s.name].detach().numpy())
-                   for s in qt.layout.specs}
-        report = write_report(out / "report", summary_rows(result), histories, weights,
-                              title=f"qtcompress report: {name}")
+        weights = {
+            s.name: (original[s.name].detach().numpy(), rebuilt[s.name].detach().numpy())
+            for s in qt.layout.specs
+        }
+        report = write_report(
+            out / "report",
+            summary_rows(result),
+            histories,
+            weights,
+            title=f"qtcompress report: {name}",
+        )
         files["report"] = str(report)
     result.total_s = time.perf_counter() - start
     record.complete({k: v for k, v in asdict(result).items() if k != "histories"})
@@ -369,8 +483,10 @@ def _finish(record: OutputRecord, start: float, name: str, model: nn.Module, qt:
 def _shape_of(qt: QTModel) -> str:
     if qt.config.scheme == "rows":
         ranks = [k for k in qt.config.ranks or () if k > 0]
-        return (f"one basis state per tensor row, ranks {min(ranks, default=0)}.."
-                f"{max(ranks, default=0)}")
+        return (
+            f"one basis state per tensor row, ranks {min(ranks, default=0)}.."
+            f"{max(ranks, default=0)}"
+        )
     return f"chunk {qt.config.resolve_chunk(qt.layout.total)}"
 
 
@@ -402,8 +518,9 @@ def summary_rows(r: PipelineResult) -> dict[str, str]:
         "QNN": f"{r.n_qubits} qubits x {r.n_layers} layers, up to {r.chunk} weights per basis "
         "state",
         "generator": f"{r.scheme} scheme, {r.shape}, budget {r.budget}",
-        "generated tensors": ", ".join(f"{k} {n} ({v:,})"
-                                       for k, (n, v) in r.generated_kinds.items()),
+        "generated tensors": ", ".join(
+            f"{k} {n} ({v:,})" for k, (n, v) in r.generated_kinds.items()
+        ),
         "checkpoint file": _size(r.checkpoint_bytes),
         "generator file": _size(r.generator_file_bytes),
         "ONNX file": _size(r.onnx_bytes),
@@ -412,17 +529,20 @@ def summary_rows(r: PipelineResult) -> dict[str, str]:
         + f" (relative weight error {r.phase1_rel_weight_error:.3f})",
         "fidelity: fine-tuned": _fidelity_text(r.fidelity_finetuned),
         "accuracy: original / phase 1 / fine-tuned": " / ".join(
-            _pct(a) for a in (r.accuracy_original, r.accuracy_phase1, r.accuracy_finetuned)),
+            _pct(a) for a in (r.accuracy_original, r.accuracy_phase1, r.accuracy_finetuned)
+        ),
         "ONNX vs torch max |diff|": f"{r.onnx_max_abs_diff:.2g} (outputs up to "
         f"{r.onnx_max_abs_output:.3g}: {relative:.1g} relative)",
     }
     for label in r.latency_torch_ms:
         rows[f"latency {label}: torch / onnxruntime"] = (
-            f"{r.latency_torch_ms[label]:.3f} ms / {r.latency_onnx_ms[label]:.3f} ms")
+            f"{r.latency_torch_ms[label]:.3f} ms / {r.latency_onnx_ms[label]:.3f} ms"
+        )
     for i, w in enumerate(r.warnings):
         rows[f"WARNING {i + 1}"] = w
-    rows["time: phase 1 / phase 2 / total"] = f"{r.fit_s:.1f} s / {r.finetune_s:.1f} s / " \
-        f"{r.total_s:.1f} s"
+    rows["time: phase 1 / phase 2 / total"] = (
+        f"{r.fit_s:.1f} s / {r.finetune_s:.1f} s / {r.total_s:.1f} s"
+    )
     return rows
 
 
@@ -454,30 +574,37 @@ def load_npz_split(path: str | Path) -> Split:
         raise ConfigError(f"{path}: expected an .npz with x_train and x_test arrays.")
 
     def names(split: str) -> list[str]:
-        return sorted(k[len(split) + 1:] for k in arrays if k.startswith(f"{split}."))
+        return sorted(k[len(split) + 1 :] for k in arrays if k.startswith(f"{split}."))
 
     train_names, test_names = names("x_train"), names("x_test")
     plain = [k for k in ("x_train", "x_test") if k in arrays]
     if train_names or test_names:
         if plain:
-            raise ConfigError(f"{path}: holds both {plain} and named inputs x_train.*; use one "
-                              "naming rule (see load_npz_split).")
+            raise ConfigError(
+                f"{path}: holds both {plain} and named inputs x_train.*; use one "
+                "naming rule (see load_npz_split)."
+            )
         if train_names != test_names:
-            raise ConfigError(f"{path}: x_train has inputs {train_names} but x_test has "
-                              f"{test_names}; give the same inputs for both.")
+            raise ConfigError(
+                f"{path}: x_train has inputs {train_names} but x_test has "
+                f"{test_names}; give the same inputs for both."
+            )
         keys = train_names
     else:
         missing = [k for k in ("x_train", "x_test") if k not in arrays]
         if missing:
-            raise ConfigError(f"{path}: missing arrays {missing} (found {sorted(arrays)}); "
-                              "give x_train and x_test, or x_train.NAME and x_test.NAME.")
+            raise ConfigError(
+                f"{path}: missing arrays {missing} (found {sorted(arrays)}); "
+                "give x_train and x_test, or x_train.NAME and x_test.NAME."
+            )
         keys = []
     labels: dict[str, Any] = {k: arrays[k] for k in ("y_train", "y_test") if k in arrays}
     for key in keys or [""]:
         suffix = f".{key}" if key else ""
-        check_dataset({"x_train": arrays[f"x_train{suffix}"],
-                       "x_test": arrays[f"x_test{suffix}"], **labels},
-                      source=f"{path}{' (' + key + ')' if key else ''}")
+        check_dataset(
+            {"x_train": arrays[f"x_train{suffix}"], "x_test": arrays[f"x_test{suffix}"], **labels},
+            source=f"{path}{' (' + key + ')' if key else ''}",
+        )
 
     def tensor(array: Any, labels: bool) -> torch.Tensor:
         array = np.ascontiguousarray(array)
@@ -492,8 +619,10 @@ def load_npz_split(path: str | Path) -> Split:
         if all(k.isdigit() for k in keys):
             return tuple(tensor(arrays[f"{split}.{k}"], False) for k in sorted(keys, key=int))
         if any(k.isdigit() for k in keys):
-            raise ConfigError(f"{path}: inputs {keys} mix positions and names; use x_train.0, "
-                              "x_train.1 ... or x_train.NAME only.")
+            raise ConfigError(
+                f"{path}: inputs {keys} mix positions and names; use x_train.0, "
+                "x_train.1 ... or x_train.NAME only."
+            )
         return {k: tensor(arrays[f"{split}.{k}"], False) for k in keys}
 
     def label(key: str) -> torch.Tensor:

@@ -47,8 +47,9 @@ def plot_losses(histories: Mapping[str, Sequence[float]], path: Path) -> Path:
         The written path.
     """
     plt = _pyplot()
-    fig, axes = plt.subplots(1, max(len(histories), 1), figsize=(5 * max(len(histories), 1), 3.4),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, max(len(histories), 1), figsize=(5 * max(len(histories), 1), 3.4), squeeze=False
+    )
     for ax, (phase, history) in zip(axes[0], histories.items(), strict=False):
         values = np.asarray(history, dtype=float)
         ax.plot(np.arange(1, len(values) + 1), values, lw=1.4)
@@ -91,8 +92,10 @@ def plot_weight_histograms(
                 f"Tensor {name!r}: original has {original.size} values, reconstruction "
                 f"{rebuilt.size}."
             )
-        low, high = float(min(original.min(), rebuilt.min())), float(
-            max(original.max(), rebuilt.max()))
+        low, high = (
+            float(min(original.min(), rebuilt.min())),
+            float(max(original.max(), rebuilt.max())),
+        )
         edges = np.linspace(low, high if high > low else low + 1e-6, bins + 1)
         ax.hist(original, bins=edges, alpha=0.55, label="original")
         ax.hist(rebuilt, bins=edges, alpha=0.55, label="reconstructed")
@@ -139,10 +142,15 @@ def write_report(
     out.mkdir(exist_ok=True)
     plot_losses(histories, out / "losses.png")
     plot_weight_histograms(weights, out / "weights.png")
-    text = "\n\n".join([
-        f"# {title}",
-        _markdown_table([(k, v) for k, v in summary.items()], ("", "value")),
-        "## Loss curves\n\n![loss curves](losses.png)",
-        "## Original vs reconstructed weights\n\n![weight histograms](weights.png)",
-    ]) + "\n"
+    text = (
+        "\n\n".join(
+            [
+                f"# {title}",
+                _markdown_table([(k, v) for k, v in summary.items()], ("", "value")),
+                "## Loss curves\n\n![loss curves](losses.png)",
+                "## Original vs reconstructed weights\n\n![weight histograms](weights.png)",
+            ]
+        )
+        + "\n"
+    )
     return atomic_write_bytes(out / "report.md", text.encode("utf-8"))

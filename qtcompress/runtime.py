@@ -73,9 +73,7 @@ class OnnxPredictor:
         >>> logits = predictor.run(x)  # one input, one output -> np.ndarray  # doctest: +SKIP
     """
 
-    def __init__(
-        self, path: str | os.PathLike[str] | bytes, *, threads: int | None = None
-    ) -> None:
+    def __init__(self, path: str | os.PathLike[str] | bytes, *, threads: int | None = None) -> None:
         """Open an ONNX model in onnxruntime.
 
         Args:
@@ -101,7 +99,8 @@ class OnnxPredictor:
             opts.intra_op_num_threads = threads
         try:
             self._session = ort.InferenceSession(
-                path if in_memory else str(self.path), sess_options=opts,
+                path if in_memory else str(self.path),
+                sess_options=opts,
                 providers=["CPUExecutionProvider"],
             )
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
@@ -185,8 +184,9 @@ class OnnxPredictor:
             outputs = self._session.run(None, checked)
         except Exception as exc:  # onnxruntime raises its own InvalidArgument/Fail types
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            raise ConfigError(f"onnxruntime rejected the inputs ({first}); expected: "
-                              f"{self._expected()}.") from exc
+            raise ConfigError(
+                f"onnxruntime rejected the inputs ({first}); expected: {self._expected()}."
+            ) from exc
         if len(outputs) == 1:
             return outputs[0]
         return dict(zip(self.output_names, outputs, strict=True))
@@ -205,8 +205,10 @@ def _npy_header(fh: IO[bytes], where: str) -> tuple[tuple[int, ...], np.dtype[An
     except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
         raise FormatError(f"{where} has a corrupt .npy header ({exc}); check the file.") from exc
     if dtype.hasobject:
-        raise FormatError(f"{where} holds Python objects (pickles), which are never loaded; save "
-                          "plain numeric arrays.")
+        raise FormatError(
+            f"{where} holds Python objects (pickles), which are never loaded; save "
+            "plain numeric arrays."
+        )
     if any(not isinstance(d, int) or d < 0 for d in shape):
         raise FormatError(f"{where} has an invalid shape {shape}; check the file.")
     # Python integers: a hostile shape cannot overflow into a small number.
@@ -227,9 +229,11 @@ def _check_array_headers(p: Path) -> int:
             shape, _dtype, nbytes = _npy_header(fh, repr(str(p)))
             present = p.stat().st_size - fh.tell()
         if nbytes > present:
-            raise FormatError(f"{str(p)!r}: its header claims a {list(shape)} array of "
-                              f"{nbytes:,} bytes but the file holds {present:,}; the file is "
-                              "truncated or corrupt.")
+            raise FormatError(
+                f"{str(p)!r}: its header claims a {list(shape)} array of "
+                f"{nbytes:,} bytes but the file holds {present:,}; the file is "
+                "truncated or corrupt."
+            )
         return nbytes
     with zipfile.ZipFile(p) as zf:
         for info in zf.infolist():
@@ -240,9 +244,11 @@ def _check_array_headers(p: Path) -> int:
                 shape, _dtype, nbytes = _npy_header(member, where)
                 header = member.tell()
             if nbytes + header != info.file_size:
-                raise FormatError(f"{where}: its header claims a {list(shape)} array of "
-                                  f"{nbytes:,} bytes but the member holds "
-                                  f"{max(info.file_size - header, 0):,}; the file is corrupt.")
+                raise FormatError(
+                    f"{where}: its header claims a {list(shape)} array of "
+                    f"{nbytes:,} bytes but the member holds "
+                    f"{max(info.file_size - header, 0):,}; the file is corrupt."
+                )
             total += nbytes
     return total
 
@@ -327,53 +333,72 @@ def check_dataset(
             continue
         a = got[key]
         if a.dtype.kind == "c":
-            raise ConfigError(f"{source}: {key} is complex ({a.dtype}); models take real inputs: "
-                              "pass the real and imaginary parts as separate features.")
+            raise ConfigError(
+                f"{source}: {key} is complex ({a.dtype}); models take real inputs: "
+                "pass the real and imaginary parts as separate features."
+            )
         if a.dtype.kind not in "biuf":
-            raise ConfigError(f"{source}: {key} has dtype {a.dtype}; expected numbers (float or "
-                              "integer arrays).")
+            raise ConfigError(
+                f"{source}: {key} has dtype {a.dtype}; expected numbers (float or integer arrays)."
+            )
         if a.ndim == 0 or a.shape[0] == 0:
-            raise ConfigError(f"{source}: {key} is empty (shape {list(a.shape)}); give at least "
-                              "one example along the first axis.")
+            raise ConfigError(
+                f"{source}: {key} is empty (shape {list(a.shape)}); give at least "
+                "one example along the first axis."
+            )
         if a.dtype.kind == "f":
             bad = ~np.isfinite(a)
             if bad.any():
-                raise NonFiniteError(f"{source}: {key} holds NaN or Inf ({_count_bad(a, bad)}); "
-                                     "clean or drop those examples.")
+                raise NonFiniteError(
+                    f"{source}: {key} holds NaN or Inf ({_count_bad(a, bad)}); "
+                    "clean or drop those examples."
+                )
     if len(inputs) >= 2 and inputs[0] in got and inputs[1] in got:
         train, test = got[inputs[0]], got[inputs[1]]
         if train.shape[1:] != test.shape[1:]:
-            raise ConfigError(f"{source}: {inputs[0]} examples have shape {list(train.shape[1:])}"
-                              f" but {inputs[1]} examples {list(test.shape[1:])}; they must match.")
+            raise ConfigError(
+                f"{source}: {inputs[0]} examples have shape {list(train.shape[1:])}"
+                f" but {inputs[1]} examples {list(test.shape[1:])}; they must match."
+            )
     if len(inputs) >= 2 and inputs[1] in got and got[inputs[1]].shape[0] < min_test:
-        raise ConfigError(f"{source}: {inputs[1]} has {got[inputs[1]].shape[0]} examples; at "
-                          f"least {min_test} are needed (the check batch).")
+        raise ConfigError(
+            f"{source}: {inputs[1]} has {got[inputs[1]].shape[0]} examples; at "
+            f"least {min_test} are needed (the check batch)."
+        )
     for x_key, y_key in zip(inputs, labels, strict=False):
         if y_key not in got:
             continue
         y = got[y_key]
         if y.dtype.kind not in "biuf":
-            raise ConfigError(f"{source}: {y_key} has dtype {y.dtype}; labels must be integer "
-                              "class indices.")
+            raise ConfigError(
+                f"{source}: {y_key} has dtype {y.dtype}; labels must be integer class indices."
+            )
         if y.dtype.kind == "f":
             bad = ~np.isfinite(y)
             if bad.any():
                 raise NonFiniteError(f"{source}: {y_key} holds NaN or Inf ({_count_bad(y, bad)}).")
             frac = y != np.round(y)
             if frac.any():
-                raise ConfigError(f"{source}: {y_key} holds non-integer values "
-                                  f"({_count_bad(y, frac)}); labels must be class indices "
-                                  "0..C-1, not probabilities or scores.")
+                raise ConfigError(
+                    f"{source}: {y_key} holds non-integer values "
+                    f"({_count_bad(y, frac)}); labels must be class indices "
+                    "0..C-1, not probabilities or scores."
+                )
         if y.size and y.min() < 0:
-            raise ConfigError(f"{source}: {y_key} holds negative labels (min {y.min()}); labels "
-                              "must be class indices 0..C-1.")
+            raise ConfigError(
+                f"{source}: {y_key} holds negative labels (min {y.min()}); labels "
+                "must be class indices 0..C-1."
+            )
         if x_key in got and y.shape[:1] != got[x_key].shape[:1]:
-            raise ConfigError(f"{source}: {y_key} has {y.shape[0] if y.ndim else 0} labels for "
-                              f"{got[x_key].shape[0]} examples in {x_key}.")
+            raise ConfigError(
+                f"{source}: {y_key} has {y.shape[0] if y.ndim else 0} labels for "
+                f"{got[x_key].shape[0]} examples in {x_key}."
+            )
 
 
-def check_label_range(labels: Any, num_classes: int, *, name: str = "labels",
-                      source: str = "the data") -> None:
+def check_label_range(
+    labels: Any, num_classes: int, *, name: str = "labels", source: str = "the data"
+) -> None:
     """Refuse class labels outside ``0..num_classes-1`` (they would score 0% without a word).
 
     Args:
@@ -390,9 +415,11 @@ def check_label_range(labels: Any, num_classes: int, *, name: str = "labels",
         return
     low, high = y.min(), y.max()
     if low < 0 or high >= num_classes:
-        raise ConfigError(f"{source}: {name} range from {low} to {high}, but the model outputs "
-                          f"{num_classes} classes (0..{num_classes - 1}); check the labels or the "
-                          "model.")
+        raise ConfigError(
+            f"{source}: {name} range from {low} to {high}, but the model outputs "
+            f"{num_classes} classes (0..{num_classes - 1}); check the labels or the "
+            "model."
+        )
 
 
 def _numpy(value: Any) -> Any:

@@ -77,8 +77,11 @@ class Int(Spec):
     def problem(self, value: Any, path: str) -> tuple[str, str] | None:
         """See :meth:`Spec.problem`."""
         ok = isinstance(value, int) and not isinstance(value, bool)
-        if ok and (self.min is None or value >= self.min) and (
-                self.max is None or value <= self.max):
+        if (
+            ok
+            and (self.min is None or value >= self.min)
+            and (self.max is None or value <= self.max)
+        ):
             return None
         if self.min is not None and self.max is not None:
             want = f"an integer in {self.min}..{self.max}"
@@ -95,8 +98,7 @@ class Num(Spec):
 
     def problem(self, value: Any, path: str) -> tuple[str, str] | None:
         """See :meth:`Spec.problem`."""
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(
-                value):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return None
         return path, f"expected a finite number, got {_show(value)}"
 
@@ -129,8 +131,9 @@ class Bool(Spec):
 
     def problem(self, value: Any, path: str) -> tuple[str, str] | None:
         """See :meth:`Spec.problem`."""
-        return None if isinstance(value, bool) else (path, f"expected true/false, got "
-                                                           f"{_show(value)}")
+        return (
+            None if isinstance(value, bool) else (path, f"expected true/false, got {_show(value)}")
+        )
 
 
 @dataclass(frozen=True)
@@ -264,5 +267,7 @@ def validate(value: Any, spec: Spec, path: str, *, source: str | None = None) ->
     if found is not None:
         where, reason = found
         prefix = f"{source}: " if source else ""
-        raise FormatError(f"{prefix}metadata {where}: {reason}; the file is corrupt or was not "
-                          "written by qtcompress.")
+        raise FormatError(
+            f"{prefix}metadata {where}: {reason}; the file is corrupt or was not "
+            "written by qtcompress."
+        )

@@ -87,11 +87,12 @@ class Layout:
             ``name -> view`` for every canonical name and alias; tied names share one view.
         """
         if flat.ndim != 1 or flat.shape[0] != self.total:
-            raise ConfigError(f"Expected a flat vector of {self.total} weights, got "
-                              f"shape {tuple(flat.shape)}.")
+            raise ConfigError(
+                f"Expected a flat vector of {self.total} weights, got shape {tuple(flat.shape)}."
+            )
         out: dict[str, torch.Tensor] = {}
         for s in self.specs:
-            view = flat[s.offset:s.offset + s.numel].view(s.shape)
+            view = flat[s.offset : s.offset + s.numel].view(s.shape)
             for n in s.names:
                 out[n] = view
         return out
@@ -105,8 +106,9 @@ class Layout:
         for s in self.specs:
             t = tensors[s.name]
             if tuple(t.shape) != s.shape:
-                raise TargetError(f"Tensor {s.name!r} has shape {tuple(t.shape)}, the layout "
-                                  f"expects {s.shape}.")
+                raise TargetError(
+                    f"Tensor {s.name!r} has shape {tuple(t.shape)}, the layout expects {s.shape}."
+                )
             parts.append(t.detach().reshape(-1).to(torch.float32))
         return torch.cat(parts)
 
@@ -119,7 +121,7 @@ class Layout:
 def _components_match(pattern: str, name: str) -> bool:
     pat, parts = pattern.split("."), name.split(".")
     k = len(pat)
-    return any(parts[i:i + k] == pat for i in range(len(parts) - k + 1))
+    return any(parts[i : i + k] == pat for i in range(len(parts) - k + 1))
 
 
 def matches(pattern: str, name: str) -> bool:
@@ -133,7 +135,7 @@ def matches(pattern: str, name: str) -> bool:
         True if the pattern selects the name.
     """
     if pattern.startswith(REGEX_PREFIX):
-        return re.search(pattern[len(REGEX_PREFIX):], name) is not None
+        return re.search(pattern[len(REGEX_PREFIX) :], name) is not None
     return _components_match(pattern, name)
 
 
@@ -149,7 +151,7 @@ def _check_patterns(patterns: Iterable[str] | None, what: str) -> list[str]:
             raise ConfigError(f"Every {what} pattern must be a non-empty string, got {p!r}.")
         if p.startswith(REGEX_PREFIX):
             try:
-                re.compile(p[len(REGEX_PREFIX):])
+                re.compile(p[len(REGEX_PREFIX) :])
             except re.error as exc:
                 raise ConfigError(f"Invalid regex in {what} pattern {p!r}: {exc}.") from exc
     return out
@@ -191,8 +193,7 @@ def select_targets(
     unmatched = [p for p in targets if not any(matches(p, n) for n in all_names)]
     if unmatched:
         raise TargetError(
-            f"Target pattern(s) {unmatched} match no parameter. Available parameters: "
-            f"{all_names}."
+            f"Target pattern(s) {unmatched} match no parameter. Available parameters: {all_names}."
         )
 
     specs: list[TensorSpec] = []
@@ -208,8 +209,9 @@ def select_targets(
         if not selected or p.numel() == 0:
             classical.extend(names)
             continue
-        specs.append(TensorSpec(names[0], tuple(p.shape), p.dtype, offset, p.numel(),
-                                tuple(names[1:])))
+        specs.append(
+            TensorSpec(names[0], tuple(p.shape), p.dtype, offset, p.numel(), tuple(names[1:]))
+        )
         offset += p.numel()
 
     if not specs:

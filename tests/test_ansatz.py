@@ -18,8 +18,9 @@ def test_paper_ansatz_structure():
     assert sum(1 for op in c.all_operations() if op.gate == cirq.CNOT) == 3 * 4
     # Layer order: RY on every qubit, then CNOT(q0,q1) ... CNOT(q3,q4).
     ops = list(c.all_operations())
-    assert [op.qubits for op in ops[5:9]] == [(cirq.LineQubit(i), cirq.LineQubit(i + 1))
-                                              for i in range(4)]
+    assert [op.qubits for op in ops[5:9]] == [
+        (cirq.LineQubit(i), cirq.LineQubit(i + 1)) for i in range(4)
+    ]
     assert a.num_params == 15 and len(cirq.parameter_symbols(c)) == 15
 
 

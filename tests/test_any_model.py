@@ -62,14 +62,20 @@ def test_two_input_encoder_end_to_end_with_dynamic_sequence(encoder, tmp_path):
     path = tmp_path / "enc.qtc.safetensors"
     example = (test["input_ids"][:2], test["attention_mask"][:2])
     axes = {"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}}
-    save_generator(qt, path, example_inputs=example, input_names=["input_ids", "attention_mask"],
-                   dynamic_axes=axes)
+    save_generator(
+        qt,
+        path,
+        example_inputs=example,
+        input_names=["input_ids", "attention_mask"],
+        dynamic_axes=axes,
+    )
     # A fresh process regenerates the same weights and a checked ONNX model from the file.
-    code = (f"from qtcompress import load_generator; g = load_generator(r'{path}'); "
-            f"assert g.verify_weights().identical; g.to_onnx(r'{tmp_path / 'enc.onnx'}')")
+    code = (
+        f"from qtcompress import load_generator; g = load_generator(r'{path}'); "
+        f"assert g.verify_weights().identical; g.to_onnx(r'{tmp_path / 'enc.onnx'}')"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
-    session = ort.InferenceSession(str(tmp_path / "enc.onnx"),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(tmp_path / "enc.onnx"), providers=["CPUExecutionProvider"])
     student = load_generator(path).load_into(TwoInputEncoder()).eval()
     for batch, length in ((3, 7), (5, 20)):  # other batch sizes and sequence lengths
         feeds = _tokens(batch, length, 2)
@@ -98,18 +104,37 @@ def test_stateful_model_with_tuple_batches_and_a_dataloader(cell):
 def test_cli_multi_input_npz_by_name_with_dynamic_axis(encoder, tmp_path, cli):
     ckpt = _checkpoint(encoder, tmp_path / "enc.safetensors")
     train, test = _tokens(64, 10, 0), _tokens(8, 10, 1)
-    np.savez(tmp_path / "data.npz",
-             **{f"x_train.{k}": v.numpy() for k, v in train.items()},
-             **{f"x_test.{k}": v.numpy() for k, v in test.items()})
-    result = cli("compress", ckpt, "--factory", "tests.tiny_models:TwoInputEncoder",
-                 "--data", tmp_path / "data.npz", "-o", tmp_path / "out",
-                 "--budget", "50%", "--fit-steps", "2", "--finetune-steps", "5",
-                 "--dynamic-axis", "input_ids:1=seq", "--dynamic-axis", "attention_mask:1=seq",
-                 "--no-progress")
+    np.savez(
+        tmp_path / "data.npz",
+        **{f"x_train.{k}": v.numpy() for k, v in train.items()},
+        **{f"x_test.{k}": v.numpy() for k, v in test.items()},
+    )
+    result = cli(
+        "compress",
+        ckpt,
+        "--factory",
+        "tests.tiny_models:TwoInputEncoder",
+        "--data",
+        tmp_path / "data.npz",
+        "-o",
+        tmp_path / "out",
+        "--budget",
+        "50%",
+        "--fit-steps",
+        "2",
+        "--finetune-steps",
+        "5",
+        "--dynamic-axis",
+        "input_ids:1=seq",
+        "--dynamic-axis",
+        "attention_mask:1=seq",
+        "--no-progress",
+    )
     assert result.returncode == 0, result.stderr
     assert "output kind                                embedding" in result.stdout
-    session = ort.InferenceSession(str(tmp_path / "out" / "enc.onnx"),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(tmp_path / "out" / "enc.onnx"), providers=["CPUExecutionProvider"]
+    )
     assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
     feeds = _tokens(2, 15, 3)
     assert session.run(None, {k: v.numpy() for k, v in feeds.items()})[0].shape == (2, 16)
@@ -120,8 +145,16 @@ def test_cli_refuses_data_the_model_cannot_take_before_fitting(cell, tmp_path, c
     x, _ = _states(16, 0)
     np.savez(tmp_path / "data.npz", x_train=x.numpy(), x_test=x[:4].numpy())  # no state
     start = time.perf_counter()
-    result = cli("compress", ckpt, "--factory", "tests.tiny_models:StatefulCell",
-                 "--data", tmp_path / "data.npz", "-o", tmp_path / "out")
+    result = cli(
+        "compress",
+        ckpt,
+        "--factory",
+        "tests.tiny_models:StatefulCell",
+        "--data",
+        tmp_path / "data.npz",
+        "-o",
+        tmp_path / "out",
+    )
     assert_one_line_error(result)
     assert "StatefulCell.forward(x, state)" in result.stderr
     assert "1 positional input" in result.stderr
@@ -129,14 +162,20 @@ def test_cli_refuses_data_the_model_cannot_take_before_fitting(cell, tmp_path, c
     assert not (tmp_path / "out").exists()  # nothing fitted, nothing written
 
 
-@pytest.mark.parametrize(("kwargs", "error", "match"), [
-    ({"output_names": ["same", "same"]}, ConfigError, "distinct output names"),
-    ({"input_names": ["x"], "output_names": ["x"]}, ConfigError, "both an input and an output"),
-    ({"dynamic_axes": {"x": {0: "seq"}}}, ConfigError, "axis 0 is always the batch"),
-    ({"dynamic_axes": {"nope": {1: "seq"}}}, ConfigError, "name inputs \\['nope'\\]"),
-    ({"dynamic_axes": {"x": {1: "seq"}}, "input_names": ["x"]}, ExportError,
-     "fixed dynamic axis 1"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"output_names": ["same", "same"]}, ConfigError, "distinct output names"),
+        ({"input_names": ["x"], "output_names": ["x"]}, ConfigError, "both an input and an output"),
+        ({"dynamic_axes": {"x": {0: "seq"}}}, ConfigError, "axis 0 is always the batch"),
+        ({"dynamic_axes": {"nope": {1: "seq"}}}, ConfigError, "name inputs \\['nope'\\]"),
+        (
+            {"dynamic_axes": {"x": {1: "seq"}}, "input_names": ["x"]},
+            ExportError,
+            "fixed dynamic axis 1",
+        ),
+    ],
+)
 def test_export_failures_are_typed(tmp_path, kwargs, error, match):
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))  # fixed width
     kwargs.setdefault("input_names", ["x"])
@@ -149,12 +188,33 @@ def test_export_failures_are_typed(tmp_path, kwargs, error, match):
 def test_cli_stateful_model_positional_npz_then_fresh_load_verify_and_onnx(cell, tmp_path, cli):
     ckpt = _checkpoint(cell, tmp_path / "cell.safetensors")
     (x, state), (xt, st) = _states(64, 0), _states(8, 1)
-    np.savez(tmp_path / "data.npz", **{"x_train.0": x.numpy(), "x_train.1": state.numpy(),
-                                       "x_test.0": xt.numpy(), "x_test.1": st.numpy()})
+    np.savez(
+        tmp_path / "data.npz",
+        **{
+            "x_train.0": x.numpy(),
+            "x_train.1": state.numpy(),
+            "x_test.0": xt.numpy(),
+            "x_test.1": st.numpy(),
+        },
+    )
     out = tmp_path / "out"
-    result = cli("compress", ckpt, "--factory", "tests.tiny_models:StatefulCell",
-                 "--data", tmp_path / "data.npz", "-o", out, "--rank", "3",
-                 "--fit-steps", "2", "--finetune-steps", "5", "--no-progress")
+    result = cli(
+        "compress",
+        ckpt,
+        "--factory",
+        "tests.tiny_models:StatefulCell",
+        "--data",
+        tmp_path / "data.npz",
+        "-o",
+        out,
+        "--rank",
+        "3",
+        "--fit-steps",
+        "2",
+        "--finetune-steps",
+        "5",
+        "--no-progress",
+    )
     assert result.returncode == 0, result.stderr
     assert "output kind                                probability" in result.stdout
     gen_file = out / "cell.qtc.safetensors"

@@ -72,8 +72,9 @@ def test_skeleton_roundtrip_refills_and_runs(tmp_path):
     sess = ort.InferenceSession(filled.SerializeToString(), providers=["CPUExecutionProvider"])
     x = example_input(model, batch=3)
     with torch.no_grad():
-        np.testing.assert_allclose(sess.run(None, {"input": x.numpy()})[0], model(x).numpy(),
-                                   atol=1e-5, rtol=0)
+        np.testing.assert_allclose(
+            sess.run(None, {"input": x.numpy()})[0], model(x).numpy(), atol=1e-5, rtol=0
+        )
 
 
 def test_sha256_is_order_independent_and_sensitive():
@@ -161,8 +162,9 @@ def test_truncated_files(good, tmp_path, keep):
 
 def test_expected_tensors_checked(good):
     with pytest.raises(FormatError, match=r"missing tensors \['other'\].*unexpected.*'half'"):
-        load_artifact(good, expected_tensors=["theta", "transposed", "view_a", "view_b",
-                                              "steps", "other"])
+        load_artifact(
+            good, expected_tensors=["theta", "transposed", "view_a", "view_b", "steps", "other"]
+        )
 
 
 def test_bad_inputs_to_save_leave_nothing(tmp_path):
@@ -201,8 +203,12 @@ def test_same_content_same_bytes_readable_by_safetensors(tmp_path):
     tensors = _tensors()
     a = save_artifact(tmp_path / "a.qtc.safetensors", tensors, META, skeleton=b"skel")
     reordered = dict(reversed(list(tensors.items())))
-    b = save_artifact(tmp_path / "b.qtc.safetensors", reordered,
-                      dict(reversed(list(META.items()))), skeleton=b"skel")
+    b = save_artifact(
+        tmp_path / "b.qtc.safetensors",
+        reordered,
+        dict(reversed(list(META.items()))),
+        skeleton=b"skel",
+    )
     assert a.read_bytes() == b.read_bytes()
     plain = write_safetensors(tmp_path / "p.safetensors", tensors, {"z": "1", "a": "2"})
     loaded = load_file(str(plain))
@@ -213,12 +219,15 @@ def test_same_content_same_bytes_readable_by_safetensors(tmp_path):
         write_safetensors(tmp_path / "q.safetensors", tensors, {"a": 1})
 
 
-@pytest.mark.parametrize(("patch", "fragment"), [
-    ({"ansatz": "NaN"}, "'ansatz' is not valid JSON"),
-    ({"ansatz": "[" * 50 + "]" * 50}, "nested 50 deep"),
-    ({"format_version": "\u00b2"}, "invalid format_version"),
-    ({"tensors": "{\"theta\": 5}"}, r"tensors\['theta'\]: expected an object"),
-])
+@pytest.mark.parametrize(
+    ("patch", "fragment"),
+    [
+        ({"ansatz": "NaN"}, "'ansatz' is not valid JSON"),
+        ({"ansatz": "[" * 50 + "]" * 50}, "nested 50 deep"),
+        ({"format_version": "\u00b2"}, "invalid format_version"),
+        ({"tensors": '{"theta": 5}'}, r"tensors\['theta'\]: expected an object"),
+    ],
+)
 def test_hostile_header_values(good, tmp_path, patch, fragment):
     bad = tmp_path / "bad.qtc.safetensors"
     _resave(good, bad, header_patch=patch)

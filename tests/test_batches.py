@@ -76,7 +76,7 @@ class ReIterable:
 
     def __iter__(self):
         for i in range(0, N, 4):
-            yield {"input_ids": IDS[i:i + 4], "attention_mask": MASK[i:i + 4]}
+            yield {"input_ids": IDS[i : i + 4], "attention_mask": MASK[i : i + 4]}
 
 
 class Stream(IterableDataset):
@@ -86,8 +86,7 @@ class Stream(IterableDataset):
 
 def _flat(batch):
     """Comparable form of a batch: names and values of its tensors, plus labels."""
-    return batch.named_tensors() + ([("labels", batch.labels)] if batch.labels is not None
-                                    else [])
+    return batch.named_tensors() + ([("labels", batch.labels)] if batch.labels is not None else [])
 
 
 def _assert_same(a, b):
@@ -106,21 +105,41 @@ FORMS = {
     "list of tensors": (lambda: [X, S], {}, POSITIONAL, N),
     "dict": (lambda: {"input_ids": IDS, "attention_mask": MASK}, {}, KEYWORD, N),
     "tensor + labels": (lambda: X, {"labels": Y}, Batch((X,), {}, Y), N),
-    "tuple with label last": (lambda: (X, S, Y), {"labels_in_items": True},
-                              Batch((X, S), {}, Y), N),
+    "tuple with label last": (
+        lambda: (X, S, Y),
+        {"labels_in_items": True},
+        Batch((X, S), {}, Y),
+        N,
+    ),
     "Batch": (lambda: Batch((X,), {"mask": MASK}, Y), {}, Batch((X,), {"mask": MASK}, Y), N),
     "TensorDataset": (lambda: TensorDataset(X, S), {}, POSITIONAL, N),
-    "TensorDataset (x, y)": (lambda: TensorDataset(X, Y), {"labels_in_items": True},
-                             Batch((X,), {}, Y), N),
+    "TensorDataset (x, y)": (
+        lambda: TensorDataset(X, Y),
+        {"labels_in_items": True},
+        Batch((X,), {}, Y),
+        N,
+    ),
     "TensorDataset + labels": (lambda: TensorDataset(X), {"labels": Y}, Batch((X,), {}, Y), N),
     "dict Dataset": (lambda: DictDataset(), {}, KEYWORD, N),
-    "dict Dataset with 'labels'": (lambda: DictDataset(True), {"labels_in_items": "labels"},
-                                   Batch((), KEYWORD.kwargs, Y), N),
-    "DataLoader (x, y)": (lambda: DataLoader(TensorDataset(X, Y), batch_size=4),
-                          {"labels_in_items": True}, Batch((X,), {}, Y), N),
+    "dict Dataset with 'labels'": (
+        lambda: DictDataset(True),
+        {"labels_in_items": "labels"},
+        Batch((), KEYWORD.kwargs, Y),
+        N,
+    ),
+    "DataLoader (x, y)": (
+        lambda: DataLoader(TensorDataset(X, Y), batch_size=4),
+        {"labels_in_items": True},
+        Batch((X,), {}, Y),
+        N,
+    ),
     "DataLoader of dicts": (lambda: DataLoader(DictDataset(), batch_size=3), {}, KEYWORD, N),
-    "list of batches": (lambda: [(X[:4], S[:4]), (X[4:7], S[4:7]), (X[7:], S[7:])], {},
-                        POSITIONAL, N),
+    "list of batches": (
+        lambda: [(X[:4], S[:4]), (X[4:7], S[4:7]), (X[7:], S[7:])],
+        {},
+        POSITIONAL,
+        N,
+    ),
     "re-iterable of dict batches": (lambda: ReIterable(), {}, KEYWORD, None),
 }
 
@@ -145,8 +164,10 @@ def test_every_input_form_gives_the_right_batches(form):
         offset += len(p)
 
 
-@pytest.mark.parametrize("form", ["tensor", "tuple", "dict", "TensorDataset (x, y)",
-                                  "dict Dataset with 'labels'", "Batch"])
+@pytest.mark.parametrize(
+    "form",
+    ["tensor", "tuple", "dict", "TensorDataset (x, y)", "dict Dataset with 'labels'", "Batch"],
+)
 def test_batch_at_is_a_pure_function_of_step_batch_size_and_seed(form):
     make, kwargs, full, _ = FORMS[form]
     a, b = InputSource.of(make(), **kwargs), InputSource.of(make(), **kwargs)
@@ -169,8 +190,7 @@ def test_loaders_and_iterables_are_cycled_through():
     assert source.batch_at(1, 99, 0) is second  # the same step again: the same batch
     assert torch.equal(first.args[0], X[:4]) and torch.equal(second.args[0], X[4:])
     assert torch.equal(source.batch_at(2, 99, 0).args[0], X[:4])  # next pass
-    loader = InputSource.of(DataLoader(TensorDataset(X, Y), batch_size=4),
-                            labels_in_items=True)
+    loader = InputSource.of(DataLoader(TensorDataset(X, Y), batch_size=4), labels_in_items=True)
     sizes = [len(loader.batch_at(step, 4, 0)) for step in range(5)]
     assert sizes == [4, 4, 2, 4, 4]
 
@@ -194,20 +214,38 @@ def test_take_on_nested_positional_and_keyword_inputs_keeps_constants():
     assert batch.to("cpu").kwargs["use_cache"] is False
     assert torch.equal(batch.to("cpu").labels, Y)
     assert batch.call(lambda x, state, **kw: (x.shape[0], len(state), sorted(kw))) == (
-        N, 2, ["mask", "temperature", "use_cache"])
+        N,
+        2,
+        ["mask", "temperature", "use_cache"],
+    )
 
 
-@pytest.mark.parametrize("batch, text", [
-    (Batch((torch.zeros(64, 14, 28), torch.zeros(64, 2, 256))),
-     "2 positional inputs (64x14x28 float32, 64x2x256 float32)"),
-    (Batch((torch.zeros(8, 3),)), "1 positional input (8x3 float32)"),
-    (Batch((), {"input_ids": torch.zeros(64, 64, dtype=torch.int64),
-                "attention_mask": torch.zeros(64, 64, dtype=torch.int64)}),
-     "keyword inputs input_ids (64x64 int64), attention_mask (64x64 int64)"),
-    (Batch((torch.zeros(2, 3), (torch.zeros(1, 2), torch.zeros(1, 2))), {"flag": True}),
-     "2 positional inputs (2x3 float32, (1x2 float32, 1x2 float32)) and keyword inputs flag True"),
-    (Batch(), "no inputs"),
-])
+@pytest.mark.parametrize(
+    "batch, text",
+    [
+        (
+            Batch((torch.zeros(64, 14, 28), torch.zeros(64, 2, 256))),
+            "2 positional inputs (64x14x28 float32, 64x2x256 float32)",
+        ),
+        (Batch((torch.zeros(8, 3),)), "1 positional input (8x3 float32)"),
+        (
+            Batch(
+                (),
+                {
+                    "input_ids": torch.zeros(64, 64, dtype=torch.int64),
+                    "attention_mask": torch.zeros(64, 64, dtype=torch.int64),
+                },
+            ),
+            "keyword inputs input_ids (64x64 int64), attention_mask (64x64 int64)",
+        ),
+        (
+            Batch((torch.zeros(2, 3), (torch.zeros(1, 2), torch.zeros(1, 2))), {"flag": True}),
+            "2 positional inputs (2x3 float32, (1x2 float32, 1x2 float32)) and keyword inputs "
+            "flag True",
+        ),
+        (Batch(), "no inputs"),
+    ],
+)
 def test_describe(batch, text):
     assert batch.describe() == text
 
@@ -223,35 +261,59 @@ def test_labels_from_argument_and_from_items():
     assert len(pair.args) == 2 and pair.labels is None  # without the flag, y is an input
 
 
-@pytest.mark.parametrize("data, kwargs, error, match", [
-    ((X, S[:8]), {}, ConfigError, r"differ in length along dim 0: args\[0\] 10, args\[1\] 8\."),
-    ({"input_ids": IDS, "attention_mask": MASK[:3]}, {}, ConfigError,
-     r"differ in length along dim 0: input_ids 10, attention_mask 3"),
-    (X, {"labels": Y[:7]}, ConfigError, r"have 10 examples but the labels have 7"),
-    (TensorDataset(X), {"labels": Y[:7]}, ConfigError,
-     r"dataset has 10 examples but the labels have 7"),
-    (X[:0], {}, ConfigError, r"empty \(0 examples\)"),
-    (torch.tensor(3.0), {}, ConfigError, r"no tensor with a batch dimension"),
-    ({"input_ids": IDS, "attention_mask": MASK}, {"labels_in_items": "labels"}, ConfigError,
-     r"must be a dict holding 'labels'"),
-    (X, {"labels_in_items": True}, ConfigError, r"not a single tensor; pass labels="),
-    (TensorDataset(X), {"labels_in_items": True}, ConfigError,
-     r"must be a tuple or list \(inputs\.\.\., label\) of at least 2 elements; got a list of "
-     r"1 item\.$"),
-    (Batch((X,), {}, Y), {"labels": Y}, ConfigError, r"already holds labels"),
-    (DataLoader(TensorDataset(X)), {"labels": Y}, ConfigError, r"cannot be aligned"),
-    (X, {"labels": Y, "labels_in_items": True}, ConfigError, r"not both"),
-    ((X, X.clone().fill_(float("nan"))), {}, NonFiniteError, r"NaN or Inf in args\[1\]"),
-    (X, {"labels": torch.full((N,), float("inf"))}, NonFiniteError, r"NaN or Inf in labels"),
-    (3, {}, ConfigError, r"Cannot use data of type int as model inputs; accepted: a tensor"),
-    ("data.npz", {}, ConfigError, r"Cannot use data of type str as model inputs"),
-    (X.numpy(), {}, ConfigError, r"ndarray.*torch\.from_numpy"),
-    ((b for b in [X]), {}, ConfigError, r"generator can be read only once"),
-    (Stream(), {}, ConfigError, r"IterableDataset yields single examples"),
-    ([], {}, ConfigError, r"list of batches is empty"),
-    ([(X[:4],), (S[:3], X[:2])], {}, ConfigError,
-     r"inputs of batch 1 differ in length along dim 0: args\[0\] 3, args\[1\] 2"),
-])
+@pytest.mark.parametrize(
+    "data, kwargs, error, match",
+    [
+        ((X, S[:8]), {}, ConfigError, r"differ in length along dim 0: args\[0\] 10, args\[1\] 8\."),
+        (
+            {"input_ids": IDS, "attention_mask": MASK[:3]},
+            {},
+            ConfigError,
+            r"differ in length along dim 0: input_ids 10, attention_mask 3",
+        ),
+        (X, {"labels": Y[:7]}, ConfigError, r"have 10 examples but the labels have 7"),
+        (
+            TensorDataset(X),
+            {"labels": Y[:7]},
+            ConfigError,
+            r"dataset has 10 examples but the labels have 7",
+        ),
+        (X[:0], {}, ConfigError, r"empty \(0 examples\)"),
+        (torch.tensor(3.0), {}, ConfigError, r"no tensor with a batch dimension"),
+        (
+            {"input_ids": IDS, "attention_mask": MASK},
+            {"labels_in_items": "labels"},
+            ConfigError,
+            r"must be a dict holding 'labels'",
+        ),
+        (X, {"labels_in_items": True}, ConfigError, r"not a single tensor; pass labels="),
+        (
+            TensorDataset(X),
+            {"labels_in_items": True},
+            ConfigError,
+            r"must be a tuple or list \(inputs\.\.\., label\) of at least 2 elements; "
+            r"got a list of "
+            r"1 item\.$",
+        ),
+        (Batch((X,), {}, Y), {"labels": Y}, ConfigError, r"already holds labels"),
+        (DataLoader(TensorDataset(X)), {"labels": Y}, ConfigError, r"cannot be aligned"),
+        (X, {"labels": Y, "labels_in_items": True}, ConfigError, r"not both"),
+        ((X, X.clone().fill_(float("nan"))), {}, NonFiniteError, r"NaN or Inf in args\[1\]"),
+        (X, {"labels": torch.full((N,), float("inf"))}, NonFiniteError, r"NaN or Inf in labels"),
+        (3, {}, ConfigError, r"Cannot use data of type int as model inputs; accepted: a tensor"),
+        ("data.npz", {}, ConfigError, r"Cannot use data of type str as model inputs"),
+        (X.numpy(), {}, ConfigError, r"ndarray.*torch\.from_numpy"),
+        ((b for b in [X]), {}, ConfigError, r"generator can be read only once"),
+        (Stream(), {}, ConfigError, r"IterableDataset yields single examples"),
+        ([], {}, ConfigError, r"list of batches is empty"),
+        (
+            [(X[:4],), (S[:3], X[:2])],
+            {},
+            ConfigError,
+            r"inputs of batch 1 differ in length along dim 0: args\[0\] 3, args\[1\] 2",
+        ),
+    ],
+)
 def test_bad_inputs_raise_one_line_errors(data, kwargs, error, match):
     with pytest.raises(error, match=match) as info:
         InputSource.of(data, **kwargs)
@@ -260,8 +322,9 @@ def test_bad_inputs_raise_one_line_errors(data, kwargs, error, match):
 
 def test_bad_batches_from_a_loader_are_reported_when_read():
     bad = [(X[:4], S[:3])]
-    with pytest.raises(ConfigError,
-                       match=r"inputs of batch 0 differ in length along dim 0: .* 4, .* 3"):
+    with pytest.raises(
+        ConfigError, match=r"inputs of batch 0 differ in length along dim 0: .* 4, .* 3"
+    ):
         InputSource.of(bad)
     src = InputSource.of(DataLoader(TensorDataset(X.clone().fill_(float("nan"))), batch_size=4))
     with pytest.raises(NonFiniteError, match=r"inputs of step 0 hold NaN or Inf"):
@@ -298,50 +361,72 @@ class Attrs:
         self.extra = "x"
 
 
-@pytest.mark.parametrize("out, key, expected", [
-    (A, None, A),
-    ((A, B), None, A),
-    ((None, B, C), None, B),
-    ((A, B), 1, B),
-    ((A, B), -1, B),
-    ([A, B], 0, A),
-    ({"hidden": B, "logits": C}, None, C),
-    ({"hidden": B, "last_hidden_state": A}, None, A),
-    ({"x": "text", "hidden": B, "other": C}, None, B),
-    ({"hidden": B, "logits": C}, "hidden", B),
-    ({"hidden": B, "logits": C}, 1, C),
-    (FakeModelOutput(last_hidden_state=B, logits=C), None, C),
-    (FakeModelOutput(last_hidden_state=B, logits=C), "last_hidden_state", B),
-    (DataOut(None, A, B), None, A),
-    (DataOut(None, A, B), "hidden", B),
-    (DataOut(None, A, B), 2, B),
-    (Pair(A, C), None, C),
-    (Pair(A, C), "state", A),
-    (Pair(A, C), 0, A),
-    (Attrs(), None, C),
-    (Attrs(), "scores", C),
-])
+@pytest.mark.parametrize(
+    "out, key, expected",
+    [
+        (A, None, A),
+        ((A, B), None, A),
+        ((None, B, C), None, B),
+        ((A, B), 1, B),
+        ((A, B), -1, B),
+        ([A, B], 0, A),
+        ({"hidden": B, "logits": C}, None, C),
+        ({"hidden": B, "last_hidden_state": A}, None, A),
+        ({"x": "text", "hidden": B, "other": C}, None, B),
+        ({"hidden": B, "logits": C}, "hidden", B),
+        ({"hidden": B, "logits": C}, 1, C),
+        (FakeModelOutput(last_hidden_state=B, logits=C), None, C),
+        (FakeModelOutput(last_hidden_state=B, logits=C), "last_hidden_state", B),
+        (DataOut(None, A, B), None, A),
+        (DataOut(None, A, B), "hidden", B),
+        (DataOut(None, A, B), 2, B),
+        (Pair(A, C), None, C),
+        (Pair(A, C), "state", A),
+        (Pair(A, C), 0, A),
+        (Attrs(), None, C),
+        (Attrs(), "scores", C),
+    ],
+)
 def test_select_output(out, key, expected):
     assert select_output(out, key) is expected
 
 
-@pytest.mark.parametrize("out, key, match", [
-    ((A, B), 5, r"output=5 is not in the model output; output is a tuple of "
-                r"\(Tensor 64x1, Tensor 64x2x256\); pass output=0 or 1\."),
-    ((A, B), "logits", r"output='logits' is not in .* pass output=0 or 1"),
-    ((A, "meta"), 1, r"output=1 is str, not a tensor; output is a tuple of "
-                     r"\(Tensor 64x1, str\); pass output=0\."),
-    ({"loss": None, "text": "hi"}, None, r"holds no tensor; output is a dict with loss \(None\), "
-                                         r"text \(str\); it holds no tensor"),
-    ({"hidden": B, "logits": C}, "scores", r"pass output='hidden' or 'logits'"),
-    (DataOut(None, A, B), "loss", r"output='loss' is None, not a tensor; output is a DataOut "
-                                  r"with loss \(None\), last_hidden_state \(Tensor 64x1\), "
-                                  r"hidden \(Tensor 64x2x256\); pass output='last_hidden_state' "
-                                  r"or 'hidden'"),
-    (A, "logits", r"output='logits' selects nothing: output is a Tensor 64x1"),
-    (3.5, None, r"holds no tensor; output is a float"),
-    ((A,), True, r"output must be a name or an index"),
-])
+@pytest.mark.parametrize(
+    "out, key, match",
+    [
+        (
+            (A, B),
+            5,
+            r"output=5 is not in the model output; output is a tuple of "
+            r"\(Tensor 64x1, Tensor 64x2x256\); pass output=0 or 1\.",
+        ),
+        ((A, B), "logits", r"output='logits' is not in .* pass output=0 or 1"),
+        (
+            (A, "meta"),
+            1,
+            r"output=1 is str, not a tensor; output is a tuple of "
+            r"\(Tensor 64x1, str\); pass output=0\.",
+        ),
+        (
+            {"loss": None, "text": "hi"},
+            None,
+            r"holds no tensor; output is a dict with loss \(None\), "
+            r"text \(str\); it holds no tensor",
+        ),
+        ({"hidden": B, "logits": C}, "scores", r"pass output='hidden' or 'logits'"),
+        (
+            DataOut(None, A, B),
+            "loss",
+            r"output='loss' is None, not a tensor; output is a DataOut "
+            r"with loss \(None\), last_hidden_state \(Tensor 64x1\), "
+            r"hidden \(Tensor 64x2x256\); pass output='last_hidden_state' "
+            r"or 'hidden'",
+        ),
+        (A, "logits", r"output='logits' selects nothing: output is a Tensor 64x1"),
+        (3.5, None, r"holds no tensor; output is a float"),
+        ((A,), True, r"output must be a name or an index"),
+    ],
+)
 def test_select_output_errors_list_what_the_output_holds(out, key, match):
     with pytest.raises(ConfigError, match=match):
         select_output(out, key)
@@ -351,23 +436,35 @@ def test_select_output_errors_list_what_the_output_holds(out, key, match):
 def test_check_call_names_the_signature_when_an_input_is_missing():
     model = StreamingRNN()
     batch = Batch((torch.zeros(8, 14, 28),))
-    with pytest.raises(ConfigError, match=r"^StreamingRNN\.forward\(x, state\) cannot take 1 "
-                                          r"positional input \(8x14x28 float32\): missing a "
-                                          r"required argument: 'state'\.$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^StreamingRNN\.forward\(x, state\) cannot take 1 "
+        r"positional input \(8x14x28 float32\): missing a "
+        r"required argument: 'state'\.$",
+    ):
         check_call(model, batch)
 
 
 def test_check_call_turns_shape_errors_into_config_errors():
-    with pytest.raises(ConfigError, match=r"^MLP\.forward\(x\) cannot take 1 positional input "
-                                          r"\(4x5 float32\): RuntimeError: mat1 and mat2"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^MLP\.forward\(x\) cannot take 1 positional input "
+        r"\(4x5 float32\): RuntimeError: mat1 and mat2",
+    ):
         check_call(MLP(), Batch((torch.zeros(4, 5),)))
-    with pytest.raises(ConfigError, match=r"too many positional arguments \(if the last input "
-                                          r"is the label, pass labels_in_items=True\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"too many positional arguments \(if the last input "
+        r"is the label, pass labels_in_items=True\)",
+    ):
         check_call(MLP(), InputSource.of(TensorDataset(X, Y)).head(4))
-    with pytest.raises(ConfigError, match=r"KeywordNet\.forward\(input_ids, attention_mask=None\)"
-                                          r" cannot take keyword inputs input_ids \(4x5 int64\), "
-                                          r"mask \(4x5 int64\): got an unexpected keyword "
-                                          r"argument 'mask'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"KeywordNet\.forward\(input_ids, attention_mask=None\)"
+        r" cannot take keyword inputs input_ids \(4x5 int64\), "
+        r"mask \(4x5 int64\): got an unexpected keyword "
+        r"argument 'mask'",
+    ):
         check_call(KeywordNet(), Batch((), {"input_ids": IDS[:4], "mask": MASK[:4]}))
 
 
@@ -393,8 +490,7 @@ def test_check_call_runs_a_stateful_model_and_the_output_is_selectable():
 
 def test_pieces_compose_into_a_training_step():
     model = KeywordNet()
-    source = InputSource.of(DataLoader(DictDataset(True), batch_size=4),
-                            labels_in_items="labels")
+    source = InputSource.of(DataLoader(DictDataset(True), batch_size=4), labels_in_items="labels")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(3):
         batch = source.batch_at(step, 4, seed=0)

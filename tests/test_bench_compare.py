@@ -29,16 +29,25 @@ def test_quick_run_writes_all_tables(tmp_path):
     assert bench.main(["--quick", "--models", "wine", "--output", str(out)]) == 0
     text = out.read_text()
     assert "keep me" in text and text.count("<!-- bench_compare:start -->") == 1
-    for title in ("### 1. QT generators", "### 2. Classical baselines", "### 3. qsim path",
-                  "### 4. Generator size"):
+    for title in (
+        "### 1. QT generators",
+        "### 2. Classical baselines",
+        "### 3. qsim path",
+        "### 4. Generator size",
+    ):
         assert title in text
     # 1: the original + the quick grid's generators, wine only
     paper = _rows(text, "| wine | ")
     assert any("original (pretrained)" in r for r in paper)
     assert not _rows(text, "| digits | ")
     # 2: five methods, each with mean +- std cells
-    for method in ("QT (QNN + MLP mapping)", "QNN cut off", "fixed random vector",
-                   "low-rank SVD", "magnitude pruning"):
+    for method in (
+        "QT (QNN + MLP mapping)",
+        "QNN cut off",
+        "fixed random vector",
+        "low-rank SVD",
+        "magnitude pruning",
+    ):
         row = [r for r in paper if method in r]
         assert len(row) == 1 and "+-" in row[0], method
     # 3: the quick simulator cases; 4: the quick sizes
@@ -53,8 +62,9 @@ def test_lowrank_fits_budget_and_full_rank_is_exact():
     big, ranks = lowrank_factorize(model, trainable_count(model))
     x = torch.rand(4, 1, 8, 8)
     torch.testing.assert_close(big.eval()(x), model(x), atol=1e-4, rtol=1e-4)
-    with pytest.raises(ConfigError, match="Rank 1 in every layer needs 493 parameters, over the "
-                                          "budget 100"):
+    with pytest.raises(
+        ConfigError, match="Rank 1 in every layer needs 493 parameters, over the budget 100"
+    ):
         lowrank_factorize(model, 100)
 
 

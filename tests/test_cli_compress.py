@@ -13,8 +13,17 @@ from qtcompress.examples import TabularMLP, load_dataset
 from qtcompress.generator_file import load_generator
 from tests.cli_helpers import ROOT, assert_one_line_error, run
 
-FAST = ["--fit-steps", "10", "--finetune-steps", "10", "--layers", "2",
-        "--hidden", "8", "--no-progress"]
+FAST = [
+    "--fit-steps",
+    "10",
+    "--finetune-steps",
+    "10",
+    "--layers",
+    "2",
+    "--hidden",
+    "8",
+    "--no-progress",
+]
 CKPT = ROOT / "models" / "wine_mlp.safetensors"
 WINE = ["--factory", "qtcompress.examples:TabularMLP", "--data", "wine"]
 
@@ -29,9 +38,14 @@ def test_compress_writes_verified_files(tmp_path):
     assert 0 <= summary["accuracy_finetuned"] <= 1 and summary["accuracy_original"] > 0.9
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == [
-        "summary.json", "wine_mlp.onnx", "wine_mlp.qtc.safetensors"]
-    assert json.loads((out / "summary.json").read_text())["generator_params"] == \
-        summary["generator_params"]
+        "summary.json",
+        "wine_mlp.onnx",
+        "wine_mlp.qtc.safetensors",
+    ]
+    assert (
+        json.loads((out / "summary.json").read_text())["generator_params"]
+        == summary["generator_params"]
+    )
     # the ONNX file runs in onnxruntime and matches the network rebuilt from the generator file
     gen = load_generator(out / "wine_mlp.qtc.safetensors")
     assert gen.verify_weights().identical
@@ -47,10 +61,19 @@ def test_compress_writes_verified_files(tmp_path):
 def test_demo_runs_the_shipped_example(tmp_path):
     result = run("demo", *FAST, "-o", "demo-out", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    for label in ("original parameters", "generator parameters", "compression ratio",
-                  "checkpoint file", "generator file", "ONNX file", "accuracy: original",
-                  "fidelity: phase 1", "fidelity: fine-tuned", "ONNX vs torch",
-                  "latency batch 1"):
+    for label in (
+        "original parameters",
+        "generator parameters",
+        "compression ratio",
+        "checkpoint file",
+        "generator file",
+        "ONNX file",
+        "accuracy: original",
+        "fidelity: phase 1",
+        "fidelity: fine-tuned",
+        "ONNX vs torch",
+        "latency batch 1",
+    ):
         assert label in result.stdout
     assert "97.21%" in result.stdout  # the shipped checkpoint's recorded test accuracy
     assert (tmp_path / "demo-out" / "digits_cnn28.qtc.safetensors").is_file()
@@ -64,15 +87,34 @@ def test_compress_report_writes_pictures(tmp_path, cli):
     assert {p.name for p in report.iterdir()} == {"losses.png", "weights.png", "report.md"}
 
 
-@pytest.mark.parametrize(("args", "needle"), [
-    (["{tmp}/nope.pt", "-o", "{tmp}/o", *WINE], "nope.pt"),
-    (["{ckpt}", "-o", "{tmp}/a/b", *WINE], "does not exist"),
-    (["{ckpt}", "-o", "{tmp}/o", *WINE[:2], "--data", "{tmp}/missing.npz"], "missing.npz"),
-    (["{ckpt}", "-o", "{tmp}/o", "--factory", "qtcompress.examples:DigitsCNN", "--data", "wine"],
-     "does not fit"),
-    (["{tmp}/whole.pt", "-o", "{tmp}/o", "--data", "wine"], "--trust-pickle"),
-], ids=["missing-checkpoint", "missing-output-parent", "missing-data", "wrong-factory",
-        "pickled-model"])
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["{tmp}/nope.pt", "-o", "{tmp}/o", *WINE], "nope.pt"),
+        (["{ckpt}", "-o", "{tmp}/a/b", *WINE], "does not exist"),
+        (["{ckpt}", "-o", "{tmp}/o", *WINE[:2], "--data", "{tmp}/missing.npz"], "missing.npz"),
+        (
+            [
+                "{ckpt}",
+                "-o",
+                "{tmp}/o",
+                "--factory",
+                "qtcompress.examples:DigitsCNN",
+                "--data",
+                "wine",
+            ],
+            "does not fit",
+        ),
+        (["{tmp}/whole.pt", "-o", "{tmp}/o", "--data", "wine"], "--trust-pickle"),
+    ],
+    ids=[
+        "missing-checkpoint",
+        "missing-output-parent",
+        "missing-data",
+        "wrong-factory",
+        "pickled-model",
+    ],
+)
 def test_compress_bad_inputs_exit_1_with_one_line(tmp_path, cli, args, needle):
     torch.save(TabularMLP(), tmp_path / "whole.pt")
     args = [a.format(tmp=tmp_path, ckpt=CKPT) for a in args]
@@ -83,10 +125,13 @@ def test_compress_bad_inputs_exit_1_with_one_line(tmp_path, cli, args, needle):
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
-@pytest.mark.parametrize(("flags", "match"), [
-    (["--chunk", "0"], "--chunk: expected a positive integer"),
-    (["--mode", "magic"], "--mode: invalid choice: 'magic'"),
-])
+@pytest.mark.parametrize(
+    ("flags", "match"),
+    [
+        (["--chunk", "0"], "--chunk: expected a positive integer"),
+        (["--mode", "magic"], "--mode: invalid choice: 'magic'"),
+    ],
+)
 def test_compress_bad_flag_values_are_usage_errors(tmp_path, cli, flags, match):
     result = cli("compress", CKPT, "-o", tmp_path / "o", *WINE, *FAST, *flags)
     assert_one_line_error(result, code=2)
@@ -99,11 +144,14 @@ def test_subprocess_usage_error_exit_2(tmp_path):
     assert_one_line_error(result, code=2)
 
 
-@pytest.mark.parametrize(("flags", "match"), [
-    (["--chunk", "4"], "--chunk: only with --scheme flat"),
-    (["--mapping", "mps"], "--mapping mps: only with --scheme flat"),
-    (["--scheme", "flat", "--budget", "5%"], "--rank and --budget size the rows scheme"),
-])
+@pytest.mark.parametrize(
+    ("flags", "match"),
+    [
+        (["--chunk", "4"], "--chunk: only with --scheme flat"),
+        (["--mapping", "mps"], "--mapping mps: only with --scheme flat"),
+        (["--scheme", "flat", "--budget", "5%"], "--rank and --budget size the rows scheme"),
+    ],
+)
 def test_scheme_specific_flags_are_refused_with_the_fix(cli, flags, match):
     result = cli("compress", CKPT, *WINE, "-o", "unused", *flags)
     assert result.returncode == 2 and match in result.stderr

@@ -34,8 +34,15 @@ def test_inspect_json(gen_file, cli):
 @pytest.mark.slow  # a fresh interpreter: about 3 s of imports first
 def test_reconstruct_writes_onnx_and_state_dict(gen_file, tmp_path):
     onnx_path, sd_path = tmp_path / "m.onnx", tmp_path / "m.safetensors"
-    result = run("reconstruct", str(gen_file), "--onnx", str(onnx_path),
-                 "--state-dict", str(sd_path), "--json")
+    result = run(
+        "reconstruct",
+        str(gen_file),
+        "--onnx",
+        str(onnx_path),
+        "--state-dict",
+        str(sd_path),
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["weights_identical"] or report["weights_equivalent"]

@@ -19,10 +19,14 @@ def test_predict_writes_outputs_equal_to_torch(mlp_onnx, tmp_path):
         np.testing.assert_allclose(got, model(x).numpy(), atol=1e-5)
 
 
-@pytest.mark.parametrize(("model", "inputs", "needle"), [
-    ("{tmp}/nope.onnx", "{tmp}/x.npy", "nope.onnx"),
-    ("{onnx}", "{tmp}/wrong.npy", "(3, 7)"),
-], ids=["missing-model", "wrong-shape"])
+@pytest.mark.parametrize(
+    ("model", "inputs", "needle"),
+    [
+        ("{tmp}/nope.onnx", "{tmp}/x.npy", "nope.onnx"),
+        ("{onnx}", "{tmp}/wrong.npy", "(3, 7)"),
+    ],
+    ids=["missing-model", "wrong-shape"],
+)
 def test_predict_bad_inputs_exit_1_with_one_line(mlp_onnx, tmp_path, cli, model, inputs, needle):
     np.save(tmp_path / "x.npy", np.zeros((3, 13), dtype=np.float32))
     np.save(tmp_path / "wrong.npy", np.zeros((3, 7), dtype=np.float32))

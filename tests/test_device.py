@@ -31,11 +31,14 @@ def test_resolve_device_defaults_to_cpu() -> None:
     assert resolve_device(torch.device("cpu")) == torch.device("cpu")
 
 
-@pytest.mark.parametrize(("spelling", "message"), [
-    ("gpu0", "Unknown device 'gpu0'"),
-    ("cuda:x", "Unknown device 'cuda:x'"),
-    ("meta", "Device type 'meta' is not supported"),
-])
+@pytest.mark.parametrize(
+    ("spelling", "message"),
+    [
+        ("gpu0", "Unknown device 'gpu0'"),
+        ("cuda:x", "Unknown device 'cuda:x'"),
+        ("meta", "Device type 'meta' is not supported"),
+    ],
+)
 def test_resolve_device_rejects_bad_spellings(spelling: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         resolve_device(spelling)
@@ -83,15 +86,19 @@ def test_cuda_training_saves_a_file_that_verifies_on_the_cpu(tmp_path) -> None:
     assert load_generator(path).verify_weights().identical
 
 
-@pytest.mark.parametrize(("device", "message"), [
-    ("gpu0", "Unknown device 'gpu0'"),
-    pytest.param("cuda", "CUDA is not available",
-                 marks=pytest.mark.skipif(not NO_CUDA, reason="this machine has CUDA")),
-])
-def test_cli_bad_device_exits_1_before_fitting(capsys, tmp_path, device: str,
-                                               message: str) -> None:
-    code, err = main_result(capsys, "demo", "--output", str(tmp_path / "out"),
-                            "--device", device)
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("gpu0", "Unknown device 'gpu0'"),
+        pytest.param(
+            "cuda",
+            "CUDA is not available",
+            marks=pytest.mark.skipif(not NO_CUDA, reason="this machine has CUDA"),
+        ),
+    ],
+)
+def test_cli_bad_device_exits_1_before_fitting(capsys, tmp_path, device: str, message: str) -> None:
+    code, err = main_result(capsys, "demo", "--output", str(tmp_path / "out"), "--device", device)
     assert code == 1, err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()

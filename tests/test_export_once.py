@@ -35,9 +35,13 @@ def test_pipeline_exports_once_and_generates_once_for_saving(tmp_path, monkeypat
 
     monkeypatch.setattr(onnx_export.torch.onnx, "export", counting_export)
     monkeypatch.setattr(RowGenerator, "iter_blocks", counting_blocks)
-    result = run_pipeline(model, QTConfig(n_layers=1, budget=0.5), Split(x, y, x[:20], y[:20]),
-                          tmp_path / "out", settings=PipelineSettings(
-                              fit_steps=0, finetune_steps=0, latency_repeats=1))
+    result = run_pipeline(
+        model,
+        QTConfig(n_layers=1, budget=0.5),
+        Split(x, y, x[:20], y[:20]),
+        tmp_path / "out",
+        settings=PipelineSettings(fit_steps=0, finetune_steps=0, latency_repeats=1),
+    )
     # One export serves the .onnx file and the generator file's skeleton. The weights are
     # generated twice: once for the phase-1 weight error in the summary, and once for the files
     # (materialize; that model is exported and hashed into the generator file). Saving used

@@ -35,8 +35,14 @@ class PlainMLP(nn.Module):
 
     def __init__(self, width: int = 64) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.ReLU(),
-                                 nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64, width),
+            nn.ReLU(),
+            nn.Linear(width, width),
+            nn.ReLU(),
+            nn.Linear(width, 10),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 1, 8, 8)
         return self.net(x)
@@ -62,12 +68,15 @@ def plain_mlp(digits):
 
 
 # -- objectives and metrics -------------------------------------------------------------------
-@pytest.mark.parametrize(("teacher", "kind"), [
-    (torch.randn(32, 10) * 3, "logits"),
-    (torch.sigmoid(torch.randn(32)), "probability"),
-    (nn.functional.normalize(torch.randn(32, 16), dim=-1), "embedding"),
-    (torch.randn(32) * 5 + 2, "regression"),
-])
+@pytest.mark.parametrize(
+    ("teacher", "kind"),
+    [
+        (torch.randn(32, 10) * 3, "logits"),
+        (torch.sigmoid(torch.randn(32)), "probability"),
+        (nn.functional.normalize(torch.randn(32, 16), dim=-1), "embedding"),
+        (torch.randn(32) * 5 + 2, "regression"),
+    ],
+)
 def test_output_kind_is_inferred(teacher, kind):
     assert infer_output_kind(teacher) == kind
 
@@ -76,9 +85,15 @@ def _unit(z: torch.Tensor) -> torch.Tensor:
     return nn.functional.normalize(z, dim=-1)
 
 
-@pytest.mark.parametrize(("objective", "width", "head"), [
-    ("kl", 5, lambda z: z), ("bce", 1, torch.sigmoid), ("cosine", 5, _unit), ("mse", 5, None),
-])
+@pytest.mark.parametrize(
+    ("objective", "width", "head"),
+    [
+        ("kl", 5, lambda z: z),
+        ("bce", 1, torch.sigmoid),
+        ("cosine", 5, _unit),
+        ("mse", 5, None),
+    ],
+)
 def test_each_distillation_objective_reduces_its_loss(objective, width, head):
     x = torch.randn(64, 8)
     head = head or (lambda z: z)
@@ -170,8 +185,14 @@ def test_collapse_guard_restores_best_state_and_halves_the_step(plain_mlp, monke
     def record(step: int, _loss: float) -> None:
         states[step] = {k: v.clone() for k, v in qt.generator.state_dict().items()}
 
-    result = train_loop(qt.generator, lambda _s: ((qt.generator.generate() - target) ** 2).mean(),
-                        cfg, guard=guard, callback=record, progress=False)
+    result = train_loop(
+        qt.generator,
+        lambda _s: ((qt.generator.generate() - target) ** 2).mean(),
+        cfg,
+        guard=guard,
+        callback=record,
+        progress=False,
+    )
     assert result.restarts == 1 and result.steps == 30 and len(checks) == 2
 
     def same(a, b):
@@ -192,8 +213,10 @@ def test_budget_sizes_the_generator(plain_mlp, budget):
     assert qt.report().trainable <= allowed
     # The next rank would not have fitted: the budget is used, not wasted.
     cfg = qt.config
-    grown = [k + 1 if 0 < k < min(s.shape) - 1 else k
-             for k, s in zip(cfg.ranks, qt.layout.specs, strict=True)]
+    grown = [
+        k + 1 if 0 < k < min(s.shape) - 1 else k
+        for k, s in zip(cfg.ranks, qt.layout.specs, strict=True)
+    ]
     assert row_generator_size(qt.layout, grown, cfg.n_layers, cfg.hidden) > allowed
 
 
@@ -202,8 +225,7 @@ def test_default_budget_and_explicit_too_small_budget(plain_mlp):
     cfg = qt.config
     assert cfg.budget is None and cfg.scheme == "rows"
     # 5% of this 9K-weight model is below the smallest generator: the default then means it.
-    smallest = row_generator_size(qt.layout, uniform_ranks(qt.layout, 1), cfg.n_layers,
-                                  cfg.hidden)
+    smallest = row_generator_size(qt.layout, uniform_ranks(qt.layout, 1), cfg.n_layers, cfg.hidden)
     assert DEFAULT_BUDGET * qt.report().generated_weights < smallest
     assert qt.report().trainable == smallest
     with pytest.raises(ConfigError, match="below the smallest rows generator"):
@@ -227,8 +249,20 @@ def test_leftover_budget_follows_the_weights_spectra():
 # -- the CLI: --min-fidelity, summary, non-strict ------------------------------------------------
 def test_min_fidelity_exits_1_and_keeps_the_files(tmp_path, cli):
     out = tmp_path / "out"
-    result = cli("demo", "--example", "wine_mlp", "-o", out, "--fit-steps", "2",
-                 "--finetune-steps", "3", "--min-fidelity", "1.0", "--no-progress")
+    result = cli(
+        "demo",
+        "--example",
+        "wine_mlp",
+        "-o",
+        out,
+        "--fit-steps",
+        "2",
+        "--finetune-steps",
+        "3",
+        "--min-fidelity",
+        "1.0",
+        "--no-progress",
+    )
     assert_one_line_error(result)
     assert "below --min-fidelity 1.0" in result.stderr and "files were written" in result.stderr
     summary = json.loads((out / "summary.json").read_text())
@@ -251,11 +285,17 @@ def test_non_strict_load_names_the_ignored_key(tmp_path, plain_mlp):
     assert torch.equal(model.net[1].weight, plain_mlp.net[1].weight)
     del state["net.1.weight"]
     save_file(state, str(path))
-    with pytest.warns(UserWarning, match=ignored), \
-            pytest.raises(FormatError, match="missing keys \\['net.1.weight'\\]"):
+    with (
+        pytest.warns(UserWarning, match=ignored),
+        pytest.raises(FormatError, match="missing keys \\['net.1.weight'\\]"),
+    ):
         load_model(path, factory=factory, strict=False)
 
 
 def test_default_loss_per_kind_is_documented():
-    assert DEFAULT_LOSS == {"logits": "kl", "probability": "bce", "embedding": "cosine",
-                            "regression": "mse"}
+    assert DEFAULT_LOSS == {
+        "logits": "kl",
+        "probability": "bce",
+        "embedding": "cosine",
+        "regression": "mse",
+    }

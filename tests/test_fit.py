@@ -33,8 +33,10 @@ def test_phase1_reproduces_weights_when_generator_has_capacity():
     assert after["_total"] < 0.25 < before
     x = example_input(model)
     with torch.no_grad():
-        assert F.mse_loss(qt(x), model.eval()(x)) < F.mse_loss(compress(model, QTConfig(
-            scheme="flat", chunk=1, n_layers=4, hidden=(32, 32)))(x), model(x))
+        assert F.mse_loss(qt(x), model.eval()(x)) < F.mse_loss(
+            compress(model, QTConfig(scheme="flat", chunk=1, n_layers=4, hidden=(32, 32)))(x),
+            model(x),
+        )
 
 
 def test_fit_is_deterministic():
@@ -45,8 +47,9 @@ def test_fit_is_deterministic():
     assert ra.history == rb.history and _states_equal(a.generator, b.generator)
 
 
-@pytest.mark.parametrize("phase,cls", [("weights", TinyGRU), ("distill", TinyGRU),
-                                       ("distill", TinyCNN)])
+@pytest.mark.parametrize(
+    "phase,cls", [("weights", TinyGRU), ("distill", TinyGRU), ("distill", TinyCNN)]
+)
 def test_resume_after_interruption_equals_uninterrupted(tmp_path, phase, cls):
     model = cls().eval()
     x = example_input(model, batch=40, seed=1)
@@ -81,8 +84,9 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, phase, cls):
         compress(model, SMALL).fit_weights(steps=21, checkpoint_path=ck, progress=False)
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(FormatError, match=r"Cannot read checkpoint .*junk\.ckpt"):
-        compress(model, SMALL).fit_weights(steps=5, checkpoint_path=tmp_path / "junk.ckpt",
-                                           progress=False)
+        compress(model, SMALL).fit_weights(
+            steps=5, checkpoint_path=tmp_path / "junk.ckpt", progress=False
+        )
 
 
 def test_nan_loss_stops_and_keeps_last_good_state(tmp_path):
@@ -102,8 +106,17 @@ def test_nan_loss_stops_and_keeps_last_good_state(tmp_path):
 
     loss_fn.calls = 0
     with pytest.raises(NonFiniteError, match="step 3"):
-        qt.finetune(x, y, mode="supervised", loss_fn=loss_fn, steps=10, batch_size=8,
-                    progress=False, callback=record, checkpoint_path=tmp_path / "c.pt")
+        qt.finetune(
+            x,
+            y,
+            mode="supervised",
+            loss_fn=loss_fn,
+            steps=10,
+            batch_size=8,
+            progress=False,
+            callback=record,
+            checkpoint_path=tmp_path / "c.pt",
+        )
     state = qt.generator.state_dict()
     assert all(torch.equal(state[k], seen[3][k]) for k in state)
     assert all(torch.isfinite(v).all() for v in state.values())
@@ -119,8 +132,9 @@ def test_divergent_learning_rate_is_caught():
 
 def test_early_stopping_and_best_state():
     qt = compress(TinyMLP(), SMALL)
-    res = qt.fit_weights(steps=200, lr=1e-12, schedule="constant", eval_every=5, patience=2,
-                         progress=False)
+    res = qt.fit_weights(
+        steps=200, lr=1e-12, schedule="constant", eval_every=5, patience=2, progress=False
+    )
     assert res.stopped_early and res.steps == 15
     res = qt.fit_weights(steps=60, lr=1e-2, eval_every=5, patience=50, progress=False)
     assert not res.stopped_early and res.steps == 60 and res.best <= min(res.history) * 1.5
@@ -156,8 +170,15 @@ def test_bad_inputs():
 
 
 def test_config_json_round_trip_and_validation():
-    cfg = QTConfig(target=["conv", "re:^head"], exclude=["bn1"], chunk=None, hidden=[8, 4],
-                   mapping="mps", prob_transform="paper", seed=3)
+    cfg = QTConfig(
+        target=["conv", "re:^head"],
+        exclude=["bn1"],
+        chunk=None,
+        hidden=[8, 4],
+        mapping="mps",
+        prob_transform="paper",
+        seed=3,
+    )
     again = QTConfig.from_json(cfg.to_json())
     assert again == cfg and again.hidden == (8, 4) and again.target == ("conv", "re:^head")
     assert QTConfig().resolve_chunk(10**6) == 1
@@ -246,6 +267,7 @@ def test_recalibrate_matches_batch_statistics():
         h = qt.functional.module.conv1
         w = qt.generator.tensors()
         feats = F.conv2d(x, w["conv1.weight"], w["conv1.bias"], padding=h.padding)
-    assert torch.allclose(qt.functional.buffers["bn1.running_mean"], feats.mean((0, 2, 3)),
-                          atol=1e-5)
+    assert torch.allclose(
+        qt.functional.buffers["bn1.running_mean"], feats.mean((0, 2, 3)), atol=1e-5
+    )
     assert qt.functional.module.bn1.momentum == 0.1

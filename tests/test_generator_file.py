@@ -61,15 +61,16 @@ import json, numpy as np, onnxruntime as ort
 from qtcompress.generator_file import load_generator
 gen = load_generator({str(path)!r})
 check = gen.verify_weights()
-proto, diff = gen.to_onnx({str(tmp_path / 'cnn.onnx')!r})
-sess = ort.InferenceSession({str(tmp_path / 'cnn.onnx')!r}, providers=["CPUExecutionProvider"])
-out = sess.run(None, {{sess.get_inputs()[0].name: np.load({str(tmp_path / 'x.npy')!r})}})[0]
-np.save({str(tmp_path / 'out.npy')!r}, out)
+proto, diff = gen.to_onnx({str(tmp_path / "cnn.onnx")!r})
+sess = ort.InferenceSession({str(tmp_path / "cnn.onnx")!r}, providers=["CPUExecutionProvider"])
+out = sess.run(None, {{sess.get_inputs()[0].name: np.load({str(tmp_path / "x.npy")!r})}})[0]
+np.save({str(tmp_path / "out.npy")!r}, out)
 print(json.dumps({{"identical": check.identical, "stored": check.stored_sha256,
                   "actual": check.actual_sha256, "diff": diff}}))
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["identical"] and report["stored"] == report["actual"]
@@ -77,8 +78,9 @@ print(json.dumps({{"identical": check.identical, "stored": check.stored_sha256,
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("model_cls", [TinyCNN, TinyMLP, TinyTransformer, TinyLSTM],
-                         ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "model_cls", [TinyCNN, TinyMLP, TinyTransformer, TinyLSTM], ids=lambda c: c.__name__
+)
 def test_architectures_round_trip(model_cls, tmp_path):
     model, qt = compressed(model_cls, steps=5)
     x = example_input(model, batch=3)
@@ -113,7 +115,8 @@ def test_generator_file_is_much_smaller_than_the_model_it_rebuilds(tmp_path):
     assert gen.verify_weights().identical
     rebuilt = gen.state_dict()
     assert {k: v.shape for k, v in rebuilt.items()} == {
-        k: v.shape for k, v in model.state_dict().items()}
+        k: v.shape for k, v in model.state_dict().items()
+    }
 
 
 def test_file_without_example_inputs_rebuilds_state_but_not_onnx(tmp_path):
@@ -133,8 +136,11 @@ def test_truncated_and_corrupt_files(cnn_file, tmp_path):
     with pytest.raises(FormatError, match="trunc.qtc.safetensors"):
         load_generator(tmp_path / "trunc.qtc.safetensors")
     (tmp_path / "junk.qtc.safetensors").write_bytes(b"\x00" * 64)
-    with pytest.raises(FormatError, match=r"junk\.qtc\.safetensors' is truncated, corrupt, or "
-                                          r"not a safetensors file"):
+    with pytest.raises(
+        FormatError,
+        match=r"junk\.qtc\.safetensors' is truncated, corrupt, or "
+        r"not a safetensors file",
+    ):
         load_generator(tmp_path / "junk.qtc.safetensors")
     flipped = bytearray(data)
     flipped[-10] ^= 0xFF  # a weight byte: the container's tensor hash catches it
@@ -192,8 +198,12 @@ def test_metadata_that_does_not_match_the_tensors(cnn_file, tmp_path):
     with pytest.raises(FormatError, match=r"stored mapping does not match .*hidden \[8\] vs \[9\]"):
         load_generator(bad)
     mapping = {**art.metadata["mapping"], "hidden": [9]}  # both agree, the tensors do not fit
-    save_artifact(bad, art.tensors, {**art.metadata, "config": config, "mapping": mapping},
-                  skeleton=art.skeleton)
+    save_artifact(
+        bad,
+        art.tensors,
+        {**art.metadata, "config": config, "mapping": mapping},
+        skeleton=art.skeleton,
+    )
     with pytest.raises(FormatError, match="do not match the metadata: .*shape mismatches"):
         load_generator(bad)
     meta = dict(art.metadata)

@@ -59,8 +59,9 @@ def test_adjoint_matches_finite_differences_float64(ansatz):
     assert rel_err(shift, fd) < 1e-4
 
 
-@pytest.mark.parametrize("ansatz", [Ansatz.paper(8, 4), Ansatz.ry_rz_ring(6, 3)],
-                         ids=["paper", "ry-rz-ring"])
+@pytest.mark.parametrize(
+    "ansatz", [Ansatz.paper(8, 4), Ansatz.ry_rz_ring(6, 3)], ids=["paper", "ry-rz-ring"]
+)
 def test_qsim_adjoint_matches_parameter_shift_and_float64(ansatz):
     program = ansatz.program()
     angles = np.random.default_rng(2).uniform(-np.pi, np.pi, ansatz.num_params)
@@ -68,8 +69,9 @@ def test_qsim_adjoint_matches_parameter_shift_and_float64(ansatz):
     qsim = QsimBackend()
     adjoint = adjoint_gradient(qsim, program, angles, simulate(qsim, program, angles), g)
     shift = parameter_shift_gradient(qsim, program, angles, g)
-    reference = adjoint_gradient(NumpyBackend(), program, angles,
-                                 simulate(NumpyBackend(), program, angles), g)
+    reference = adjoint_gradient(
+        NumpyBackend(), program, angles, simulate(NumpyBackend(), program, angles), g
+    )
     # qsim works in float32: agreement to ~1e-6 relative is the expected precision.
     assert rel_err(adjoint, reference) < 1e-4
     assert rel_err(shift, reference) < 1e-4
@@ -84,8 +86,9 @@ def test_shared_symbol_gradients_accumulate():
 
     q = cirq.LineQubit.range(2)
     t = sympy.Symbol("t")
-    circuit = cirq.Circuit(cirq.ry(t).on(q[0]), cirq.ry(-2 * t + 0.3).on(q[1]), cirq.CNOT(*q),
-                           cirq.rx(t).on(q[1]))
+    circuit = cirq.Circuit(
+        cirq.ry(t).on(q[0]), cirq.ry(-2 * t + 0.3).on(q[1]), cirq.CNOT(*q), cirq.rx(t).on(q[1])
+    )
     program = compile_circuit(circuit, [t])
     angles, g = np.array([0.7]), loss_grad(2, 4)
     backend = NumpyBackend()

@@ -35,8 +35,12 @@ def remake(dst, *, meta=None, drop=(), tensors=None, skeleton=None):
     """The golden file with metadata fields replaced/dropped or tensors replaced (rehashed)."""
     art = read_artifact(GOLDEN)
     metadata = {k: v for k, v in {**art.metadata, **(meta or {})}.items() if k not in drop}
-    save_artifact(dst, art.tensors if tensors is None else tensors, metadata,
-                  skeleton=art.skeleton if skeleton is None else skeleton)
+    save_artifact(
+        dst,
+        art.tensors if tensors is None else tensors,
+        metadata,
+        skeleton=art.skeleton if skeleton is None else skeleton,
+    )
     return dst
 
 
@@ -83,8 +87,11 @@ def test_nan_mapping_weight_is_refused(tmp_path):
     w[0, 0] = float("nan")
     tensors["generator.mapping.body.0.weight"] = w
     path = remake(tmp_path / "nan.qtc.safetensors", tensors=tensors)
-    with pytest.raises(FormatError, match=r"stored generator holds NaN or Inf: "
-                                          r"mapping.body.0.weight \(1 of 64 values\)"):
+    with pytest.raises(
+        FormatError,
+        match=r"stored generator holds NaN or Inf: "
+        r"mapping.body.0.weight \(1 of 64 values\)",
+    ):
         load_generator(path)
 
 
@@ -102,9 +109,12 @@ def test_weights_that_overflow_when_regenerated_are_refused(tmp_path):
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e999"])
 def test_non_finite_fingerprint_is_refused(tmp_path, value):
     prints = json.dumps(golden_meta()["weights_fingerprint"])
-    prints = prints.replace(prints[prints.index("[") + 1:prints.index(",")], value, 1)
-    path = raw(tmp_path / "fp.qtc.safetensors", weights_fingerprint=prints,
-               weights_sha256=json.dumps("0" * 64))
+    prints = prints.replace(prints[prints.index("[") + 1 : prints.index(",")], value, 1)
+    path = raw(
+        tmp_path / "fp.qtc.safetensors",
+        weights_fingerprint=prints,
+        weights_sha256=json.dumps("0" * 64),
+    )
     with pytest.raises(FormatError, match="weights_fingerprint"):
         load_generator(path)
 
@@ -114,8 +124,10 @@ def test_altered_hash_and_fingerprint_is_not_equivalent(tmp_path):
     prints = meta["weights_fingerprint"]
     name = next(iter(prints))
     prints[name] = [prints[name][0] + 1.0, prints[name][1] * 2]
-    path = remake(tmp_path / "alt.qtc.safetensors",
-                  meta={"weights_sha256": "0" * 64, "weights_fingerprint": prints})
+    path = remake(
+        tmp_path / "alt.qtc.safetensors",
+        meta={"weights_sha256": "0" * 64, "weights_fingerprint": prints},
+    )
     check = load_generator(path).verify_weights()
     assert not check.identical and not check.equivalent
     assert check.max_fingerprint_rel_diff > 0.1
@@ -144,13 +156,17 @@ BOMBS = {
     # a few KB claiming a 4.4 TB tensor
     "tb-tensor": lambda: with_layer_shape((1 << 20, 1 << 20)),
     # hidden widths whose weights the file does not store (256 MB if built)
-    "hidden-not-stored": lambda: {k: {**golden_meta()[k], "hidden": [8000, 8000]}
-                                  for k in ("config", "mapping")},
+    "hidden-not-stored": lambda: {
+        k: {**golden_meta()[k], "hidden": [8000, 8000]} for k in ("config", "mapping")
+    },
     # hidden widths over the limit (the issue's 1.1 TB and 4 TB claims)
-    "hidden-1e6": lambda: {k: {**golden_meta()[k], "hidden": [10**6, 10**6]}
-                           for k in ("config", "mapping")},
-    "n-layers-1e6": lambda: {"ansatz": {**golden_meta()["ansatz"], "n_layers": 10**6},
-                             "config": {**golden_meta()["config"], "n_layers": 10**6}},
+    "hidden-1e6": lambda: {
+        k: {**golden_meta()[k], "hidden": [10**6, 10**6]} for k in ("config", "mapping")
+    },
+    "n-layers-1e6": lambda: {
+        "ansatz": {**golden_meta()["ansatz"], "n_layers": 10**6},
+        "config": {**golden_meta()["config"], "n_layers": 10**6},
+    },
     "config-n-layers-1e6": lambda: {"config": {**golden_meta()["config"], "n_layers": 10**6}},
     "chunk-1e9": lambda: {k: {**golden_meta()[k], "chunk": 10**9} for k in ("config", "mapping")},
 }
@@ -190,18 +206,22 @@ def test_memory_bombs_and_hangs_are_refused_at_once_without_allocating(tmp_path)
     for name, build in BOMBS.items():
         paths[name] = remake(tmp_path / f"{name}.qtc.safetensors", meta=build())
         assert paths[name].stat().st_size < 10_000
-    run = subprocess.run([sys.executable, "-c", _BOMB_SCRIPT, str(GOLDEN),
-                          *map(str, paths.values())], capture_output=True, text=True, cwd=ROOT,
-                         timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-c", _BOMB_SCRIPT, str(GOLDEN), *map(str, paths.values())],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout.strip().splitlines()[-1])
     expected = {
         "tb-tensor": r"ResourceLimitError: .*layout tensor 'net.0.weight' of shape "
-                     r"\[1048576, 1048576\] has 1,099,511,627,776 weights, over the limit",
+        r"\[1048576, 1048576\] has 1,099,511,627,776 weights, over the limit",
         "hidden-not-stored": r"FormatError: .*generator tensors do not match the metadata",
         "hidden-1e6": r"ResourceLimitError: .*config.hidden = 1,000,000 exceeds the limit",
         "n-layers-1e6": r"ResourceLimitError: .*ansatz.n_layers = 1,000,000 exceeds the limit "
-                        r"of 256",
+        r"of 256",
         "config-n-layers-1e6": r"ResourceLimitError: .*config.n_layers = 1,000,000 exceeds",
         "chunk-1e9": r"ResourceLimitError: .*config.chunk = 1,000,000,000 exceeds the limit",
     }
@@ -215,10 +235,15 @@ def test_memory_bombs_and_hangs_are_refused_at_once_without_allocating(tmp_path)
 
 
 def test_float_layer_count_is_a_format_error(tmp_path):
-    path = remake(tmp_path / "f.qtc.safetensors",
-                  meta={"ansatz": {**golden_meta()["ansatz"], "n_layers": 1e6}})
-    with pytest.raises(FormatError, match=r"ansatz.n_layers: expected an integer >= 1, got "
-                                          r"1000000.0"):
+    path = remake(
+        tmp_path / "f.qtc.safetensors",
+        meta={"ansatz": {**golden_meta()["ansatz"], "n_layers": 1e6}},
+    )
+    with pytest.raises(
+        FormatError,
+        match=r"ansatz.n_layers: expected an integer >= 1, got "
+        r"1000000.0",
+    ):
         load_generator(path)
 
 
@@ -230,15 +255,23 @@ def test_memory_estimate_over_available_is_resource_limit(tmp_path):
 
 
 # -- item 5: the file cannot lie ------------------------------------------------------------
-@pytest.mark.parametrize(("field", "change", "match"), [
-    ("ansatz", {"rotations": ["ry", "rz"], "entangler": "ring"},
-     r"stored ansatz does not match the one its config builds \(entangler 'ring' vs 'chain'; "
-     r"rotations \['ry', 'rz'\] vs \['ry'\]\)"),
-    ("ansatz", {"n_qubits": 8}, r"stored ansatz does not match .*n_qubits 8 vs 7"),
-    ("mapping", {"kind": "mps"}, r"stored mapping does not match .*kind 'mps' vs 'mlp'"),
-    ("mapping", {"activation": "relu"}, r"stored mapping does not match .*activation"),
-    ("config", {"mapping": "mps"}, r"stored mapping does not match .*kind 'mlp' vs 'mps'"),
-], ids=["ansatz-ring", "ansatz-qubits", "mapping-mps", "mapping-activation", "config-mps"])
+@pytest.mark.parametrize(
+    ("field", "change", "match"),
+    [
+        (
+            "ansatz",
+            {"rotations": ["ry", "rz"], "entangler": "ring"},
+            r"stored ansatz does not match the one its config builds "
+            r"\(entangler 'ring' vs 'chain'; "
+            r"rotations \['ry', 'rz'\] vs \['ry'\]\)",
+        ),
+        ("ansatz", {"n_qubits": 8}, r"stored ansatz does not match .*n_qubits 8 vs 7"),
+        ("mapping", {"kind": "mps"}, r"stored mapping does not match .*kind 'mps' vs 'mlp'"),
+        ("mapping", {"activation": "relu"}, r"stored mapping does not match .*activation"),
+        ("config", {"mapping": "mps"}, r"stored mapping does not match .*kind 'mlp' vs 'mps'"),
+    ],
+    ids=["ansatz-ring", "ansatz-qubits", "mapping-mps", "mapping-activation", "config-mps"],
+)
 def test_lying_descriptions_are_refused(tmp_path, field, change, match):
     meta = golden_meta()
     path = remake(tmp_path / "lie.qtc.safetensors", meta={field: {**meta[field], **change}})
@@ -261,27 +294,48 @@ MALFORMED = [
     ("deep-json", {"raw": {"model": _deep(100_000)}}, "'model' is not valid JSON"),
     ("deep-json-under-recursion", {"raw": {"model": _deep(200)}}, "nested 200 deep"),
     ("huge-int-json", {"raw": {"qtcompress_version": "1" * 5000}}, "not valid JSON"),
-    ("tensors-negative-shape", {"raw": {"tensors": json.dumps(
-        {"x": {"dtype": "float32", "shape": [-1]}})}}, r"tensors\['x'\].shape\[0\]"),
+    (
+        "tensors-negative-shape",
+        {"raw": {"tensors": json.dumps({"x": {"dtype": "float32", "shape": [-1]}})}},
+        r"tensors\['x'\].shape\[0\]",
+    ),
     ("tensors-not-object", {"raw": {"tensors": "[]"}}, "tensors: expected an object"),
-    ("skeleton-bad", {"raw": {"skeleton": json.dumps({"tensor": 5, "bytes": 1})}},
-     "skeleton.tensor: expected a string"),
+    (
+        "skeleton-bad",
+        {"raw": {"skeleton": json.dumps({"tensor": 5, "bytes": 1})}},
+        "skeleton.tensor: expected a string",
+    ),
     ("layout-missing-total", {"drop_layout": "total"}, r"layout: missing keys \['total'\]"),
     ("layout-missing-tensors", {"drop_layout": "tensors"}, r"layout: missing keys \['tensors'\]"),
-    ("layout-negative-shape", {"layout_tensor": {"shape": [-16, 13]}},
-     r"layout.tensors\[0\].shape\[0\]: expected an integer >= 0, got -16"),
-    ("layout-overflow-shape", {"layout_tensor": {"shape": [1 << 70, 1], "numel": 1 << 70}},
-     "over the limit"),
-    ("layout-string-shape", {"layout_tensor": {"shape": "16x13"}},
-     r"layout.tensors\[0\].shape: expected a list"),
-    ("layout-bad-dtype", {"layout_tensor": {"dtype": "__class__"}},
-     r"layout.tensors\[0\].dtype: expected one of"),
+    (
+        "layout-negative-shape",
+        {"layout_tensor": {"shape": [-16, 13]}},
+        r"layout.tensors\[0\].shape\[0\]: expected an integer >= 0, got -16",
+    ),
+    (
+        "layout-overflow-shape",
+        {"layout_tensor": {"shape": [1 << 70, 1], "numel": 1 << 70}},
+        "over the limit",
+    ),
+    (
+        "layout-string-shape",
+        {"layout_tensor": {"shape": "16x13"}},
+        r"layout.tensors\[0\].shape: expected a list",
+    ),
+    (
+        "layout-bad-dtype",
+        {"layout_tensor": {"dtype": "__class__"}},
+        r"layout.tensors\[0\].dtype: expected one of",
+    ),
     ("layout-rank-40", {"layout_tensor": {"shape": [1] * 40}}, r"expected 0..32 items, got 40"),
     ("layout-duplicate-names", {"layout_tensor": {"aliases": ["net.0.bias"]}}, "appear twice"),
     ("layout-total-string", {"meta": {"layout": "lots"}}, "layout: expected an object"),
     ("config-hidden-string", {"config": {"hidden": "8"}}, "config.hidden: expected null"),
-    ("config-activation-list", {"config": {"activation": ["tanh"]}},
-     "config.activation: expected a string"),
+    (
+        "config-activation-list",
+        {"config": {"activation": ["tanh"]}},
+        "config.activation: expected a string",
+    ),
     ("config-seed-huge", {"config": {"seed": 1 << 70}}, r"config.seed: expected an integer in"),
     ("config-bool-layers", {"config": {"n_layers": True}}, "config.n_layers: expected an integer"),
     ("config-bad-version", {"config": {"version": 99}}, "stored config is invalid"),
@@ -292,8 +346,11 @@ MALFORMED = [
     ("sha-not-hex", {"meta": {"weights_sha256": "xyz"}}, "weights_sha256: expected a string"),
     ("fingerprint-short", {"fingerprint": [1.0]}, "expected 2..2 items"),
     ("fingerprint-string", {"fingerprint": ["1", "2"]}, "expected a finite number"),
-    ("fingerprint-names", {"meta": {"weights_fingerprint": {"other": [1.0, 1.0]}}},
-     "weights_fingerprint names"),
+    (
+        "fingerprint-names",
+        {"meta": {"weights_fingerprint": {"other": [1.0, 1.0]}}},
+        "weights_fingerprint names",
+    ),
     ("missing-config", {"drop": ("config",)}, r"metadata \['config'\] missing"),
     ("check-numbering", {"rename": ("check.output.0", "check.output.7")}, "not numbered"),
     ("unknown-tensor", {"rename": ("check.output.0", "bogus.0")}, r"unexpected tensors"),
@@ -325,8 +382,9 @@ def _malformed_file(tmp_path, spec):
     return remake(path, meta=meta, drop=spec.get("drop", ()), tensors=tensors)
 
 
-@pytest.mark.parametrize(("spec", "match"), [(s, m) for _, s, m in MALFORMED],
-                         ids=[i for i, _, _ in MALFORMED])
+@pytest.mark.parametrize(
+    ("spec", "match"), [(s, m) for _, s, m in MALFORMED], ids=[i for i, _, _ in MALFORMED]
+)
 def test_malformed_metadata_is_a_typed_error(tmp_path, spec, match):
     path = _malformed_file(tmp_path, spec)
     with pytest.raises(QTCompressError, match=match) as info:
@@ -343,8 +401,11 @@ def _with_check(tmp_path, name, tensor):
 
 def test_wrong_shaped_check_outputs_are_format_errors(tmp_path):
     gen = _with_check(tmp_path, "check.output.0", torch.zeros(3, 3))
-    with pytest.raises(FormatError, match=r"output 0 has shape \[2, 3\], the recorded one "
-                                          r"\[3, 3\]"):
+    with pytest.raises(
+        FormatError,
+        match=r"output 0 has shape \[2, 3\], the recorded one "
+        r"\[3, 3\]",
+    ):
         gen.to_onnx()
     gen = _with_check(tmp_path, "check.output.1", torch.zeros(2, 3))
     with pytest.raises(FormatError, match="the model gives 1 outputs, the file recorded 2"):
@@ -398,8 +459,12 @@ def _run_once(path):
     model = TinyMLP().eval()
     qt = compress(model, QTConfig(scheme="flat", chunk=4, n_layers=2, hidden=(8,)))
     qt.fit_weights(steps=3, progress=False)
-    return save_generator(qt, path, example_inputs=(example_input(model, batch=2),),
-                          model_info={"factory": "tests.tiny_models:TinyMLP", "kwargs": {}})
+    return save_generator(
+        qt,
+        path,
+        example_inputs=(example_input(model, batch=2),),
+        model_info={"factory": "tests.tiny_models:TinyMLP", "kwargs": {}},
+    )
 
 
 def test_two_identical_runs_write_identical_bytes(tmp_path):
@@ -407,7 +472,7 @@ def test_two_identical_runs_write_identical_bytes(tmp_path):
     second = _run_once(tmp_path / "b.qtc.safetensors").read_bytes()
     assert first == second
     (size,) = struct.unpack("<Q", first[:8])
-    header = json.loads(first[8:8 + size])
+    header = json.loads(first[8 : 8 + size])
     keys = list(header["__metadata__"])
     assert keys == sorted(keys)
     assert load_generator(tmp_path / "a.qtc.safetensors").verify_weights().identical
@@ -423,8 +488,9 @@ def test_refusals_are_fast(tmp_path):
 
 
 def test_bfloat16_check_batch_is_a_format_error(tmp_path):
-    gen = _with_check(tmp_path, "check.input.0",
-                      read_artifact(GOLDEN).tensors["check.input.0"].to(torch.bfloat16))
+    gen = _with_check(
+        tmp_path, "check.input.0", read_artifact(GOLDEN).tensors["check.input.0"].to(torch.bfloat16)
+    )
     with pytest.raises(FormatError, match="check.input.0 has dtype torch.bfloat16"):
         gen.to_onnx()
     gen = _with_check(tmp_path, "check.output.0", torch.zeros(2, 3, dtype=torch.bfloat16))

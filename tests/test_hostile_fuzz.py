@@ -32,18 +32,57 @@ TARGET = WORK / "fuzz.qtc.safetensors"
 SECONDS_PER_CASE = 10  # hard stop (a hang fails the test); the deadline below is the budget
 
 # QTC_FUZZ_EXAMPLES=2000 for a deeper local run; CI keeps ~100 examples over the three tests.
-FUZZ = settings(max_examples=int(os.environ.get("QTC_FUZZ_EXAMPLES", "35")), deadline=5000,
-                derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=int(os.environ.get("QTC_FUZZ_EXAMPLES", "35")),
+    deadline=5000,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
-INTERESTING = [0, -1, 1, 2, 7, 255, 2**31, 2**63, 10**6, 10**12, 1e6, 0.5, -0.0, "", "x",
-               "mps", "ring", "float16", None, True, [], {}, [1], [-1], [0, 0], {"a": 1}]
-scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70)
-           | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=6)
-           | st.sampled_from(INTERESTING))
-json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
-                           | st.dictionaries(st.text(max_size=6), inner, max_size=3),
-                           max_leaves=6)
+INTERESTING = [
+    0,
+    -1,
+    1,
+    2,
+    7,
+    255,
+    2**31,
+    2**63,
+    10**6,
+    10**12,
+    1e6,
+    0.5,
+    -0.0,
+    "",
+    "x",
+    "mps",
+    "ring",
+    "float16",
+    None,
+    True,
+    [],
+    {},
+    [1],
+    [-1],
+    [0, 0],
+    {"a": 1},
+]
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=6)
+    | st.sampled_from(INTERESTING)
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
 
 
 @contextmanager
@@ -110,8 +149,9 @@ def test_fuzz_metadata_values(data):
     art = read_artifact(GOLDEN)
     meta = json.loads(json.dumps(art.metadata, sort_keys=True))  # reads come in hash order
     for _ in range(data.draw(st.integers(1, 3), label="mutations")):
-        path = data.draw(st.sampled_from(sorted((p for p in paths_of(meta) if p), key=repr)),
-                         label="path")
+        path = data.draw(
+            st.sampled_from(sorted((p for p in paths_of(meta) if p), key=repr)), label="path"
+        )
         new = data.draw(json_values, label="value")
         set_path(meta, path, new, delete=data.draw(st.booleans(), label="delete"))
     save_artifact(TARGET, art.tensors, meta, skeleton=art.skeleton)
@@ -126,12 +166,18 @@ def test_fuzz_raw_header_and_bytes(data):
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     key = data.draw(st.sampled_from(sorted(header)), label="key")
     raw = header[key]
-    header[key] = data.draw(st.one_of(
-        st.text(max_size=20),
-        st.just(raw[: len(raw) // 2]),
-        st.builds(lambda i, s: raw[:i] + s + raw[i:], st.integers(0, len(raw)),
-                  st.sampled_from(["NaN", "[", "}", "1e999", "-", "\u00b2", '"', "9" * 30]))),
-        label="raw")
+    header[key] = data.draw(
+        st.one_of(
+            st.text(max_size=20),
+            st.just(raw[: len(raw) // 2]),
+            st.builds(
+                lambda i, s: raw[:i] + s + raw[i:],
+                st.integers(0, len(raw)),
+                st.sampled_from(["NaN", "[", "}", "1e999", "-", "\u00b2", '"', "9" * 30]),
+            ),
+        ),
+        label="raw",
+    )
     write_safetensors(TARGET, tensors, header)  # sorted: the same draws give the same bytes
     blob = bytearray(TARGET.read_bytes())
     for _ in range(data.draw(st.integers(0, 3), label="flips")):
@@ -154,7 +200,8 @@ def test_fuzz_tensors(data):
     if kind == "value" and t.numel():
         flat = t.reshape(-1)
         flat[data.draw(st.integers(0, flat.numel() - 1), label="index")] = data.draw(
-            st.sampled_from([math.nan, math.inf, -math.inf, 1e30, -3e38, 0.0]), label="v")
+            st.sampled_from([math.nan, math.inf, -math.inf, 1e30, -3e38, 0.0]), label="v"
+        )
         tensors[name] = t
     elif kind == "shape":
         shape = data.draw(st.lists(st.integers(0, 9), max_size=3), label="shape")

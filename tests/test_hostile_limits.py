@@ -21,20 +21,36 @@ def layout():
     return lay
 
 
-@pytest.mark.parametrize(("config", "match"), [
-    (QTConfig(n_layers=100_000), r"n_layers = 100,000 exceeds the limit of 256 QNN layers; "
-                                 r"lower --layers \(QTConfig.n_layers\)"),
-    (QTConfig(scheme="flat", chunk=10**9), r"chunk = 1,000,000,000 exceeds the limit of 65,536 "
-                                           r"weights per basis state; lower --chunk"),
-    (QTConfig(scheme="flat", hidden=(10**6,)), r"hidden = 1,000,000 exceeds the limit of "
-                                               r"16,384 units in a hidden layer; lower --hidden"),
-    (QTConfig(scheme="flat", hidden=(16,) * 17), r"hidden = 17 exceeds the limit of 16 hidden"),
-    (QTConfig(scheme="flat", hidden=(16384, 16384), chunk=4),
-     r"params = 268,\d{3},\d{3} exceeds the limit of 268,435,456 generator parameters; lower "
-     r"--budget"),
-    (QTConfig(rank=10**5, budget=None), r"rank = 100,000 exceeds the limit of 4,096"),
-    (QTConfig(scheme="flat", mapping="mps", bond_dim=10**4), r"bond_dim = 10,000 exceeds"),
-], ids=["layers", "chunk", "hidden-width", "hidden-depth", "params", "rank", "bond-dim"])
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        (
+            QTConfig(n_layers=100_000),
+            r"n_layers = 100,000 exceeds the limit of 256 QNN layers; "
+            r"lower --layers \(QTConfig.n_layers\)",
+        ),
+        (
+            QTConfig(scheme="flat", chunk=10**9),
+            r"chunk = 1,000,000,000 exceeds the limit of 65,536 "
+            r"weights per basis state; lower --chunk",
+        ),
+        (
+            QTConfig(scheme="flat", hidden=(10**6,)),
+            r"hidden = 1,000,000 exceeds the limit of "
+            r"16,384 units in a hidden layer; lower --hidden",
+        ),
+        (QTConfig(scheme="flat", hidden=(16,) * 17), r"hidden = 17 exceeds the limit of 16 hidden"),
+        (
+            QTConfig(scheme="flat", hidden=(16384, 16384), chunk=4),
+            r"params = 268,\d{3},\d{3} exceeds the limit of 268,435,456 generator parameters; "
+            r"lower "
+            r"--budget",
+        ),
+        (QTConfig(rank=10**5, budget=None), r"rank = 100,000 exceeds the limit of 4,096"),
+        (QTConfig(scheme="flat", mapping="mps", bond_dim=10**4), r"bond_dim = 10,000 exceeds"),
+    ],
+    ids=["layers", "chunk", "hidden-width", "hidden-depth", "params", "rank", "bond-dim"],
+)
 def test_option_over_a_limit_is_refused_at_once(layout, config, match):
     start = time.perf_counter()
     with pytest.raises(ResourceLimitError, match=match):
@@ -43,24 +59,34 @@ def test_option_over_a_limit_is_refused_at_once(layout, config, match):
 
 
 def test_memory_check_names_the_fix(layout):
-    with pytest.raises(ResourceLimitError, match=r"fitting 1,946 weights .* needs about .* of "
-                                                 r"memory, more than the .* this process may use "
-                                                 r"now .*; use a smaller --budget"):
+    with pytest.raises(
+        ResourceLimitError,
+        match=r"fitting 1,946 weights .* needs about .* of "
+        r"memory, more than the .* this process may use "
+        r"now .*; use a smaller --budget",
+    ):
         limits.check_config(QTConfig(), layout, available=1 << 14)
 
 
-@pytest.mark.parametrize("config", [
-    QTConfig(), QTConfig(scheme="flat", chunk=4, hidden=(8,)),
-    QTConfig(scheme="flat", mapping="mps", chunk=4),
-], ids=["rows", "flat-mlp", "flat-mps"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        QTConfig(),
+        QTConfig(scheme="flat", chunk=4, hidden=(8,)),
+        QTConfig(scheme="flat", mapping="mps", chunk=4),
+    ],
+    ids=["rows", "flat-mlp", "flat-mps"],
+)
 def test_plan_matches_the_real_generator_without_memory(layout, config):
     planned = limits.check_config(config, layout)
     assert all(p.device.type == "meta" for p in planned.parameters())
     real = QTGenerator.from_config(layout, config)
     assert {k: v.shape for k, v in planned.state_dict().items()} == {
-        k: v.shape for k, v in real.state_dict().items()}
-    assert limits.estimate_generator_bytes(planned, layout) == \
-        limits.estimate_generator_bytes(real, layout)
+        k: v.shape for k, v in real.state_dict().items()
+    }
+    assert limits.estimate_generator_bytes(planned, layout) == limits.estimate_generator_bytes(
+        real, layout
+    )
 
 
 def test_planning_is_reentrant_safe(layout, monkeypatch):
@@ -76,13 +102,19 @@ def test_planning_is_reentrant_safe(layout, monkeypatch):
     assert planned is not None and calls == [None]
 
 
-@pytest.mark.parametrize(("value", "error", "match"), [
-    (-5, ConfigError, "--fit-steps must be >= 0, got -5"),
-    ("3", ConfigError, "--fit-steps must be an integer"),
-    (True, ConfigError, "--fit-steps must be an integer"),
-    (10**12, ResourceLimitError, "--fit-steps = 1,000,000,000,000 exceeds the limit of "
-                                 "1,000,000,000; lower --fit-steps"),
-])
+@pytest.mark.parametrize(
+    ("value", "error", "match"),
+    [
+        (-5, ConfigError, "--fit-steps must be >= 0, got -5"),
+        ("3", ConfigError, "--fit-steps must be an integer"),
+        (True, ConfigError, "--fit-steps must be an integer"),
+        (
+            10**12,
+            ResourceLimitError,
+            "--fit-steps = 1,000,000,000,000 exceeds the limit of 1,000,000,000; lower --fit-steps",
+        ),
+    ],
+)
 def test_counts(value, error, match):
     with pytest.raises(error, match=match):
         limits.check_count(value, "--fit-steps", maximum=limits.MAX_STEPS)
@@ -93,8 +125,11 @@ def test_qnn_size_and_memory_helpers():
     limits.check_qnn_size(30, 256)
     with pytest.raises(ResourceLimitError, match=r"n_qubits = 31 exceeds the limit of 30"):
         limits.check_qnn_size(31, 8)
-    with pytest.raises(ResourceLimitError, match=r"f.qtc: ansatz.n_layers = 257 exceeds .* the "
-                                                 r"file is corrupt or hostile"):
+    with pytest.raises(
+        ResourceLimitError,
+        match=r"f.qtc: ansatz.n_layers = 257 exceeds .* the "
+        r"file is corrupt or hostile",
+    ):
         limits.check_qnn_size(2, 257, source="f.qtc")
     assert limits.available_memory_bytes() > 0
     limits.check_memory(1 << 20, "x", "y", available=1 << 30)

@@ -72,6 +72,7 @@ def _outcome(fn):
             return "WROTE"
         except OutputError as exc:
             return f"OutputError: {exc}"
+
     return run
 
 
@@ -81,8 +82,10 @@ def test_read_only_output_folder_is_refused_before_any_work(shared_dir):
     checked = _as_unprivileged(_outcome(lambda: check_writable_dir(out, 1000)), out)
     assert checked.startswith(f"OutputError: Cannot write '{out}': Permission denied"), checked
     written = _as_unprivileged(_outcome(lambda: atomic_write_bytes(out / "m.onnx", b"x")), out)
-    assert written.startswith("OutputError: ") and "choose a writable output folder or fix its " \
-        "permissions" in written, written
+    assert (
+        written.startswith("OutputError: ")
+        and "choose a writable output folder or fix its permissions" in written
+    ), written
     assert list(out.iterdir()) == []
 
 
@@ -130,8 +133,12 @@ with atomic_path(sys.argv[1] + "/model.onnx") as tmp:
 
 def test_temp_file_of_a_killed_writer_is_removed_by_the_next_write(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    child = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(tmp_path)],
-                             stdout=subprocess.PIPE, text=True, env=env)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WRITER, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         leftover = Path(child.stdout.readline().strip())
         assert leftover.exists() and leftover.name.startswith(".model.onnx.")
@@ -166,9 +173,12 @@ def test_record_of_a_run_that_fails_between_outputs(tmp_path):
             record.wrote("generator")
             raise RuntimeError("exporter crashed")
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary == {"status": "partial", "written": {"generator": str(gen)},
-                       "missing": {"onnx": str(onnx_path)},
-                       "error": "RuntimeError: exporter crashed"}
+    assert summary == {
+        "status": "partial",
+        "written": {"generator": str(gen)},
+        "missing": {"onnx": str(onnx_path)},
+        "error": "RuntimeError: exporter crashed",
+    }
 
 
 def test_record_of_a_run_in_progress_and_complete(tmp_path):

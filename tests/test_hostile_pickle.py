@@ -65,25 +65,36 @@ def _pickled_weight(entries, marker):
 
 
 def _pickled_sample_inputs(entries, marker):
-    return [(n, _payload_bytes(marker) if "/data/sample_inputs/" in n else d)
-            for n, d in entries]
+    return [(n, _payload_bytes(marker) if "/data/sample_inputs/" in n else d) for n, d in entries]
 
 
 def _opaque_constant(entries, marker):
     out = []
     for name, data in entries:
         if name.endswith("_constants_config.json"):
-            data = json.dumps({"config": {"evil": {
-                "path_name": "opaque_obj_0", "is_param": False, "use_pickle": True,
-                "tensor_meta": None}}}).encode()
+            data = json.dumps(
+                {
+                    "config": {
+                        "evil": {
+                            "path_name": "opaque_obj_0",
+                            "is_param": False,
+                            "use_pickle": True,
+                            "tensor_meta": None,
+                        }
+                    }
+                }
+            ).encode()
             root = name.split("/", 1)[0]
             out.append((f"{root}/data/constants/opaque_obj_0", _payload_bytes(marker)))
         out.append((name, data))
     return out
 
 
-@pytest.mark.parametrize("craft", [_pickled_weight, _pickled_sample_inputs, _opaque_constant],
-                         ids=["pickled-weight", "pickled-sample-inputs", "opaque-constant"])
+@pytest.mark.parametrize(
+    "craft",
+    [_pickled_weight, _pickled_sample_inputs, _opaque_constant],
+    ids=["pickled-weight", "pickled-sample-inputs", "opaque-constant"],
+)
 def test_crafted_pt2_never_runs_code_without_trust(tmp_path, craft):
     _, _, good = _exported(tmp_path)
     marker = tmp_path / "marker"
@@ -153,8 +164,13 @@ def test_pt2_with_broken_program_json_is_format_error(tmp_path, capfd):
     _, _, good = _exported(tmp_path)
     bad = tmp_path / "broken.pt2"
     capfd.readouterr()
-    _rewrite_zip(good, bad, lambda entries: [
-        (n, b"{not json" if "/models/" in n and n.endswith(".json") else d) for n, d in entries])
+    _rewrite_zip(
+        good,
+        bad,
+        lambda entries: [
+            (n, b"{not json" if "/models/" in n and n.endswith(".json") else d) for n, d in entries
+        ],
+    )
     with pytest.raises(FormatError, match="broken.pt2.*torch.export program") as info:
         load_model(bad)
     assert "\n" not in str(info.value)

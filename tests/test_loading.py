@@ -108,8 +108,11 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
     del sd["net.3.bias"]
     sd["extra.weight"] = torch.zeros(2)
     torch.save(sd, tmp_path / "w.pt")
-    with pytest.raises(FormatError, match=r"does not fit model TinyMLP: missing keys "
-                                          r"\['net\.3\.bias'\], unexpected keys") as info:
+    with pytest.raises(
+        FormatError,
+        match=r"does not fit model TinyMLP: missing keys "
+        r"\['net\.3\.bias'\], unexpected keys",
+    ) as info:
         load_model(tmp_path / "w.pt", factory=MLP)
     msg = str(info.value)
     assert "net.3.bias" in msg and "extra.weight" in msg and "missing" in msg
@@ -117,8 +120,11 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
 
 def test_shape_mismatch_is_named(tmp_path):
     torch.save(TinyMLP(classes=4).state_dict(), tmp_path / "w.pt")
-    with pytest.raises(FormatError, match=r"shape mismatches \[net\.3\.weight: model \(3, 16\) "
-                                          r"vs file \(4, 16\)") as info:
+    with pytest.raises(
+        FormatError,
+        match=r"shape mismatches \[net\.3\.weight: model \(3, 16\) "
+        r"vs file \(4, 16\)",
+    ) as info:
         load_model(tmp_path / "w.pt", factory=MLP)  # builds classes=3
     assert "net.3.weight" in str(info.value) and "(3, 16)" in str(info.value)
 
@@ -136,8 +142,11 @@ def test_truncated_files_raise_format_error_naming_file(tmp_path, suffix):
     data = good.read_bytes()
     bad = tmp_path / f"bad{suffix}"
     bad.write_bytes(data[: len(data) // 2])
-    kind = {".pt": "PyTorch file", ".safetensors": "safetensors file",
-            ".pt2": "torch.export program"}[suffix]
+    kind = {
+        ".pt": "PyTorch file",
+        ".safetensors": "safetensors file",
+        ".pt2": "torch.export program",
+    }[suffix]
     match = "is truncated, corrupt, or not a " + re.escape(kind)
     with pytest.raises(FormatError, match=match) as info:
         load_model(bad, factory=None if suffix == ".pt2" else MLP)

@@ -16,11 +16,14 @@ from qtcompress import QTConfig, compress
 from qtcompress.lowrank import LowRankWeight
 
 
-def factors(rows: int, cols: int, k: int, dtype: torch.dtype = torch.float64
-            ) -> tuple[torch.Tensor, ...]:
+def factors(
+    rows: int, cols: int, k: int, dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(rows * 1000 + cols)
-    return tuple(torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_()
-                 for shape in ((rows, k), (k, cols), (cols,)))
+    return tuple(
+        torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_()
+        for shape in ((rows, k), (k, cols), (cols,))
+    )
 
 
 def grads(out: torch.Tensor, leaves: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
@@ -60,7 +63,15 @@ def test_metadata_does_not_materialise_and_other_uses_see_the_dense_tensor():
     h, a, b = factors(6, 5, 2)
     w = LowRankWeight(h, a, b, (6, 5))
     assert (w.shape, w.dtype, w.device, w.ndim, w.size(), w.dim(), w.numel(), len(w)) == (
-        torch.Size([6, 5]), torch.float64, torch.device("cpu"), 2, torch.Size([6, 5]), 2, 30, 6)
+        torch.Size([6, 5]),
+        torch.float64,
+        torch.device("cpu"),
+        2,
+        torch.Size([6, 5]),
+        2,
+        30,
+        6,
+    )
     assert w._dense is None
     dense = torch.addmm(b, h, a)
     assert torch.equal(w.T, dense.T)
@@ -91,8 +102,9 @@ def test_training_step_gradients_match_the_dense_step():
     # The fine-tuning path (FunctionalModel, factored by default) against the same step with
     # every weight materialised first: the generator's gradients agree to float32 rounding.
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 96), nn.ReLU(),
-                          nn.Linear(96, 10)).eval()
+    model = nn.Sequential(
+        nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 96), nn.ReLU(), nn.Linear(96, 10)
+    ).eval()
     x = torch.randn(32, 64)
     qt = compress(model, QTConfig(n_layers=2))
     gen, fm = qt.generator, qt.functional
@@ -104,8 +116,12 @@ def test_training_step_gradients_match_the_dense_step():
         gen.zero_grad(set_to_none=True)
         loss = (fm(x, generated=generated) - goal).square().mean()
         loss.backward()
-        results.append((loss.detach(), torch.cat([p.grad.reshape(-1) for p in gen.parameters()
-                                                  if p.grad is not None])))
+        results.append(
+            (
+                loss.detach(),
+                torch.cat([p.grad.reshape(-1) for p in gen.parameters() if p.grad is not None]),
+            )
+        )
     (loss_f, grads_f), (loss_d, grads_d) = results
     assert_close_rel(loss_f, loss_d, 1e-6)
     assert grads_f.shape == grads_d.shape and grads_d.abs().max() > 1e-3
@@ -116,5 +132,6 @@ def test_exported_and_saved_weights_are_dense():
     # Only the training step sees wrappers: materialising gives ordinary parameters.
     model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 4)).eval()
     student = compress(model, QTConfig(n_layers=1)).materialize()
-    assert all(type(p) is nn.Parameter and type(p.data) is torch.Tensor
-               for p in student.parameters())
+    assert all(
+        type(p) is nn.Parameter and type(p.data) is torch.Tensor for p in student.parameters()
+    )

@@ -52,8 +52,11 @@ def _build(cls, seed=0):
 
 
 def _ort_run(model_or_path, x):
-    data = model_or_path.SerializeToString() if isinstance(model_or_path, onnx.ModelProto) \
+    data = (
+        model_or_path.SerializeToString()
+        if isinstance(model_or_path, onnx.ModelProto)
         else str(model_or_path)
+    )
     sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
 
@@ -200,8 +203,9 @@ def test_transformed_initializer_is_rejected():
     model = _build(TinyMLP)
     proto = to_onnx_proto(model, example_input(model))
     init = next(i for i in proto.graph.initializer if i.name == "net.0.weight")
-    init.CopyFrom(numpy_helper.from_array(
-        numpy_helper.to_array(init) * 2, name="net.0.weight"))  # like a folded/rescaled weight
+    init.CopyFrom(
+        numpy_helper.from_array(numpy_helper.to_array(init) * 2, name="net.0.weight")
+    )  # like a folded/rescaled weight
     with pytest.raises(ExportError, match="net.0.weight.*optimize=False"):
         make_skeleton(proto, model)
 
@@ -216,8 +220,11 @@ def test_merged_initializers_are_rejected():
         for i, name in enumerate(node.input):
             if name == "net.0.bias":
                 node.input[i] = "net.1.bias"
-    keep = [onnx.TensorProto.FromString(i.SerializeToString())
-            for i in proto.graph.initializer if i.name != "net.0.bias"]
+    keep = [
+        onnx.TensorProto.FromString(i.SerializeToString())
+        for i in proto.graph.initializer
+        if i.name != "net.0.bias"
+    ]
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(keep)
     with pytest.raises(ExportError, match="net.0.bias.*merged"):
@@ -227,8 +234,11 @@ def test_merged_initializers_are_rejected():
 def test_skeleton_metadata_lists_ignored_entries():
     model = _build(TinyCNN)
     sk = export_skeleton(model, example_input(model), verify_atol=None)
-    info = json.loads(next(p.value for p in onnx.ModelProto.FromString(sk).metadata_props
-                           if p.key == SKELETON_KEY))
+    info = json.loads(
+        next(
+            p.value for p in onnx.ModelProto.FromString(sk).metadata_props if p.key == SKELETON_KEY
+        )
+    )
     assert "bn1.num_batches_tracked" in info["ignored"]
 
 
@@ -255,8 +265,13 @@ def test_parity_failure_writes_nothing(tmp_path):
 
 def test_mode_restored_and_names_used(tmp_path):
     model = _build(TinyMLP).train()
-    report = export_onnx(model, example_input(model), tmp_path / "m.onnx",
-                         input_names=["features"], output_names=["logits"])
+    report = export_onnx(
+        model,
+        example_input(model),
+        tmp_path / "m.onnx",
+        input_names=["features"],
+        output_names=["logits"],
+    )
     assert model.training and all(m.training for m in model.modules())
     assert report.input_names == ("features",) and report.output_names == ("logits",)
 
@@ -271,10 +286,14 @@ class _ReshapesByBatch(torch.nn.Module):
         return x.reshape(4, -1)  # exports, but only runs for batches divisible by 4
 
 
-@pytest.mark.parametrize(("module", "match"), [
-    (_AddsFixedBatch, r"graph input 'input' has a fixed batch axis \(4\)"),
-    (_ReshapesByBatch, r"does not run on inputs of shapes \(5, 3\) in torch or onnxruntime"),
-], ids=["fixed-batch", "reshape-by-batch"])
+@pytest.mark.parametrize(
+    ("module", "match"),
+    [
+        (_AddsFixedBatch, r"graph input 'input' has a fixed batch axis \(4\)"),
+        (_ReshapesByBatch, r"does not run on inputs of shapes \(5, 3\) in torch or onnxruntime"),
+    ],
+    ids=["fixed-batch", "reshape-by-batch"],
+)
 def test_batch_dependent_model_is_rejected(tmp_path, module, match):
     with pytest.raises(ExportError, match=match):
         export_onnx(module(), torch.randn(4, 3), tmp_path / "m.onnx")

@@ -39,8 +39,12 @@ def test_cli_help_and_exit_codes(cli):
 @pytest.mark.slow  # a fresh interpreter: about 3 s of imports first
 def test_cli_qnn_json_output():
     """The `qnn` command through the console script, in a fresh interpreter."""
-    out = subprocess.run([*CLI, "qnn", "--qubits", "4", "--layers", "2", "--top", "3", "--json"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [*CLI, "qnn", "--qubits", "4", "--layers", "2", "--top", "3", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     result = json.loads(out.stdout)
     assert result["num_params"] == 8 and result["num_states"] == 16
     probs = [row["p"] for row in result["top_states"]]
@@ -61,9 +65,12 @@ def test_top_level_verbs_are_the_real_objects():
 
 
 def test_config_imports_nothing_heavy():
-    code = ("import sys, qtcompress.config; "
-            "print(sorted(m for m in ('torch', 'cirq', 'qsimcirq', 'onnx', 'onnxruntime') "
-            "if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=ROOT, check=True).stdout
+    code = (
+        "import sys, qtcompress.config; "
+        "print(sorted(m for m in ('torch', 'cirq', 'qsimcirq', 'onnx', 'onnxruntime') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    ).stdout
     assert out.strip() == "[]"

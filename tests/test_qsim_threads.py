@@ -9,13 +9,16 @@ from qtcompress.qnn import Ansatz, QsimBackend, simulate
 from qtcompress.qnn.backends import SMALL_SIMULATION_QUBITS, usable_cpu_count
 
 
-@pytest.mark.parametrize(("threads", "n_qubits", "expected"), [
-    (None, 4, 1),
-    (None, SMALL_SIMULATION_QUBITS, 1),
-    (None, SMALL_SIMULATION_QUBITS + 1, usable_cpu_count()),
-    (2, 4, 2),  # a count given to the backend is honoured at every size
-    (2, SMALL_SIMULATION_QUBITS + 1, 2),
-])
+@pytest.mark.parametrize(
+    ("threads", "n_qubits", "expected"),
+    [
+        (None, 4, 1),
+        (None, SMALL_SIMULATION_QUBITS, 1),
+        (None, SMALL_SIMULATION_QUBITS + 1, usable_cpu_count()),
+        (2, 4, 2),  # a count given to the backend is honoured at every size
+        (2, SMALL_SIMULATION_QUBITS + 1, 2),
+    ],
+)
 def test_threads_for(threads: int | None, n_qubits: int, expected: int) -> None:
     assert QsimBackend(threads=threads).threads_for(n_qubits) == expected
 

@@ -15,11 +15,14 @@ from tests.cli_helpers import ROOT
 
 README = ROOT / "README.md"
 
+
 def python_blocks() -> list[tuple[int, str]]:
     """(line of the opening fence, code) for every ```python block of the README."""
     text = README.read_text()
-    return [(text.count("\n", 0, m.start()) + 1, m.group(1))
-            for m in re.finditer(r"^```python\n(.*?)^```", text, flags=re.S | re.M)]
+    return [
+        (text.count("\n", 0, m.start()) + 1, m.group(1))
+        for m in re.finditer(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+    ]
 
 
 def test_the_readme_has_python_blocks():
@@ -28,11 +31,20 @@ def test_the_readme_has_python_blocks():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("code", [code for _, code in python_blocks()],
-                         ids=[f"README.md:{line}" for line, _ in python_blocks()])
+@pytest.mark.parametrize(
+    "code",
+    [code for _, code in python_blocks()],
+    ids=[f"README.md:{line}" for line, _ in python_blocks()],
+)
 def test_readme_python_block_runs(code, tmp_path):
     (tmp_path / "models").symlink_to(ROOT / "models")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            cwd=tmp_path, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -23,8 +23,9 @@ def multi(tmp_path_factory):
     torch.manual_seed(0)
     model = TwoInTwoOut().eval()
     args = (torch.randn(2, 3), torch.arange(4).reshape(2, 2))
-    export_onnx(model, args, folder / "multi.onnx", input_names=["x", "tokens"],
-                output_names=["y", "t2"])
+    export_onnx(
+        model, args, folder / "multi.onnx", input_names=["x", "tokens"], output_names=["y", "t2"]
+    )
     return model, folder / "multi.onnx"
 
 
@@ -76,15 +77,15 @@ def test_predict_file_npy_roundtrip(mlp_onnx, tmp_path):
     np.save(tmp_path / "in.npy", x)
     predict_file(path, tmp_path / "in.npy", tmp_path / "out.npy")
     with torch.no_grad():
-        np.testing.assert_allclose(np.load(tmp_path / "out.npy"),
-                                   model(torch.from_numpy(x)).numpy(), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(
+            np.load(tmp_path / "out.npy"), model(torch.from_numpy(x)).numpy(), atol=1e-5, rtol=0
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.npy", "out.npy"]
 
 
 def test_predict_file_npz_multi(multi, tmp_path):
     _, path = multi
-    np.savez(tmp_path / "in.npz", x=np.ones((2, 3), np.float32),
-             tokens=np.ones((2, 2), np.int64))
+    np.savez(tmp_path / "in.npz", x=np.ones((2, 3), np.float32), tokens=np.ones((2, 2), np.int64))
     predict_file(path, tmp_path / "in.npz", tmp_path / "out.npz")
     out = load_arrays(tmp_path / "out.npz")
     assert sorted(out) == ["t2", "y"] and out["y"].shape == (2, 2)
@@ -113,5 +114,4 @@ def test_bad_files(mlp_onnx, tmp_path):
         predict_file(path, tmp_path / "x.npy", tmp_path / "no" / "o.npy")
     with pytest.raises(ConfigError, match=r"\.npy or \.npz"):
         save_arrays(tmp_path / "o.csv", np.zeros(2))
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "bad.onnx", "cut.npy", "obj.npy", "x.npy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx", "cut.npy", "obj.npy", "x.npy"]

@@ -33,8 +33,11 @@ def test_load_with_the_model_gives_the_same_qtmodel_back(saved):
     assert isinstance(again, QTModel)
     with torch.no_grad():
         assert torch.equal(again(x), qt(x))  # same generator, same student statistics
-    for (name, a), b in zip(again.materialize().state_dict().items(),
-                            qt.materialize().state_dict().values(), strict=True):
+    for (name, a), b in zip(
+        again.materialize().state_dict().items(),
+        qt.materialize().state_dict().values(),
+        strict=True,
+    ):
         assert torch.equal(a, b), name
     assert again.report() == qt.report()
 
@@ -51,8 +54,9 @@ def test_a_loaded_model_fine_tunes_further_and_saves_again(saved, tmp_path):
     assert isinstance(rebuilt, GeneratorFile)
     assert rebuilt.verify_weights().equivalent
     with torch.no_grad():  # QTModel runs linear layers on the factors: float rounding apart
-        torch.testing.assert_close(rebuilt.load_into(TinyCNN().eval())(x), again(x),
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            rebuilt.load_into(TinyCNN().eval())(x), again(x), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_load_without_a_model_regenerates_and_exports(saved, tmp_path):

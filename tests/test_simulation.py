@@ -57,9 +57,11 @@ def test_direct_qsim_matches_qsimcirq_on_the_cirq_circuit(make):
     """Our pybind-built qsim circuit equals qsimcirq's own translation of the Cirq circuit."""
     ansatz = make(7, 4)
     angles = np.random.default_rng(0).uniform(-np.pi, np.pi, ansatz.num_params)
-    via_cirq = qsimcirq.QSimSimulator().simulate(
-        ansatz.circuit(), ansatz.resolver(angles), qubit_order=ansatz.qubits()
-    ).final_state_vector
+    via_cirq = (
+        qsimcirq.QSimSimulator()
+        .simulate(ansatz.circuit(), ansatz.resolver(angles), qubit_order=ansatz.qubits())
+        .final_state_vector
+    )
     direct = simulate(QsimBackend(), ansatz.program(), angles)
     np.testing.assert_allclose(direct, via_cirq, atol=1e-6)
 

@@ -27,8 +27,14 @@ from qtcompress.fit import (
 
 def _qt():  # a few tensors of different shapes, vectors included
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv1d(3, 8, 5), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 12, 20),
-                          nn.Tanh(), nn.Linear(20, 4))
+    model = nn.Sequential(
+        nn.Conv1d(3, 8, 5),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 12, 20),
+        nn.Tanh(),
+        nn.Linear(20, 4),
+    )
     qt = compress(model, QTConfig(n_layers=2, budget=0.5, seed=1))
     with torch.no_grad():  # move away from the least-squares optimum: non-zero gradients
         for p in qt.generator.heads:
@@ -67,7 +73,7 @@ def test_relative_errors_match_the_concatenated_reference() -> None:
         w = gen.generate()
     assert got["_total"] == pytest.approx(float((w - target).norm() / target.norm()), rel=1e-6)
     for s in gen.layout.specs:
-        a, b = w[s.offset:s.offset + s.numel], target[s.offset:s.offset + s.numel]
+        a, b = w[s.offset : s.offset + s.numel], target[s.offset : s.offset + s.numel]
         assert got[s.name] == pytest.approx(float((a - b).norm() / b.norm()), rel=1e-6)
 
 

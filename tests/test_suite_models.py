@@ -164,8 +164,9 @@ def test_cache_round_trip(suite, tmp_path, monkeypatch):
     assert entry.weights == 421_642 and "421,642" in entry.description
     assert entry.test_inputs.shape == (359, 1, 28, 28) and entry.test_labels.shape == (359,)
     assert entry.accuracy == first.accuracy
-    for a, b in zip(entry.model.state_dict().values(), first.model.state_dict().values(),
-                    strict=True):
+    for a, b in zip(
+        entry.model.state_dict().values(), first.model.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b)
 
     # a changed recipe makes the cache stale

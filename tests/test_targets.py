@@ -75,8 +75,11 @@ def test_nothing_matches_lists_patterns_and_names():
         select_targets(TinyCNN(), target=["conv9"])
     msg = str(info.value)
     assert "conv9" in msg and "conv1.weight" in msg
-    with pytest.raises(TargetError, match=r"No parameter left to generate \(target=\['conv1'\], "
-                                          r"exclude=\['conv1'\]"):
+    with pytest.raises(
+        TargetError,
+        match=r"No parameter left to generate \(target=\['conv1'\], "
+        r"exclude=\['conv1'\]",
+    ):
         select_targets(TinyCNN(), target=["conv1"], exclude=["conv1"])
     with pytest.raises(TargetError, match=r"No parameter left to generate \(target=all trainable"):
         select_targets(nn.Linear(2, 2).requires_grad_(False))

@@ -27,18 +27,29 @@ def test_set_threads_sets_torch_and_qsim_defaults():
 
 
 @pytest.mark.slow  # fresh interpreters: about 3 s of imports each
-@pytest.mark.parametrize(("user_env", "expected"), [
-    ({}, "None 1000 1"),  # the CLI's default: a short spin
-    ({"OMP_WAIT_POLICY": "PASSIVE"}, "PASSIVE None 1"),  # the user's own setting wins
-])
+@pytest.mark.parametrize(
+    ("user_env", "expected"),
+    [
+        ({}, "None 1000 1"),  # the CLI's default: a short spin
+        ({"OMP_WAIT_POLICY": "PASSIVE"}, "PASSIVE None 1"),  # the user's own setting wins
+    ],
+)
 def test_cli_threads_option_and_wait_policy(user_env, expected):
     # libgomp reads its wait settings once, when torch loads: only a new process shows them.
-    code = ("import os, qtcompress.cli as c; c.main(['--threads', '1', 'qnn', '--qubits', '4', "
-            "'--layers', '1', '--json']); import torch; "
-            "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'), "
-            "torch.get_num_threads())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                         env={"PATH": "/usr/bin:/bin", **user_env}, check=True).stdout
+    code = (
+        "import os, qtcompress.cli as c; c.main(['--threads', '1', 'qnn', '--qubits', '4', "
+        "'--layers', '1', '--json']); import torch; "
+        "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'), "
+        "torch.get_num_threads())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", **user_env},
+        check=True,
+    ).stdout
     assert out.strip().endswith(expected)
 
 

@@ -12,8 +12,12 @@ def test_bench_qnn_writes_its_section_and_keeps_others(tmp_path):
     bench = load_tool("bench_qnn")
     out = tmp_path / "benchmarks.md"
     out.write_text("# Benchmarks\n\n<!-- other:start -->\nkeep me\n<!-- other:end -->\n")
-    assert bench.main(["--qubits", "4", "--layers", "1", "2", "--shift-limit", "5",
-                       "--output", str(out)]) == 0
+    assert (
+        bench.main(
+            ["--qubits", "4", "--layers", "1", "2", "--shift-limit", "5", "--output", str(out)]
+        )
+        == 0
+    )
     text = out.read_text()
     assert "keep me" in text
     rows = [line for line in text.splitlines() if line.startswith("| 4 |")]
@@ -41,8 +45,24 @@ def test_bench_suite_students_fit_the_budget(bench_suite, student):
 
 def test_bench_suite_rows_resume(bench_suite, tmp_path, capsys):
     # Finished runs are kept in --rows; --write-only makes the table without measuring.
-    row = bench_suite.Row("cnn", 0.05, "qt", 0, 100, 2000, 0.9, 0.1, 0.97, "agreement", 0.96,
-                          0.97, False, 1000, 20000, 12.0)
+    row = bench_suite.Row(
+        "cnn",
+        0.05,
+        "qt",
+        0,
+        100,
+        2000,
+        0.9,
+        0.1,
+        0.97,
+        "agreement",
+        0.96,
+        0.97,
+        False,
+        1000,
+        20000,
+        12.0,
+    )
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps(row.__dict__) + "\n")
     assert bench_suite.main(["--rows", str(rows), "--write-only", "--no-write"]) == 0

@@ -55,8 +55,9 @@ class TinyTransformer(nn.Module):
     def __init__(self, vocab: int = 20, dim: int = 16, layers: int = 2, classes: int = 3) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
-        layer = nn.TransformerEncoderLayer(dim, nhead=2, dim_feedforward=32, dropout=0.0,
-                                           batch_first=True)
+        layer = nn.TransformerEncoderLayer(
+            dim, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         # Fresh encoder layers are deep copies with identical values; ONNX exporters merge
         # identical initializers, so give every layer its own values.
@@ -119,14 +120,16 @@ class TwoInputEncoder(nn.Module):
         self.embed = nn.Embedding(vocab, dim)
         self.position = nn.Embedding(max_len, dim)
         self.register_buffer("position_ids", torch.arange(max_len)[None], persistent=True)
-        self.layer = nn.TransformerEncoderLayer(dim, nhead=2, dim_feedforward=32, dropout=0.0,
-                                                batch_first=True)
+        self.layer = nn.TransformerEncoderLayer(
+            dim, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True
+        )
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         pos = self.position_ids[:, : input_ids.shape[1]]  # (1, T)
-        h = self.layer(self.embed(input_ids) + self.position(pos),
-                       src_key_padding_mask=attention_mask == 0)  # (B, T, dim)
+        h = self.layer(
+            self.embed(input_ids) + self.position(pos), src_key_padding_mask=attention_mask == 0
+        )  # (B, T, dim)
         m = attention_mask[..., None].to(h.dtype)
         pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)  # masked mean (B, dim)
         return nn.functional.normalize(self.proj(pooled), dim=-1)

@@ -29,6 +29,7 @@ from qtcompress.fit import LoopConfig
 
 Factorisable = nn.Linear | nn.Conv2d
 
+
 def trainable_count(model: nn.Module, masks: dict[str, torch.Tensor] | None = None) -> int:
     """Trainable parameters of ``model``; masked parameters count only their kept entries."""
     masks = masks or {}
@@ -76,10 +77,16 @@ def _factor_layer(mod: Factorisable, rank: int) -> nn.Module:
     else:
         assert isinstance(mod, nn.Conv2d)
         # torch types these attributes as tuple[int, ...]; they are 2-tuples for Conv2d.
-        first = nn.Conv2d(mod.in_channels, rank, mod.kernel_size,  # type: ignore[arg-type]
-                          stride=mod.stride, padding=mod.padding,  # type: ignore[arg-type]
-                          dilation=mod.dilation, bias=False,  # type: ignore[arg-type]
-                          padding_mode=mod.padding_mode)
+        first = nn.Conv2d(
+            mod.in_channels,
+            rank,
+            mod.kernel_size,  # type: ignore[arg-type]
+            stride=mod.stride,
+            padding=mod.padding,  # type: ignore[arg-type]
+            dilation=mod.dilation,
+            bias=False,  # type: ignore[arg-type]
+            padding_mode=mod.padding_mode,
+        )
         second = nn.Conv2d(rank, mod.out_channels, 1, bias=bias)
         first.weight.data.copy_(a.reshape(rank, *mod.weight.shape[1:]))
         second.weight.data.copy_(b.reshape(mod.out_channels, rank, 1, 1))
@@ -121,8 +128,9 @@ def lowrank_factorize(model: nn.Module, budget: int) -> tuple[nn.Module, dict[st
     ranks = [1] * len(info)
     used = fixed + sum(cost(i, 1) for i in range(len(info)))
     if used > budget:
-        raise ConfigError(f"Rank 1 in every layer needs {used} parameters, over the budget "
-                          f"{budget}.")
+        raise ConfigError(
+            f"Rank 1 in every layer needs {used} parameters, over the budget {budget}."
+        )
     while True:
         best, best_gain = -1, 0.0
         for i, (_, _, _, _, s2) in enumerate(info):

@@ -56,8 +56,10 @@ DEFAULT_GEN: dict[str, Any] = {"chunk": 32, "hidden": (16, 16), "n_layers": 8}
 
 # (label, QTConfig fields, follows the paper?)
 PAPER_GRID: list[tuple[str, dict[str, Any]]] = [
-    ("paper-like: chunk 1, MLP (4, 20, 4), paper transform, L 8",
-     {"chunk": 1, "hidden": (4, 20, 4), "prob_transform": "paper", "n_layers": 8}),
+    (
+        "paper-like: chunk 1, MLP (4, 20, 4), paper transform, L 8",
+        {"chunk": 1, "hidden": (4, 20, 4), "prob_transform": "paper", "n_layers": 8},
+    ),
     ("chunk 1, MLP (16, 16), L 4", {"chunk": 1, "hidden": (16, 16), "n_layers": 4}),
     ("chunk 8, MLP (16, 16), L 8", {"chunk": 8, "hidden": (16, 16), "n_layers": 8}),
     ("chunk 32, MLP (16, 16), L 8 [default]", dict(DEFAULT_GEN)),
@@ -82,8 +84,15 @@ def _accs(model: Callable[[torch.Tensor], torch.Tensor], data: Split) -> tuple[f
     return accuracy(model, data.x_train, data.y_train), accuracy(model, data.x_test, data.y_test)
 
 
-def run_qt(name: str, fields: dict[str, Any], fit_steps: int, ft_steps: int, ft_lr: float,
-           seed: int, control: str | None = None) -> dict[str, float]:
+def run_qt(
+    name: str,
+    fields: dict[str, Any],
+    fit_steps: int,
+    ft_steps: int,
+    ft_lr: float,
+    seed: int,
+    control: str | None = None,
+) -> dict[str, float]:
     """Phase 1 + distillation of one QT generator; ``control="random"`` cuts the QNN off."""
     model, data = load_example(name)
     start = time.perf_counter()
@@ -95,17 +104,28 @@ def run_qt(name: str, fields: dict[str, Any], fit_steps: int, ft_steps: int, ft_
         qt.fit_weights(steps=fit_steps, lr=FIT_LR, progress=False)
     fit_s = time.perf_counter() - start
     phase1 = accuracy(qt.materialize(), data.x_test, data.y_test)
-    qt.finetune(data.x_train, mode="distill", steps=ft_steps, lr=ft_lr, batch_size=64,
-                progress=False)
+    qt.finetune(
+        data.x_train, mode="distill", steps=ft_steps, lr=ft_lr, batch_size=64, progress=False
+    )
     train, test = _accs(qt.materialize(), data)
-    return {"M": rep.generated_weights, "trainable": rep.trainable, "ratio": rep.ratio,
-            "qubits": rep.n_qubits, "layers": rep.n_layers, "qnn": rep.qnn, "phase1": phase1,
-            "train": train, "test": test, "fit_s": fit_s,
-            "total_s": time.perf_counter() - start}
+    return {
+        "M": rep.generated_weights,
+        "trainable": rep.trainable,
+        "ratio": rep.ratio,
+        "qubits": rep.n_qubits,
+        "layers": rep.n_layers,
+        "qnn": rep.qnn,
+        "phase1": phase1,
+        "train": train,
+        "test": test,
+        "fit_s": fit_s,
+        "total_s": time.perf_counter() - start,
+    }
 
 
-def run_classical(name: str, kind: str, budget: int, ft_steps: int, ft_lr: float,
-                  seed: int) -> dict[str, float]:
+def run_classical(
+    name: str, kind: str, budget: int, ft_steps: int, ft_lr: float, seed: int
+) -> dict[str, float]:
     """Low-rank (``"lowrank"``) or pruned (``"prune"``) model at ``budget``, then distillation."""
     teacher, data = load_example(name)
     torch.manual_seed(seed)
@@ -120,13 +140,28 @@ def run_classical(name: str, kind: str, budget: int, ft_steps: int, ft_lr: float
         detail = ", ".join(f"{k} {v}" for k, v in kept.items())
     trainable = trainable_count(student, masks)
     init = accuracy(student, data.x_test, data.y_test)
-    distill_finetune(student, teacher, data.x_train, steps=ft_steps, lr=ft_lr, batch_size=64,
-                     seed=seed, masks=masks)
+    distill_finetune(
+        student,
+        teacher,
+        data.x_train,
+        steps=ft_steps,
+        lr=ft_lr,
+        batch_size=64,
+        seed=seed,
+        masks=masks,
+    )
     train, test = _accs(student, data)
     M = sum(p.numel() for p in teacher.parameters())
-    return {"M": M, "trainable": trainable, "ratio": trainable / M, "phase1": init,
-            "train": train, "test": test, "total_s": time.perf_counter() - start,
-            "detail": detail}  # type: ignore[dict-item]
+    return {
+        "M": M,
+        "trainable": trainable,
+        "ratio": trainable / M,
+        "phase1": init,
+        "train": train,
+        "test": test,
+        "total_s": time.perf_counter() - start,
+        "detail": detail,
+    }  # type: ignore[dict-item]
 
 
 # -- 1. paper-style table ------------------------------------------------------------------------
@@ -157,14 +192,18 @@ def paper_table(args: argparse.Namespace) -> str:
         model, data = load_example(name)
         tr, te = _accs(model, data)
         M = sum(p.numel() for p in model.parameters())
-        lines.append(f"| {name} | original (pretrained) | - | - | {M:,} / {M:,} | 100% | - | "
-                     f"{te:.2%} | {tr - te:+.2%} | - | - |")
+        lines.append(
+            f"| {name} | original (pretrained) | - | - | {M:,} / {M:,} | 100% | - | "
+            f"{te:.2%} | {tr - te:+.2%} | - | - |"
+        )
         for label, fields in grid:
             r = run_qt(name, fields, args.fit_steps, args.finetune_steps, args.finetune_lr, 0)
-            row = (f"| {name} | {label} | {r['qubits']} | {r['layers']} | "
-                   f"{int(r['trainable']):,} / {int(r['M']):,} | {r['ratio']:.1%} | "
-                   f"{r['phase1']:.2%} | **{r['test']:.2%}** | {r['train'] - r['test']:+.2%} | "
-                   f"{r['fit_s']:.1f} | {r['total_s']:.1f} |")
+            row = (
+                f"| {name} | {label} | {r['qubits']} | {r['layers']} | "
+                f"{int(r['trainable']):,} / {int(r['M']):,} | {r['ratio']:.1%} | "
+                f"{r['phase1']:.2%} | **{r['test']:.2%}** | {r['train'] - r['test']:+.2%} | "
+                f"{r['fit_s']:.1f} | {r['total_s']:.1f} |"
+            )
             print(row, flush=True)
             lines.append(row)
     return "\n".join(lines)
@@ -192,8 +231,7 @@ def baselines_table(args: argparse.Namespace) -> str:
         f"{', '.join(map(str, seeds))} (generator init / mini-batch order); mean +- sample std "
         f"over {len(seeds)} seeds. No method was tuned; all share the QT default learning rate.",
         "",
-        "| model | method | trainable / M | start test | fine-tuned test | train | gap | "
-        "time s |",
+        "| model | method | trainable / M | start test | fine-tuned test | train | gap | time s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     details: list[str] = []
@@ -213,26 +251,43 @@ def baselines_table(args: argparse.Namespace) -> str:
                     fields = dict(DEFAULT_GEN)
                     if kind == "none":
                         fields["prob_transform"] = "none"
-                    runs.append(run_qt(name, fields, args.fit_steps, args.finetune_steps,
-                                       args.finetune_lr, seed,
-                                       control="random" if kind == "random" else None))
+                    runs.append(
+                        run_qt(
+                            name,
+                            fields,
+                            args.fit_steps,
+                            args.finetune_steps,
+                            args.finetune_lr,
+                            seed,
+                            control="random" if kind == "random" else None,
+                        )
+                    )
                     if kind == "qt":
                         budget = int(runs[-1]["trainable"])
                 else:
-                    runs.append(run_classical(name, kind, budget, args.finetune_steps,
-                                              args.finetune_lr, seed))
+                    runs.append(
+                        run_classical(
+                            name, kind, budget, args.finetune_steps, args.finetune_lr, seed
+                        )
+                    )
             r0 = runs[0]
-            row = (f"| {name} | {label} | {int(r0['trainable']):,} / {int(r0['M']):,} "
-                   f"({r0['ratio']:.1%}) | {_ms([r['phase1'] for r in runs])} | "
-                   f"**{_ms([r['test'] for r in runs])}** | {_ms([r['train'] for r in runs])} | "
-                   f"{_ms([r['train'] - r['test'] for r in runs])} | "
-                   f"{_ms([r['total_s'] for r in runs], pct=False)} |")
+            row = (
+                f"| {name} | {label} | {int(r0['trainable']):,} / {int(r0['M']):,} "
+                f"({r0['ratio']:.1%}) | {_ms([r['phase1'] for r in runs])} | "
+                f"**{_ms([r['test'] for r in runs])}** | {_ms([r['train'] for r in runs])} | "
+                f"{_ms([r['train'] - r['test'] for r in runs])} | "
+                f"{_ms([r['total_s'] for r in runs], pct=False)} |"
+            )
             print(row, flush=True)
             lines.append(row)
             if "detail" in r0:
                 details.append(f"{name}, {label}: {r0['detail']}")
-    lines += ["", "Layer shapes chosen by the baselines (rank, or kept/total weights): "
-              + "; ".join(details) + "."]
+    lines += [
+        "",
+        "Layer shapes chosen by the baselines (rank, or kept/total weights): "
+        + "; ".join(details)
+        + ".",
+    ]
     return "\n".join(lines)
 
 
@@ -275,15 +330,20 @@ def sim_table(args: argparse.Namespace) -> str:
                 # cirq warns that the (unnormalised) adjoint vectors are not unit vectors.
                 warnings.filterwarnings("ignore", message="final state vector's norm")
                 psi = simulate(backend, prog, angles)
-                fwd = _best(lambda b=backend, c=prog, a=angles: simulate(b, c, a),
-                            args.sim_repeats)
-                grad = _best(lambda b=backend, c=prog, a=angles, p=psi, g=gp:
-                             adjoint_gradient(b, c, a, p, g), args.sim_repeats)
+                fwd = _best(lambda b=backend, c=prog, a=angles: simulate(b, c, a), args.sim_repeats)
+                grad = _best(
+                    lambda b=backend, c=prog, a=angles, p=psi, g=gp: adjoint_gradient(
+                        b, c, a, p, g
+                    ),
+                    args.sim_repeats,
+                )
             res[key] = (fwd, grad, np.abs(psi) ** 2)
         (qf, qg, qp), (cf, cg, cp) = res["qsim"], res["cirq"]
-        row = (f"| {n} | {L} | {1e3 * qf:.2f} | {1e3 * cf:.2f} | {cf / qf:.1f}x | "
-               f"{1e3 * qg:.2f} | {1e3 * cg:.2f} | {cg / qg:.1f}x | "
-               f"{float(np.max(np.abs(qp - cp))):.1e} |")
+        row = (
+            f"| {n} | {L} | {1e3 * qf:.2f} | {1e3 * cf:.2f} | {cf / qf:.1f}x | "
+            f"{1e3 * qg:.2f} | {1e3 * cg:.2f} | {cg / qg:.1f}x | "
+            f"{float(np.max(np.abs(qp - cp))):.1e} |"
+        )
         print(row, flush=True)
         lines.append(row)
     return "\n".join(lines)
@@ -307,13 +367,23 @@ def scaling_table(args: argparse.Namespace) -> str:
     ]
     for size in sizes:
         steps = args.scaling_steps if size < 5e6 else max(1, args.scaling_steps // 2)
-        cmd = [sys.executable, __file__, "--scaling-one", str(size), "--scaling-steps",
-               str(steps), "--max-qubits", str(args.max_qubits)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--scaling-one",
+            str(size),
+            "--scaling-steps",
+            str(steps),
+            "--max-qubits",
+            str(args.max_qubits),
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         r = json.loads(res.stdout.strip().splitlines()[-1])
-        row = (f"| {int(r['M']):,} | {r['qubits']} | {r['chunk']} | {int(r['trainable']):,} | "
-               f"{r['trainable'] / r['M']:.2%} | {steps} | {r['total']:.1f} | "
-               f"{r['peak_mib']:.0f} |")
+        row = (
+            f"| {int(r['M']):,} | {r['qubits']} | {r['chunk']} | {int(r['trainable']):,} | "
+            f"{r['trainable'] / r['M']:.2%} | {steps} | {r['total']:.1f} | "
+            f"{r['peak_mib']:.0f} |"
+        )
         print(row, flush=True)
         lines.append(row)
     return "\n".join(lines)
@@ -330,14 +400,20 @@ def build_markdown(args: argparse.Namespace) -> str:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     mode = "`--quick` (tiny grid, 1 seed, few steps: not a result)" if args.quick else "default"
-    parts = [f"Measured {machine()}; written by `tools/bench_compare.py` ({mode} run"
-             + (f", sections: {', '.join(args.sections)}" if len(args.sections) < 4 else "")
-             + "). Digits: shipped CNN (M = 6,186 incl. BatchNorm), 1,437 train / 360 test; "
-             "wine: shipped MLP (M = 1,603), 142 train / 36 test (one test sample = 2.8 "
-             f"points). Torch threads: {args.threads} for sections 1-3 (these tiny models "
-             "run faster single-threaded), 2 in the scaling subprocesses."]
-    makers = {"paper": paper_table, "baselines": baselines_table, "sim": sim_table,
-              "scaling": scaling_table}
+    parts = [
+        f"Measured {machine()}; written by `tools/bench_compare.py` ({mode} run"
+        + (f", sections: {', '.join(args.sections)}" if len(args.sections) < 4 else "")
+        + "). Digits: shipped CNN (M = 6,186 incl. BatchNorm), 1,437 train / 360 test; "
+        "wine: shipped MLP (M = 1,603), 142 train / 36 test (one test sample = 2.8 "
+        f"points). Torch threads: {args.threads} for sections 1-3 (these tiny models "
+        "run faster single-threaded), 2 in the scaling subprocesses."
+    ]
+    makers = {
+        "paper": paper_table,
+        "baselines": baselines_table,
+        "sim": sim_table,
+        "scaling": scaling_table,
+    }
     for key in SECTIONS:
         if key in args.sections:
             parts.append(makers[key](args))
@@ -346,19 +422,18 @@ def build_markdown(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="tiny grid, 1 seed, few steps")
     ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
-    ap.add_argument("--models", nargs="+", choices=("digits", "wine"),
-                    default=["digits", "wine"])
+    ap.add_argument("--models", nargs="+", choices=("digits", "wine"), default=["digits", "wine"])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--fit-steps", type=int, default=300)
     ap.add_argument("--finetune-steps", type=int, default=3000)
     ap.add_argument("--finetune-lr", type=float, default=1e-2)
     ap.add_argument("--sim-repeats", type=int, default=5)
-    ap.add_argument("--scaling-sizes", type=float, nargs="+",
-                    default=[1e3, 1e4, 1e5, 1e6, 1e7])
+    ap.add_argument("--scaling-sizes", type=float, nargs="+", default=[1e3, 1e4, 1e5, 1e6, 1e7])
     ap.add_argument("--scaling-steps", type=int, default=4)
     ap.add_argument("--max-qubits", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (sections 1-3)")
@@ -375,8 +450,12 @@ def main(argv: list[str] | None = None) -> int:
     markdown = build_markdown(args)
     print(markdown)
     if not args.no_write:
-        write_section("bench_compare", "QT vs classical baselines, simulators and scaling "
-                      "(`tools/bench_compare.py`)", markdown, path=args.output)
+        write_section(
+            "bench_compare",
+            "QT vs classical baselines, simulators and scaling (`tools/bench_compare.py`)",
+            markdown,
+            path=args.output,
+        )
     return 0
 
 

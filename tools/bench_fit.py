@@ -54,9 +54,12 @@ def measure(size: int, steps: int, max_qubits: int, n_layers: int) -> dict[str, 
     x = torch.randn(64, 64)
     y = torch.randint(0, 10, (64,))
     rss0 = _rss_mib()
-    qt = compress(model, QTConfig(scheme="flat", chunk=None, max_qubits=max_qubits,
-                                  n_layers=n_layers,
-                                  hidden=(16, 16)))
+    qt = compress(
+        model,
+        QTConfig(
+            scheme="flat", chunk=None, max_qubits=max_qubits, n_layers=n_layers, hidden=(16, 16)
+        ),
+    )
     gen, fm = qt.generator, qt.functional
     parts = {"sim": 0.0, "mapping": 0.0, "model": 0.0}
     for i in range(steps + 2):  # two warm-up steps
@@ -82,8 +85,14 @@ def measure(size: int, steps: int, max_qubits: int, n_layers: int) -> dict[str, 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rep = qt.report()
     out = {k: 1000 * v / steps for k, v in parts.items()}
-    out.update(M=rep.generated_weights, trainable=rep.trainable, qubits=rep.n_qubits,
-               chunk=rep.chunk, peak_mib=peak, setup_rss_mib=rss0)
+    out.update(
+        M=rep.generated_weights,
+        trainable=rep.trainable,
+        qubits=rep.n_qubits,
+        chunk=rep.chunk,
+        peak_mib=peak,
+        setup_rss_mib=rss0,
+    )
     out["total"] = out["sim"] + out["mapping"] + out["model"]
     return out
 
@@ -103,7 +112,8 @@ def table(rows: list[dict[str, float]], steps: int, n_layers: int) -> str:
         lines.append(
             f"| {r['M']:,} | {r['qubits']} | {r['chunk']} | {r['trainable']:,} | {r['sim']:.2f} | "
             f"{r['mapping']:.2f} | {r['model']:.2f} | {r['total']:.2f} | {r['peak_mib']:.0f} | "
-            f"{r['setup_rss_mib']:.0f} |")
+            f"{r['setup_rss_mib']:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -121,16 +131,27 @@ def main(argv: list[str] | None = None) -> None:
         return
     rows = []
     for size in a.sizes:
-        cmd = [sys.executable, __file__, "--one", str(size), "--steps", str(a.steps),
-               "--max-qubits", str(a.max_qubits), "--layers", str(a.layers)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            str(size),
+            "--steps",
+            str(a.steps),
+            "--max-qubits",
+            str(a.max_qubits),
+            "--layers",
+            str(a.layers),
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
     text = table(rows, a.steps, a.layers)
     print(text)
     if not a.no_write:
-        write_section("bench_fit", "Fit step time and memory vs model size (`tools/bench_fit.py`)",
-                      text)
+        write_section(
+            "bench_fit", "Fit step time and memory vs model size (`tools/bench_fit.py`)", text
+        )
 
 
 if __name__ == "__main__":

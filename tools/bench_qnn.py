@@ -68,13 +68,23 @@ def run(qubits: list[int], layers: list[int], shift_limit_s: float) -> list[dict
                 start = time.perf_counter()
                 parameter_shift_gradient(backend, program, angles, g)
                 shift = (time.perf_counter() - start) * 1e3
-            row = {"n": n, "L": n_layers, "params": ansatz.num_params, "fwd": fwd,
-                   "fwd_cirq": fwd_cirq, "grad": grad, "shift": shift, "estimate_s": estimate_s}
+            row = {
+                "n": n,
+                "L": n_layers,
+                "params": ansatz.num_params,
+                "fwd": fwd,
+                "fwd_cirq": fwd_cirq,
+                "grad": grad,
+                "shift": shift,
+                "estimate_s": estimate_s,
+            }
             rows.append(row)
             shift_text = f"{shift:10.1f}" if shift is not None else f"skip(~{estimate_s:.0f}s)"
-            print(f"n={n:2d} L={n_layers:2d}  fwd {fwd:8.2f} ms  fwd-cirq {fwd_cirq:8.2f} ms  "
-                  f"grad {grad:8.2f} ms  grad/fwd {grad / fwd:5.2f}  shift {shift_text}",
-                  flush=True)
+            print(
+                f"n={n:2d} L={n_layers:2d}  fwd {fwd:8.2f} ms  fwd-cirq {fwd_cirq:8.2f} ms  "
+                f"grad {grad:8.2f} ms  grad/fwd {grad / fwd:5.2f}  shift {shift_text}",
+                flush=True,
+            )
     return rows
 
 
@@ -110,12 +120,17 @@ def to_markdown(rows: list[dict[str, object]], threads: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--qubits", type=int, nargs="+", default=[10, 13, 16, 18, 20])
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 8, 16])
-    parser.add_argument("--shift-limit", type=float, default=60.0,
-                        help="skip parameter shift where it would take longer (seconds)")
+    parser.add_argument(
+        "--shift-limit",
+        type=float,
+        default=60.0,
+        help="skip parameter shift where it would take longer (seconds)",
+    )
     parser.add_argument("--quick", action="store_true", help="small grid for a smoke test")
     parser.add_argument("--no-write", action="store_true", help="do not touch docs/")
     parser.add_argument("--output", type=Path, default=DOC)
@@ -125,8 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(args.qubits, args.layers, args.shift_limit)
     markdown = to_markdown(rows, QsimBackend().threads)
     if not args.no_write:
-        write_section("bench_qnn", "QNN simulation and gradients (`tools/bench_qnn.py`)",
-                      markdown, args.output)
+        write_section(
+            "bench_qnn",
+            "QNN simulation and gradients (`tools/bench_qnn.py`)",
+            markdown,
+            args.output,
+        )
         print(f"wrote {args.output}")
     return 0
 

@@ -46,8 +46,12 @@ from pathlib import Path
 from typing import Any
 
 THREADS = 2
-ENV = {"OMP_NUM_THREADS": str(THREADS), "OPENBLAS_NUM_THREADS": str(THREADS),
-       "MKL_NUM_THREADS": str(THREADS), "GOMP_SPINCOUNT": "1000"}
+ENV = {
+    "OMP_NUM_THREADS": str(THREADS),
+    "OPENBLAS_NUM_THREADS": str(THREADS),
+    "MKL_NUM_THREADS": str(THREADS),
+    "GOMP_SPINCOUNT": "1000",
+}
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchdoc import ROOT, machine, write_section  # noqa: E402
@@ -62,16 +66,32 @@ def build(kind: str, size: float) -> tuple[Any, Any]:
     torch.manual_seed(0)
     if kind == "mlp":  # 784 -> w -> w -> w -> 10: 2w^2 + 797w weights
         w = int((-797 + math.sqrt(797**2 + 8 * size)) / 4)
-        model = nn.Sequential(nn.Linear(784, w), nn.ReLU(), nn.Linear(w, w), nn.ReLU(),
-                              nn.Linear(w, w), nn.ReLU(), nn.Linear(w, 10))
+        model = nn.Sequential(
+            nn.Linear(784, w),
+            nn.ReLU(),
+            nn.Linear(w, w),
+            nn.ReLU(),
+            nn.Linear(w, w),
+            nn.ReLU(),
+            nn.Linear(w, 10),
+        )
         return model.eval(), torch.randn(64, 784)
     if kind == "cnn":  # four 3x3 convs (c, 2c, 4c, 4c), no BatchNorm: ~234 c^2 weights
         c = max(4, round(math.sqrt(size / 234)))
         model = nn.Sequential(
-            nn.Conv2d(3, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, 2 * c, 3, padding=1),
-            nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(2 * c, 4 * c, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(4 * c, 4 * c, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(), nn.Linear(4 * c, 10))
+            nn.Conv2d(3, c, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(c, 2 * c, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * c, 4 * c, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(4 * c, 4 * c, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4 * c, 10),
+        )
         return model.eval(), torch.randn(16, 3, 16, 16)
     if kind == "lstm":  # 2-layer LSTM over 16 steps: ~12 h^2 weights
         h = max(8, round(math.sqrt(size / 12)))
@@ -169,6 +189,7 @@ def measure(kind: str, size: float, repeats: int) -> dict[str, Any]:
 
     def distill_step(forward: Any, opt: torch.optim.Optimizer) -> Any:
         """One distillation step: teacher forward, ``forward(x)``, KL, backward, Adam."""
+
         def step() -> None:
             with torch.no_grad():
                 teacher = model(x)
@@ -182,8 +203,7 @@ def measure(kind: str, size: float, repeats: int) -> dict[str, Any]:
     student = copymod.deepcopy(model)
     for p in student.parameters():
         p.requires_grad_(True)
-    plain_step = distill_step(student, torch.optim.Adam(student.parameters(), lr=1e-4,
-                                                        fused=True))
+    plain_step = distill_step(student, torch.optim.Adam(student.parameters(), lr=1e-4, fused=True))
     qt = compress(model)
     gen, fm = qt.generator, qt.functional
     qt_opt = torch.optim.Adam(gen.parameters(), lr=1e-4, fused=True)
@@ -219,9 +239,13 @@ def measure(kind: str, size: float, repeats: int) -> dict[str, Any]:
         qt_opt.step()
         qt_opt.zero_grad(set_to_none=True)
         t8 = time.perf_counter()
-        for key, value in (("qnn", (t1 - t0) + (t7 - t6)), ("body", (t2 - t1) + (t6 - t5)),
-                           ("heads", (t3 - t2) + (t5 - t4)), ("model", t4 - t3),
-                           ("adam", t8 - t7)):
+        for key, value in (
+            ("qnn", (t1 - t0) + (t7 - t6)),
+            ("body", (t2 - t1) + (t6 - t5)),
+            ("heads", (t3 - t2) + (t5 - t4)),
+            ("model", t4 - t3),
+            ("adam", t8 - t7),
+        ):
             parts[key].append(1000 * value)
 
     plain: list[float] = []
@@ -238,17 +262,32 @@ def measure(kind: str, size: float, repeats: int) -> dict[str, Any]:
     parts = {k: v[1:] for k, v in parts.items()}
     m = gen.total
     macs = sum(gen.views[i][0] * gen.views[i][1] * k for i, k in enumerate(gen.ranks) if k)
-    floor_ms = max(3 * 2 * macs / (rates["gflops"] * 1e9),  # forward + two backward matmuls
-                   3 * 4 * m / (rates["gbps"] * 1e9)) * 1000  # write W, read dW twice
+    floor_ms = (
+        max(
+            3 * 2 * macs / (rates["gflops"] * 1e9),  # forward + two backward matmuls
+            3 * 4 * m / (rates["gbps"] * 1e9),
+        )
+        * 1000
+    )  # write W, read dW twice
     med = {k: statistics.median(v) for k, v in parts.items()}
-    return {"kind": kind, "M": m, "trainable": gen.parameter_counts()["total"],
-            "qubits": gen.n_qubits, "rank": gen.rank,
-            "batch": int(x.shape[0]), "plain_ms": statistics.median(plain),
-            "qt_ms": statistics.median(qtt), "dense_ms": statistics.median(dense),
-            **{f"{k}_ms": v for k, v in med.items()},
-            "generator_ms": med["qnn"] + med["body"] + med["heads"], "floor_ms": floor_ms,
-            "gflops": rates["gflops"], "gbps": rates["gbps"], "peak_mib": _peak_mib(),
-            "teacher_shape": list(teacher_out.shape)}
+    return {
+        "kind": kind,
+        "M": m,
+        "trainable": gen.parameter_counts()["total"],
+        "qubits": gen.n_qubits,
+        "rank": gen.rank,
+        "batch": int(x.shape[0]),
+        "plain_ms": statistics.median(plain),
+        "qt_ms": statistics.median(qtt),
+        "dense_ms": statistics.median(dense),
+        **{f"{k}_ms": v for k, v in med.items()},
+        "generator_ms": med["qnn"] + med["body"] + med["heads"],
+        "floor_ms": floor_ms,
+        "gflops": rates["gflops"],
+        "gbps": rates["gbps"],
+        "peak_mib": _peak_mib(),
+        "teacher_shape": list(teacher_out.shape),
+    }
 
 
 def measure_phase1(size: float, steps: int) -> dict[str, Any]:
@@ -270,12 +309,19 @@ def measure_phase1(size: float, steps: int) -> dict[str, Any]:
     reset = _reset_peak()
     result = qt.fit_weights(steps=steps, lr=1e-3, progress=False)
     per_step = 1000 * result.elapsed_s / steps
-    return {"M": qt.layout.total, "weights_mib": weights_mib, "rss_model_mib": rss_model,
-            "rss_after_compress_mib": rss_setup, "peak_mib": _peak_mib(),
-            "compress_peak_mib": compress_peak,
-            "step_peak_mib": _status_mib("VmHWM") if reset else float("nan"),
-            "compress_s": setup_s, "step_ms": per_step, "steps": steps,
-            "trainable": qt.generator.parameter_counts()["total"]}
+    return {
+        "M": qt.layout.total,
+        "weights_mib": weights_mib,
+        "rss_model_mib": rss_model,
+        "rss_after_compress_mib": rss_setup,
+        "peak_mib": _peak_mib(),
+        "compress_peak_mib": compress_peak,
+        "step_peak_mib": _status_mib("VmHWM") if reset else float("nan"),
+        "compress_s": setup_s,
+        "step_ms": per_step,
+        "steps": steps,
+        "trainable": qt.generator.parameter_counts()["total"],
+    }
 
 
 def measure_steps(kind: str, size: float, repeats: int) -> dict[str, float]:
@@ -297,8 +343,8 @@ def measure_steps(kind: str, size: float, repeats: int) -> dict[str, float]:
     qt = compress(model)
     runs: dict[str, tuple[Any, torch.optim.Optimizer]] = {
         "plain": (student, torch.optim.Adam(student.parameters(), lr=1e-4, fused=True)),
-        "qt": (qt.functional, torch.optim.Adam(qt.generator.parameters(), lr=1e-4,
-                                               fused=True))}
+        "qt": (qt.functional, torch.optim.Adam(qt.generator.parameters(), lr=1e-4, fused=True)),
+    }
     times: dict[str, list[float]] = {k: [] for k in runs}
     for i in range(repeats + 2):  # two warm-up rounds
         for name, (forward, opt) in runs.items():
@@ -325,8 +371,10 @@ WAIT_VARIANTS: dict[str, dict[str, str]] = {
 
 def _competitor() -> subprocess.Popen[bytes]:
     """One competing 2-thread torch process (matrix products), given 2 s to start."""
-    code = ("import torch, time\ntorch.set_num_threads(2)\na = torch.randn(512, 512)\n"
-            "t = time.time()\nwhile time.time() - t < 300: a @ a\n")
+    code = (
+        "import torch, time\ntorch.set_num_threads(2)\na = torch.randn(512, 512)\n"
+        "t = time.time()\nwhile time.time() - t < 300: a @ a\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code])
     time.sleep(2.0)
     return proc
@@ -340,8 +388,7 @@ def wait_sweep(kind: str, size: float, repeats: int) -> list[dict[str, Any]]:
         for state in ("quiet", "busy"):
             competitor = _competitor() if state == "busy" else None
             try:
-                out = _child(["--one-steps", kind, str(size), "--repeats", str(repeats)],
-                             env=env)
+                out = _child(["--one-steps", kind, str(size), "--repeats", str(repeats)], env=env)
             finally:
                 if competitor is not None:
                     competitor.kill()
@@ -394,15 +441,20 @@ def measure_contention(repeats: int, variant: str) -> dict[str, float]:
 
 
 # -- report ------------------------------------------------------------------------------------
-def table(rows: list[dict[str, Any]], phase1: dict[str, Any] | None, repeats: int,
-          contention: dict[str, float] | None = None,
-          waits: list[dict[str, Any]] | None = None) -> str:
+def table(
+    rows: list[dict[str, Any]],
+    phase1: dict[str, Any] | None,
+    repeats: int,
+    contention: dict[str, float] | None = None,
+    waits: list[dict[str, Any]] | None = None,
+) -> str:
     """Markdown for docs/benchmarks.md."""
     lines = [
         f"QT fine-tuning step vs the plain distillation step of the same model (all weights "
         f"trainable), interleaved in one process per model, medians of {repeats}. Rows scheme, "
         f"default budget (5% of M). Threads: torch {THREADS}, qsim {THREADS}, "
-        f"OMP/OpenBLAS {THREADS}, GOMP_SPINCOUNT=1000 (as the CLI sets it). Measured {machine()}; written by "
+        f"OMP/OpenBLAS {THREADS}, GOMP_SPINCOUNT=1000 (as the CLI sets it). "
+        f"Measured {machine()}; written by "
         "`tools/bench_step.py`.",
         "",
         "| model | M | batch | qubits | rank | plain (ms) | QT (ms) | QT / plain | "
@@ -416,71 +468,96 @@ def table(rows: list[dict[str, Any]], phase1: dict[str, Any] | None, repeats: in
             f"{r['plain_ms']:.1f} | {r['qt_ms']:.1f} | {r['qt_ms'] / r['plain_ms']:.2f}x | "
             f"{r['dense_ms']:.1f} | {r['qnn_ms']:.1f} | {r['body_ms']:.1f} | {r['heads_ms']:.1f} | "
             f"{r['model_ms']:.1f} | {r['adam_ms']:.1f} | {r['generator_ms']:.1f} | "
-            f"{r['floor_ms']:.1f} | {r['peak_mib']:.0f} |")
+            f"{r['floor_ms']:.1f} | {r['peak_mib']:.0f} |"
+        )
     if rows:
-        lines += ["", f"Machine rates measured in the same runs: sgemm up to "
-                  f"{max(r['gflops'] for r in rows):.0f} GFLOP/s, copy up to "
-                  f"{max(r['gbps'] for r in rows):.1f} GB/s. *floor*: the heads' multiply-adds "
-                  "(forward and both backward products) at that sgemm rate, or writing the "
-                  "weights and reading their gradient twice at that bandwidth, whichever is "
-                  "larger. *QT*: linear layers run on the low-rank factors "
-                  "(`qtcompress/lowrank.py`); *QT, dense W*: the same step with every weight "
-                  "materialised first (the step before that change), interleaved with the "
-                  "other two. QNN / body / heads / model / Adam: one split step with dense "
-                  "weights, run separately (ms)."]
+        lines += [
+            "",
+            f"Machine rates measured in the same runs: sgemm up to "
+            f"{max(r['gflops'] for r in rows):.0f} GFLOP/s, copy up to "
+            f"{max(r['gbps'] for r in rows):.1f} GB/s. *floor*: the heads' multiply-adds "
+            "(forward and both backward products) at that sgemm rate, or writing the "
+            "weights and reading their gradient twice at that bandwidth, whichever is "
+            "larger. *QT*: linear layers run on the low-rank factors "
+            "(`qtcompress/lowrank.py`); *QT, dense W*: the same step with every weight "
+            "materialised first (the step before that change), interleaved with the "
+            "other two. QNN / body / heads / model / Adam: one split step with dense "
+            "weights, run separately (ms).",
+        ]
     if phase1:
         p = phase1
-        lines += ["", f"Phase 1 at {p['M']:,} weights (MLP, {p['weights_mib']:.0f} MiB of "
-                  f"float32 weights, {p['trainable']:,} generator parameters): "
-                  f"`compress()` {p['compress_s']:.1f} s (least-squares heads), "
-                  f"{p['step_ms']:.0f} ms per weight-loss step (mean of {p['steps']}); resident "
-                  f"memory {p['rss_model_mib']:.0f} MiB with the model built, "
-                  f"{p['rss_after_compress_mib']:.0f} MiB after `compress()` (peak "
-                  f"{p['compress_peak_mib']:.0f} MiB during it), peak during the steps "
-                  f"{p['step_peak_mib']:.0f} MiB. Extra over the built model: "
-                  f"{(p['rss_after_compress_mib'] - p['rss_model_mib']) / p['weights_mib']:.1f}x "
-                  f"the weights' bytes held by `compress()`, "
-                  f"{(p['step_peak_mib'] - p['rss_model_mib']) / p['weights_mib']:.1f}x at the "
-                  "steps' peak."]
+        lines += [
+            "",
+            f"Phase 1 at {p['M']:,} weights (MLP, {p['weights_mib']:.0f} MiB of "
+            f"float32 weights, {p['trainable']:,} generator parameters): "
+            f"`compress()` {p['compress_s']:.1f} s (least-squares heads), "
+            f"{p['step_ms']:.0f} ms per weight-loss step (mean of {p['steps']}); resident "
+            f"memory {p['rss_model_mib']:.0f} MiB with the model built, "
+            f"{p['rss_after_compress_mib']:.0f} MiB after `compress()` (peak "
+            f"{p['compress_peak_mib']:.0f} MiB during it), peak during the steps "
+            f"{p['step_peak_mib']:.0f} MiB. Extra over the built model: "
+            f"{(p['rss_after_compress_mib'] - p['rss_model_mib']) / p['weights_mib']:.1f}x "
+            f"the weights' bytes held by `compress()`, "
+            f"{(p['step_peak_mib'] - p['rss_model_mib']) / p['weights_mib']:.1f}x at the "
+            "steps' peak.",
+        ]
     if contention:
         c = contention
-        lines += ["", "QNN forward + adjoint gradient, 13 qubits x 8 layers, through "
-                  "`qtcompress.qnn.QNN` with torch imported first and no environment variables "
-                  "set, median ms, quiet and next to one competing 2-thread torch process:", "",
-                  "| qsim threads | quiet (ms) | one competing process (ms) | slow-down |",
-                  "|---|---|---|---|"]
+        lines += [
+            "",
+            "QNN forward + adjoint gradient, 13 qubits x 8 layers, through "
+            "`qtcompress.qnn.QNN` with torch imported first and no environment variables "
+            "set, median ms, quiet and next to one competing 2-thread torch process:",
+            "",
+            "| qsim threads | quiet (ms) | one competing process (ms) | slow-down |",
+            "|---|---|---|---|",
+        ]
         for name in ("default", "2 qsim threads"):
             q, b = c[f"{name}, quiet"], c[f"{name}, busy"]
-            label = ("default (1 thread up to 16 qubits)" if name == "default"
-                     else "2 (the default before)")
+            label = (
+                "default (1 thread up to 16 qubits)"
+                if name == "default"
+                else "2 (the default before)"
+            )
             lines.append(f"| {label} | {q:.2f} | {b:.2f} | {b / q:.1f}x |")
     if waits:
-        lines += ["", "OpenMP idle threads, MLP 1e6 (batch 64), QT and plain steps in fresh "
-                  "processes (torch 2 threads), quiet and next to one competing 2-thread torch "
-                  "process, medians (ms). Idle threads that spin hold a core the other process "
-                  "needs; threads that sleep at once pay a wake-up on every parallel operator:",
-                  "", "| idle threads | plain quiet | QT quiet | QT / plain | plain busy | "
-                  "QT busy |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "OpenMP idle threads, MLP 1e6 (batch 64), QT and plain steps in fresh "
+            "processes (torch 2 threads), quiet and next to one competing 2-thread torch "
+            "process, medians (ms). Idle threads that spin hold a core the other process "
+            "needs; threads that sleep at once pay a wake-up on every parallel operator:",
+            "",
+            "| idle threads | plain quiet | QT quiet | QT / plain | plain busy | QT busy |",
+            "|---|---|---|---|---|---|",
+        ]
         for w in waits:
-            lines.append(f"| {w['variant']} | {w['quiet_plain_ms']:.1f} | "
-                         f"{w['quiet_qt_ms']:.1f} | "
-                         f"{w['quiet_qt_ms'] / w['quiet_plain_ms']:.2f}x | "
-                         f"{w['busy_plain_ms']:.1f} | {w['busy_qt_ms']:.1f} |")
+            lines.append(
+                f"| {w['variant']} | {w['quiet_plain_ms']:.1f} | "
+                f"{w['quiet_qt_ms']:.1f} | "
+                f"{w['quiet_qt_ms'] / w['quiet_plain_ms']:.2f}x | "
+                f"{w['busy_plain_ms']:.1f} | {w['busy_qt_ms']:.1f} |"
+            )
     return "\n".join(lines)
 
 
-def _child(args: list[str], clean_env: bool = False,
-           env: dict[str, str] | None = None) -> dict[str, Any]:
+def _child(
+    args: list[str], clean_env: bool = False, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Run this script in a fresh process; ``env`` replaces the OpenMP wait settings."""
-    full = {k: v for k, v in os.environ.items()
-            if not k.startswith(("OMP_", "OPENBLAS_", "MKL_", "GOMP_"))}
+    full = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("OMP_", "OPENBLAS_", "MKL_", "GOMP_"))
+    }
     if not clean_env:
         full.update(ENV)
     if env is not None:
         full = {k: v for k, v in full.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
         full.update(env)
-    res = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
-                         env=full)
+    res = subprocess.run(
+        [sys.executable, __file__, *args], capture_output=True, text=True, env=full
+    )
     if res.returncode != 0:
         raise SystemExit(f"bench_step child {args} failed:\n{res.stderr[-3000:]}")
     out: dict[str, Any] = json.loads(res.stdout.strip().splitlines()[-1])
@@ -488,8 +565,9 @@ def _child(args: list[str], clean_env: bool = False,
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--models", nargs="*", default=["mlp", "cnn", "lstm", "transformer"])
     ap.add_argument("--sizes", type=float, nargs="*", default=[1e5, 1e6, 1e7])
     ap.add_argument("--repeats", type=int, default=7)
@@ -498,11 +576,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # child: kind size
     ap.add_argument("--one-phase1", type=float, help=argparse.SUPPRESS)
-    ap.add_argument("--contention", action="store_true",
-                    help="also time the QNN quiet and next to a competing process")
+    ap.add_argument(
+        "--contention",
+        action="store_true",
+        help="also time the QNN quiet and next to a competing process",
+    )
     ap.add_argument("--one-contention", help=argparse.SUPPRESS)
-    ap.add_argument("--wait", action="store_true",
-                    help="also sweep OpenMP wait settings (MLP 1e6, quiet and busy)")
+    ap.add_argument(
+        "--wait",
+        action="store_true",
+        help="also sweep OpenMP wait settings (MLP 1e6, quiet and busy)",
+    )
     ap.add_argument("--one-steps", nargs=2, help=argparse.SUPPRESS)  # child: kind size
     a = ap.parse_args(argv)
     if a.one_steps:
@@ -522,10 +606,13 @@ def main(argv: list[str] | None = None) -> None:
         for kind in a.models:
             rows.append(_child(["--one", kind, str(size), "--repeats", str(a.repeats)]))
             r = rows[-1]
-            print(f"{kind} M={r['M']:,}: plain {r['plain_ms']:.1f} ms, QT {r['qt_ms']:.1f} ms "
-                  f"({r['qt_ms'] / r['plain_ms']:.2f}x), dense W {r['dense_ms']:.1f} ms; "
-                  f"generator {r['generator_ms']:.1f} ms, "
-                  f"floor {r['floor_ms']:.1f} ms", flush=True)
+            print(
+                f"{kind} M={r['M']:,}: plain {r['plain_ms']:.1f} ms, QT {r['qt_ms']:.1f} ms "
+                f"({r['qt_ms'] / r['plain_ms']:.2f}x), dense W {r['dense_ms']:.1f} ms; "
+                f"generator {r['generator_ms']:.1f} ms, "
+                f"floor {r['floor_ms']:.1f} ms",
+                flush=True,
+            )
     phase1 = None
     if a.phase1:
         phase1 = _child(["--one-phase1", str(a.phase1), "--phase1-steps", str(a.phase1_steps)])
@@ -534,8 +621,9 @@ def main(argv: list[str] | None = None) -> None:
     if a.contention:
         contention = {}
         for variant in ("default", "2 qsim threads"):
-            contention.update(_child(["--one-contention", variant, "--repeats", str(a.repeats)],
-                                     clean_env=True))
+            contention.update(
+                _child(["--one-contention", variant, "--repeats", str(a.repeats)], clean_env=True)
+            )
         print(contention, flush=True)
     waits = wait_sweep("mlp", 1e6, a.repeats) if a.wait else None
     text = table(rows, phase1, a.repeats, contention, waits)

@@ -66,14 +66,20 @@ class LowRankStudent(nn.Module):
         named = dict(model.named_parameters())
         self.names = list(named)
         self.shapes = {n: tuple(p.shape) for n, p in named.items()}
-        mats = {n: p.detach().reshape(row_view(tuple(p.shape))).double()
-                for n, p in named.items() if p.ndim >= 2}
+        mats = {
+            n: p.detach().reshape(row_view(tuple(p.shape))).double()
+            for n, p in named.items()
+            if p.ndim >= 2
+        }
         svd = {n: torch.linalg.svd(m, full_matrices=False) for n, m in mats.items()}
         used = sum(p.numel() for n, p in named.items() if n not in mats)
         ranks = {n: 1 for n in mats}
         used += sum(sum(m.shape) for m in mats.values())
-        heap = [(-float(svd[n].S[1] ** 2 / (svd[n].S ** 2).sum()) / sum(m.shape), n)
-                for n, m in mats.items() if min(m.shape) > 1]
+        heap = [
+            (-float(svd[n].S[1] ** 2 / (svd[n].S ** 2).sum()) / sum(m.shape), n)
+            for n, m in mats.items()
+            if min(m.shape) > 1
+        ]
         heapq.heapify(heap)
         while heap:
             _, n = heapq.heappop(heap)
@@ -84,7 +90,7 @@ class LowRankStudent(nn.Module):
             used += cost
             s = svd[n].S
             if ranks[n] < len(s):
-                heapq.heappush(heap, (-float(s[ranks[n]] ** 2 / (s ** 2).sum()) / cost, n))
+                heapq.heappush(heap, (-float(s[ranks[n]] ** 2 / (s**2).sum()) / cost, n))
         self.ranks = ranks
         self.u = nn.ParameterDict()
         self.v = nn.ParameterDict()
@@ -146,8 +152,10 @@ class PrunedStudent(nn.Module):
 def count(module: nn.Module) -> int:
     """Trainable parameters (a pruned student counts only its kept entries)."""
     if isinstance(module, PrunedStudent):
-        return sum(int(module.masks[k].sum()) if k in module.masks else p.numel()
-                   for k, p in module.weights.items())
+        return sum(
+            int(module.masks[k].sum()) if k in module.masks else p.numel()
+            for k, p in module.weights.items()
+        )
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
@@ -176,8 +184,9 @@ def split_of(entry: Any) -> Split:
     def labels(t: torch.Tensor | None) -> torch.Tensor:
         return t if t is not None else torch.empty(0, dtype=torch.int64)
 
-    return Split(entry.train_inputs, labels(entry.train_labels), entry.test_inputs,
-                 labels(entry.test_labels))
+    return Split(
+        entry.train_inputs, labels(entry.train_labels), entry.test_inputs, labels(entry.test_labels)
+    )
 
 
 def qt_config(entry: Any, budget: float, seed: int, **fields: Any) -> QTConfig:
@@ -193,21 +202,39 @@ def qt_config(entry: Any, budget: float, seed: int, **fields: Any) -> QTConfig:
 def run_qt(entry: Any, budget: float, seed: int, steps: int, fit_steps: int) -> Row:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        r = run_pipeline(entry.model, qt_config(entry, budget, seed), split_of(entry),
-                         Path(tmp) / "out", name=entry.name,
-                         settings=PipelineSettings(fit_steps=fit_steps, finetune_steps=steps,
-                                                   latency_repeats=1),
-                         checkpoint_bytes=entry.checkpoint.stat().st_size)
+        r = run_pipeline(
+            entry.model,
+            qt_config(entry, budget, seed),
+            split_of(entry),
+            Path(tmp) / "out",
+            name=entry.name,
+            settings=PipelineSettings(fit_steps=fit_steps, finetune_steps=steps, latency_repeats=1),
+            checkpoint_bytes=entry.checkpoint.stat().st_size,
+        )
     f1, f2 = r.fidelity_phase1, r.fidelity_finetuned
-    return Row(entry.name, budget, "qt", seed, r.generator_params, r.generated_weights,
-               r.phase1_rel_weight_error, f1["headline"], f2["headline"], f2["headline_name"],
-               r.accuracy_finetuned, r.accuracy_original, f2["degenerate"],
-               r.generator_file_bytes, entry.checkpoint.stat().st_size,
-               time.perf_counter() - t0)
+    return Row(
+        entry.name,
+        budget,
+        "qt",
+        seed,
+        r.generator_params,
+        r.generated_weights,
+        r.phase1_rel_weight_error,
+        f1["headline"],
+        f2["headline"],
+        f2["headline_name"],
+        r.accuracy_finetuned,
+        r.accuracy_original,
+        f2["degenerate"],
+        r.generator_file_bytes,
+        entry.checkpoint.stat().st_size,
+        time.perf_counter() - t0,
+    )
 
 
-def run_other(entry: Any, method: str, budget: float, params: int, seed: int,
-              steps: int, fit_steps: int) -> Row:
+def run_other(
+    entry: Any, method: str, budget: float, params: int, seed: int, steps: int, fit_steps: int
+) -> Row:
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     data = split_of(entry)
@@ -222,19 +249,36 @@ def run_other(entry: Any, method: str, budget: float, params: int, seed: int,
         fid = qt.evaluate(data.x_test, labels)
         n_params = qt.report().trainable - qt.report().qnn  # the QNN is cut off
     else:
-        student: nn.Module = (LowRankStudent(entry.model, params) if method == "low-rank"
-                              else PrunedStudent(entry.model, params))
+        student: nn.Module = (
+            LowRankStudent(entry.model, params)
+            if method == "low-rank"
+            else PrunedStudent(entry.model, params)
+        )
         fmodel = FunctionalModel(entry.model, student)  # type: ignore[arg-type]
         p1_fid = evaluate_fidelity(fmodel, data.x_test, labels).headline
-        cfg = LoopConfig(steps=steps, lr=3e-3, seed=seed, warmup=max(1, steps // 10),
-                         grad_clip=1.0)
+        cfg = LoopConfig(steps=steps, lr=3e-3, seed=seed, warmup=max(1, steps // 10), grad_clip=1.0)
         finetune(fmodel, data.x_train, None, cfg, progress=False)
         fid = evaluate_fidelity(fmodel, data.x_test, labels)
         n_params = count(student)
     weights = sum(p.numel() for p in entry.model.parameters())
-    return Row(entry.name, budget, method, seed, n_params, weights, p1_err, p1_fid,
-               fid.headline, fid.headline_name, fid.accuracy, None, fid.degenerate, None,
-               entry.checkpoint.stat().st_size, time.perf_counter() - t0)
+    return Row(
+        entry.name,
+        budget,
+        method,
+        seed,
+        n_params,
+        weights,
+        p1_err,
+        p1_fid,
+        fid.headline,
+        fid.headline_name,
+        fid.accuracy,
+        None,
+        fid.degenerate,
+        None,
+        entry.checkpoint.stat().st_size,
+        time.perf_counter() - t0,
+    )
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -248,21 +292,31 @@ def _mean_std(values: list[float], pct: bool) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    lines = ["| model | budget | method | trainable (% of M) | phase-1 rel. weight error | "
-             "phase-1 fidelity | fine-tuned fidelity | accuracy (original) | "
-             "generator file vs checkpoint | seeds | s per run |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    keys = sorted({(r.model, r.budget, r.method) for r in rows},
-                  key=lambda k: (k[0], k[1], METHODS.index(k[2])))
+    lines = [
+        "| model | budget | method | trainable (% of M) | phase-1 rel. weight error | "
+        "phase-1 fidelity | fine-tuned fidelity | accuracy (original) | "
+        "generator file vs checkpoint | seeds | s per run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    keys = sorted(
+        {(r.model, r.budget, r.method) for r in rows},
+        key=lambda k: (k[0], k[1], METHODS.index(k[2])),
+    )
     for key in keys:
         group = [r for r in rows if (r.model, r.budget, r.method) == key]
         g0 = group[0]
         pct = g0.fidelity_name == "agreement"
-        p1e = (_mean_std([r.phase1_error for r in group if r.phase1_error is not None], False)
-               if g0.phase1_error is not None else "—")
+        p1e = (
+            _mean_std([r.phase1_error for r in group if r.phase1_error is not None], False)
+            if g0.phase1_error is not None
+            else "—"
+        )
         p1f = _mean_std([r.phase1_fidelity for r in group if r.phase1_fidelity is not None], pct)
-        fid = f"{g0.fidelity_name} {_mean_std([r.fidelity for r in group], pct)}" + \
-            ("%" if pct else "") + (" DEAD" if any(r.degenerate for r in group) else "")
+        fid = (
+            f"{g0.fidelity_name} {_mean_std([r.fidelity for r in group], pct)}"
+            + ("%" if pct else "")
+            + (" DEAD" if any(r.degenerate for r in group) else "")
+        )
         acc = "—"
         if g0.accuracy is not None:
             acc = _mean_std([r.accuracy for r in group if r.accuracy is not None], True) + "%"
@@ -270,12 +324,15 @@ def table(rows: list[Row]) -> str:
                 acc += f" ({g0.teacher_accuracy:.2%})"
         size = "—"
         if g0.generator_bytes is not None:
-            size = (f"{g0.generator_bytes:,} B vs {g0.checkpoint_bytes:,} B "
-                    f"({g0.checkpoint_bytes / g0.generator_bytes:.1f}x smaller)")
+            size = (
+                f"{g0.generator_bytes:,} B vs {g0.checkpoint_bytes:,} B "
+                f"({g0.checkpoint_bytes / g0.generator_bytes:.1f}x smaller)"
+            )
         lines.append(
             f"| {g0.model} | {g0.budget:.0%} | {g0.method} | {g0.params:,} "
             f"({g0.params / g0.weights:.2%}) | {p1e} | {p1f}{'%' if pct else ''} | {fid} | "
-            f"{acc} | {size} | {len(group)} | {statistics.fmean(r.seconds for r in group):.0f} |")
+            f"{acc} | {size} | {len(group)} | {statistics.fmean(r.seconds for r in group):.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -290,15 +347,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--quick", action="store_true", help="smoke run: cnn, 5%%, 30 steps")
     ap.add_argument("--no-write", action="store_true", help="do not write docs/benchmarks.md")
-    ap.add_argument("--rows", type=Path, default=None,
-                    help="JSON-lines file: every finished run is appended to it, and runs "
-                    "already in it are not measured again (resume after an interruption)")
-    ap.add_argument("--write-only", action="store_true",
-                    help="measure nothing: write the table of the runs in --rows")
+    ap.add_argument(
+        "--rows",
+        type=Path,
+        default=None,
+        help="JSON-lines file: every finished run is appended to it, and runs "
+        "already in it are not measured again (resume after an interruption)",
+    )
+    ap.add_argument(
+        "--write-only",
+        action="store_true",
+        help="measure nothing: write the table of the runs in --rows",
+    )
     args = ap.parse_args(argv)
     if args.quick:
-        args.models, args.budgets, args.seeds, args.steps, args.fit_steps = "cnn", "0.05", 1, \
-            30, 5
+        args.models, args.budgets, args.seeds, args.steps, args.fit_steps = "cnn", "0.05", 1, 30, 5
     torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",")]
     rows: list[Row] = []
@@ -318,22 +381,32 @@ def main(argv: list[str] | None = None) -> int:
         for budget in (float(b) for b in args.budgets.split(",")):
             seeds = range(args.seeds if math.isclose(budget, 0.05) else 1)
             for seed in seeds:
-                qt_row = next((r for r in rows if (r.model, r.budget, r.method, r.seed)
-                               == (name, budget, "qt", seed)), None)
+                qt_row = next(
+                    (
+                        r
+                        for r in rows
+                        if (r.model, r.budget, r.method, r.seed) == (name, budget, "qt", seed)
+                    ),
+                    None,
+                )
                 if qt_row is None:
                     qt_row = run_qt(entry, budget, seed, args.steps, args.fit_steps)
                     keep(qt_row)
                 for method in methods:
                     if method == "qt" or (name, budget, method, seed) in done:
                         continue
-                    keep(run_other(entry, method, budget, qt_row.params, seed, args.steps,
-                                   args.fit_steps))
+                    keep(
+                        run_other(
+                            entry, method, budget, qt_row.params, seed, args.steps, args.fit_steps
+                        )
+                    )
     text = table(rows)
     print(text)
     minutes = sum(r.seconds for r in rows) / 60  # measured runs, also across resumed runs
     if not args.no_write and not args.quick:
         write_section(
-            "bench_suite", "Real-shaped models: fidelity against the original (bench_suite.py)",
+            "bench_suite",
+            "Real-shaped models: fidelity against the original (bench_suite.py)",
             f"Measured {machine()}; torch {torch.__version__}, {args.threads} torch threads, "
             f"qsim on the affinity mask, OMP_WAIT_POLICY=PASSIVE, OPENBLAS_NUM_THREADS=1; "
             f"{args.fit_steps} phase-1 and {args.steps} fine-tuning steps per run, batch 64, "
@@ -342,10 +415,14 @@ def main(argv: list[str] | None = None) -> int:
             "the original for logits, agreement of the thresholded probability for the "
             "streaming model, mean cosine for the encoder's embeddings. Every method has the "
             "QT generator's parameter count (a budget below the smallest generator uses the "
-            "smallest). Models: " + "; ".join(
-                f"**{e.name}**: {e.description}" for e in
-                (suite.load_entry(n, log=lambda *_: None) for n in args.models.split(",")))
-            + ".\n\n" + text)
+            "smallest). Models: "
+            + "; ".join(
+                f"**{e.name}**: {e.description}"
+                for e in (suite.load_entry(n, log=lambda *_: None) for n in args.models.split(","))
+            )
+            + ".\n\n"
+            + text,
+        )
     return 0
 
 

@@ -21,8 +21,10 @@ def machine() -> str:
             cpu = match.group(1).strip()
     except OSError:
         pass
-    return (f"{dt.date.today().isoformat()}, {cpu}, {os.cpu_count()} cores, "
-            f"Python {platform.python_version()}")
+    return (
+        f"{dt.date.today().isoformat()}, {cpu}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}"
+    )
 
 
 def write_section(key: str, title: str, markdown: str, path: Path = DOC) -> None:
@@ -32,7 +34,7 @@ def write_section(key: str, title: str, markdown: str, path: Path = DOC) -> None
     block = f"{start}\n{markdown.rstrip()}\n{end}"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     if start in text and end in text and text.index(start) < text.index(end):
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip() + f"\n\n## {title}\n\n{block}\n"
     tmp = path.with_name(f".{path.name}.tmp")

@@ -22,12 +22,16 @@ def main() -> int:
     qt = compress(model, QTConfig(chunk=4, n_layers=2, hidden=(8,)))
     qt.fit_weights(steps=30, progress=False)
     out = ROOT / "tests" / "data"
-    path = save_generator(qt, out / "golden_mlp.qtc.safetensors",
-                          example_inputs=(example_input(model, batch=2),),
-                          model_info={"factory": "tests.tiny_models:TinyMLP", "kwargs": {}})
+    path = save_generator(
+        qt,
+        out / "golden_mlp.qtc.safetensors",
+        example_inputs=(example_input(model, batch=2),),
+        model_info={"factory": "tests.tiny_models:TinyMLP", "kwargs": {}},
+    )
     state = load_generator(path).state_dict()
-    save_file({k: v.contiguous() for k, v in state.items()},
-              str(out / "golden_mlp.weights.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in state.items()}, str(out / "golden_mlp.weights.safetensors")
+    )
     print(f"wrote {path} ({path.stat().st_size} bytes)")
     return 0
 

@@ -57,9 +57,26 @@ from qtcompress.atomic import atomic_path, atomic_write_bytes  # noqa: E402
 from qtcompress.examples import DigitsCNN28, Split, load_dataset, upsample  # noqa: E402
 
 __all__ = [
-    "CACHE_DIR", "NAMES", "SEED", "DigitsCNN28", "StreamingRNN", "SuiteEntry", "TinyEncoder",
-    "WideMLP", "call_model", "carried_states", "centroid_accuracy", "digits_split", "evaluate",
-    "index_inputs", "load_entry", "load_suite", "predict", "rnn_windows", "tokenize", "upsample",
+    "CACHE_DIR",
+    "NAMES",
+    "SEED",
+    "DigitsCNN28",
+    "StreamingRNN",
+    "SuiteEntry",
+    "TinyEncoder",
+    "WideMLP",
+    "call_model",
+    "carried_states",
+    "centroid_accuracy",
+    "digits_split",
+    "evaluate",
+    "index_inputs",
+    "load_entry",
+    "load_suite",
+    "predict",
+    "rnn_windows",
+    "tokenize",
+    "upsample",
 ]
 
 SEED = 0
@@ -142,8 +159,16 @@ class TinyEncoder(nn.Module):
 
     position_ids: torch.Tensor  # (1, max_len) int64 buffer
 
-    def __init__(self, vocab: int = 20, max_len: int = 64, d_model: int = 128, heads: int = 4,
-                 layers: int = 4, ff: int = 512, dropout: float = 0.1) -> None:
+    def __init__(
+        self,
+        vocab: int = 20,
+        max_len: int = 64,
+        d_model: int = 128,
+        heads: int = 4,
+        layers: int = 4,
+        ff: int = 512,
+        dropout: float = 0.1,
+    ) -> None:
         super().__init__()
         self.tokens = nn.Embedding(vocab, d_model, padding_idx=0)
         self.positions = nn.Embedding(max_len, d_model)
@@ -153,8 +178,9 @@ class TinyEncoder(nn.Module):
         # A ModuleList of separately initialised layers (nn.TransformerEncoder would deep-copy
         # one layer, so every layer would start from the same values).
         self.layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(d_model, heads, ff, dropout, activation="gelu",
-                                       batch_first=True)
+            nn.TransformerEncoderLayer(
+                d_model, heads, ff, dropout, activation="gelu", batch_first=True
+            )
             for _ in range(layers)
         )
         for module in self.modules():
@@ -207,8 +233,9 @@ class WideMLP(nn.Module):
         classes: Output classes.
     """
 
-    def __init__(self, inputs: int = 784, hidden: tuple[int, ...] = (2048, 2048),
-                 classes: int = 10) -> None:
+    def __init__(
+        self, inputs: int = 784, hidden: tuple[int, ...] = (2048, 2048), classes: int = 10
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         for width in hidden:
@@ -307,8 +334,12 @@ def predict(model: nn.Module, inputs: Inputs, batch_size: int = 256) -> torch.Te
         model.train(was_training)
 
 
-def centroid_accuracy(train_emb: torch.Tensor, train_labels: torch.Tensor,
-                      test_emb: torch.Tensor, test_labels: torch.Tensor) -> float:
+def centroid_accuracy(
+    train_emb: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_emb: torch.Tensor,
+    test_labels: torch.Tensor,
+) -> float:
     """Nearest-class-centroid accuracy (cosine) of test embeddings against train centroids."""
     classes = int(train_labels.max()) + 1
     centroids = torch.stack([train_emb[train_labels == k].mean(0) for k in range(classes)])
@@ -316,8 +347,14 @@ def centroid_accuracy(train_emb: torch.Tensor, train_labels: torch.Tensor,
     return float((similarity.argmax(-1) == test_labels).float().mean())
 
 
-def evaluate(model: nn.Module, output: str, train_inputs: Inputs, train_labels: torch.Tensor,
-             test_inputs: Inputs, test_labels: torch.Tensor) -> float:
+def evaluate(
+    model: nn.Module,
+    output: str,
+    train_inputs: Inputs,
+    train_labels: torch.Tensor,
+    test_inputs: Inputs,
+    test_labels: torch.Tensor,
+) -> float:
     """The suite's test metric for an output kind.
 
     ``"logits"``: top-1 accuracy; ``"probability"``: accuracy of ``p > 0.5``; ``"embedding"``:
@@ -338,14 +375,21 @@ def evaluate(model: nn.Module, output: str, train_inputs: Inputs, train_labels: 
 # ---------------------------------------------------------------------------------------------
 
 
-def _fit(module: nn.Module, loss_fn: Callable[[torch.Tensor], torch.Tensor], n: int,
-         recipe: Mapping[str, Any], log: Callable[[str], None], name: str) -> None:
+def _fit(
+    module: nn.Module,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    n: int,
+    recipe: Mapping[str, Any],
+    log: Callable[[str], None],
+    name: str,
+) -> None:
     """AdamW with linear warm-up then cosine decay over minibatches of ``range(n)``."""
     epochs, batch_size = recipe["epochs"], recipe["batch_size"]
     steps = epochs * math.ceil(n / batch_size)
     warmup = recipe.get("warmup", 0)
-    optimizer = torch.optim.AdamW(module.parameters(), lr=recipe["lr"],
-                                  weight_decay=recipe.get("weight_decay", 0.0))
+    optimizer = torch.optim.AdamW(
+        module.parameters(), lr=recipe["lr"], weight_decay=recipe.get("weight_decay", 0.0)
+    )
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda s: min(1.0, (s + 1) / (warmup + 1)) * 0.5 * (1 + math.cos(math.pi * s / steps)),
@@ -369,24 +413,32 @@ def _fit(module: nn.Module, loss_fn: Callable[[torch.Tensor], torch.Tensor], n: 
     module.eval()
 
 
-def _fit_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                    recipe: Mapping[str, Any], log: Callable[[str], None], name: str) -> None:
+def _fit_classifier(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    recipe: Mapping[str, Any],
+    log: Callable[[str], None],
+    name: str,
+) -> None:
     _fit(model, lambda idx: F.cross_entropy(model(x[idx]), y[idx]), len(x), recipe, log, name)
 
 
-def _fit_cnn(model: nn.Module, split: Split, recipe: Mapping[str, Any],
-             log: Callable[[str], None]) -> None:
+def _fit_cnn(
+    model: nn.Module, split: Split, recipe: Mapping[str, Any], log: Callable[[str], None]
+) -> None:
     _fit_classifier(model, upsample(split.x_train), split.y_train, recipe, log, "cnn")
 
 
-def _fit_mlp(model: nn.Module, split: Split, recipe: Mapping[str, Any],
-             log: Callable[[str], None]) -> None:
-    _fit_classifier(model, upsample(split.x_train).flatten(1), split.y_train, recipe, log,
-                    "mlp5m")
+def _fit_mlp(
+    model: nn.Module, split: Split, recipe: Mapping[str, Any], log: Callable[[str], None]
+) -> None:
+    _fit_classifier(model, upsample(split.x_train).flatten(1), split.y_train, recipe, log, "mlp5m")
 
 
-def _fit_rnn(model: nn.Module, split: Split, recipe: Mapping[str, Any],
-             log: Callable[[str], None]) -> None:
+def _fit_rnn(
+    model: nn.Module, split: Split, recipe: Mapping[str, Any], log: Callable[[str], None]
+) -> None:
     assert isinstance(model, StreamingRNN)
     w1, w2 = rnn_windows(upsample(split.x_train))
     y = (split.y_train >= 5).float()
@@ -416,8 +468,9 @@ class _CosineClassifier(nn.Module):
         return self.scale * emb @ F.normalize(self.weight, dim=-1).T  # (B, classes)
 
 
-def _fit_encoder(model: nn.Module, split: Split, recipe: Mapping[str, Any],
-                 log: Callable[[str], None]) -> None:
+def _fit_encoder(
+    model: nn.Module, split: Split, recipe: Mapping[str, Any], log: Callable[[str], None]
+) -> None:
     assert isinstance(model, TinyEncoder)
     full = tokenize(split.x_train, seed=recipe["seed"], min_len=64)  # no cropping
     wrapper = _CosineClassifier(model, classes=10, scale=recipe["scale"])
@@ -490,8 +543,12 @@ def _data_cnn(model: nn.Module, split: Split) -> Data:
 
 
 def _data_mlp(model: nn.Module, split: Split) -> Data:
-    return (upsample(split.x_train).flatten(1), upsample(split.x_test).flatten(1),
-            split.y_train, split.y_test)
+    return (
+        upsample(split.x_train).flatten(1),
+        upsample(split.x_test).flatten(1),
+        split.y_train,
+        split.y_test,
+    )
 
 
 def _data_rnn(model: nn.Module, split: Split) -> Data:
@@ -512,8 +569,12 @@ def _data_rnn(model: nn.Module, split: Split) -> Data:
 
 def _data_encoder(model: nn.Module, split: Split) -> Data:
     # Distinct seeds so that train and test lengths are independent draws.
-    return (tokenize(split.x_train, seed=SEED), tokenize(split.x_test, seed=SEED + 1),
-            split.y_train, split.y_test)
+    return (
+        tokenize(split.x_train, seed=SEED),
+        tokenize(split.x_test, seed=SEED + 1),
+        split.y_train,
+        split.y_test,
+    )
 
 
 @dataclass(frozen=True)
@@ -528,27 +589,47 @@ class _Spec:
 
 _SPECS: dict[str, _Spec] = {
     "cnn": _Spec(
-        DigitsCNN28, "logits", _fit_cnn, _data_cnn,
+        DigitsCNN28,
+        "logits",
+        _fit_cnn,
+        _data_cnn,
         "CNN conv32-conv64-fc128-fc10, ReLU+maxpool, no BatchNorm, {weights:,} weights; "
         "digits upsampled to 28x28, {train:,}/{test:,} images",
         {"epochs": 15, "batch_size": 64, "lr": 1e-3, "weight_decay": 1e-4, "seed": SEED},
     ),
     "rnn": _Spec(
-        StreamingRNN, "probability", _fit_rnn, _data_rnn,
+        StreamingRNN,
+        "probability",
+        _fit_rnn,
+        _data_rnn,
         "streaming Conv1d(28->64)+LSTMCell(256), state (B,2,256) in and out, {weights:,} "
         "weights; 28x28 digit rows as 2 windows of 14 frames, digit>=5, {train:,}/{test:,} "
         "windows (carried + zero state)",
         {"epochs": 15, "batch_size": 64, "lr": 2e-3, "weight_decay": 1e-4, "seed": SEED},
     ),
     "encoder": _Spec(
-        TinyEncoder, "embedding", _fit_encoder, _data_encoder,
+        TinyEncoder,
+        "embedding",
+        _fit_encoder,
+        _data_encoder,
         "BERT-style encoder 4 layers d128 h4 ff512, input_ids+attention_mask by keyword, "
         "{weights:,} weights; 64 pixel tokens cropped to 40-64, {train:,}/{test:,} sequences",
-        {"epochs": 12, "batch_size": 32, "lr": 1e-3, "weight_decay": 1e-2, "warmup": 50,
-         "scale": 16.0, "label_smoothing": 0.1, "seed": SEED},
+        {
+            "epochs": 12,
+            "batch_size": 32,
+            "lr": 1e-3,
+            "weight_decay": 1e-2,
+            "warmup": 50,
+            "scale": 16.0,
+            "label_smoothing": 0.1,
+            "seed": SEED,
+        },
     ),
     "mlp5m": _Spec(
-        WideMLP, "logits", _fit_mlp, _data_mlp,
+        WideMLP,
+        "logits",
+        _fit_mlp,
+        _data_mlp,
         "MLP 784-2048-2048-10, ReLU, no BatchNorm, {weights:,} weights; flattened 28x28 "
         "digits, {train:,}/{test:,} images",
         {"epochs": 8, "batch_size": 64, "lr": 5e-4, "weight_decay": 1e-4, "seed": SEED},
@@ -578,8 +659,9 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _train(name: str, split: Split, weights: Path,
-           log: Callable[[str], None]) -> tuple[nn.Module, float]:
+def _train(
+    name: str, split: Split, weights: Path, log: Callable[[str], None]
+) -> tuple[nn.Module, float]:
     """Train a model from its seed and save its state dict; returns it and the seconds taken."""
     spec, recipe = _SPECS[name], _recipe(name)
     log(f"training {name} ({recipe['epochs']} epochs)")
@@ -594,8 +676,9 @@ def _train(name: str, split: Split, weights: Path,
     return model.eval(), seconds
 
 
-def _write_card(name: str, model: nn.Module, paths: tuple[Path, Path], seconds: float,
-                accuracy: float) -> None:
+def _write_card(
+    name: str, model: nn.Module, paths: tuple[Path, Path], seconds: float, accuracy: float
+) -> None:
     weights, card_path = paths
     recipe = _recipe(name)
     card = {
@@ -615,8 +698,9 @@ def _write_card(name: str, model: nn.Module, paths: tuple[Path, Path], seconds: 
     atomic_write_bytes(card_path, (json.dumps(card, indent=2) + "\n").encode())
 
 
-def _load_cached(name: str, paths: tuple[Path, Path],
-                 log: Callable[[str], None]) -> nn.Module | None:
+def _load_cached(
+    name: str, paths: tuple[Path, Path], log: Callable[[str], None]
+) -> nn.Module | None:
     """The cached model, or None (with the reason logged) when it is missing or stale."""
     weights, card_path = paths
     if not (weights.exists() and card_path.exists()):
@@ -641,8 +725,12 @@ def _load_cached(name: str, paths: tuple[Path, Path],
     return model.eval()
 
 
-def load_entry(name: str, cache_dir: Path = CACHE_DIR, retrain: bool = False,
-               log: Callable[[str], None] = print) -> SuiteEntry:
+def load_entry(
+    name: str,
+    cache_dir: Path = CACHE_DIR,
+    retrain: bool = False,
+    log: Callable[[str], None] = print,
+) -> SuiteEntry:
     """Load one suite model from the cache, training it first if missing, stale or asked to.
 
     Args:
@@ -676,15 +764,29 @@ def load_entry(name: str, cache_dir: Path = CACHE_DIR, retrain: bool = False,
     elif acc != json.loads(paths[1].read_text())["accuracy"]:
         # Same weights and data, so only a different CPU/BLAS path can move the metric.
         log(f"{name}: test accuracy {acc:.4f} differs from the card's; kept the measured one")
-    description = spec.describe.format(weights=sum(p.numel() for p in model.parameters()),
-                                       train=len(y_train), test=len(y_test))
-    return SuiteEntry(name=name, description=description, model=model, train_inputs=train_in,
-                      test_inputs=test_in, train_labels=y_train, test_labels=y_test,
-                      output=spec.output, checkpoint=paths[0], accuracy=acc)
+    description = spec.describe.format(
+        weights=sum(p.numel() for p in model.parameters()), train=len(y_train), test=len(y_test)
+    )
+    return SuiteEntry(
+        name=name,
+        description=description,
+        model=model,
+        train_inputs=train_in,
+        test_inputs=test_in,
+        train_labels=y_train,
+        test_labels=y_test,
+        output=spec.output,
+        checkpoint=paths[0],
+        accuracy=acc,
+    )
 
 
-def load_suite(names: Sequence[str] | None = None, cache_dir: Path = CACHE_DIR,
-               retrain: bool = False, log: Callable[[str], None] = print) -> list[SuiteEntry]:
+def load_suite(
+    names: Sequence[str] | None = None,
+    cache_dir: Path = CACHE_DIR,
+    retrain: bool = False,
+    log: Callable[[str], None] = print,
+) -> list[SuiteEntry]:
     """Load the suite (or ``names`` of it, in that order), training whatever is missing.
 
     Args:
@@ -708,21 +810,31 @@ def load_suite(names: Sequence[str] | None = None, cache_dir: Path = CACHE_DIR,
 
 def format_table(entries: Sequence[SuiteEntry]) -> str:
     """A Markdown table: name, weights, output kind, test accuracy, train s, checkpoint bytes."""
-    lines = ["| name | weights | output | test accuracy | train s | checkpoint bytes |",
-             "|---|---:|---|---:|---:|---:|"]
+    lines = [
+        "| name | weights | output | test accuracy | train s | checkpoint bytes |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
     for e in entries:
         card = e.card
         acc = "-" if e.accuracy is None else f"{100 * e.accuracy:.2f}%"
-        lines.append(f"| {e.name} | {e.weights:,} | {e.output} | {acc} | "
-                     f"{card['train_seconds']:.1f} | {e.checkpoint.stat().st_size:,} |")
+        lines.append(
+            f"| {e.name} | {e.weights:,} | {e.output} | {acc} | "
+            f"{card['train_seconds']:.1f} | {e.checkpoint.stat().st_size:,} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", choices=NAMES, metavar="NAME",
-                        help=f"models to load/train: {', '.join(NAMES)} (default: all)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=NAMES,
+        metavar="NAME",
+        help=f"models to load/train: {', '.join(NAMES)} (default: all)",
+    )
     parser.add_argument("--retrain", action="store_true", help="train even if cached")
     parser.add_argument("--cache-dir", type=Path, default=CACHE_DIR)
     args = parser.parse_args(argv)

@@ -82,8 +82,9 @@ def train(name: str, out_dir: Path, seed: int) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("names", nargs="*", help=f"examples to train: {', '.join(EXAMPLES)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "models")
@@ -93,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown examples {sorted(unknown)}; choose from {sorted(EXAMPLES)}")
     for name in args.names or sorted(EXAMPLES):
         card = train(name, args.out, args.seed)
-        print(f"{name}: {card['weights']} weights, test accuracy {card['test_accuracy']:.4f}, "
-              f"{card['checkpoint_bytes']} bytes")
+        print(
+            f"{name}: {card['weights']} weights, test accuracy {card['test_accuracy']:.4f}, "
+            f"{card['checkpoint_bytes']} bytes"
+        )
     return 0
 
 

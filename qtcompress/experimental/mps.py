@@ -56,6 +56,6 @@ class MPSMapping(Mapping):
         v = self.left.expand(bits.shape[0], -1)  # (S, D)
         for q in range(self.n_qubits):
             # Both products, then select by bit: (S, D) memory instead of gathering (S, D, D).
-            v = torch.where(bits[:, q:q + 1] > 0, v @ self.sites[q, 0], v @ self.sites[q, 1])
+            v = torch.where(bits[:, q : q + 1] > 0, v @ self.sites[q, 0], v @ self.sites[q, 1])
         feat = torch.stack([torch.ones_like(x), x], dim=1)  # (S, 2)
         return torch.einsum("sd,dfk,sf->sk", v, self.out, feat)

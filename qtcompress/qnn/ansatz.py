@@ -172,12 +172,16 @@ class Ansatz:
         k = 0
         for _layer in range(self.n_layers):
             for rot in self.rotations:
-                moments.append(cirq.Moment(gate_of[rot](symbols[k + q]).on(qubits[q])
-                                           for q in range(self.n_qubits)))
+                moments.append(
+                    cirq.Moment(
+                        gate_of[rot](symbols[k + q]).on(qubits[q]) for q in range(self.n_qubits)
+                    )
+                )
                 k += self.n_qubits
             # Each CNOT of the ladder shares a qubit with the next, so each gets its own moment.
-            moments.extend(cirq.Moment(cirq.CNOT(qubits[c], qubits[t]))
-                           for c, t in self.entangling_pairs())
+            moments.extend(
+                cirq.Moment(cirq.CNOT(qubits[c], qubits[t])) for c, t in self.entangling_pairs()
+            )
         return cirq.Circuit(moments)
 
     def resolver(self, angles: Sequence[float] | np.ndarray) -> cirq.ParamResolver:
@@ -254,8 +258,9 @@ class Program:
 _PROGRAM_CACHE: dict[Ansatz, Program] = {}
 
 
-def _rotation_angle(exponent: Any, symbol_index: dict[sympy.Symbol, int]) -> tuple[
-    int | None, float, float]:
+def _rotation_angle(
+    exponent: Any, symbol_index: dict[sympy.Symbol, int]
+) -> tuple[int | None, float, float]:
     """Split a rotation's angle ``exponent * pi`` into (param, scale, offset)."""
     angle = sympy.sympify(exponent) * sympy.pi
     free = angle.free_symbols
@@ -317,4 +322,3 @@ def compile_circuit(circuit: cirq.Circuit, symbols: Sequence[sympy.Symbol]) -> P
         if gates:
             moments.append(tuple(gates))
     return Program(n_qubits=n_qubits, num_params=len(symbols), moments=tuple(moments))
-

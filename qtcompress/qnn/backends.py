@@ -197,8 +197,14 @@ class QsimBackend:
             for q in gate.qubits:
                 free_at[q] = time + 1
             rotation = gate.kind not in ("cx", "cz")
-            plan.append((self._kinds[gate.kind], time, [top - q for q in gate.qubits],
-                         gate if rotation else None))
+            plan.append(
+                (
+                    self._kinds[gate.kind],
+                    time,
+                    [top - q for q in gate.qubits],
+                    gate if rotation else None,
+                )
+            )
         if isinstance(gates, tuple):  # lists can change in place: never cached
             if len(self._plans) >= _MAX_PLANS:
                 self._plans.clear()

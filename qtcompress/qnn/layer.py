@@ -84,7 +84,7 @@ class QNNEngine:
     def probabilities(self, angles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Return ``(psi, probs)``; ``probs`` is exact, or shot-sampled if ``shots`` is set."""
         psi = self.state(angles)
-        probs = (psi.real.astype(np.float64) ** 2 + psi.imag.astype(np.float64) ** 2)
+        probs = psi.real.astype(np.float64) ** 2 + psi.imag.astype(np.float64) ** 2
         if self.shots is not None:
             exact = probs / probs.sum()
             probs = self.rng.multinomial(self.shots, exact).astype(np.float64) / self.shots
