@@ -23,7 +23,7 @@ from torch import nn
 from qtcompress.batches import InputSource, check_call
 from qtcompress.config import QTConfig
 from qtcompress.device import resolve_device
-from qtcompress.errors import ConfigError, TargetError
+from qtcompress.errors import ConfigError
 from qtcompress.fidelity import Fidelity
 from qtcompress.fit import (
     STREAM_WEIGHTS,
@@ -119,7 +119,7 @@ class QTModel:
             model, config.target, config.exclude, include_frozen=config.include_frozen
         )
         if generator is not None:
-            _check_same_layout(self.layout, generator.layout)
+            self.layout.require_same(generator.layout)
         named = dict(model.named_parameters(remove_duplicate=False))
         self.target = self.layout.flatten({s.name: named[s.name] for s in self.layout.specs})
         self.config = config.resolve(self.layout, self.target)
@@ -371,30 +371,6 @@ class QTModel:
             self.generator.qnn.ansatz.n_layers,
             self.generator.chunk,
         )
-
-
-def _check_same_layout(mine: Layout, stored: Layout) -> None:
-    """Raise :class:`TargetError` naming how a model's tensors differ from a stored layout."""
-    have = {s.name: tuple(s.shape) for s in mine.specs}
-    want = {s.name: tuple(s.shape) for s in stored.specs}
-    if have == want:
-        return
-    missing = sorted(set(want) - set(have))
-    unexpected = sorted(set(have) - set(want))
-    shapes = [
-        f"{n} {list(have[n])} (stored {list(want[n])})"
-        for n in sorted(set(have) & set(want))
-        if have[n] != want[n]
-    ]
-    parts = (
-        ([f"missing {missing[:5]}"] if missing else [])
-        + ([f"unexpected {unexpected[:5]}"] if unexpected else [])
-        + ([f"shapes differ: {', '.join(shapes[:5])}"] if shapes else [])
-    )
-    raise TargetError(
-        f"The model does not fit the stored generator: {'; '.join(parts)}. Pass "
-        "the pretrained model the file was made from."
-    )
 
 
 @overload

@@ -82,8 +82,9 @@ def check_output_path(path: str | os.PathLike[str]) -> Path:
         The path as a :class:`~pathlib.Path`.
 
     Raises:
-        ConfigError: The parent folder does not exist or is not a folder, or ``path`` is a
-            folder or another non-regular file (a device, a pipe).
+        MissingFileError: The parent folder does not exist.
+        ConfigError: The parent is not a folder, or ``path`` is a folder or another
+            non-regular file (a device, a pipe).
     """
     dest = Path(path)
     parent = dest.parent
@@ -250,8 +251,8 @@ def check_writable_dir(
         The folder.
 
     Raises:
-        ConfigError: The parent folder does not exist (or ``path`` does not and ``create`` is
-            False).
+        MissingFileError: The parent folder does not exist (or ``path`` does not and
+            ``create`` is False).
         OutputError: ``path`` is a file, the folder is not writable, or the disk has less free
             space than ``expected_bytes``.
     """

@@ -359,7 +359,9 @@ def save_generator(
     Raises:
         NonFiniteError: The generated weights, the example inputs or the model's outputs on
             them hold NaN or Inf (the file could never verify).
-        ConfigError: Bad metadata or a missing destination folder.
+        ConfigError: Bad metadata.
+        MissingFileError: The destination folder does not exist.
+        ExportError: The model cannot be exported to ONNX (with ``example_inputs``).
         OutputError: The destination cannot be written.
     """
     if qt.device.type != "cpu":  # files and graphs are written from CPU tensors
@@ -780,7 +782,7 @@ def load_generator(path: str | os.PathLike[str]) -> GeneratorFile:
     (:meth:`QTGenerator.from_config`) and loaded. See ``docs/format.md``, *Checks on load*.
 
     Raises:
-        ConfigError: The file does not exist.
+        MissingFileError: The file does not exist.
         FormatError: Corrupt or truncated file, wrong format or version, malformed metadata,
             ``config``/``ansatz``/``mapping``/tensors that disagree, missing or extra tensors,
             or NaN/Inf in the stored generator or check batch.

@@ -385,8 +385,9 @@ def load_model(
         The model with its weights, in eval mode when loaded from a file.
 
     Raises:
-        ConfigError: Missing file, unknown suffix, bad factory or kwargs, factory missing for a
-            state dict or given where it is not used.
+        MissingFileError: The file does not exist.
+        ConfigError: Unknown suffix, bad factory or kwargs, factory missing for a state dict
+            or given where it is not used.
         FormatError: Truncated or corrupt file, or a state dict that does not fit the model.
         UnsafeFileError: The file is a pickle, or a ``.pt2`` with pickled payloads, and
             ``trust_pickle`` is False.

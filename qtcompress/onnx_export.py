@@ -391,7 +391,7 @@ def compare_outputs(
         output, the scale that float32 rounding errors grow with.
 
     Raises:
-        FormatError: torch or onnxruntime fails on one of the two batch sizes.
+        ExportError: torch or onnxruntime fails on one of the two batch sizes.
     """
     args = _as_tuple(example_inputs)
     session = _ort_session(onnx_model)
@@ -447,8 +447,8 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
         The destination path.
 
     Raises:
-        ConfigError: The destination folder does not exist.
-        FormatError: The model fails ``onnx.checker.check_model(full_check=True)``.
+        MissingFileError: The destination folder does not exist.
+        ExportError: The model fails ``onnx.checker.check_model(full_check=True)``.
     """
     data = model.SerializeToString()
     with atomic_path(path) as tmp:
@@ -494,8 +494,9 @@ def export_onnx(
         An :class:`ExportReport` with the measured difference.
 
     Raises:
-        ConfigError: Bad arguments, or the destination folder does not exist.
-        FormatError: Export failed, the checker rejected the model, or the difference
+        ConfigError: Bad arguments.
+        MissingFileError: The destination folder does not exist.
+        ExportError: Export failed, the checker rejected the model, or the difference
             exceeded the tolerance.
     """
     if not (atol >= 0 and rtol >= 0):
@@ -561,7 +562,7 @@ def make_skeleton(onnx_model: onnx.ModelProto, model: nn.Module) -> bytes:
         in its ``metadata_props``).
 
     Raises:
-        FormatError: An initializer named like a weight holds other values (the graph was
+        ExportError: An initializer named like a weight holds other values (the graph was
             optimised), a constant matches several weights, or two weights were merged into
             one initializer.
     """
@@ -684,7 +685,7 @@ def export_skeleton(
 
     Raises:
         ConfigError: Bad inputs.
-        FormatError: Export failed, or the skeleton cannot be refilled faithfully.
+        ExportError: Export failed, or the skeleton cannot be refilled faithfully.
     """
     proto = (
         exported

@@ -97,6 +97,34 @@ class Layout:
                 out[n] = view
         return out
 
+    def require_same(self, stored: Layout) -> None:
+        """Check that this model's generated tensors are ``stored``'s (names and shapes).
+
+        Raises:
+            TargetError: They differ; the message names the missing and unexpected tensors
+                and the shape differences.
+        """
+        have = {s.name: tuple(s.shape) for s in self.specs}
+        want = {s.name: tuple(s.shape) for s in stored.specs}
+        if have == want:
+            return
+        missing = sorted(set(want) - set(have))
+        unexpected = sorted(set(have) - set(want))
+        shapes = [
+            f"{n} {list(have[n])} (stored {list(want[n])})"
+            for n in sorted(set(have) & set(want))
+            if have[n] != want[n]
+        ]
+        parts = (
+            ([f"missing {missing[:5]}"] if missing else [])
+            + ([f"unexpected {unexpected[:5]}"] if unexpected else [])
+            + ([f"shapes differ: {', '.join(shapes[:5])}"] if shapes else [])
+        )
+        raise TargetError(
+            f"The model does not fit the stored generator: {'; '.join(parts)}. Pass "
+            "the pretrained model the file was made from."
+        )
+
     def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """Concatenate named tensors (by canonical name) into a flat float32 ``(M,)`` vector."""
         missing = [s.name for s in self.specs if s.name not in tensors]
