@@ -17,8 +17,8 @@ _LAZY = {
     "compress": "qtcompress.api",
     "QTModel": "qtcompress.api",
     "QTConfig": "qtcompress.config",
-    "save_generator": "qtcompress.generator_file",
-    "load_generator": "qtcompress.generator_file",
+    "save_generator": "qtcompress.io.generator_save",
+    "load_generator": "qtcompress.io.generator_load",
     "load": "qtcompress.api",
     "QTCompressError": "qtcompress.errors",
 }

@@ -1,5 +1,8 @@
 """High-level API: ``compress(model, QTConfig(...)) -> QTModel``.
 
+One type, :class:`QTModel`, with its two phases, export and save, plus :func:`compress` and
+:func:`load`: a little over 400 lines, kept together so the public surface reads in one file.
+
 Example:
     >>> qt = compress(model, QTConfig(chunk=8, hidden=(16,)))      # doctest: +SKIP
     >>> qt.fit_weights(steps=300)                                  # phase 1  # doctest: +SKIP
@@ -20,27 +23,24 @@ from typing import TYPE_CHECKING, Any, overload
 import torch
 from torch import nn
 
-from qtcompress.batches import InputSource, check_call
 from qtcompress.config import QTConfig
+from qtcompress.data.model_call import check_call
+from qtcompress.data.sources import InputSource
 from qtcompress.device import resolve_device
 from qtcompress.errors import ConfigError
-from qtcompress.fidelity import Fidelity
-from qtcompress.fit import (
-    STREAM_WEIGHTS,
-    FitResult,
-    FunctionalModel,
-    LoopConfig,
-    evaluate_fidelity,
-    relative_errors,
-)
-from qtcompress.fit import finetune as _finetune
-from qtcompress.fit import fit_weights as _fit_weights
 from qtcompress.generator import AnyGenerator, QTGenerator, RowGenerator
 from qtcompress.limits import check_config, return_freed_memory_to_os
 from qtcompress.targets import Layout, select_targets
+from qtcompress.train.finetune import evaluate_fidelity
+from qtcompress.train.finetune import finetune as _finetune
+from qtcompress.train.functional import FunctionalModel
+from qtcompress.train.loop import FitResult, LoopConfig
+from qtcompress.train.objectives import Fidelity
+from qtcompress.train.weight_fit import STREAM_WEIGHTS, relative_errors
+from qtcompress.train.weight_fit import fit_weights as _fit_weights
 
 if TYPE_CHECKING:
-    from qtcompress.generator_file import GeneratorFile
+    from qtcompress.io.generator_file import GeneratorFile
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ class QTModel:
         config: The :class:`QTConfig`.
         layout: Which tensors are generated and where.
         generator: The :class:`~qtcompress.generator.QTGenerator` (an ``nn.Module``).
-        target: Flat ``(M,)`` pretrained weights (phase-1 target).
+        pretrained: Flat ``(M,)`` pretrained weights of the targeted tensors (what phase 1 fits).
     """
 
     def __init__(
@@ -121,8 +121,8 @@ class QTModel:
         if generator is not None:
             self.layout.require_same(generator.layout)
         named = dict(model.named_parameters(remove_duplicate=False))
-        self.target = self.layout.flatten({s.name: named[s.name] for s in self.layout.specs})
-        self.config = config.resolve(self.layout, self.target)
+        self.pretrained = self.layout.flatten({s.name: named[s.name] for s in self.layout.specs})
+        self.config = config.resolve(self.layout, self.pretrained)
         # Sizes against documented maxima and memory, before anything is allocated.
         check_config(self.config, self.layout)
         if self.layout.total >= STREAM_WEIGHTS:
@@ -134,17 +134,17 @@ class QTModel:
             if isinstance(self.generator, RowGenerator):
                 # Least-squares heads: the generated network starts as the best projection of
                 # the pretrained one that this generator can express (relative error <= 1).
-                self.generator.fit_heads(self.target)
+                self.generator.fit_heads(self.pretrained)
             else:
                 # Each tensor's own mean/std puts every layer at the right scale.
-                self.generator.init_affine(self.target)
+                self.generator.init_affine(self.pretrained)
         self.revived: list[str] = []  # tensors whose spread finetune() had to restore
         self._training = model.training
         self._requires_grad = {
             n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)
         }
         self.functional = FunctionalModel(model, self.generator)
-        self.functional.share_target(self.target, self.layout)
+        self.functional.share_pretrained(self.pretrained, self.layout)
         self.device = torch.device("cpu")
 
     def to(self, device: str | torch.device) -> QTModel:
@@ -159,9 +159,9 @@ class QTModel:
         """
         dev = resolve_device(device)
         self.generator.to(dev)
-        self.target = self.target.to(dev)
+        self.pretrained = self.pretrained.to(dev)
         self.functional.to(dev)
-        self.functional.share_target(self.target, self.layout)
+        self.functional.share_pretrained(self.pretrained, self.layout)
         self.device = dev
         return self
 
@@ -185,13 +185,13 @@ class QTModel:
         Args:
             steps: Optimisation steps (full weight vector each step).
             lr: Peak Adam learning rate.
-            **kwargs: Any :class:`~qtcompress.fit.LoopConfig` field (``schedule``, ``warmup``,
-                ``patience``, ``seed`` ...) and any :func:`~qtcompress.fit.train_loop` keyword
-                (``checkpoint_path``, ``checkpoint_every``, ``resume``, ``progress``,
-                ``callback``).
+            **kwargs: Any :class:`~qtcompress.train.loop.LoopConfig` field (``schedule``,
+                ``warmup``, ``patience``, ``seed`` ...) and any
+                :func:`~qtcompress.train.loop.train_loop` keyword (``checkpoint_path``,
+                ``checkpoint_every``, ``resume``, ``progress``, ``callback``).
         """
         cfg = _loop_config(kwargs, steps=steps, lr=lr, seed=self.config.seed)
-        return _fit_weights(self.generator, self.target, cfg, **kwargs)
+        return _fit_weights(self.generator, self.pretrained, cfg, **kwargs)
 
     def finetune(
         self,
@@ -215,16 +215,17 @@ class QTModel:
         Args:
             data: Training inputs: a tensor, a tuple of tensors (positional), a dict (keyword),
                 a ``Dataset``, a ``DataLoader`` or a re-iterable of batches (see
-                :mod:`qtcompress.batches`).
+                :mod:`qtcompress.data`).
             labels: Labels aligned with ``data`` (needed for ``mode="supervised"`` unless the
                 data's items carry them).
             mode: ``"distill"`` (teacher = the pretrained model) or ``"supervised"``.
             steps: Optimisation steps (one mini-batch each).
             lr: Peak Adam learning rate.
-            **kwargs: :class:`~qtcompress.fit.LoopConfig` fields, :func:`~qtcompress.fit.finetune`
-                keywords (``batch_size``, ``distill``, ``output``, ``output_kind``,
-                ``loss_fn``, ``temperature``, ``alpha``, ``batch_stats``, ``labels_in_items``)
-                and :func:`~qtcompress.fit.train_loop` keywords.
+            **kwargs: :class:`~qtcompress.train.loop.LoopConfig` fields,
+                :func:`~qtcompress.train.finetune.finetune` keywords (``batch_size``, ``distill``,
+                ``output``, ``output_kind``, ``loss_fn``, ``temperature``, ``alpha``,
+                ``batch_stats``, ``labels_in_items``) and
+                :func:`~qtcompress.train.loop.train_loop` keywords.
         """
         cfg = _loop_config(
             kwargs,
@@ -248,7 +249,7 @@ class QTModel:
                 output_kind=kwargs.get("output_kind"),
             )
             if fid.degenerate:
-                self.revived = self.generator.match_spread(self.target)
+                self.revived = self.generator.match_spread(self.pretrained)
         return _finetune(self.functional, data, labels, cfg, mode=mode, **kwargs)
 
     @torch.no_grad()
@@ -265,16 +266,16 @@ class QTModel:
         """Fidelity of the generated network to the original on ``data`` (held-out inputs).
 
         Args:
-            data: Inputs in any form :meth:`qtcompress.batches.InputSource.of` takes.
+            data: Inputs in any form :meth:`qtcompress.data.sources.InputSource.of` takes.
             labels: Optional labels (adds accuracy).
-            output: Which output to compare (see :func:`qtcompress.batches.select_output`).
+            output: Which output to compare (see :func:`qtcompress.data.model_call.select_output`).
             output_kind: ``"logits"``, ``"probability"``, ``"embedding"`` or ``"regression"``;
                 ``None`` infers it from the teacher's outputs.
             batch_size: Examples per forward pass.
             labels_in_items: Where labels sit inside dataset items.
 
         Returns:
-            A :class:`~qtcompress.fidelity.Fidelity`: agreement / cosine / correlation /
+            A :class:`~qtcompress.train.objectives.Fidelity`: agreement / cosine / correlation /
             relative error, accuracy with labels, and whether the student is degenerate.
         """
         return evaluate_fidelity(
@@ -306,7 +307,7 @@ class QTModel:
 
     def weight_errors(self) -> dict[str, float]:
         """Relative error of the generated weights: ``"_total"`` and per tensor."""
-        return relative_errors(self.generator, self.target)
+        return relative_errors(self.generator, self.pretrained)
 
     @torch.no_grad()
     def materialize(self) -> nn.Module:
@@ -342,13 +343,13 @@ class QTModel:
 
         Args:
             path: Destination, conventionally ``*.qtc.safetensors``.
-            **kwargs: :func:`~qtcompress.generator_file.save_generator`'s options
+            **kwargs: :func:`~qtcompress.io.generator_save.save_generator`'s options
                 (``example_inputs`` stores the ONNX graph and a check batch).
 
         Returns:
             The written path.
         """
-        from qtcompress.generator_file import save_generator
+        from qtcompress.io.generator_save import save_generator
 
         return save_generator(self, path, **kwargs)
 
@@ -385,7 +386,7 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> Genera
     """Read a generator file written by :meth:`QTModel.save` (or :func:`save_generator`).
 
     Without ``model`` the file alone can regenerate the weights, rebuild and check the ONNX
-    model, or load into a module (:class:`~qtcompress.generator_file.GeneratorFile`). With the
+    model, or load into a module (:class:`~qtcompress.io.generator_file.GeneratorFile`). With the
     pretrained ``model`` it was made from, the result is a :class:`QTModel` again, holding the
     stored generator and the student's stored BatchNorm statistics, that fine-tunes further,
     evaluates against the original and saves again: ``load(path, model)`` round-trips
@@ -401,7 +402,7 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> Genera
         TargetError: ``model``'s generated tensors are not the stored layout's (names the
             missing and unexpected tensors and the shape differences).
     """
-    from qtcompress.generator_file import load_generator
+    from qtcompress.io.generator_load import load_generator
 
     stored = load_generator(path)
     if model is None:

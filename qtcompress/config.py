@@ -16,8 +16,12 @@ if TYPE_CHECKING:
     from qtcompress.targets import Layout
 
 # Version 2 added the row-factorised scheme, ``rank`` and ``budget``; version-1 files describe
-# the flat scheme and are read as such.
-CONFIG_VERSION = 2
+# the flat scheme and are read as such. Version 3 renamed two fields whose names misled:
+# ``max_qubits`` (only used when ``chunk`` is automatic) -> ``chunk_max_qubits`` and
+# ``per_tensor_affine`` (the affine always applies; this says whether it trains) ->
+# ``train_affine``. Older descriptions are read with their old names translated.
+CONFIG_VERSION = 3
+_RENAMED_IN_3 = {"max_qubits": "chunk_max_qubits", "per_tensor_affine": "train_affine"}
 MAPPINGS = ("mlp", "mps")
 SCHEMES = ("rows", "flat")
 # The default size of a generator, as a fraction of M: chosen from the suite measurements in
@@ -51,8 +55,8 @@ class QTConfig:
         exclude: Patterns removed from the selection.
         include_frozen: Also generate parameters with ``requires_grad=False``.
         chunk: Weights per basis state; ``None`` picks the smallest power of two that keeps the
-            QNN at or below ``max_qubits``.
-        max_qubits: Qubit cap used when ``chunk`` is ``None``.
+            QNN at or below ``chunk_max_qubits``.
+        chunk_max_qubits: Qubit cap used only when ``chunk`` is ``None`` (automatic chunk).
         n_layers: QNN layers.
         n_qubits: QNN qubits; ``None``: the fewest that cover M.
         mapping: ``"mlp"`` or ``"mps"``.
@@ -60,7 +64,8 @@ class QTConfig:
         activation: MLP activation.
         bond_dim: MPS bond dimension.
         prob_transform: Mapping input transform of the probabilities.
-        per_tensor_affine: Train a scale and offset per generated tensor.
+        train_affine: Train each generated tensor's scale and offset (flat scheme). The affine
+            always applies; with ``False`` it stays at its initial values.
         standardize: Standardise each tensor's raw mapping outputs before the affine, so
             generated tensors keep the pretrained mean and std.
         backend: QNN simulator backend name.
@@ -77,7 +82,7 @@ class QTConfig:
     exclude: tuple[str, ...] = ()
     include_frozen: bool = False
     chunk: int | None = 1
-    max_qubits: int = 16
+    chunk_max_qubits: int = 16
     n_layers: int = 8
     n_qubits: int | None = None
     mapping: str = "mlp"
@@ -85,7 +90,7 @@ class QTConfig:
     activation: str = "tanh"
     bond_dim: int = 4
     prob_transform: str = "scaled"
-    per_tensor_affine: bool = True
+    train_affine: bool = True
     standardize: bool = True
     backend: str = "qsim"
     block_states: int | None = None
@@ -106,7 +111,7 @@ class QTConfig:
                 f"QTConfig version {self.version} is not supported (this qtcompress "
                 f"reads version {CONFIG_VERSION})."
             )
-        for name in ("n_layers", "max_qubits", "bond_dim", "seed"):
+        for name in ("n_layers", "chunk_max_qubits", "bond_dim", "seed"):
             v = getattr(self, name)
             if not _is_int(v) or v < (0 if name == "seed" else 1):
                 kind = "non-negative" if name == "seed" else "positive"
@@ -115,7 +120,7 @@ class QTConfig:
             v = getattr(self, name)
             if v is not None and (not _is_int(v) or v < 1):
                 raise ConfigError(f"{name} must be a positive integer or None, got {v!r}.")
-        if self.max_qubits > MAX_QUBITS or (self.n_qubits or 0) > MAX_QUBITS:
+        if self.chunk_max_qubits > MAX_QUBITS or (self.n_qubits or 0) > MAX_QUBITS:
             raise ConfigError(f"At most {MAX_QUBITS} qubits are supported.")
         if self.scheme not in SCHEMES:
             raise ConfigError(f"Unknown scheme {self.scheme!r}; choose from {SCHEMES}.")
@@ -149,7 +154,7 @@ class QTConfig:
             raise ConfigError(
                 f"Unknown prob_transform {self.prob_transform!r}; choose from {PROB_TRANSFORMS}."
             )
-        for name in ("include_frozen", "per_tensor_affine", "standardize"):
+        for name in ("include_frozen", "train_affine", "standardize"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be a bool, got {getattr(self, name)!r}.")
         if not isinstance(self.backend, str):
@@ -169,10 +174,14 @@ class QTConfig:
         """Rebuild from :meth:`to_dict`; missing keys take defaults.
 
         Unknown keys (written by a newer qtcompress) are ignored with a warning, so files stay
-        readable forwards; a version-1 description is the flat scheme.
+        readable forwards; a version-1 description is the flat scheme, and version-1 and -2
+        names renamed in version 3 are translated.
         """
         if not isinstance(data, dict):
             raise ConfigError(f"A QTConfig must be a JSON object, got {type(data).__name__}.")
+        version = data.get("version", CONFIG_VERSION)
+        if version in (1, 2):
+            data = {_RENAMED_IN_3.get(k, k): v for k, v in data.items()}
         known = {f.name for f in fields(cls)}
         extra = sorted(set(data) - known)
         if extra:
@@ -181,7 +190,6 @@ class QTConfig:
                 stacklevel=2,
             )
         data = {k: v for k, v in data.items() if k in known}
-        version = data.get("version", CONFIG_VERSION)
         if version == 1:
             data = {
                 "scheme": "flat",
@@ -189,10 +197,12 @@ class QTConfig:
                 **data,
                 "version": CONFIG_VERSION,
             }
+        elif version == 2:
+            data = {**data, "version": CONFIG_VERSION}
         elif version != CONFIG_VERSION:
             raise ConfigError(
                 f"QTConfig version {version!r} is not supported (this qtcompress "
-                f"reads versions 1 and {CONFIG_VERSION})."
+                f"reads versions 1 to {CONFIG_VERSION})."
             )
         return cls(**data)
 
@@ -205,12 +215,12 @@ class QTConfig:
             raise ConfigError(f"QTConfig is not valid JSON: {exc}.") from exc
         return cls.from_dict(data)
 
-    def resolve(self, layout: Layout, target: torch.Tensor | None = None) -> QTConfig:
+    def resolve(self, layout: Layout, pretrained: torch.Tensor | None = None) -> QTConfig:
         """The same config with every automatic size fixed for ``layout``.
 
         Rows scheme: ``ranks`` (one per tensor) are chosen to fit the budget. With the
-        pretrained weights (``target``), ranks go where the weights' spectra need them
-        (:func:`~qtcompress.generator.allocate_ranks`); without, or with ``rank`` given, every
+        pretrained weights (``pretrained``), ranks go where the weights' spectra need them
+        (:func:`~qtcompress.generator.ranks.allocate_ranks`); without, or with ``rank`` given, every
         matrix gets the same rank. Without a budget the budget is ``DEFAULT_BUDGET`` of M, or
         the smallest generator (rank 1 everywhere) where that is larger (models of a few
         thousand weights).
@@ -218,7 +228,7 @@ class QTConfig:
         Raises:
             ConfigError: An explicit budget is below the smallest generator for this model.
         """
-        from qtcompress.generator import allocate_ranks, row_generator_size, uniform_ranks
+        from qtcompress.generator.ranks import allocate_ranks, row_generator_size, uniform_ranks
 
         hidden = self.hidden if self.hidden is not None else DEFAULT_HIDDEN[self.scheme]
         if self.scheme == "flat":
@@ -246,7 +256,7 @@ class QTConfig:
                 f"this model ({smallest:,} = {smallest / layout.total:.2%} of M); raise "
                 "--budget or leave the largest tensors classical with --exclude."
             )
-        ranks = allocate_ranks(layout, target, allowed, self.n_layers, hidden, self.n_qubits)
+        ranks = allocate_ranks(layout, pretrained, allowed, self.n_layers, hidden, self.n_qubits)
         return replace(self, hidden=hidden, ranks=ranks)
 
     def budget_params(self, total: int) -> int:
@@ -259,6 +269,6 @@ class QTConfig:
         if self.chunk is not None:
             return self.chunk
         k = 1
-        while (total + k - 1) // k > 2**self.max_qubits:
+        while (total + k - 1) // k > 2**self.chunk_max_qubits:
             k *= 2
         return k

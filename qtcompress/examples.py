@@ -113,7 +113,7 @@ class Split:
     """A train/test split: inputs and labels (empty tensors when there are none).
 
     Inputs are a tensor (one positional input), a tuple of tensors (positional) or a dict of
-    tensors (keyword); see :mod:`qtcompress.batches`.
+    tensors (keyword); see :mod:`qtcompress.data`.
     """
 
     x_train: Any

@@ -10,6 +10,9 @@ option. Each is checked *before* anything is allocated against
 A size over a limit raises :class:`~qtcompress.errors.ResourceLimitError` whose one-line message
 names the value, the limit and the option (or file field) to change. The limits are listed in
 ``docs/format.md``.
+
+It runs past 400 lines because every check carries its own one-line message naming the value,
+the limit and the fix; split by kind, the maxima and the checks that enforce them would drift.
 """
 
 from __future__ import annotations
@@ -468,8 +471,8 @@ def return_freed_memory_to_os(threshold: int = 1 << 20) -> bool:
     transient tensors of a big model's phase 1 stayed resident: a 3e7-weight step peaked at
     3.8x the weights' bytes over the model, and 2.1x with this setting. Each allocation above
     the threshold then costs fresh page faults, so :func:`qtcompress.api.compress` turns it on
-    only for models of at least ``qtcompress.fit.STREAM_WEIGHTS`` weights; the CLI does the
-    same. Elsewhere (not glibc) nothing happens.
+    only for models of at least ``qtcompress.train.weight_fit.STREAM_WEIGHTS`` weights; the CLI
+    does the same. Elsewhere (not glibc) nothing happens.
 
     Returns:
         Whether the setting is in force.

@@ -7,6 +7,10 @@ Used by ``qtcompress compress`` and ``qtcompress demo``; callable from Python as
 * ``<name>.onnx`` — the reconstructed classical network, checked with onnxruntime;
 * ``summary.json`` — the numbers of the summary table;
 * ``report/`` — plots and a Markdown page, when asked for (needs matplotlib).
+
+The summary's table is built by ``summary.py``; user data sets are read by
+:func:`qtcompress.io.arrays.load_npz_split`. This module stays one job read top to bottom
+(settings, :func:`run_pipeline`, its ``_finish``), which is why it runs past 400 lines.
 """
 
 from __future__ import annotations
@@ -20,20 +24,22 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from qtcompress.api import DEFAULT_FINETUNE_LR, QTModel, compress
-from qtcompress.atomic import OutputRecord, check_writable_dir
-from qtcompress.batches import Batch, InputSource, check_call, forward_signature, select_output
 from qtcompress.config import QTConfig
+from qtcompress.data.batch import Batch
+from qtcompress.data.model_call import check_call, forward_signature, select_output
+from qtcompress.data.sources import InputSource
 from qtcompress.errors import ConfigError
 from qtcompress.examples import Split
-from qtcompress.fidelity import Fidelity, infer_output_kind
-from qtcompress.onnx_export import dynamic_shapes
-from qtcompress.runtime import check_label_range
+from qtcompress.io.arrays import check_label_range
+from qtcompress.io.atomic import OutputRecord, check_writable_dir
+from qtcompress.onnx.export import dynamic_shapes
+from qtcompress.summary import shape_of, summary_rows
 from qtcompress.targets import kinds_summary
+from qtcompress.train.objectives import Fidelity, infer_output_kind
 
 
 @dataclass(frozen=True)
@@ -156,7 +162,7 @@ def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
 def _latencies(
     model: nn.Module, onnx_path: Path, test: InputSource, repeats: int
 ) -> tuple[dict[str, float], dict[str, float]]:
-    from qtcompress.runtime import OnnxPredictor
+    from qtcompress.onnx.runtime import OnnxPredictor
 
     predictor = OnnxPredictor(onnx_path)
     torch_ms, onnx_ms = {}, {}
@@ -230,8 +236,8 @@ def run_pipeline(
     Returns:
         The measured :class:`PipelineResult` (also written to ``summary.json``).
     """
-    from qtcompress.generator_file import save_generator
-    from qtcompress.onnx_export import export_onnx, to_onnx_proto
+    from qtcompress.io.generator_save import save_generator
+    from qtcompress.onnx.export import export_onnx, to_onnx_proto
 
     settings = settings or PipelineSettings()
     out = Path(out_dir)
@@ -269,7 +275,7 @@ def run_pipeline(
     )
     log(
         f"compressing {rep.generated_weights:,} weights with {rep.trainable:,} generator "
-        f"parameters ({rep.n_qubits} qubits x {rep.n_layers} layers, {_shape_of(qt)})"
+        f"parameters ({rep.n_qubits} qubits x {rep.n_layers} layers, {shape_of(qt)})"
     )
 
     def evaluate() -> Fidelity:
@@ -432,7 +438,7 @@ def _finish(
         generator_file_bytes=gen_path.stat().st_size,
         onnx_bytes=onnx_path.stat().st_size,
         scheme=qt.config.scheme,
-        shape=_shape_of(qt),
+        shape=shape_of(qt),
         budget=budget,
         generated_kinds={
             k: [n, v]
@@ -478,154 +484,3 @@ def _finish(
     result.total_s = time.perf_counter() - start
     record.complete({k: v for k, v in asdict(result).items() if k != "histories"})
     return result
-
-
-def _shape_of(qt: QTModel) -> str:
-    if qt.config.scheme == "rows":
-        ranks = [k for k in qt.config.ranks or () if k > 0]
-        return (
-            f"one basis state per tensor row, ranks {min(ranks, default=0)}.."
-            f"{max(ranks, default=0)}"
-        )
-    return f"chunk {qt.config.resolve_chunk(qt.layout.total)}"
-
-
-def _fidelity_text(fid: dict[str, Any]) -> str:
-    name, value = fid["headline_name"], fid["headline"]
-    text = f"{value:.2%}" if name == "agreement" else f"{value:.4f}"
-    extra = f", correlation {fid['correlation']:.3f}" if name != "correlation" else ""
-    dead = " (DEGENERATE: constant outputs)" if fid["degenerate"] else ""
-    return f"{name} {text}{extra}{dead}"
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2%}"
-
-
-def _size(value: int | None) -> str:
-    return "n/a" if value is None else f"{value:,} B"
-
-
-def summary_rows(r: PipelineResult) -> dict[str, str]:
-    """The summary table as ordered label -> value strings."""
-    relative = r.onnx_max_abs_diff / max(r.onnx_max_abs_output, 1e-30)
-    rows = {
-        "original parameters": f"{r.original_params:,}",
-        "generated weights (M)": f"{r.generated_weights:,}",
-        "generator parameters (trainable)": f"{r.generator_params:,} "
-        f"({r.generator_params / r.generated_weights:.1%} of M)",
-        "compression ratio (M / generator)": f"{r.compression_ratio:.2f}x",
-        "QNN": f"{r.n_qubits} qubits x {r.n_layers} layers, up to {r.chunk} weights per basis "
-        "state",
-        "generator": f"{r.scheme} scheme, {r.shape}, budget {r.budget}",
-        "generated tensors": ", ".join(
-            f"{k} {n} ({v:,})" for k, (n, v) in r.generated_kinds.items()
-        ),
-        "checkpoint file": _size(r.checkpoint_bytes),
-        "generator file": _size(r.generator_file_bytes),
-        "ONNX file": _size(r.onnx_bytes),
-        "output kind": r.output_kind,
-        "fidelity: phase 1 (weights fitted)": _fidelity_text(r.fidelity_phase1)
-        + f" (relative weight error {r.phase1_rel_weight_error:.3f})",
-        "fidelity: fine-tuned": _fidelity_text(r.fidelity_finetuned),
-        "accuracy: original / phase 1 / fine-tuned": " / ".join(
-            _pct(a) for a in (r.accuracy_original, r.accuracy_phase1, r.accuracy_finetuned)
-        ),
-        "ONNX vs torch max |diff|": f"{r.onnx_max_abs_diff:.2g} (outputs up to "
-        f"{r.onnx_max_abs_output:.3g}: {relative:.1g} relative)",
-    }
-    for label in r.latency_torch_ms:
-        rows[f"latency {label}: torch / onnxruntime"] = (
-            f"{r.latency_torch_ms[label]:.3f} ms / {r.latency_onnx_ms[label]:.3f} ms"
-        )
-    for i, w in enumerate(r.warnings):
-        rows[f"WARNING {i + 1}"] = w
-    rows["time: phase 1 / phase 2 / total"] = (
-        f"{r.fit_s:.1f} s / {r.finetune_s:.1f} s / {r.total_s:.1f} s"
-    )
-    return rows
-
-
-def format_summary(r: PipelineResult) -> str:
-    """The summary as an aligned plain-text table."""
-    rows = summary_rows(r)
-    width = max(len(k) for k in rows)
-    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows.items())
-
-
-def load_npz_split(path: str | Path) -> Split:
-    """Read a data set from an ``.npz``: inputs, and labels if any.
-
-    Naming rule for the inputs (the same for ``x_train`` and ``x_test``):
-
-    * ``x_train``: one tensor, passed as the model's only positional input;
-    * ``x_train.0``, ``x_train.1``, ...: several positional inputs, e.g. ``model(x, state)``;
-    * ``x_train.NAME``: keyword inputs, e.g. ``x_train.input_ids`` and
-      ``x_train.attention_mask`` for ``model(input_ids=..., attention_mask=...)``.
-
-    Labels (``y_train``, ``y_test``) may be absent: then only distillation is possible.
-    Integer inputs (token ids) stay int64; other inputs become float32. Every array is checked
-    (dtype, finiteness, shapes, labels) before conversion.
-    """
-    from qtcompress.runtime import check_dataset, load_arrays
-
-    arrays = load_arrays(path)
-    if not isinstance(arrays, dict):
-        raise ConfigError(f"{path}: expected an .npz with x_train and x_test arrays.")
-
-    def names(split: str) -> list[str]:
-        return sorted(k[len(split) + 1 :] for k in arrays if k.startswith(f"{split}."))
-
-    train_names, test_names = names("x_train"), names("x_test")
-    plain = [k for k in ("x_train", "x_test") if k in arrays]
-    if train_names or test_names:
-        if plain:
-            raise ConfigError(
-                f"{path}: holds both {plain} and named inputs x_train.*; use one "
-                "naming rule (see load_npz_split)."
-            )
-        if train_names != test_names:
-            raise ConfigError(
-                f"{path}: x_train has inputs {train_names} but x_test has "
-                f"{test_names}; give the same inputs for both."
-            )
-        keys = train_names
-    else:
-        missing = [k for k in ("x_train", "x_test") if k not in arrays]
-        if missing:
-            raise ConfigError(
-                f"{path}: missing arrays {missing} (found {sorted(arrays)}); "
-                "give x_train and x_test, or x_train.NAME and x_test.NAME."
-            )
-        keys = []
-    labels: dict[str, Any] = {k: arrays[k] for k in ("y_train", "y_test") if k in arrays}
-    for key in keys or [""]:
-        suffix = f".{key}" if key else ""
-        check_dataset(
-            {"x_train": arrays[f"x_train{suffix}"], "x_test": arrays[f"x_test{suffix}"], **labels},
-            source=f"{path}{' (' + key + ')' if key else ''}",
-        )
-
-    def tensor(array: Any, labels: bool) -> torch.Tensor:
-        array = np.ascontiguousarray(array)
-        # Integer inputs (token ids) stay integers; everything else becomes float32.
-        if labels or np.issubdtype(array.dtype, np.integer):
-            return torch.from_numpy(array).to(torch.int64)
-        return torch.from_numpy(array).to(torch.float32)
-
-    def inputs(split: str) -> Any:
-        if not keys:
-            return tensor(arrays[split], False)
-        if all(k.isdigit() for k in keys):
-            return tuple(tensor(arrays[f"{split}.{k}"], False) for k in sorted(keys, key=int))
-        if any(k.isdigit() for k in keys):
-            raise ConfigError(
-                f"{path}: inputs {keys} mix positions and names; use x_train.0, "
-                "x_train.1 ... or x_train.NAME only."
-            )
-        return {k: tensor(arrays[f"{split}.{k}"], False) for k in keys}
-
-    def label(key: str) -> torch.Tensor:
-        return tensor(arrays[key], True) if key in arrays else torch.empty(0, dtype=torch.int64)
-
-    return Split(inputs("x_train"), label("y_train"), inputs("x_test"), label("y_test"))

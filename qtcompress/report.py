@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from qtcompress.atomic import atomic_path, atomic_write_bytes
 from qtcompress.errors import ConfigError, MissingFileError
+from qtcompress.io.atomic import atomic_path, atomic_write_bytes
 
 
 def _pyplot() -> Any:

@@ -77,7 +77,7 @@ def cli(capsys, monkeypatch):
 @pytest.fixture(scope="session")
 def mlp_onnx(tmp_path_factory):
     """A seeded TinyMLP (13 features, 3 classes) and its ONNX file (dynamic batch)."""
-    from qtcompress.onnx_export import export_onnx
+    from qtcompress.onnx.export import export_onnx
 
     torch.manual_seed(0)
     model = TinyMLP().eval()

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from qtcompress import QTConfig, compress, load_generator, save_generator
 from qtcompress.errors import ConfigError, ExportError
-from qtcompress.onnx_export import export_onnx
+from qtcompress.onnx.export import export_onnx
 from tests.cli_helpers import ROOT, assert_one_line_error, run
 from tests.tiny_models import StatefulCell, TwoInputEncoder
 

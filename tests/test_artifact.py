@@ -7,7 +7,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from qtcompress.artifact import (
+from qtcompress.errors import ConfigError, FormatError, MissingFileError
+from qtcompress.io.container import (
     FORMAT_NAME,
     FORMAT_VERSION,
     SKELETON_TENSOR,
@@ -16,8 +17,7 @@ from qtcompress.artifact import (
     save_artifact,
     sha256_of_tensors,
 )
-from qtcompress.errors import ConfigError, FormatError, MissingFileError
-from qtcompress.onnx_export import export_skeleton, fill_skeleton
+from qtcompress.onnx.skeleton import export_skeleton, fill_skeleton
 from tests.tiny_models import TinyMLP, example_input
 
 META = {
@@ -198,7 +198,7 @@ def test_overwrite_is_atomic_and_missing_file(tmp_path):
 def test_same_content_same_bytes_readable_by_safetensors(tmp_path):
     from safetensors.torch import load_file
 
-    from qtcompress.artifact import write_safetensors
+    from qtcompress.io.container import write_safetensors
 
     tensors = _tensors()
     a = save_artifact(tmp_path / "a.qtc.safetensors", tensors, META, skeleton=b"skel")

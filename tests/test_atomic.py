@@ -2,8 +2,8 @@ import os
 
 import pytest
 
-from qtcompress.atomic import atomic_path, atomic_write_bytes, check_output_path
 from qtcompress.errors import ConfigError, MissingFileError
+from qtcompress.io.atomic import atomic_path, atomic_write_bytes, check_output_path
 
 
 def test_write_and_overwrite_leave_only_the_file(tmp_path):

@@ -6,7 +6,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
-from qtcompress.batches import Batch, InputSource, batch_indices, check_call, select_output
+from qtcompress.data.batch import Batch, batch_indices
+from qtcompress.data.model_call import check_call, select_output
+from qtcompress.data.sources import InputSource
 from qtcompress.errors import ConfigError, NonFiniteError
 
 N = 10

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import qtcompress.onnx_export as onnx_export
+import qtcompress.onnx.export as onnx_export
 from qtcompress import QTConfig, load_generator
 from qtcompress.examples import Split
 from qtcompress.generator import RowGenerator

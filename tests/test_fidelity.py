@@ -13,20 +13,16 @@ from qtcompress import QTConfig, compress
 from qtcompress.config import DEFAULT_BUDGET
 from qtcompress.errors import ConfigError, FormatError
 from qtcompress.examples import load_dataset
-from qtcompress.fidelity import (
+from qtcompress.generator import RowGenerator
+from qtcompress.generator.ranks import allocate_ranks, row_generator_size, uniform_ranks
+from qtcompress.io.model_source import load_model
+from qtcompress.train.loop import LoopConfig, train_loop
+from qtcompress.train.objectives import (
     DEFAULT_LOSS,
     distill_loss,
     infer_output_kind,
     measure_fidelity,
 )
-from qtcompress.fit import LoopConfig, train_loop
-from qtcompress.generator import (
-    RowGenerator,
-    allocate_ranks,
-    row_generator_size,
-    uniform_ranks,
-)
-from qtcompress.loading import load_model
 from tests.cli_helpers import assert_one_line_error
 
 
@@ -167,7 +163,7 @@ def test_model_without_batchnorm_is_alive_and_faithful_after_finetuning(plain_ml
 
 def test_collapse_guard_restores_best_state_and_halves_the_step(plain_mlp, monkeypatch):
     qt = compress(plain_mlp, QTConfig())
-    target = qt.target
+    target = qt.pretrained
     cfg = LoopConfig(steps=30, lr=1e-2, eval_every=10)
     lrs, states, checks = [], {}, []
 
@@ -240,7 +236,7 @@ def test_leftover_budget_follows_the_weights_spectra():
     base = row_generator_size(qt.layout, uniform_ranks(qt.layout, 4), 8, (32,))
     # 100 spare parameters: one more rank of the 64-column matrix (64 + 33 for the body's
     # wider output) fits, a whole uniform rank (129) does not.
-    ranks = allocate_ranks(qt.layout, qt.target, base + 100, 8, (32,))
+    ranks = allocate_ranks(qt.layout, qt.pretrained, base + 100, 8, (32,))
     by_name = dict(zip([s.name for s in qt.layout.specs], ranks, strict=True))
     assert by_name["0.bias"] == 0 and by_name["1.bias"] == 0  # vectors: exact, bias only
     assert by_name["0.weight"] == 4 and by_name["1.weight"] == 5

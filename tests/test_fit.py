@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from qtcompress.api import compress
-from qtcompress.batches import batch_indices
 from qtcompress.config import QTConfig
+from qtcompress.data.batch import batch_indices
 from qtcompress.errors import ConfigError, FormatError, NonFiniteError
 from qtcompress.examples import DigitsCNN, accuracy, load_dataset
-from qtcompress.fit import LoopConfig
+from qtcompress.train.loop import LoopConfig
 from tests.tiny_models import TinyCNN, TinyConv1d, TinyGRU, TinyMLP, example_input
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,13 +183,16 @@ def test_config_json_round_trip_and_validation():
     assert again == cfg and again.hidden == (8, 4) and again.target == ("conv", "re:^head")
     assert QTConfig().resolve_chunk(10**6) == 1
     assert QTConfig(chunk=None).resolve_chunk(10**6) == 16 and cfg.resolve_chunk(100) == 1
-    assert QTConfig(chunk=None, max_qubits=20).resolve_chunk(20_000_000) == 32
+    assert QTConfig(chunk=None, chunk_max_qubits=20).resolve_chunk(20_000_000) == 32
     with pytest.warns(UserWarning, match="Ignoring unknown QTConfig keys \\['bogus'\\]"):
         assert QTConfig.from_json('{"chunk": 2, "bogus": 1}').chunk == 2  # forward compatible
     with pytest.raises(ConfigError, match="QTConfig is not valid JSON"):
         QTConfig.from_json("{not json")
     with pytest.raises(ConfigError, match="QTConfig version 99 is not supported"):
         QTConfig.from_json('{"version": 99}')
+    # Version 2 named two fields differently; its files read with the names translated.
+    old = QTConfig.from_json('{"version": 2, "max_qubits": 12, "per_tensor_affine": false}')
+    assert (old.chunk_max_qubits, old.train_affine, old.version) == (12, False, 3)
     assert compress(TinyMLP(), SMALL, chunk=4).config.chunk == 4
 
 
@@ -201,8 +204,8 @@ BAD_CONFIGS = [
     ({"activation": "step"}, "Unknown activation 'step'"),
     ({"target": "conv1"}, "target must be a list, got 'conv1'"),
     ({"seed": -1}, "seed must be a non-negative integer, got -1"),
-    ({"version": 3}, "QTConfig version 3 is not supported"),
-    ({"max_qubits": 64}, "At most 30 qubits are supported"),
+    ({"version": 4}, "QTConfig version 4 is not supported"),
+    ({"chunk_max_qubits": 64}, "At most 30 qubits are supported"),
     ({"include_frozen": 1}, "include_frozen must be a bool, got 1"),
     ({"prob_transform": "x"}, "Unknown prob_transform 'x'"),
 ]

@@ -139,7 +139,7 @@ def test_every_layer_type_runs_functionally_and_materializes(cls):
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     # With the exact pretrained weights the functional path reproduces the model.
-    exact = qt.layout.split(qt.target)
+    exact = qt.layout.split(qt.pretrained)
     with torch.no_grad():
         assert torch.allclose(qt.functional(x, generated=exact), ref, atol=1e-5)
 

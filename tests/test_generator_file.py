@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 from qtcompress.api import compress
 from qtcompress.config import QTConfig
 from qtcompress.errors import FormatError, MissingFileError
-from qtcompress.generator_file import load_generator, save_generator
+from qtcompress.io.generator_load import load_generator
+from qtcompress.io.generator_save import save_generator
 from tests.tiny_models import TinyCNN, TinyLSTM, TinyMLP, TinyTransformer, example_input
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +59,7 @@ def test_round_trip_in_a_fresh_process(cnn_file, tmp_path):
     np.save(tmp_path / "x.npy", x.numpy())
     script = f"""
 import json, numpy as np, onnxruntime as ort
-from qtcompress.generator_file import load_generator
+from qtcompress.io.generator_load import load_generator
 gen = load_generator({str(path)!r})
 check = gen.verify_weights()
 proto, diff = gen.to_onnx({str(tmp_path / "cnn.onnx")!r})
@@ -163,7 +164,7 @@ def test_missing_and_extra_tensors_are_named(cnn_file, tmp_path):
     gen_meta_ok = tmp_path / "ok.qtc.safetensors"
     # Remove a generator tensor and fix up the container's own records so that only the
     # generator-level check can notice.
-    from qtcompress.artifact import read_artifact, save_artifact
+    from qtcompress.io.container import read_artifact, save_artifact
 
     art = read_artifact(path)
     tensors = dict(art.tensors)
@@ -179,7 +180,7 @@ def test_missing_and_extra_tensors_are_named(cnn_file, tmp_path):
 
 
 def test_metadata_that_does_not_match_the_tensors(cnn_file, tmp_path):
-    from qtcompress.artifact import read_artifact, save_artifact
+    from qtcompress.io.container import read_artifact, save_artifact
 
     path, _, _ = cnn_file
     art = read_artifact(path)
@@ -240,6 +241,8 @@ def test_golden_file_always_loads():
     CPU may pick other qsim/BLAS kernels, so bit-identity is reported, not required here.
     """
     gen = load_generator(GOLDEN)
+    assert gen.metadata["config"]["version"] == 1  # written before the version-3 renames
+    assert gen.config.version == 3 and gen.config.chunk_max_qubits == 16
     check = gen.verify_weights()
     assert check.equivalent, check
     reference = load_file_tensors(GOLDEN_WEIGHTS)

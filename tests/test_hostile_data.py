@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from qtcompress.errors import ConfigError, FormatError, NonFiniteError
-from qtcompress.loading import build_model, check_model_dtypes, load_model
-from qtcompress.runtime import check_dataset, check_label_range, load_arrays
+from qtcompress.io.arrays import check_dataset, check_label_range, load_arrays
+from qtcompress.io.model_source import build_model, check_model_dtypes, load_model
 from tests.tiny_models import TinyMLP
 
 TIB = 1 << 40

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from qtcompress.atomic import (
+from qtcompress.errors import ConfigError, MissingFileError, OutputError
+from qtcompress.io.atomic import (
     OutputRecord,
     atomic_path,
     atomic_write_bytes,
@@ -21,7 +22,6 @@ from qtcompress.atomic import (
     check_writable_dir,
     remove_stale_temps,
 )
-from qtcompress.errors import ConfigError, MissingFileError, OutputError
 
 ROOT = Path(__file__).resolve().parents[1]
 NOBODY = 65534
@@ -123,7 +123,7 @@ def test_full_disk_during_a_write_is_an_output_error(tmp_path):
 
 _KILLED_WRITER = """
 import sys, time
-from qtcompress.atomic import atomic_path
+from qtcompress.io.atomic import atomic_path
 with atomic_path(sys.argv[1] + "/model.onnx") as tmp:
     tmp.write_bytes(b"half a model")
     print(tmp, flush=True)

@@ -11,7 +11,7 @@ import torch
 from qtcompress.api import compress
 from qtcompress.config import QTConfig
 from qtcompress.errors import FormatError, UnsafeFileError
-from qtcompress.loading import load_model
+from qtcompress.io.model_source import load_model
 from tests.tiny_models import TinyMLP, example_input
 
 REFUSED = r"needs code execution to load; use --trust-pickle .* only if you trust its source"

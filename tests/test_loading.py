@@ -8,7 +8,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file, save_model
 
 from qtcompress.errors import ConfigError, FormatError, MissingFileError, UnsafeFileError
-from qtcompress.loading import load_model, parse_factory_kwargs, resolve_factory
+from qtcompress.io.model_source import load_model, parse_factory_kwargs, resolve_factory
 from tests.tiny_models import TiedLM, TinyCNN, TinyMLP, example_input
 
 MLP = "tests.tiny_models:TinyMLP"

@@ -15,15 +15,14 @@ from qtcompress.errors import (
     MissingFileError,
     NonFiniteError,
 )
-from qtcompress.onnx_export import (
+from qtcompress.onnx.export import export_onnx, to_onnx_proto
+from qtcompress.onnx.parity import compare_with_onnxruntime
+from qtcompress.onnx.skeleton import (
     SKELETON_KEY,
-    compare_with_onnxruntime,
-    export_onnx,
     export_skeleton,
     fill_skeleton,
     make_skeleton,
     skeleton_weight_map,
-    to_onnx_proto,
 )
 from tests.tiny_models import (
     TiedLM,

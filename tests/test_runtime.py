@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from qtcompress.errors import ConfigError, FormatError, MissingFileError
-from qtcompress.onnx_export import export_onnx
-from qtcompress.runtime import OnnxPredictor, load_arrays, predict_file, save_arrays
+from qtcompress.io.arrays import load_arrays, save_arrays
+from qtcompress.onnx.export import export_onnx
+from qtcompress.onnx.runtime import OnnxPredictor, predict_file
 from tests.tiny_models import example_input
 
 
@@ -75,7 +76,9 @@ def test_predict_file_npy_roundtrip(mlp_onnx, tmp_path):
     model, path = mlp_onnx
     x = example_input(model, batch=5).numpy()
     np.save(tmp_path / "in.npy", x)
-    predict_file(path, tmp_path / "in.npy", tmp_path / "out.npy")
+    done = predict_file(path, tmp_path / "in.npy", tmp_path / "out.npy")
+    assert done.path == tmp_path / "out.npy" and done.elapsed_ms > 0
+    assert list(done.output_shapes.values()) == [np.load(done.path).shape]
     with torch.no_grad():
         np.testing.assert_allclose(
             np.load(tmp_path / "out.npy"), model(torch.from_numpy(x)).numpy(), atol=1e-5, rtol=0
@@ -86,9 +89,10 @@ def test_predict_file_npy_roundtrip(mlp_onnx, tmp_path):
 def test_predict_file_npz_multi(multi, tmp_path):
     _, path = multi
     np.savez(tmp_path / "in.npz", x=np.ones((2, 3), np.float32), tokens=np.ones((2, 2), np.int64))
-    predict_file(path, tmp_path / "in.npz", tmp_path / "out.npz")
+    done = predict_file(path, tmp_path / "in.npz", tmp_path / "out.npz")
     out = load_arrays(tmp_path / "out.npz")
     assert sorted(out) == ["t2", "y"] and out["y"].shape == (2, 2)
+    assert done.output_shapes == {k: v.shape for k, v in out.items()}
     with pytest.raises(ConfigError, match=r"2 outputs \['t2', 'y'\].*\.npz"):
         predict_file(path, tmp_path / "in.npz", tmp_path / "bad.npy")
     assert not (tmp_path / "bad.npy").exists()

@@ -12,11 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-import qtcompress.fit as fit
+import qtcompress.train.weight_fit as weight_fit
 from qtcompress import QTConfig, compress
-from qtcompress.fit import (
-    LoopConfig,
-    make_adam,
+from qtcompress.train.loop import LoopConfig, make_adam
+from qtcompress.train.weight_fit import (
     relative_errors,
     row_weight_loss,
     tensor_normalisers,
@@ -51,11 +50,11 @@ def _grads(gen: nn.Module, loss: torch.Tensor) -> list[torch.Tensor]:
 @pytest.mark.parametrize("stream", [False, True])
 def test_row_weight_loss_matches_the_flat_reference(monkeypatch, stream: bool) -> None:
     qt = _qt()
-    gen, target = qt.generator, qt.target
+    gen, target = qt.generator, qt.pretrained
     reference = weight_loss(gen.generate(), target, tensor_normalisers(gen, target))
     ref_grads = _grads(gen, reference)
     if stream:
-        monkeypatch.setattr(fit, "STREAM_WEIGHTS", 0)  # checkpoint every tensor's term
+        monkeypatch.setattr(weight_fit, "STREAM_WEIGHTS", 0)  # checkpoint every tensor's term
     loss = row_weight_loss(gen, target, tensor_scales(gen, target))
     assert float(loss.detach()) == pytest.approx(float(reference.detach()), rel=1e-6)
     for got, want in zip(_grads(gen, loss), ref_grads, strict=True):
@@ -67,7 +66,7 @@ def test_row_weight_loss_matches_the_flat_reference(monkeypatch, stream: bool) -
 
 def test_relative_errors_match_the_concatenated_reference() -> None:
     qt = _qt()
-    gen, target = qt.generator, qt.target
+    gen, target = qt.generator, qt.pretrained
     got = relative_errors(gen, target)
     with torch.no_grad():
         w = gen.generate()
@@ -97,7 +96,7 @@ def test_fused_adam_takes_the_same_steps_as_the_loop_to_rounding() -> None:
 def test_big_tensors_spectrum_from_randomised_svd_matches_exact(monkeypatch):
     # compress() at 1e8 weights spent most of its time in exact svdvals of 7,000 x 7,000
     # layers; past EXACT_SPECTRUM_WEIGHTS only the needed leading values are estimated.
-    import qtcompress.generator as generator_module
+    import qtcompress.generator.ranks as generator_module
 
     gen = torch.Generator().manual_seed(0)
     u, v = torch.randn(600, 40, generator=gen), torch.randn(40, 500, generator=gen)

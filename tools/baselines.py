@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from qtcompress.api import QTModel
-from qtcompress.batches import batch_indices
+from qtcompress.data.batch import batch_indices
 from qtcompress.errors import ConfigError
-from qtcompress.fidelity import distill_loss
-from qtcompress.fit import LoopConfig
+from qtcompress.train.loop import LoopConfig
+from qtcompress.train.objectives import distill_loss
 
 Factorisable = nn.Linear | nn.Conv2d
 
@@ -235,8 +235,9 @@ def distill_finetune(
 ) -> nn.Module:
     """Fine-tune ``student`` to match ``teacher`` as :meth:`QTModel.finetune` does (distill mode).
 
-    Same loss (temperature-softened KL), mini-batches (:func:`~qtcompress.fit.batch_indices`),
-    Adam with the default warm-up-free cosine schedule of :class:`~qtcompress.fit.LoopConfig`,
+    Same loss (temperature-softened KL), mini-batches
+    (:func:`~qtcompress.data.batch.batch_indices`), Adam with the default warm-up-free cosine
+    schedule of :class:`~qtcompress.train.loop.LoopConfig`,
     BatchNorm in batch-statistics mode, and the same best-state rule (lowest exponential moving
     average of the loss, checked every ``eval_every`` steps, restored at the end).
 

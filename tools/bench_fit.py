@@ -57,7 +57,11 @@ def measure(size: int, steps: int, max_qubits: int, n_layers: int) -> dict[str, 
     qt = compress(
         model,
         QTConfig(
-            scheme="flat", chunk=None, max_qubits=max_qubits, n_layers=n_layers, hidden=(16, 16)
+            scheme="flat",
+            chunk=None,
+            chunk_max_qubits=max_qubits,
+            n_layers=n_layers,
+            hidden=(16, 16),
         ),
     )
     gen, fm = qt.generator, qt.functional

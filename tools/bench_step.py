@@ -177,9 +177,9 @@ def measure(kind: str, size: float, repeats: int) -> dict[str, Any]:
 
     sys.path.insert(0, str(ROOT))
     from qtcompress import compress
-    from qtcompress.fidelity import distill_loss
     from qtcompress.mapping import transform_probs
     from qtcompress.qnn.backends import set_threads
+    from qtcompress.train.objectives import distill_loss
 
     set_threads(THREADS)
     model, x = build(kind, size)
@@ -332,8 +332,8 @@ def measure_steps(kind: str, size: float, repeats: int) -> dict[str, float]:
 
     sys.path.insert(0, str(ROOT))
     from qtcompress import compress
-    from qtcompress.fidelity import distill_loss
     from qtcompress.qnn.backends import set_threads
+    from qtcompress.train.objectives import distill_loss
 
     set_threads(THREADS)
     model, x = build(kind, size)

@@ -11,7 +11,7 @@ MLP without BatchNorm) and every budget, this runs:
 * ``pruning``: the largest-magnitude weights of every matrix, the same fraction per matrix;
 
 each at the parameter count of the QT generator, each fine-tuned by the same
-:func:`qtcompress.fit.finetune` recipe (steps, learning rate, warm-up, clipping, collapse
+:func:`qtcompress.train.finetune.finetune` recipe (steps, learning rate, warm-up, clipping, collapse
 guard, distillation loss), and reports fidelity to the original on held-out inputs.
 
 Run: ``python tools/bench_suite.py`` (about an hour on 2 cores), ``--quick`` for a smoke run.
@@ -48,10 +48,12 @@ from benchdoc import machine, write_section  # noqa: E402
 from qtcompress import QTConfig, compress  # noqa: E402
 from qtcompress.errors import ConfigError  # noqa: E402
 from qtcompress.examples import Split  # noqa: E402
-from qtcompress.fit import FunctionalModel, LoopConfig, evaluate_fidelity, finetune  # noqa: E402
-from qtcompress.generator import row_view  # noqa: E402
+from qtcompress.generator.ranks import row_view  # noqa: E402
 from qtcompress.pipeline import PipelineSettings, run_pipeline  # noqa: E402
 from qtcompress.targets import select_targets  # noqa: E402
+from qtcompress.train.finetune import evaluate_fidelity, finetune  # noqa: E402
+from qtcompress.train.functional import FunctionalModel  # noqa: E402
+from qtcompress.train.loop import LoopConfig  # noqa: E402
 
 METHODS = ("qt", "qt without QNN", "low-rank", "pruning")
 

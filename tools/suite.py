@@ -53,8 +53,8 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from qtcompress.atomic import atomic_path, atomic_write_bytes  # noqa: E402
 from qtcompress.examples import DigitsCNN28, Split, load_dataset, upsample  # noqa: E402
+from qtcompress.io.atomic import atomic_path, atomic_write_bytes  # noqa: E402
 
 __all__ = [
     "CACHE_DIR",

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from qtcompress.atomic import atomic_path, atomic_write_bytes
 from qtcompress.examples import EXAMPLES, accuracy, load_dataset, train_classifier
+from qtcompress.io.atomic import atomic_path, atomic_write_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,6 +9,9 @@ A safetensors file whose string metadata holds JSON values. Reserved metadata ke
   stored (as a uint8 tensor).
 
 Every other metadata key is a caller field whose value is stored as JSON. See ``docs/format.md``.
+
+Writing, reading and validating the container stay in one module (about 400 lines): the
+reader's checks mirror the writer's layout line by line.
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ from typing import Any
 
 import torch
 
-from qtcompress.atomic import atomic_path
 from qtcompress.errors import ConfigError, FormatError, MissingFileError
+from qtcompress.io.atomic import atomic_path
+from qtcompress.io.schema import Int, ListOf, MapOf, Obj, Str, json_depth, validate
 from qtcompress.limits import MAX_JSON_DEPTH, MAX_TENSOR_RANK
-from qtcompress.schema import Int, ListOf, MapOf, Obj, Str, json_depth, validate
 
 __all__ = [
     "FORMAT_NAME",
@@ -226,7 +229,7 @@ def save_artifact(
         tensors: Named tensors; copied to plain contiguous CPU tensors.
         metadata: Caller fields, each JSON-serialisable (no NaN/Inf); keys must not be in
             :data:`RESERVED_KEYS`.
-        skeleton: Optional ONNX skeleton bytes (see :mod:`qtcompress.onnx_export`).
+        skeleton: Optional ONNX skeleton bytes (see :mod:`qtcompress.onnx.export`).
 
     Returns:
         The destination path.

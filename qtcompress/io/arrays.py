@@ -1,8 +1,8 @@
-"""Run an exported ONNX model with onnxruntime, with clear errors on wrong inputs.
+"""Array files in and out, and data sets checked before any work starts.
 
-Also the input side of the command line: reading ``.npy``/``.npz`` arrays without trusting their
-headers (:func:`load_arrays`) and checking a data set before any work starts
-(:func:`check_dataset`, :func:`check_label_range`).
+:func:`load_arrays` reads headers first and checks sizes before allocating; :func:`save_arrays`
+writes atomically; :func:`check_dataset` and :func:`check_label_range` reject data that would
+fail or mislead a compression (NaN/Inf, wrong shapes, labels out of range).
 """
 
 from __future__ import annotations
@@ -11,185 +11,17 @@ import math
 import os
 import zipfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
-from qtcompress.atomic import atomic_path
+if TYPE_CHECKING:
+    from qtcompress.examples import Split
+
 from qtcompress.errors import ConfigError, FormatError, MissingFileError, NonFiniteError
+from qtcompress.io.atomic import atomic_path
 from qtcompress.limits import check_memory
-
-__all__ = [
-    "InputSpec",
-    "OnnxPredictor",
-    "check_dataset",
-    "check_label_range",
-    "load_arrays",
-    "predict_file",
-    "save_arrays",
-]
-
-# onnxruntime type strings for the tensor element types a qtcompress model can have.
-_ORT_DTYPES: dict[str, np.dtype[Any]] = {
-    "tensor(float)": np.dtype(np.float32),
-    "tensor(double)": np.dtype(np.float64),
-    "tensor(float16)": np.dtype(np.float16),
-    "tensor(int64)": np.dtype(np.int64),
-    "tensor(int32)": np.dtype(np.int32),
-    "tensor(int16)": np.dtype(np.int16),
-    "tensor(int8)": np.dtype(np.int8),
-    "tensor(uint8)": np.dtype(np.uint8),
-    "tensor(bool)": np.dtype(np.bool_),
-}
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """One graph input.
-
-    Attributes:
-        name: Input name.
-        shape: Dimensions; a string (e.g. ``"batch"``) or ``None`` marks a free axis.
-        dtype: Expected numpy dtype, or ``None`` for a type numpy cannot represent.
-    """
-
-    name: str
-    shape: tuple[int | str | None, ...]
-    dtype: np.dtype[Any] | None
-
-    def describe(self) -> str:
-        """Human-readable ``name: dtype[dims]`` for error messages."""
-        dims = ", ".join("?" if d is None else str(d) for d in self.shape)
-        return f"{self.name}: {self.dtype}[{dims}]"
-
-
-class OnnxPredictor:
-    """An onnxruntime CPU session with input checking.
-
-    Example:
-        >>> predictor = OnnxPredictor("model.onnx")  # doctest: +SKIP
-        >>> logits = predictor.run(x)  # one input, one output -> np.ndarray  # doctest: +SKIP
-    """
-
-    def __init__(self, path: str | os.PathLike[str] | bytes, *, threads: int | None = None) -> None:
-        """Open an ONNX model in onnxruntime.
-
-        Args:
-            path: An ONNX file, or a serialised model (``bytes``) already in memory.
-            threads: Intra-op threads (``None``: onnxruntime's default).
-
-        Raises:
-            MissingFileError: The file does not exist.
-            ConfigError: ``threads`` < 1.
-            FormatError: The file is not a loadable ONNX model.
-        """
-        import onnxruntime as ort
-
-        in_memory = isinstance(path, bytes)
-        self.path = Path("<in-memory model>") if in_memory else Path(path)  # type: ignore[arg-type]
-        if not in_memory and not self.path.is_file():
-            raise MissingFileError(f"ONNX model {str(self.path)!r} does not exist.")
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads is not None:
-            if threads < 1:
-                raise ConfigError(f"threads must be >= 1, got {threads}.")
-            opts.intra_op_num_threads = threads
-        try:
-            self._session = ort.InferenceSession(
-                path if in_memory else str(self.path),
-                sess_options=opts,
-                providers=["CPUExecutionProvider"],
-            )
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise FormatError(
-                f"{str(self.path)!r} is not a loadable ONNX model: {str(exc)[:500]}"
-            ) from exc
-        self.inputs = tuple(
-            InputSpec(i.name, tuple(i.shape), _ORT_DTYPES.get(i.type))
-            for i in self._session.get_inputs()
-        )
-        self.output_names = tuple(o.name for o in self._session.get_outputs())
-
-    @property
-    def input_names(self) -> tuple[str, ...]:
-        """Graph input names in order."""
-        return tuple(s.name for s in self.inputs)
-
-    def _expected(self) -> str:
-        return "; ".join(s.describe() for s in self.inputs)
-
-    def _check(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        missing = [n for n in self.input_names if n not in feeds]
-        unknown = sorted(set(feeds) - set(self.input_names))
-        if missing or unknown:
-            raise ConfigError(
-                f"Inputs {sorted(feeds)} do not match the model: missing {missing}, unknown "
-                f"{unknown}. Expected: {self._expected()}."
-            )
-        out: dict[str, np.ndarray] = {}
-        for spec in self.inputs:
-            value = feeds[spec.name]
-            if not isinstance(value, np.ndarray):
-                raise ConfigError(
-                    f"Input {spec.name!r} must be a numpy array, got {type(value).__name__}."
-                )
-            if spec.dtype is not None and value.dtype != spec.dtype:
-                raise ConfigError(
-                    f"Input {spec.name!r} has dtype {value.dtype}; expected {spec.dtype} "
-                    f"({spec.describe()}). Convert it, e.g. x.astype(np.{spec.dtype})."
-                )
-            fixed_ok = all(
-                not isinstance(want, int) or want == got
-                for want, got in zip(spec.shape, value.shape, strict=False)
-            )
-            if value.ndim != len(spec.shape) or not fixed_ok:
-                raise ConfigError(
-                    f"Input {spec.name!r} has shape {value.shape}; expected {spec.describe()} "
-                    "('?' or a name is a free axis)."
-                )
-            out[spec.name] = value
-        return out
-
-    def run(self, inputs: np.ndarray | Mapping[str, np.ndarray]) -> np.ndarray | dict[str, Any]:
-        """Run the model.
-
-        Args:
-            inputs: One array for a single-input model, or a mapping of input names to arrays.
-
-        Returns:
-            The output array for a single-output model, else a dict of output names to arrays.
-
-        Raises:
-            ConfigError: Wrong input names, dtypes or shapes; the message lists the expected
-                inputs.
-        """
-        if isinstance(inputs, np.ndarray):
-            if len(self.inputs) != 1:
-                raise ConfigError(
-                    f"The model has {len(self.inputs)} inputs; pass a dict. Expected: "
-                    f"{self._expected()}."
-                )
-            feeds: Mapping[str, Any] = {self.inputs[0].name: inputs}
-        elif isinstance(inputs, Mapping):
-            feeds = inputs
-        else:
-            raise ConfigError(
-                f"Inputs must be a numpy array or a dict of arrays, got {type(inputs).__name__}."
-            )
-        checked = self._check(feeds)
-        try:
-            outputs = self._session.run(None, checked)
-        except Exception as exc:  # onnxruntime raises its own InvalidArgument/Fail types
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            raise ConfigError(
-                f"onnxruntime rejected the inputs ({first}); expected: {self._expected()}."
-            ) from exc
-        if len(outputs) == 1:
-            return outputs[0]
-        return dict(zip(self.output_names, outputs, strict=True))
 
 
 def _npy_header(fh: IO[bytes], where: str) -> tuple[tuple[int, ...], np.dtype[Any], int]:
@@ -462,36 +294,81 @@ def save_arrays(
     return p
 
 
-def predict_file(
-    model_path: str | os.PathLike[str],
-    input_path: str | os.PathLike[str],
-    output_path: str | os.PathLike[str],
-    *,
-    threads: int | None = None,
-) -> Path:
-    """Run an ONNX model on arrays from a file and write its outputs to a file.
+def load_npz_split(path: str | Path) -> Split:
+    """Read a data set from an ``.npz``: inputs, and labels if any.
 
-    A ``.npy`` input feeds a single-input model; a ``.npz`` input holds one array per input
-    name. Outputs go to ``.npy`` (single-output models) or ``.npz`` (keyed by output name).
+    Naming rule for the inputs (the same for ``x_train`` and ``x_test``):
 
-    Args:
-        model_path: The ONNX file.
-        input_path: ``.npy`` or ``.npz`` inputs.
-        output_path: ``.npy`` or ``.npz`` destination, written atomically.
-        threads: onnxruntime intra-op threads.
+    * ``x_train``: one tensor, passed as the model's only positional input;
+    * ``x_train.0``, ``x_train.1``, ...: several positional inputs, e.g. ``model(x, state)``;
+    * ``x_train.NAME``: keyword inputs, e.g. ``x_train.input_ids`` and
+      ``x_train.attention_mask`` for ``model(input_ids=..., attention_mask=...)``.
 
-    Returns:
-        The output path.
-
-    Raises:
-        ConfigError: Missing files/folders, wrong suffixes, or inputs that do not match the
-            model (the message lists the expected inputs).
-        FormatError: A file is corrupt.
+    Labels (``y_train``, ``y_test``) may be absent: then only distillation is possible.
+    Integer inputs (token ids) stay int64; other inputs become float32. Every array is checked
+    (dtype, finiteness, shapes, labels) before conversion.
     """
-    if Path(output_path).suffix not in (".npy", ".npz"):
-        raise ConfigError(f"Output file {str(output_path)!r} must be .npy or .npz.")
-    predictor = OnnxPredictor(model_path, threads=threads)
-    outputs = predictor.run(load_arrays(input_path))
-    if not isinstance(outputs, dict):
-        outputs = {predictor.output_names[0]: outputs}
-    return save_arrays(output_path, outputs)
+    import torch  # here: reading arrays for onnxruntime must not load torch
+
+    from qtcompress.examples import Split
+
+    arrays = load_arrays(path)
+    if not isinstance(arrays, dict):
+        raise ConfigError(f"{path}: expected an .npz with x_train and x_test arrays.")
+
+    def names(split: str) -> list[str]:
+        return sorted(k[len(split) + 1 :] for k in arrays if k.startswith(f"{split}."))
+
+    train_names, test_names = names("x_train"), names("x_test")
+    plain = [k for k in ("x_train", "x_test") if k in arrays]
+    if train_names or test_names:
+        if plain:
+            raise ConfigError(
+                f"{path}: holds both {plain} and named inputs x_train.*; use one "
+                "naming rule (see load_npz_split)."
+            )
+        if train_names != test_names:
+            raise ConfigError(
+                f"{path}: x_train has inputs {train_names} but x_test has "
+                f"{test_names}; give the same inputs for both."
+            )
+        keys = train_names
+    else:
+        missing = [k for k in ("x_train", "x_test") if k not in arrays]
+        if missing:
+            raise ConfigError(
+                f"{path}: missing arrays {missing} (found {sorted(arrays)}); "
+                "give x_train and x_test, or x_train.NAME and x_test.NAME."
+            )
+        keys = []
+    labels: dict[str, Any] = {k: arrays[k] for k in ("y_train", "y_test") if k in arrays}
+    for key in keys or [""]:
+        suffix = f".{key}" if key else ""
+        check_dataset(
+            {"x_train": arrays[f"x_train{suffix}"], "x_test": arrays[f"x_test{suffix}"], **labels},
+            source=f"{path}{' (' + key + ')' if key else ''}",
+        )
+
+    def tensor(array: Any, labels: bool) -> torch.Tensor:
+        array = np.ascontiguousarray(array)
+        # Integer inputs (token ids) stay integers; everything else becomes float32.
+        if labels or np.issubdtype(array.dtype, np.integer):
+            return torch.from_numpy(array).to(torch.int64)
+        return torch.from_numpy(array).to(torch.float32)
+
+    def inputs(split: str) -> Any:
+        if not keys:
+            return tensor(arrays[split], False)
+        if all(k.isdigit() for k in keys):
+            return tuple(tensor(arrays[f"{split}.{k}"], False) for k in sorted(keys, key=int))
+        if any(k.isdigit() for k in keys):
+            raise ConfigError(
+                f"{path}: inputs {keys} mix positions and names; use x_train.0, "
+                "x_train.1 ... or x_train.NAME only."
+            )
+        return {k: tensor(arrays[f"{split}.{k}"], False) for k in keys}
+
+    def label(key: str) -> torch.Tensor:
+        return tensor(arrays[key], True) if key in arrays else torch.empty(0, dtype=torch.int64)
+
+    return Split(inputs("x_train"), label("y_train"), inputs("x_test"), label("y_test"))

@@ -1,0 +1,400 @@
+"""What each ``qtcompress`` subcommand does: call the library, then print lines or JSON.
+
+The work itself lives in the library (``pipeline``, ``io``, ``onnx``); a command turns flags
+into calls and results into output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+def cmd_qnn(args: argparse.Namespace) -> int:
+    """Simulate a QNN once with qsim, time forward and gradient, show the likeliest states."""
+    import torch
+
+    from qtcompress.limits import check_qnn_size
+    from qtcompress.qnn import QNN, Ansatz, index_to_bits
+
+    check_qnn_size(args.qubits, args.layers)
+    make = Ansatz.paper if args.ansatz == "paper" else Ansatz.ry_rz_ring
+    ansatz = make(args.qubits, args.layers)
+    qnn = QNN(ansatz, seed=args.seed, shots=args.shots, cache_size=0)
+    start = time.perf_counter()
+    probs = qnn()
+    forward_s = time.perf_counter() - start
+    weights = torch.randn(probs.shape[0], generator=torch.Generator().manual_seed(args.seed))
+    start = time.perf_counter()
+    (probs * weights).sum().backward()
+    gradient_s = time.perf_counter() - start
+    p = probs.detach().numpy()
+    top = np.argsort(p)[::-1][: args.top]
+    grad = qnn.angles.grad
+    top_states = [
+        {"index": int(i), "bits": index_to_bits(int(i), ansatz.n_qubits), "p": float(p[i])}
+        for i in top
+    ]
+    result: dict[str, Any] = {
+        "ansatz": ansatz.to_dict(),
+        "num_params": ansatz.num_params,
+        "num_states": ansatz.num_states,
+        "forward_ms": round(forward_s * 1e3, 3),
+        "gradient_ms": round(gradient_s * 1e3, 3),
+        "gradient_norm": float(grad.norm()) if grad is not None else 0.0,
+        "top_states": top_states,
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return EXIT_OK
+    print(
+        f"QNN: {args.ansatz} ansatz, {ansatz.n_qubits} qubits, {ansatz.n_layers} layers, "
+        f"{ansatz.num_params} angles, {ansatz.num_states} basis states"
+    )
+    print(f"qsim forward  {result['forward_ms']:9.2f} ms")
+    norm = result["gradient_norm"]
+    print(f"adjoint grad  {result['gradient_ms']:9.2f} ms  (|grad| = {norm:.4g})")
+    print("likeliest basis states (qubit 0 first):")
+    for row in top_states:
+        print(f"  {row['bits']}  index {row['index']:>8}  p = {row['p']:.6f}")
+    return EXIT_OK
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Run an ONNX model with onnxruntime on arrays from a .npy/.npz file."""
+    from qtcompress.onnx.runtime import predict_file
+
+    done = predict_file(args.model, args.inputs, args.output, threads=args.threads)
+    summary: dict[str, Any] = {
+        "model": str(args.model),
+        "output": str(args.output),
+        "outputs": {k: list(v) for k, v in done.output_shapes.items()},
+        "elapsed_ms": round(done.elapsed_ms, 3),
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        shapes = ", ".join(f"{k} {tuple(v)}" for k, v in summary["outputs"].items())
+        print(f"wrote {args.output}: {shapes} in {done.elapsed_ms:.2f} ms")
+    return EXIT_OK
+
+
+def _emit(args: argparse.Namespace, result: dict[str, Any], lines: list[str]) -> None:
+    """Print a result as JSON (``--json``) or as human-readable lines."""
+    print(json.dumps(result, indent=2) if args.json else "\n".join(lines))
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Show what a generator file holds, without regenerating anything."""
+    from pathlib import Path
+
+    from qtcompress.io.generator_load import load_generator
+
+    path = Path(args.file)
+    # The full loader: a file whose metadata lies about its generator is refused here too.
+    gen = load_generator(path)
+    result = gen.describe()
+    ansatz, mapping, kinds = result["ansatz"], result["mapping"], result["kinds"]
+    per_state = (
+        f"one basis state per tensor row, ranks up to {mapping.get('rank')}"
+        if gen.config.scheme == "rows"
+        else f"{mapping['chunk']} weight(s) per basis state"
+    )
+    lines = [
+        f"{path.name}: {result['file_bytes']:,} bytes, qtcompress {result['qtcompress_version']}",
+        f"generates {result['generated_weights']:,} weights from "
+        f"{result['generator_parameters']:,} generator parameters "
+        f"({result['compression_ratio']}x)",
+        f"QNN: {ansatz['n_qubits']} qubits x {ansatz['n_layers']} layers "
+        f"({'+'.join(ansatz['rotations'])}, {ansatz.get('entangler', 'chain')}); "
+        f"{gen.config.scheme} scheme, mapping {mapping['kind']}, {per_state}",
+        f"classical values carried: {result['classical_values']:,}; ONNX graph stored: "
+        f"{'yes' if result['onnx_graph'] else 'no'}",
+        "generated tensors by kind: "
+        + ", ".join(f"{k} {c['tensors']} ({c['values']:,} values)" for k, c in kinds.items())
+        + " (keep some classical with --exclude)",
+        *[f"  {t['name']} {tuple(t['shape'])} {t['kind']}" for t in result["targets"]],
+        f"weights sha256: {result['weights_sha256']}",
+    ]
+    _emit(args, result, lines)
+    return EXIT_OK
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    """Regenerate the network from a generator file into ONNX and/or a state dict."""
+    from qtcompress.io.generator_load import load_generator
+
+    if not args.onnx and not args.state_dict:
+        raise UsageError("reconstruct needs --onnx PATH and/or --state-dict PATH")
+    gen = load_generator(args.file)
+    check = gen.verify_weights()
+    result: dict[str, Any] = {
+        "file": args.file,
+        "weights_identical": check.identical,
+        "weights_equivalent": check.equivalent,
+    }
+    lines = [
+        f"regenerated {gen.layout.total:,} weights: "
+        + (
+            "hash matches"
+            if check.identical
+            else f"hash differs, max fingerprint difference {check.max_fingerprint_rel_diff:.2g}"
+        )
+    ]
+    if not check.equivalent:
+        from qtcompress.errors import FormatError
+
+        raise FormatError(
+            f"regenerated weights do not match {args.file}'s record "
+            f"(fingerprint difference {check.max_fingerprint_rel_diff:.3g})."
+        )
+    if args.onnx:
+        _, diff = gen.to_onnx(args.onnx, atol=args.atol)
+        result.update(onnx=args.onnx, onnx_max_abs_diff=diff)
+        lines.append(f"wrote {args.onnx} (onnxruntime vs recorded outputs: max |diff| {diff:.2g})")
+    if args.state_dict:
+        from qtcompress.io.container import write_safetensors
+
+        state = {k: v.contiguous().clone() for k, v in gen.state_dict().items()}
+        write_safetensors(args.state_dict, state)
+        result["state_dict"] = args.state_dict
+        lines.append(f"wrote {args.state_dict} ({len(state)} tensors)")
+    _emit(args, result, lines)
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Regenerate, check the hash, rebuild ONNX and compare it with torch."""
+    import torch
+
+    from qtcompress.errors import FormatError
+    from qtcompress.io.generator_load import load_generator
+
+    gen = load_generator(args.file)
+    check = gen.verify_weights()
+    result: dict[str, Any] = {
+        "file": args.file,
+        "weights_identical": check.identical,
+        "stored_sha256": check.stored_sha256,
+        "actual_sha256": check.actual_sha256,
+        "fingerprint_rel_diff": check.max_fingerprint_rel_diff,
+    }
+    lines = [
+        f"weights: {'identical (sha256 matches)' if check.identical else 'hash differs'}"
+        f"; fingerprint difference {check.max_fingerprint_rel_diff:.2g}"
+    ]
+    ok = check.equivalent
+    if gen.skeleton is not None:
+        _, diff = gen.to_onnx(atol=float("inf"))
+        result["onnx_vs_recorded_max_abs_diff"] = diff
+        lines.append(f"ONNX (onnxruntime) vs outputs recorded at save: max |diff| {diff:.2g}")
+        ok = ok and diff <= args.atol
+    if args.factory:
+        from qtcompress.io.model_source import build_model
+
+        model = gen.load_into(build_model(args.factory, args.factory_kwargs))
+        model.eval()
+        if gen.check_inputs:
+            with torch.no_grad():
+                out = model(*gen.check_inputs)
+            diff = gen.compare_outputs(out)
+            result["torch_vs_recorded_max_abs_diff"] = diff
+            lines.append(f"torch ({args.factory}) vs recorded outputs: max |diff| {diff:.2g}")
+            ok = ok and diff <= args.atol
+    result["ok"] = ok
+    lines.append("verify: OK" if ok else "verify: FAILED")
+    _emit(args, result, lines)
+    if not ok:
+        raise FormatError(f"{args.file} failed verification (see above).")
+    return EXIT_OK
+
+
+def _config_from_args(args: argparse.Namespace) -> Any:
+    from qtcompress.config import QTConfig
+
+    flat_only = [
+        f
+        for f, given in (
+            ("--chunk", args.chunk is not None),
+            ("--mapping mps", args.mapping == "mps"),
+        )
+        if given
+    ]
+    if args.scheme == "rows" and flat_only:
+        raise UsageError(
+            f"{' and '.join(flat_only)}: only with --scheme flat; add "
+            "--scheme flat, or size the default rows scheme with --budget/--rank"
+        )
+    if args.scheme == "flat" and (args.rank is not None or args.budget is not None):
+        raise UsageError(
+            "--rank and --budget size the rows scheme; the flat scheme is sized by "
+            "--chunk, --hidden and --layers"
+        )
+
+    fields: dict[str, Any] = {
+        "scheme": args.scheme,
+        "budget": args.budget,
+        "rank": args.rank,
+        "n_layers": args.layers,
+        "n_qubits": args.qubits,
+        "mapping": args.mapping,
+        "seed": args.seed,
+    }
+    if args.chunk is not None:
+        fields["chunk"] = args.chunk
+    if args.hidden is not None:
+        fields["hidden"] = tuple(args.hidden)
+    if args.target:
+        fields["target"] = tuple(args.target)
+    if args.exclude:
+        fields["exclude"] = tuple(args.exclude)
+    return QTConfig(**fields)
+
+
+def _dynamic_axes(specs: list[str]) -> dict[str, dict[int, str]] | None:
+    from qtcompress.onnx.export import parse_dynamic_axis
+
+    axes: dict[str, dict[int, str]] = {}
+    for spec in specs:
+        name, axis, dim = parse_dynamic_axis(spec)
+        axes.setdefault(name, {})[axis] = dim
+    return axes or None
+
+
+def _settings_from_args(args: argparse.Namespace) -> Any:
+    from qtcompress.pipeline import PipelineSettings
+
+    lrs = {
+        k: v
+        for k, v in (("fit_lr", args.fit_lr), ("finetune_lr", args.finetune_lr))
+        if v is not None
+    }
+    return PipelineSettings(
+        fit_steps=args.fit_steps,
+        finetune_steps=args.finetune_steps,
+        **lrs,
+        mode=args.mode,
+        batch_size=args.batch_size,
+        distill=args.distill,
+        output_kind=args.output_kind,
+        min_fidelity=args.min_fidelity,
+        dynamic_axes=_dynamic_axes(args.dynamic_axis),
+        device=args.device,
+        progress=not args.json and not args.no_progress and sys.stderr.isatty(),
+        report=args.report,
+    )
+
+
+def _run_and_print(
+    args: argparse.Namespace,
+    model: Any,
+    data: Any,
+    name: str,
+    checkpoint_bytes: int | None,
+    model_info: dict[str, Any],
+) -> int:
+    from qtcompress.pipeline import run_pipeline
+    from qtcompress.summary import format_summary
+
+    def log(line: str) -> None:
+        if args.verbose and not args.json:
+            print(line, file=sys.stderr)
+
+    result = run_pipeline(
+        model,
+        _config_from_args(args),
+        data,
+        args.output,
+        name=name,
+        settings=_settings_from_args(args),
+        checkpoint_bytes=checkpoint_bytes,
+        model_info=model_info,
+        log=log,
+    )
+    if args.json:
+        from dataclasses import asdict
+
+        print(json.dumps({k: v for k, v in asdict(result).items() if k != "histories"}, indent=2))
+    else:
+        print(format_summary(result))
+        print("files: " + ", ".join(result.files.values()))
+    if not result.fidelity_ok:
+        from qtcompress.errors import FidelityError
+
+        raise FidelityError(
+            f"fidelity {result.fidelity_finetuned['headline']:.4f} is below --min-fidelity "
+            f"{result.min_fidelity}; the files were written to {args.output} (see "
+            "summary.json); raise --budget or --finetune-steps"
+        )
+    return EXIT_OK
+
+
+def _load_data(spec: str) -> Any:
+    from qtcompress.examples import load_dataset
+    from qtcompress.io.arrays import load_npz_split
+
+    if spec in ("digits", "wine"):
+        return load_dataset(spec)
+    return load_npz_split(spec)
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    """Compress a pretrained model: fit, fine-tune, export ONNX, verify, save, summarise."""
+    from pathlib import Path
+
+    from qtcompress.io.model_source import load_model, parse_factory_kwargs
+
+    model = load_model(
+        args.model,
+        factory=args.factory,
+        factory_kwargs=args.factory_kwargs,
+        trust_pickle=args.trust_pickle,
+        strict=not args.non_strict,
+    )
+    data = _load_data(args.data)
+    name = args.name or Path(args.model).name.split(".")[0]
+    info = {
+        "source": Path(args.model).name,
+        "factory": args.factory,
+        "kwargs": parse_factory_kwargs(args.factory_kwargs),
+    }
+    return _run_and_print(args, model, data, name, Path(args.model).stat().st_size, info)
+
+
+def shipped_models_dir() -> Any:
+    """The repository's ``models/`` folder (the demo's checkpoints), next to the package."""
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[2] / "models"
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job on the shipped digits CNN."""
+    from qtcompress.errors import MissingFileError
+    from qtcompress.examples import load_dataset
+    from qtcompress.io.model_source import load_model
+
+    card_path = shipped_models_dir() / f"{args.example}.json"
+    if not card_path.is_file():
+        raise MissingFileError(
+            f"The shipped example {card_path} is missing: run the demo from a "
+            "source checkout (pip install -e .), or use 'qtcompress compress' "
+            "on your own checkpoint."
+        )
+    card = json.loads(card_path.read_text())
+    checkpoint = card_path.with_suffix(".safetensors")
+    model = load_model(checkpoint, factory=card["factory"], factory_kwargs=card["kwargs"])
+    data = load_dataset(card["dataset"], seed=card["split_seed"])
+    info = {"source": checkpoint.name, "factory": card["factory"], "kwargs": card["kwargs"]}
+    return _run_and_print(args, model, data, args.example, checkpoint.stat().st_size, info)
+
+
+class UsageError(Exception):
+    """A flag combination argparse cannot express; reported like argparse's own errors."""

@@ -1,0 +1,400 @@
+"""The command line's grammar (:func:`build_parser`): subcommands, flags, types, defaults."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from qtcompress import __version__
+from qtcompress.cli.commands import (
+    cmd_compress,
+    cmd_demo,
+    cmd_inspect,
+    cmd_predict,
+    cmd_qnn,
+    cmd_reconstruct,
+    cmd_verify,
+)
+
+ANSATZ_CHOICES = ("paper", "ry-rz-ring")
+
+# The default recipe of `compress` and `demo`: the generator's sizes come from QTConfig (one
+# set of defaults: the rows scheme at DEFAULT_BUDGET); the step counts and learning rates from
+# PipelineSettings. Measured on the suite of real-shaped models: docs/benchmarks.md.
+DEFAULT_RECIPE: dict[str, Any] = {"layers": 8, "fit_steps": 100, "finetune_steps": 1500}
+
+
+def _budget(text: str) -> float | int:
+    """``5%`` or ``0.05`` -> a fraction of M; ``20000`` -> a parameter count."""
+    raw = text.strip()
+    try:
+        value = float(raw[:-1]) / 100.0 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a fraction of M ('5%', '0.05') or a parameter count ('20000'), got {text!r}"
+        ) from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"the budget must be positive, got {text!r}")
+    if value > 1:
+        if not value.is_integer():
+            raise argparse.ArgumentTypeError(f"a parameter count must be whole, got {text!r}")
+        return int(value)
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser with all subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="qtcompress",
+        description="Quantum-Train compression: regenerate a PyTorch model's weights from a "
+        "qsim-simulated quantum neural network and a small mapping network.",
+        epilog="Exit codes: 0 ok, 1 qtcompress error, 2 usage error, 3 internal error.",
+    )
+    parser.add_argument("--version", action="version", version=f"qtcompress {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="CPU threads for torch, qsim and OpenMP (default: all usable cores);"
+        " 1 or 2 keeps a shared machine responsive",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    qnn = sub.add_parser(
+        "qnn",
+        help="simulate a QNN with qsim and time its forward pass and adjoint gradient",
+        description="Simulate the QNN once with qsim, time the forward pass and the adjoint "
+        "gradient of a random linear loss, and list the likeliest basis states.",
+        epilog="Examples:\n  qtcompress qnn --qubits 13 --layers 8\n"
+        "  qtcompress qnn --qubits 6 --layers 2 --ansatz ry-rz-ring --shots 1000 --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    qnn.add_argument("--qubits", type=_positive_int, default=10, help="qubits n (default 10)")
+    qnn.add_argument("--layers", type=_positive_int, default=4, help="layers L (default 4)")
+    qnn.add_argument(
+        "--ansatz",
+        choices=ANSATZ_CHOICES,
+        default="paper",
+        help="paper: RY + CNOT chain (default); ry-rz-ring: RY, RZ + CNOT ring",
+    )
+    qnn.add_argument(
+        "--shots",
+        type=_positive_int,
+        default=None,
+        help="estimate probabilities from this many shots (default: exact)",
+    )
+    qnn.add_argument("--seed", type=int, default=0, help="seed for angles and shots")
+    qnn.add_argument("--top", type=_positive_int, default=5, help="basis states to list")
+    qnn.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    qnn.set_defaults(handler=cmd_qnn)
+
+    predict = sub.add_parser(
+        "predict",
+        help="run an ONNX model with onnxruntime on inputs from a .npy/.npz file",
+        description="Run an exported ONNX model with onnxruntime. A .npy input feeds a "
+        "single-input model; a .npz holds one array per input name. Outputs are written to "
+        ".npy (one output) or .npz (keyed by output name).",
+        epilog="Examples:\n  qtcompress predict model.onnx images.npy -o logits.npy\n"
+        "  qtcompress predict model.onnx inputs.npz -o outputs.npz --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    predict.add_argument("model", help="the .onnx file")
+    predict.add_argument("inputs", help=".npy or .npz input arrays")
+    predict.add_argument("-o", "--output", required=True, help=".npy or .npz output file")
+    predict.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="onnxruntime threads (default: onnxruntime's choice)",
+    )
+    predict.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    predict.set_defaults(handler=cmd_predict)
+
+    def add_recipe(cmd: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+        gen = cmd.add_argument_group("generator")
+        gen.add_argument(
+            "--qubits",
+            type=_positive_int,
+            default=None,
+            help="QNN qubits (default: the fewest that cover the weights)",
+        )
+        gen.add_argument(
+            "--budget",
+            type=_budget,
+            default=None,
+            help="generator size: a fraction of the generated weights ('5%%', "
+            "'0.05') or a parameter count ('20000'); sizes the rows scheme "
+            "(default 5%%)",
+        )
+        gen.add_argument(
+            "--scheme",
+            choices=("rows", "flat"),
+            default="rows",
+            help="rows: one basis state per tensor row and a head per tensor "
+            "(default); flat: the paper's flat index in chunks (--chunk)",
+        )
+        gen.add_argument(
+            "--rank",
+            type=_positive_int,
+            default=None,
+            help="rows scheme: per-row feature width (default: from --budget)",
+        )
+        gen.add_argument(
+            "--layers",
+            type=_positive_int,
+            default=defaults["layers"],
+            help=f"QNN layers (default {defaults['layers']})",
+        )
+        gen.add_argument(
+            "--chunk",
+            type=_positive_int,
+            default=None,
+            help="flat scheme: weights per basis state (default 1)",
+        )
+        gen.add_argument(
+            "--hidden",
+            type=_positive_int,
+            nargs="+",
+            default=None,
+            help="mapping MLP widths (default 32 for rows, 16 16 for flat)",
+        )
+        gen.add_argument(
+            "--mapping", choices=("mlp", "mps"), default="mlp", help="mapping network (default mlp)"
+        )
+        gen.add_argument(
+            "--target",
+            nargs="+",
+            metavar="PATTERN",
+            help="parameters to generate: names, suffixes, or re:REGEX "
+            "(default: every trainable parameter)",
+        )
+        gen.add_argument(
+            "--exclude", nargs="+", metavar="PATTERN", help="parameters to keep classical"
+        )
+        gen.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+        fit = cmd.add_argument_group("training")
+        fit.add_argument(
+            "--fit-steps",
+            type=int,
+            default=defaults["fit_steps"],
+            help=f"phase-1 steps (default {defaults['fit_steps']}; 0 skips)",
+        )
+        fit.add_argument(
+            "--fit-lr", type=float, default=None, help="phase-1 learning rate (default 1e-2)"
+        )
+        fit.add_argument(
+            "--finetune-steps",
+            type=int,
+            default=defaults["finetune_steps"],
+            help=f"phase-2 steps (default {defaults['finetune_steps']}; 0 skips)",
+        )
+        fit.add_argument(
+            "--finetune-lr",
+            type=float,
+            default=None,
+            help="phase-2 peak learning rate (default 3e-3, with warm-up, "
+            "clipping and a collapse guard)",
+        )
+        fit.add_argument(
+            "--mode",
+            choices=("distill", "supervised"),
+            default="distill",
+            help="phase 2: distil from the original model (default) or use labels",
+        )
+        fit.add_argument(
+            "--batch-size", type=_positive_int, default=64, help="phase-2 batch size (default 64)"
+        )
+        fit.add_argument(
+            "--distill",
+            choices=("kl", "bce", "cosine", "mse"),
+            default=None,
+            help="distillation loss (default: by output kind: kl for logits, bce "
+            "for probabilities, cosine for embeddings, mse otherwise)",
+        )
+        fit.add_argument(
+            "--output-kind",
+            choices=("logits", "probability", "embedding", "regression"),
+            default=None,
+            help="what the model outputs (default: inferred from the original model's outputs)",
+        )
+        fit.add_argument(
+            "--min-fidelity",
+            type=_fraction,
+            default=None,
+            metavar="X",
+            help="exit 1 (files still written) when the fine-tuned fidelity "
+            "(agreement, cosine or correlation, by output kind) is below X",
+        )
+        fit.add_argument(
+            "--device",
+            default=None,
+            metavar="DEV",
+            help="train the mapping and the model on DEV (cpu, cuda, cuda:N); "
+            "the QNN stays on the CPU simulator (default: cpu)",
+        )
+        out = cmd.add_argument_group("output")
+        out.add_argument(
+            "--report",
+            action="store_true",
+            help="also write PNG plots and report.md into OUTPUT/report (needs matplotlib)",
+        )
+        out.add_argument(
+            "--dynamic-axis",
+            action="append",
+            default=[],
+            metavar="IN:AXIS=NAME",
+            help="an ONNX input axis beyond the batch that stays symbolic, e.g. "
+            "input_ids:1=seq (repeat it; the same NAME means the same length)",
+        )
+        out.add_argument("--json", action="store_true", help="print the summary as JSON")
+        out.add_argument("--no-progress", action="store_true", help="hide progress bars")
+        out.add_argument(
+            "-v", "--verbose", action="store_true", help="print one line per stage on stderr"
+        )
+
+    compress_cmd = sub.add_parser(
+        "compress",
+        help="compress a pretrained model (generator file + ONNX + summary)",
+        description="Load a pretrained model, fit the generator to its weights (phase 1), "
+        "fine-tune on data (phase 2, distillation by default), then write OUTPUT/NAME."
+        "qtc.safetensors (the generator file), OUTPUT/NAME.onnx (verified with onnxruntime) "
+        "and OUTPUT/summary.json, and print the summary table.",
+        epilog="Examples:\n  qtcompress compress models/digits_cnn.safetensors "
+        "--factory qtcompress.examples:DigitsCNN --data digits -o out\n"
+        "  qtcompress compress net.pt --factory mypkg.nets:Net --factory-kwargs '{\"width\": 8}'"
+        " --data data.npz -o out --chunk 16 --report",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    compress_cmd.add_argument(
+        "model",
+        help="checkpoint: state dict (.pt/.pth/.safetensors, "
+        "with --factory), torch.export program (.pt2), or pickled model "
+        "(with --trust-pickle)",
+    )
+    compress_cmd.add_argument("--factory", help="'package.module:callable' that builds the model")
+    compress_cmd.add_argument("--factory-kwargs", default=None, help="JSON keyword arguments")
+    compress_cmd.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow a fully pickled model (runs code from the file)",
+    )
+    compress_cmd.add_argument(
+        "--non-strict",
+        action="store_true",
+        help="load a checkpoint whose keys do not match the model "
+        "exactly: ignore unexpected keys and missing buffers (named in a "
+        "warning); missing parameters are still an error",
+    )
+    compress_cmd.add_argument(
+        "--data",
+        required=True,
+        help="'digits', 'wine', or an .npz with x_train, x_test [, y_train, y_test]",
+    )
+    compress_cmd.add_argument("-o", "--output", required=True, help="output folder")
+    compress_cmd.add_argument("--name", help="base name of the output files")
+    add_recipe(compress_cmd, DEFAULT_RECIPE)
+    compress_cmd.set_defaults(handler=cmd_compress)
+
+    demo = sub.add_parser(
+        "demo",
+        help="the main job on the shipped 420K-weight CNN (about 2 minutes on 2 cores)",
+        description="Compress the shipped, pretrained 420K-weight CNN without BatchNorm "
+        "(models/digits_cnn28.safetensors, scikit-learn's digits upsampled to 28x28) to 5%% of "
+        "its weights: fit, fine-tune, export, verify, and print the summary with fidelity.",
+        epilog="Examples:\n  qtcompress demo\n  qtcompress demo -o demo-out --report\n"
+        "  qtcompress demo --finetune-steps 500 --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.add_argument(
+        "--example",
+        choices=("digits_cnn28", "digits_cnn", "wine_mlp"),
+        default="digits_cnn28",
+        help="shipped example: digits_cnn28 (420K weights, no BatchNorm; "
+        "default), digits_cnn (6K, BatchNorm) or wine_mlp (1.6K)",
+    )
+    demo.add_argument(
+        "-o",
+        "--output",
+        default="qtcompress-demo",
+        help="output folder (default ./qtcompress-demo)",
+    )
+    add_recipe(demo, DEFAULT_RECIPE)
+    demo.set_defaults(handler=cmd_demo)
+
+    def file_command(
+        name: str, help_text: str, description: str, examples: str, handler: Any
+    ) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(
+            name,
+            help=help_text,
+            description=description,
+            epilog="Examples:\n" + examples,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        cmd.add_argument("file", help="a generator file (*.qtc.safetensors)")
+        cmd.add_argument("--json", action="store_true", help="print machine-readable JSON")
+        cmd.set_defaults(handler=handler)
+        return cmd
+
+    file_command(
+        "inspect",
+        "show what a generator file holds",
+        "Show sizes, qubits, layers, mapping and generated tensors of a generator file, "
+        "without regenerating anything.",
+        "  qtcompress inspect digits_cnn.qtc.safetensors\n"
+        "  qtcompress inspect digits_cnn.qtc.safetensors --json",
+        cmd_inspect,
+    )
+    rec = file_command(
+        "reconstruct",
+        "regenerate the network from a generator file (ONNX and/or state dict)",
+        "Regenerate every weight from the generator file alone (qsim + mapping network), check "
+        "the stored hash, and write an ONNX model (checked with onnx.checker and onnxruntime "
+        "against the outputs recorded at save time) and/or a safetensors state dict.",
+        "  qtcompress reconstruct m.qtc.safetensors --onnx m.onnx\n"
+        "  qtcompress reconstruct m.qtc.safetensors --state-dict m.safetensors",
+        cmd_reconstruct,
+    )
+    rec.add_argument("--onnx", help="write the ONNX model here")
+    rec.add_argument("--state-dict", help="write the state dict (safetensors) here")
+    rec.add_argument(
+        "--atol",
+        type=float,
+        default=1e-5,
+        help="allowed ONNX vs recorded max abs difference (default 1e-5)",
+    )
+    ver = file_command(
+        "verify",
+        "regenerate, check the hash, compare ONNX and torch outputs",
+        "Regenerate the weights and check them against the stored SHA-256; rebuild the ONNX "
+        "model and compare onnxruntime with the outputs recorded at save time; with --factory, "
+        "also load the weights into your own model code and compare torch's outputs.",
+        "  qtcompress verify m.qtc.safetensors\n"
+        "  qtcompress verify m.qtc.safetensors --factory qtcompress.examples:DigitsCNN",
+        cmd_verify,
+    )
+    ver.add_argument("--factory", help="'package.module:callable' building the model")
+    ver.add_argument("--factory-kwargs", default="{}", help="JSON keyword arguments")
+    ver.add_argument("--atol", type=float, default=1e-5, help="allowed max abs difference")
+    return parser

@@ -1,0 +1,168 @@
+"""Run an ONNX graph in onnxruntime and the PyTorch model on the same inputs, and compare.
+
+Also the input and output conventions export and comparison share: example inputs as a tuple
+with a batch axis of 2 or more, outputs as a flat list of tensors, inference mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from qtcompress.errors import ConfigError, ExportError
+from qtcompress.onnx.runtime import open_session
+
+ExampleInputs = torch.Tensor | Sequence[torch.Tensor]
+DynamicAxes = Mapping[str, Mapping[int, str]]
+
+
+def as_example_tuple(example_inputs: ExampleInputs) -> tuple[torch.Tensor, ...]:
+    """Example inputs as a tuple of tensors sharing a batch axis of 2 or more.
+
+    Raises:
+        ConfigError: No tensors, a batch axis under 2 (the exporter would fix it to 1), or
+            batch sizes that disagree.
+    """
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    if not args or not all(isinstance(a, torch.Tensor) for a in args):
+        raise ConfigError("Example inputs must be a tensor or a non-empty sequence of tensors.")
+    for i, a in enumerate(args):
+        if a.dim() == 0 or a.shape[0] < 2:
+            raise ConfigError(
+                f"Example input {i} has shape {tuple(a.shape)}: the first (batch) axis must be 2 "
+                "or more, otherwise the exporter may fix the batch size to 1."
+            )
+    if len({a.shape[0] for a in args}) != 1:
+        raise ConfigError(
+            f"Example inputs disagree on the batch size: {[tuple(a.shape) for a in args]}."
+        )
+    return args
+
+
+def flatten_outputs(out: Any) -> list[torch.Tensor]:
+    """A model's output as a list of tensors (a tensor, or a tuple/list of tensors).
+
+    Raises:
+        ConfigError: Any other output structure.
+    """
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in out):
+        return list(out)
+    raise ConfigError(
+        f"Model output must be a tensor or a tuple/list of tensors, got {type(out).__name__}."
+    )
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):  # type: ignore[no-untyped-def]
+    """Context: ``model`` in eval mode, every submodule's own mode restored afterwards."""
+    # Export and compare inference behaviour (BatchNorm running stats, no dropout), then give
+    # the caller's model back in the mode it was in.
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def compare_with_onnxruntime(
+    onnx_model: onnx.ModelProto | bytes,
+    model: nn.Module,
+    example_inputs: ExampleInputs,
+    *,
+    params: Mapping[str, torch.Tensor] | None = None,
+) -> float:
+    """Run the ONNX model in onnxruntime and torch on the same inputs; return the max abs diff.
+
+    See :func:`compare_outputs`, which also returns the largest torch output magnitude.
+    """
+    return compare_outputs(onnx_model, model, example_inputs, params=params)[0]
+
+
+def compare_outputs(
+    onnx_model: onnx.ModelProto | bytes,
+    model: nn.Module,
+    example_inputs: ExampleInputs,
+    *,
+    params: Mapping[str, torch.Tensor] | None = None,
+    dynamic_axes: DynamicAxes | None = None,
+) -> tuple[float, float]:
+    """Run the ONNX model in onnxruntime and torch on the same inputs.
+
+    The inputs are run as given, with one extra row (a different batch size), and one step
+    shorter along each named dynamic axis, which checks that those axes really are dynamic.
+
+    Args:
+        onnx_model: The model, or its serialised bytes.
+        model: The torch model.
+        example_inputs: Inputs as for :func:`to_onnx_proto`.
+        params: Optional parameters/buffers to run ``model`` with instead of its own
+            (``torch.func.functional_call``).
+        dynamic_axes: The named axes of :func:`to_onnx_proto`, by graph input name.
+
+    Returns:
+        ``(max_abs_diff, max_abs_output)``: the largest absolute difference over all outputs
+        (``inf`` if shapes differ or only one side is NaN) and the largest absolute torch
+        output, the scale that float32 rounding errors grow with.
+
+    Raises:
+        ExportError: torch or onnxruntime fails on one of the two batch sizes.
+    """
+    args = as_example_tuple(example_inputs)
+    data = onnx_model if isinstance(onnx_model, bytes) else onnx_model.SerializeToString()
+    try:
+        session = open_session(data)
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise ExportError(
+            f"onnxruntime cannot load the exported graph: {str(exc)[:500]} (an "
+            "output name that clashes with a tensor inside the graph gives "
+            "'Duplicate definition'; choose other output names)."
+        ) from exc
+    names = [i.name for i in session.get_inputs()]
+    worst = scale = 0.0
+    variants = [args, tuple(torch.cat([a, a[:1]]) for a in args)]
+    by_dim: dict[str, list[tuple[int, int]]] = {}
+    for i, name in enumerate(names):
+        for axis, dim in dict((dynamic_axes or {}).get(name, {})).items():
+            by_dim.setdefault(dim, []).append((i, axis))
+    for places in by_dim.values():
+        shorter = list(args)
+        for i, axis in places:
+            shorter[i] = shorter[i].narrow(axis, 0, max(1, shorter[i].shape[axis] - 1))
+        variants.append(tuple(shorter))
+    with eval_mode(model), torch.no_grad():
+        for batch in variants:
+            try:
+                if params is None:
+                    ref = flatten_outputs(model(*batch))
+                else:
+                    ref = flatten_outputs(torch.func.functional_call(model, dict(params), batch))
+                feeds = {n: a.numpy() for n, a in zip(names, batch, strict=True)}
+                got = session.run(None, feeds)
+            except Exception as exc:  # torch or onnxruntime rejected these sizes
+                shapes = ", ".join(str(tuple(a.shape)) for a in batch)
+                raise ExportError(
+                    f"{type(model).__name__} does not run on inputs of shapes {shapes} in torch "
+                    f"or onnxruntime, so its dynamic axes are not fully dynamic: "
+                    f"{type(exc).__name__}: {str(exc)[:300]}"
+                ) from exc
+            if len(got) != len(ref):
+                return float("inf"), scale
+            for r, g in zip(ref, got, strict=True):
+                r_np = r.detach().cpu().numpy()
+                if r_np.shape != g.shape or not np.array_equal(np.isnan(r_np), np.isnan(g)):
+                    return float("inf"), scale
+                if r_np.size and not np.all(np.isnan(r_np)):
+                    diff = np.abs(r_np.astype(np.float64) - g.astype(np.float64))
+                    worst = max(worst, float(np.nanmax(diff)))
+                    scale = max(scale, float(np.nanmax(np.abs(r_np.astype(np.float64)))))
+    return worst, scale

@@ -1,0 +1,83 @@
+"""The run's summary: the table ``qtcompress compress`` prints and ``summary.json`` holds."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from qtcompress.api import QTModel
+    from qtcompress.pipeline import PipelineResult
+
+
+def shape_of(qt: QTModel) -> str:
+    """The generator's shape in a few words: ranks (rows scheme) or chunk (flat)."""
+    if qt.config.scheme == "rows":
+        ranks = [k for k in qt.config.ranks or () if k > 0]
+        return (
+            f"one basis state per tensor row, ranks {min(ranks, default=0)}.."
+            f"{max(ranks, default=0)}"
+        )
+    return f"chunk {qt.config.resolve_chunk(qt.layout.total)}"
+
+
+def _fidelity_text(fid: dict[str, Any]) -> str:
+    name, value = fid["headline_name"], fid["headline"]
+    text = f"{value:.2%}" if name == "agreement" else f"{value:.4f}"
+    extra = f", correlation {fid['correlation']:.3f}" if name != "correlation" else ""
+    dead = " (DEGENERATE: constant outputs)" if fid["degenerate"] else ""
+    return f"{name} {text}{extra}{dead}"
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2%}"
+
+
+def _size(value: int | None) -> str:
+    return "n/a" if value is None else f"{value:,} B"
+
+
+def summary_rows(r: PipelineResult) -> dict[str, str]:
+    """The summary table as ordered label -> value strings."""
+    relative = r.onnx_max_abs_diff / max(r.onnx_max_abs_output, 1e-30)
+    rows = {
+        "original parameters": f"{r.original_params:,}",
+        "generated weights (M)": f"{r.generated_weights:,}",
+        "generator parameters (trainable)": f"{r.generator_params:,} "
+        f"({r.generator_params / r.generated_weights:.1%} of M)",
+        "compression ratio (M / generator)": f"{r.compression_ratio:.2f}x",
+        "QNN": f"{r.n_qubits} qubits x {r.n_layers} layers, up to {r.chunk} weights per basis "
+        "state",
+        "generator": f"{r.scheme} scheme, {r.shape}, budget {r.budget}",
+        "generated tensors": ", ".join(
+            f"{k} {n} ({v:,})" for k, (n, v) in r.generated_kinds.items()
+        ),
+        "checkpoint file": _size(r.checkpoint_bytes),
+        "generator file": _size(r.generator_file_bytes),
+        "ONNX file": _size(r.onnx_bytes),
+        "output kind": r.output_kind,
+        "fidelity: phase 1 (weights fitted)": _fidelity_text(r.fidelity_phase1)
+        + f" (relative weight error {r.phase1_rel_weight_error:.3f})",
+        "fidelity: fine-tuned": _fidelity_text(r.fidelity_finetuned),
+        "accuracy: original / phase 1 / fine-tuned": " / ".join(
+            _pct(a) for a in (r.accuracy_original, r.accuracy_phase1, r.accuracy_finetuned)
+        ),
+        "ONNX vs torch max |diff|": f"{r.onnx_max_abs_diff:.2g} (outputs up to "
+        f"{r.onnx_max_abs_output:.3g}: {relative:.1g} relative)",
+    }
+    for label in r.latency_torch_ms:
+        rows[f"latency {label}: torch / onnxruntime"] = (
+            f"{r.latency_torch_ms[label]:.3f} ms / {r.latency_onnx_ms[label]:.3f} ms"
+        )
+    for i, w in enumerate(r.warnings):
+        rows[f"WARNING {i + 1}"] = w
+    rows["time: phase 1 / phase 2 / total"] = (
+        f"{r.fit_s:.1f} s / {r.finetune_s:.1f} s / {r.total_s:.1f} s"
+    )
+    return rows
+
+
+def format_summary(r: PipelineResult) -> str:
+    """The summary as an aligned plain-text table."""
+    rows = summary_rows(r)
+    width = max(len(k) for k in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows.items())

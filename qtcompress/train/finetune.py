@@ -1,0 +1,176 @@
+"""Phase 2: fine-tune the generator on the task, and measure the student against the teacher."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from qtcompress.data.batch import Batch
+from qtcompress.data.model_call import check_call, select_output
+from qtcompress.data.sources import InputSource
+from qtcompress.errors import ConfigError
+from qtcompress.train.functional import FunctionalModel
+from qtcompress.train.loop import FitResult, LoopConfig, train_loop
+from qtcompress.train.objectives import (
+    DEFAULT_LOSS,
+    Fidelity,
+    check_kind,
+    distill_loss,
+    infer_output_kind,
+    measure_fidelity,
+)
+
+
+def finetune(
+    fmodel: FunctionalModel,
+    data: Any,
+    labels: torch.Tensor | None,
+    cfg: LoopConfig,
+    *,
+    mode: str = "distill",
+    batch_size: int = 64,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    distill: str | None = None,
+    output: str | int | None = None,
+    output_kind: str | None = None,
+    temperature: float = 2.0,
+    alpha: float = 1.0,
+    batch_stats: bool = True,
+    labels_in_items: bool | str = False,
+    probe_size: int = 256,
+    guard: bool = True,
+    **loop_kwargs: Any,
+) -> FitResult:
+    """Phase 2: train the generator on a task through the model's own forward pass.
+
+    Args:
+        fmodel: The model + generator pair.
+        data: Training inputs in any form :meth:`qtcompress.data.sources.InputSource.of` takes: a
+            tensor, a tuple of tensors (positional), a dict (keyword), a ``Dataset``, a
+            ``DataLoader`` or a re-iterable of batches.
+        labels: Labels aligned with ``data`` (required for ``"supervised"`` unless the items
+            carry them; optional for ``"distill"``, where they add ``(1 - alpha) * loss_fn``).
+        cfg: Loop settings.
+        mode: ``"supervised"`` or ``"distill"`` (teacher = the pretrained model).
+        batch_size: Mini-batch size.
+        loss_fn: Supervised loss ``(outputs, labels)``; default cross-entropy.
+        distill: ``"kl"``, ``"bce"``, ``"cosine"`` or ``"mse"``; ``None`` picks the one for the
+            output kind (:data:`qtcompress.train.objectives.DEFAULT_LOSS`).
+        output: Which output to train on when the model returns several
+            (:func:`qtcompress.data.model_call.select_output`; default: the first tensor, or
+            ``logits`` / ``last_hidden_state``).
+        output_kind: ``"logits"``, ``"probability"``, ``"embedding"`` or ``"regression"``;
+            ``None`` infers it from the teacher's outputs.
+        temperature: KL temperature.
+        alpha: Weight of the distillation term when labels are also given.
+        batch_stats: Train with BatchNorm in batch-statistics mode, updating the student's
+            running statistics (the way the pretrained model was trained).
+        labels_in_items: Where labels sit inside dataset items (see :mod:`qtcompress.data`).
+        probe_size: Examples in a fixed probe batch (the first of ``data``). Its distillation
+            loss is the monitored value that picks the best state, and a student whose probe
+            outputs turn constant triggers the collapse guard.
+        guard: On a collapse (outputs turning constant after they varied), restore the best
+            state, halve the learning rate and go on (at most ``MAX_RESTARTS`` times).
+        **loop_kwargs: Passed to :func:`train_loop`.
+    """
+    if mode not in ("supervised", "distill"):
+        raise ConfigError(f"Unknown mode {mode!r}; choose 'supervised' or 'distill'.")
+    if batch_size < 1 or not 0.0 <= alpha <= 1.0:
+        raise ConfigError(
+            f"batch_size must be >= 1 and alpha in [0, 1] (got {batch_size}, {alpha})."
+        )
+    source = InputSource.of(data, labels, labels_in_items=labels_in_items)
+    device = fmodel.device
+    probe = source.head(probe_size).to(device)
+    check_call(fmodel.module, probe)
+    teacher_probe = select_output(probe.call(fmodel.teacher), output)
+    kind = check_kind(output_kind or infer_output_kind(teacher_probe))
+    objective = distill or DEFAULT_LOSS[kind]
+    distill_loss(teacher_probe, teacher_probe, objective, temperature)  # validates early
+    if mode == "supervised" and probe.labels is None:
+        raise ConfigError("Supervised fine-tuning needs labels; use mode='distill' without.")
+    sup = loss_fn or F.cross_entropy
+
+    def student(batch: Batch, stats: bool) -> torch.Tensor:
+        return select_output(batch.call(partial(fmodel, batch_stats=stats)), output)
+
+    def loss_at(step: int) -> torch.Tensor:
+        batch = source.batch_at(step, batch_size, cfg.seed).to(device)
+        out = student(batch, batch_stats)
+        if mode == "supervised":
+            return sup(out, batch.labels)  # type: ignore[arg-type]
+        teacher = select_output(batch.call(fmodel.teacher), output)
+        loss = distill_loss(out, teacher, objective, temperature)
+        if batch.labels is not None and alpha < 1.0:
+            loss = alpha * loss + (1.0 - alpha) * sup(out, batch.labels)
+        return loss
+
+    last: dict[str, torch.Tensor] = {}  # the monitor's probe outputs, reused by the guard
+
+    def monitor() -> float:
+        with torch.no_grad():
+            last["out"] = student(probe, False)
+        return float(distill_loss(last["out"], teacher_probe, objective, temperature))
+
+    alive = [False]  # a collapse is alive -> constant; a student that starts dead is not one
+
+    def collapsed() -> bool:  # train_loop calls it right after monitor()
+        dead = measure_fidelity(last["out"], teacher_probe, kind).degenerate
+        alive[0] = alive[0] or not dead
+        return dead and alive[0]
+
+    return train_loop(
+        fmodel.generator,
+        loss_at,
+        cfg,
+        desc=loop_kwargs.pop("desc", mode),
+        extra_state=fmodel.buffers,
+        monitor=monitor,
+        guard=collapsed if guard else None,
+        **loop_kwargs,
+    )
+
+
+@torch.no_grad()
+def evaluate_fidelity(
+    fmodel: FunctionalModel,
+    data: Any,
+    labels: torch.Tensor | None = None,
+    *,
+    output: str | int | None = None,
+    output_kind: str | None = None,
+    batch_size: int = 256,
+    labels_in_items: bool | str = False,
+) -> Fidelity:
+    """Fidelity of ``fmodel``'s generated network to its original on ``data``.
+
+    Weights are generated once; teacher and student run batch by batch in eval mode.
+
+    Args:
+        fmodel: The model + generator pair (any module with ``tensors()`` as generator).
+        data: Inputs in any form :meth:`qtcompress.data.sources.InputSource.of` takes.
+        labels: Optional labels (adds accuracy).
+        output: Which output to compare (see :func:`qtcompress.data.model_call.select_output`).
+        output_kind: Output kind; ``None`` infers it from the teacher's outputs.
+        batch_size: Examples per forward pass.
+        labels_in_items: Where labels sit inside dataset items.
+    """
+    source = InputSource.of(data, labels, labels_in_items=labels_in_items)
+    generated = fmodel.generator.tensors(factored=True)
+    students, teachers, golds = [], [], []
+    for batch in source.batches(batch_size):
+        batch = batch.to(fmodel.device)
+        # Metrics on the CPU: one small copy per batch, and the same arithmetic on any device.
+        students.append(
+            select_output(batch.call(partial(fmodel, generated=generated)), output).cpu()
+        )
+        teachers.append(select_output(batch.call(fmodel.teacher), output).cpu())
+        if batch.labels is not None:
+            golds.append(batch.labels.cpu())
+    teacher = torch.cat(teachers)
+    kind = output_kind or infer_output_kind(teacher)
+    return measure_fidelity(torch.cat(students), teacher, kind, torch.cat(golds) if golds else None)
