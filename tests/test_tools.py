@@ -29,6 +29,30 @@ def test_bench_qnn_writes_its_section_and_keeps_others(tmp_path):
     assert len([line for line in text.splitlines() if line.startswith("| 4 |")]) == 1
 
 
+def test_bench_qnn_pennylane_runs_the_same_circuit():
+    # Optional comparison (pip install -e .[bench]): the PennyLane circuit must give qtcompress's
+    # probabilities and adjoint gradient, and the check must reject a qubit-order mix-up.
+    pytest.importorskip("pennylane")
+    bench = load_tool("bench_qnn")
+    frameworks, notes = bench.load_frameworks(["pennylane"], 8.0)
+    if not frameworks:
+        pytest.skip(notes[0])
+    pennylane = frameworks[0]
+    err_p, err_g = bench.check_equivalence(pennylane, n_qubits=3, n_layers=1)
+    assert err_p < 1e-5 and err_g < 1e-5
+
+    class BitsReversed(bench.Framework):
+        label = "PennyLane, qubit order reversed"
+
+        def build(self, program, angles, g):
+            forward, forward_grad = pennylane.build(program, angles, g)
+            n = program.n_qubits
+            return lambda: forward().reshape([2] * n).transpose().reshape(-1), forward_grad
+
+    with pytest.raises(RuntimeError, match="not simulate the same circuit"):
+        bench.check_equivalence(BitsReversed(), n_qubits=3, n_layers=1)
+
+
 @pytest.fixture(scope="module")
 def bench_suite():
     return load_tool("bench_suite")
