@@ -29,6 +29,7 @@ from qtcompress.data.sources import InputSource
 from qtcompress.device import resolve_device
 from qtcompress.errors import ConfigError
 from qtcompress.generator import AnyGenerator, QTGenerator, RowGenerator
+from qtcompress.generator.common import scatter_blocks
 from qtcompress.limits import check_config, return_freed_memory_to_os
 from qtcompress.targets import Layout, select_targets
 from qtcompress.train.finetune import evaluate_fidelity
@@ -324,16 +325,9 @@ class QTModel:
         for name, b in out.named_buffers():
             b.copy_(self.functional.buffers[name])
         named = dict(out.named_parameters(remove_duplicate=False))
-        flat_views = {s.name: named[s.name].view(-1) for s in self.layout.specs}
         specs = self.layout.specs
-        for start, block in self.generator.iter_blocks():
-            stop = start + block.shape[0]
-            for s in specs:
-                lo, hi = max(start, s.offset), min(stop, s.offset + s.numel)
-                if lo < hi:
-                    flat_views[s.name][lo - s.offset : hi - s.offset] = block[
-                        lo - start : hi - start
-                    ]
+        flat_views = [named[s.name].view(-1) for s in specs]
+        scatter_blocks(self.generator.iter_blocks(), specs, flat_views)
         for name, p in named.items():
             p.requires_grad_(self._requires_grad[name])
         return out.train(self._training)

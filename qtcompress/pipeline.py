@@ -8,7 +8,8 @@ Used by ``qtcompress compress`` and ``qtcompress demo``; callable from Python as
 * ``summary.json`` — the numbers of the summary table;
 * ``report/`` — plots and a Markdown page, when asked for (needs matplotlib).
 
-The summary's table is built by ``summary.py``; user data sets are read by
+The measured result (:class:`~qtcompress.summary.PipelineResult`) and its table live in
+``summary.py``; user data sets are read by
 :func:`qtcompress.io.arrays.load_npz_split`. This module stays one job read top to bottom
 (settings, :func:`run_pipeline`, its ``_finish``), which is why it runs past 400 lines.
 """
@@ -19,7 +20,7 @@ import inspect
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from qtcompress.examples import Split
 from qtcompress.io.arrays import check_label_range
 from qtcompress.io.atomic import OutputRecord, check_writable_dir
 from qtcompress.onnx.export import dynamic_shapes
-from qtcompress.summary import shape_of, summary_rows
+from qtcompress.summary import PipelineResult, shape_of, summary_rows
 from qtcompress.targets import kinds_summary
 from qtcompress.train.objectives import Fidelity, infer_output_kind
 
@@ -103,50 +104,6 @@ class PipelineSettings:
                 )
         if self.mode not in ("distill", "supervised"):
             raise ConfigError(f"Unknown mode {self.mode!r}; choose 'distill' or 'supervised'.")
-
-
-@dataclass
-class PipelineResult:
-    """Everything the summary table shows (all measured in this run).
-
-    Sizes are in bytes, times in seconds unless named ``_ms``; accuracies in [0, 1] or ``None``
-    when the data set has no labels.
-    """
-
-    name: str
-    original_params: int
-    generated_weights: int
-    generator_params: int
-    compression_ratio: float
-    n_qubits: int
-    n_layers: int
-    chunk: int
-    checkpoint_bytes: int | None
-    generator_file_bytes: int
-    onnx_bytes: int
-    scheme: str
-    shape: str
-    budget: str
-    generated_kinds: dict[str, list[int]]
-    output_kind: str
-    accuracy_original: float | None
-    accuracy_phase1: float | None
-    accuracy_finetuned: float | None
-    fidelity_phase1: dict[str, Any]
-    fidelity_finetuned: dict[str, Any]
-    warnings: list[str]
-    min_fidelity: float | None
-    fidelity_ok: bool
-    phase1_rel_weight_error: float
-    onnx_max_abs_diff: float
-    onnx_max_abs_output: float
-    latency_torch_ms: dict[str, float]
-    latency_onnx_ms: dict[str, float]
-    fit_s: float
-    finetune_s: float
-    total_s: float
-    files: dict[str, str]
-    histories: dict[str, list[float]] = field(default_factory=dict, repr=False)
 
 
 def _median_ms(fn: Callable[[], Any], repeats: int) -> float:

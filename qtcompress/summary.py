@@ -1,12 +1,56 @@
-"""The run's summary: the table ``qtcompress compress`` prints and ``summary.json`` holds."""
+"""The run's summary: its measured result, the printed table and ``summary.json``."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from qtcompress.api import QTModel
-    from qtcompress.pipeline import PipelineResult
+
+
+@dataclass
+class PipelineResult:
+    """Everything the summary table shows (all measured in this run).
+
+    Sizes are in bytes, times in seconds unless named ``_ms``; accuracies in [0, 1] or ``None``
+    when the data set has no labels.
+    """
+
+    name: str
+    original_params: int
+    generated_weights: int
+    generator_params: int
+    compression_ratio: float
+    n_qubits: int
+    n_layers: int
+    chunk: int
+    checkpoint_bytes: int | None
+    generator_file_bytes: int
+    onnx_bytes: int
+    scheme: str
+    shape: str
+    budget: str
+    generated_kinds: dict[str, list[int]]
+    output_kind: str
+    accuracy_original: float | None
+    accuracy_phase1: float | None
+    accuracy_finetuned: float | None
+    fidelity_phase1: dict[str, Any]
+    fidelity_finetuned: dict[str, Any]
+    warnings: list[str]
+    min_fidelity: float | None
+    fidelity_ok: bool
+    phase1_rel_weight_error: float
+    onnx_max_abs_diff: float
+    onnx_max_abs_output: float
+    latency_torch_ms: dict[str, float]
+    latency_onnx_ms: dict[str, float]
+    fit_s: float
+    finetune_s: float
+    total_s: float
+    files: dict[str, str]
+    histories: dict[str, list[float]] = field(default_factory=dict, repr=False)
 
 
 def shape_of(qt: QTModel) -> str:

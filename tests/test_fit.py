@@ -268,7 +268,7 @@ def test_recalibrate_matches_batch_statistics():
     qt.recalibrate(x, batch_size=64)  # one batch: running stats == that batch's stats
     with torch.no_grad():
         h = qt.functional.module.conv1
-        w = qt.generator.tensors()
+        w = qt.generator.generate_named()
         feats = F.conv2d(x, w["conv1.weight"], w["conv1.bias"], padding=h.padding)
     assert torch.allclose(
         qt.functional.buffers["bn1.running_mean"], feats.mean((0, 2, 3)), atol=1e-5

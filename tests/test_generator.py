@@ -72,7 +72,7 @@ def test_chunked_streaming_equals_full_generation_values_and_gradients():
 def test_init_affine_sets_tensor_statistics_and_constant_tensors_exact():
     model = TinyMLP()  # LayerNorm weight (ones) and bias (zeros) are constant tensors
     gen = _generator(model, chunk=2, n_layers=2)
-    t = gen.tensors()
+    t = gen.generate_named()
     assert torch.equal(t["net.1.weight"], torch.ones(16))
     assert torch.equal(t["net.1.bias"], torch.zeros(16))
     w0 = model.net[0].weight
@@ -84,7 +84,7 @@ def test_init_affine_sets_tensor_statistics_and_constant_tensors_exact():
         assert torch.isclose(g.mean(), p.mean(), atol=1e-5), name
         assert torch.isclose(g.std(), p.std(), atol=1e-4, rtol=1e-3), name
     plain = _generator(model, chunk=2, n_layers=2, standardize=False)
-    assert not torch.isclose(plain.tensors()["net.0.weight"].std(), w0.std(), rtol=1e-2)
+    assert not torch.isclose(plain.generate_named()["net.0.weight"].std(), w0.std(), rtol=1e-2)
 
 
 def test_gradients_reach_qnn_and_mapping_and_classical_control_cuts_qnn():
@@ -165,3 +165,28 @@ def test_report_counts_match_generator():
     assert rep.trainable == rep.qnn + rep.mapping + rep.affine
     assert rep.trainable == sum(p.numel() for p in qt.generator.parameters())
     assert 0 < rep.ratio < 1 and "generated weights" in str(rep)
+
+
+@pytest.mark.parametrize("scheme", ["rows", "flat"])
+def test_the_three_ways_to_regenerate_agree(scheme):
+    # generate() (flat, with gradients), generate_named() (by name, with gradients) and
+    # generate_detached() (by name, streamed, no gradients) give the same weights; materialize()
+    # writes exactly the detached stream into the model copy.
+    torch.manual_seed(0)
+    model = TiedLM()
+    qt = compress(model, QTConfig(scheme=scheme, n_layers=1))
+    gen = qt.generator
+    flat = gen.generate()
+    named = gen.generate_named()
+    detached = gen.generate_detached()
+    assert set(detached) == {s.name for s in qt.layout.specs}  # canonical names only
+    assert set(named) == {n for s in qt.layout.specs for n in s.names}  # aliases too
+    assert flat.requires_grad and all(named[n].requires_grad for n in detached)
+    assert not any(t.requires_grad for t in detached.values())
+    split = qt.layout.split(flat.detach())
+    for s in qt.layout.specs:
+        torch.testing.assert_close(detached[s.name], split[s.name], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(detached[s.name], named[s.name].detach(), rtol=1e-6, atol=1e-6)
+    params = dict(qt.materialize().named_parameters(remove_duplicate=False))
+    for name, tensor in detached.items():
+        assert torch.equal(params[name].detach(), tensor)

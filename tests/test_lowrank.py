@@ -108,11 +108,11 @@ def test_training_step_gradients_match_the_dense_step():
     x = torch.randn(32, 64)
     qt = compress(model, QTConfig(n_layers=2))
     gen, fm = qt.generator, qt.functional
-    factored = gen.tensors(factored=True)
+    factored = gen.generate_named(factored=True)
     assert any(isinstance(t, LowRankWeight) for t in factored.values())
     goal = torch.randn(32, 10)  # far from the student's outputs: gradients well above rounding
     results = []
-    for generated in (None, gen.tensors()):  # None: the default, factored
+    for generated in (None, gen.generate_named()):  # None: the default, factored
         gen.zero_grad(set_to_none=True)
         loss = (fm(x, generated=generated) - goal).square().mean()
         loss.backward()

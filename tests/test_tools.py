@@ -63,7 +63,7 @@ def test_bench_suite_students_fit_the_budget(bench_suite, student):
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
     built = getattr(bench_suite, student)(model, 1500)
     assert bench_suite.count(built) <= 1500
-    shapes = {n: t.shape for n, t in built.tensors().items()}
+    shapes = {n: t.shape for n, t in built.generate_named().items()}
     assert shapes == {n: p.shape for n, p in model.named_parameters()}
 
 
@@ -93,3 +93,14 @@ def test_bench_suite_rows_resume(bench_suite, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| cnn | 5% | qt | 100 (5.00%) | 0.900 | 10.00% | agreement 97.00% |" in out
     assert "(20.0x smaller)" in out
+
+
+@pytest.mark.slow
+def test_bench_export_counts_one_export_for_the_pipeline_and_two_without_sharing(capsys):
+    bench = load_tool("bench_export")
+    result = bench.rounds(1)
+    assert result["once"]["exports"] == 1 and result["once"]["passes"] == 1
+    assert result["twice"]["exports"] == 2 and result["twice"]["passes"] == 2
+    assert result["once"]["export_s"] > 0 and result["twice"]["export_s"] > 0
+    text = bench.to_markdown(result, None)
+    assert "| once (the pipeline now) |" in text and "`torch.onnx.export` calls" in text

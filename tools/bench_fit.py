@@ -74,7 +74,7 @@ def measure(size: int, steps: int, max_qubits: int, n_layers: int) -> dict[str, 
         w = gen.generate_from_features(x_leaf)
         t2 = time.perf_counter()
         w_leaf = w.detach().requires_grad_()
-        loss = F.cross_entropy(fm(x, generated=gen.tensors(w_leaf)), y)
+        loss = F.cross_entropy(fm(x, generated=gen.generate_named(w_leaf)), y)
         loss.backward()
         t3 = time.perf_counter()
         w.backward(w_leaf.grad)

@@ -331,10 +331,11 @@ def run(
     layers: list[int],
     shift_limit_s: float,
     frameworks: list[Framework] | None = None,
+    threads: int = 2,
 ) -> list[dict[str, object]]:
     frameworks = frameworks or []
     rng = np.random.default_rng(0)
-    backend = QsimBackend()
+    backend = QsimBackend(threads=threads)
     via_cirq = qsimcirq.QSimSimulator(qsimcirq.QSimOptions(cpu_threads=backend.threads))
     rows: list[dict[str, object]] = []
     for n in qubits:
@@ -451,9 +452,9 @@ def to_markdown(
     ]
     if frameworks:
         threads_text = (
-            f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
+            f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} (PennyLane lightning)"
             if "OMP_NUM_THREADS" in os.environ
-            else "OMP_NUM_THREADS unset"
+            else "OMP_NUM_THREADS unset (PennyLane lightning: one OpenMP thread per core)"
         )
         torch_threads = ""
         if any(fw.key == "tq" for fw in frameworks):
@@ -467,10 +468,14 @@ def to_markdown(
             'simulators, each cell "ms (ratio)": forward vs *fwd*, forward + gradient vs '
             "*fwd* + *adjoint grad*. *PennyLane fwd* is a `lightning.qubit` QNode (complex64) "
             "returning `qml.probs`; *PennyLane fwd+grad* is `qml.grad` of "
-            '`qml.expval(SparseHamiltonian(diag(g)))` = g . p with `diff_method="adjoint"`. '
-            "*TQ* is TorchQuantum (`tq.QuantumDevice`, complex64): forward under "
-            "`torch.no_grad()`, then forward with autograd and `(g . p).backward()` "
-            f"({threads_text}{torch_threads}).",
+            '`qml.expval(SparseHamiltonian(diag(g)))` = g . p with `diff_method="adjoint"`.'
+            + (
+                " *TQ* is TorchQuantum (`tq.QuantumDevice`, complex64): forward under "
+                "`torch.no_grad()`, then forward with autograd and `(g . p).backward()`."
+                if torch_threads
+                else ""
+            )
+            + f" Threads: qsim {threads} at every n, {threads_text}{torch_threads}.",
         ]
     if notes:
         lines += [""] + notes
@@ -505,12 +510,24 @@ def main(argv: list[str] | None = None) -> int:
         default=8.0,
         help="skip TorchQuantum's backward where its autograd tape would exceed this (GB)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="qsim threads at every n and torch threads (TorchQuantum), default 2; PennyLane "
+        "lightning uses OpenMP's count (OMP_NUM_THREADS before start-up, else every core)",
+    )
     parser.add_argument("--quick", action="store_true", help="small grid for a smoke test")
     parser.add_argument("--no-write", action="store_true", help="do not touch docs/")
     parser.add_argument("--output", type=Path, default=DOC)
     args = parser.parse_args(argv)
     if args.quick:
         args.qubits, args.layers, args.shift_limit = [6, 10], [2, 4], 5.0
+    if args.threads < 1:
+        parser.error("--threads must be at least 1")
+    import torch  # already loaded by qtcompress.qnn
+
+    torch.set_num_threads(args.threads)
     frameworks, notes = load_frameworks(
         [] if args.no_compare else args.compare, args.tq_memory_limit
     )
@@ -522,8 +539,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{fw.label} runs the same circuit (n={CHECK_QUBITS}, L={CHECK_LAYERS}): "
             f"max |dp| {err_p:.1e}, max |dgrad| {err_g:.1e}"
         )
-    rows = run(args.qubits, args.layers, args.shift_limit, frameworks)
-    markdown = to_markdown(rows, QsimBackend().threads, frameworks, notes)
+    rows = run(args.qubits, args.layers, args.shift_limit, frameworks, args.threads)
+    markdown = to_markdown(rows, args.threads, frameworks, notes)
     if not args.no_write:
         write_section(
             "bench_qnn",

@@ -208,7 +208,7 @@ def measure(kind: str, size: float, repeats: int) -> dict[str, Any]:
     gen, fm = qt.generator, qt.functional
     qt_opt = torch.optim.Adam(gen.parameters(), lr=1e-4, fused=True)
     qt_step = distill_step(fm, qt_opt)  # linear layers run on the factors (lowrank.py)
-    dense_step = distill_step(lambda inp: fm(inp, generated=gen.tensors()), qt_opt)
+    dense_step = distill_step(lambda inp: fm(inp, generated=gen.generate_named()), qt_opt)
 
     parts: dict[str, list[float]] = {k: [] for k in ("qnn", "body", "heads", "model", "adam")}
     bits = gen._bits

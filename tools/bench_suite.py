@@ -108,7 +108,7 @@ class LowRankStudent(nn.Module):
             else:
                 self.dense[key] = nn.Parameter(p.detach().clone())
 
-    def tensors(self, factored: bool = False) -> dict[str, torch.Tensor]:  # noqa: ARG002
+    def generate_named(self, factored: bool = False) -> dict[str, torch.Tensor]:  # noqa: ARG002
         out = {}
         for n in self.names:
             key = n.replace(".", "__")
@@ -142,7 +142,7 @@ class PrunedStudent(nn.Module):
                 w = w * self.masks[key]
             self.weights[key] = nn.Parameter(w)
 
-    def tensors(self, factored: bool = False) -> dict[str, torch.Tensor]:  # noqa: ARG002
+    def generate_named(self, factored: bool = False) -> dict[str, torch.Tensor]:  # noqa: ARG002
         out = {}
         for n in self.names:
             key = n.replace(".", "__")

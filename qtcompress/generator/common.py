@@ -1,20 +1,92 @@
-"""What both generator schemes share: the QNN, the mapping by name, weight checks."""
+"""What both generator schemes share: the regenerating API, the QNN, the mapping, weight checks.
+
+Every weight comes out of one of three methods of :class:`Generator`, by what the caller needs:
+
+- :meth:`~Generator.generate`: one flat ``(M,)`` float32 vector, differentiable (weight fit);
+- :meth:`~Generator.generate_named`: tensors by parameter name, differentiable (a training
+  step's student);
+- :meth:`~Generator.generate_detached`: tensors by canonical name, no gradients, streamed block
+  by block (save, load, export: bit-identical between them).
+
+:meth:`~Generator.iter_blocks` is the stream under the last one, and
+:meth:`qtcompress.QTModel.materialize` writes the same stream into a copy of the model.
+"""
 
 from __future__ import annotations
 
+import bisect
 import math
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
+from torch import nn
 
 from qtcompress.errors import ConfigError, NonFiniteError
 from qtcompress.experimental.mps import MPSMapping
 from qtcompress.mapping import Mapping, MLPMapping, transform_probs
 from qtcompress.qnn import QNN, Ansatz
+from qtcompress.targets import Layout, TensorSpec
 
 # Weights produced per streamed block by default (bounds mapping activations, not the output).
 DEFAULT_BLOCK_WEIGHTS = 1 << 18
 # Least-squares heads take tensors above this many weights in column blocks (bounded memory).
 FIT_BLOCK = 1 << 22
+
+
+class Generator(nn.Module):
+    """The generator's regenerating API, shared by both schemes (see the module docstring)."""
+
+    layout: Layout
+
+    def generate(self) -> torch.Tensor:
+        """All generated weights, shape ``(M,)`` float32, in layout order (differentiable)."""
+        raise NotImplementedError
+
+    def generate_named(
+        self, flat: torch.Tensor | None = None, *, factored: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Generated tensors by parameter name (aliases included), differentiable."""
+        raise NotImplementedError
+
+    def iter_blocks(self, block_states: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Stream the weights without gradients: ``(flat start, weights)`` in layout order."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def generate_detached(self) -> dict[str, torch.Tensor]:
+        """Every generated tensor by canonical name, without gradients, cast to its dtype.
+
+        Streamed block by block into one tensor per parameter (no ``(M,)`` staging copy). Save
+        and load both use this one path, so the same generator gives bit-identical weights.
+        """
+        specs = self.layout.specs
+        parts = [torch.empty(s.numel, dtype=torch.float32) for s in specs]
+        scatter_blocks(self.iter_blocks(), specs, parts)
+        return {s.name: p.view(s.shape).to(s.dtype) for s, p in zip(specs, parts, strict=True)}
+
+
+def scatter_blocks(
+    blocks: Iterable[tuple[int, torch.Tensor]],
+    specs: Sequence[TensorSpec],
+    destinations: Sequence[torch.Tensor],
+) -> None:
+    """Copy a flat stream of ``(start, block)`` into one flat destination per spec.
+
+    Args:
+        blocks: From :meth:`Generator.iter_blocks`, in increasing ``start``.
+        specs: The layout's specs, in offset order.
+        destinations: One 1-D tensor of ``spec.numel`` per spec (a parameter's view, say).
+    """
+    offsets = [s.offset for s in specs]
+    for start, block in blocks:
+        stop = start + block.shape[0]
+        i = max(0, bisect.bisect_right(offsets, start) - 1)
+        while i < len(specs) and specs[i].offset < stop:
+            s = specs[i]
+            lo, hi = max(start, s.offset), min(stop, s.offset + s.numel)
+            if lo < hi:
+                destinations[i][lo - s.offset : hi - s.offset] = block[lo - start : hi - start]
+            i += 1
 
 
 def all_finite(t: torch.Tensor, block: int = 1 << 22) -> bool:

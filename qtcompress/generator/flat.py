@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from qtcompress.errors import ConfigError
 from qtcompress.generator.common import (
     DEFAULT_BLOCK_WEIGHTS,
+    Generator,
     check_pretrained,
     make_mapping,
     qnn_for,
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
     from qtcompress.config import QTConfig
 
 
-class QTGenerator(nn.Module):
+class QTGenerator(Generator):
     """The flat-scheme generator (``scheme="flat"``): the flat weight vector of a layout.
 
     Args:
@@ -304,7 +305,7 @@ class QTGenerator(nn.Module):
                 raw = (raw - mean[idx]) / std[idx]
             yield start, self._affine(raw, start)
 
-    def tensors(
+    def generate_named(
         self, flat: torch.Tensor | None = None, *, factored: bool = False
     ) -> dict[str, torch.Tensor]:
         """Generated tensors by name (aliases included), cast to each parameter's dtype.
@@ -312,7 +313,7 @@ class QTGenerator(nn.Module):
         Args:
             flat: A vector from :meth:`generate`; generated now if ``None``.
             factored: Ignored: flat chunks have no low-rank factors (see
-                :meth:`RowGenerator.tensors`).
+                :meth:`RowGenerator.generate_named`).
         """
         flat = self.generate() if flat is None else flat
         out = self.layout.split(flat)

@@ -12,14 +12,14 @@ import torch
 from torch import nn
 
 from qtcompress.errors import ConfigError
-from qtcompress.generator.common import FIT_BLOCK, check_pretrained, qnn_for
+from qtcompress.generator.common import FIT_BLOCK, Generator, check_pretrained, qnn_for
 from qtcompress.generator.ranks import max_rank, row_view
 from qtcompress.lowrank import LowRankWeight
 from qtcompress.mapping import signed_bits, transform_probs
 from qtcompress.targets import Layout
 
 
-class RowGenerator(nn.Module):
+class RowGenerator(Generator):
     """Row-factorised Quantum-Train generator: one basis state per tensor row.
 
     Every generated tensor is viewed as a ``(rows, columns)`` matrix (:func:`row_view`). Basis
@@ -180,21 +180,21 @@ class RowGenerator(nn.Module):
             w = torch.addmm(self.biases[i], h[a : a + goal.shape[0], :k], self.heads[i])
         return torch.nn.functional.mse_loss(w, goal, reduction="sum")
 
-    def generate_tensors(self, factored: bool = False) -> list[torch.Tensor]:
+    def _generate_list(self, factored: bool = False) -> list[torch.Tensor]:
         """Every generated tensor in layout order (float32, differentiable).
 
         Args:
             factored: Matrices as :class:`~qtcompress.lowrank.LowRankWeight` (see
-                :meth:`tensors`).
+                :meth:`generate_named`).
         """
         h = self.features()
         return [self._tensor(h, i, factored) for i in range(len(self.views))]
 
     def generate(self) -> torch.Tensor:
         """All generated weights as one flat ``(M,)`` float32 vector (differentiable)."""
-        return torch.cat([t.reshape(-1) for t in self.generate_tensors()])
+        return torch.cat([t.reshape(-1) for t in self._generate_list()])
 
-    def tensors(
+    def generate_named(
         self, flat: torch.Tensor | None = None, *, factored: bool = False
     ) -> dict[str, torch.Tensor]:
         """Generated tensors by name (aliases included), cast to each parameter's dtype.
@@ -211,7 +211,7 @@ class RowGenerator(nn.Module):
             parts = self.layout.split(flat)
             by_spec = [parts[s.name] for s in self.layout.specs]
         else:
-            by_spec = self.generate_tensors(factored)
+            by_spec = self._generate_list(factored)
         out: dict[str, torch.Tensor] = {}
         for s, t in zip(self.layout.specs, by_spec, strict=True):
             t = t if t.dtype == s.dtype else t.to(s.dtype)

@@ -38,7 +38,6 @@ from qtcompress.io.generator_metadata import (
     FINGERPRINT_RTOL,
     fingerprint,
     fingerprint_distance,
-    generated_tensors,
     non_finite_names,
 )
 from qtcompress.targets import Layout
@@ -139,13 +138,15 @@ class GeneratorFile:
     check_inputs: list[torch.Tensor]
     check_outputs: list[torch.Tensor]
 
-    def generated(self) -> dict[str, torch.Tensor]:
-        """Regenerate the generated tensors (canonical names).
+    def generate_detached(self) -> dict[str, torch.Tensor]:
+        """Regenerate the generated tensors (canonical names), checked to be finite.
+
+        The stored generator's :meth:`~qtcompress.generator.Generator.generate_detached`.
 
         Raises:
             FormatError: A regenerated weight is NaN or Inf (the stored generator is corrupt).
         """
-        out = generated_tensors(self.generator)
+        out = self.generator.generate_detached()
         bad = non_finite_names(out)
         if bad:
             raise FormatError(
@@ -199,7 +200,7 @@ class GeneratorFile:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The full state dict of the network: generated tensors (every alias) + classical."""
-        generated = self.generated()
+        generated = self.generate_detached()
         out = dict(self.classical)
         for spec in self.layout.specs:
             for name in spec.names:
@@ -212,7 +213,7 @@ class GeneratorFile:
         Raises:
             FormatError: A regenerated weight is NaN or Inf.
         """
-        generated = self.generated()
+        generated = self.generate_detached()
         actual = sha256_of_tensors(generated)
         stored = self.metadata["weights_sha256"]
         worst = fingerprint_distance(self.metadata["weights_fingerprint"], fingerprint(generated))

@@ -7,7 +7,6 @@ that files regenerated on another CPU can be told equal up to rounding.
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -18,7 +17,6 @@ from torch import nn
 from qtcompress import limits
 from qtcompress.config import QTConfig
 from qtcompress.errors import FormatError, ResourceLimitError
-from qtcompress.generator import AnyGenerator
 from qtcompress.io.schema import (
     Bool,
     Int,
@@ -142,27 +140,6 @@ REQUIRED_FIELDS = ("config", "ansatz", "mapping", "layout", "weights_sha256", "w
 
 
 # -- helpers shared by save and load ----------------------------------------------------------
-@torch.no_grad()
-def generated_tensors(generator: AnyGenerator) -> dict[str, torch.Tensor]:
-    """Regenerate every generated tensor (canonical names), streamed block by block.
-
-    Save and load both use this one path, so the same generator gives bit-identical weights.
-    """
-    specs = generator.layout.specs  # in offset order
-    offsets = [s.offset for s in specs]
-    parts = [torch.empty(s.numel, dtype=torch.float32) for s in specs]  # no (M,) staging copy
-    for start, block in generator.iter_blocks():
-        stop = start + block.shape[0]
-        i = max(0, bisect.bisect_right(offsets, start) - 1)
-        while i < len(specs) and specs[i].offset < stop:
-            s = specs[i]
-            lo, hi = max(start, s.offset), min(stop, s.offset + s.numel)
-            if lo < hi:
-                parts[i][lo - s.offset : hi - s.offset] = block[lo - start : hi - start]
-            i += 1
-    return {s.name: p.view(s.shape).to(s.dtype) for s, p in zip(specs, parts, strict=True)}
-
-
 def non_finite_names(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     """``"name (k values)"`` for each floating-point tensor holding NaN or Inf."""
     out = []

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import onnx
 import torch
@@ -26,11 +27,36 @@ from qtcompress.io.generator_metadata import (
 )
 
 if TYPE_CHECKING:
-    from qtcompress.api import QTModel
+    from qtcompress.config import QTConfig
+    from qtcompress.generator import AnyGenerator
+    from qtcompress.targets import Layout
+
+
+class CompressedModel(Protocol):
+    """What saving needs of a compressed model; :class:`qtcompress.QTModel` is one.
+
+    A protocol rather than ``QTModel`` itself, so that ``io`` does not depend on ``api``.
+    """
+
+    @property
+    def generator(self) -> AnyGenerator: ...  # noqa: D102
+
+    @property
+    def layout(self) -> Layout: ...  # noqa: D102
+
+    @property
+    def config(self) -> QTConfig: ...  # noqa: D102
+
+    @property
+    def device(self) -> torch.device: ...  # noqa: D102
+
+    def on_cpu(self) -> AbstractContextManager[Any]: ...  # noqa: D102
+
+    def materialize(self) -> nn.Module: ...  # noqa: D102
 
 
 def save_generator(
-    qt: QTModel,
+    qt: CompressedModel,
     path: str | os.PathLike[str],
     *,
     example_inputs: Any = None,
@@ -91,7 +117,7 @@ def save_generator(
 
     generator = qt.generator
     # The weights are generated once per save: the materialised model holds exactly what
-    # generated_tensors() gives on load (same blocks, same casts).
+    # generate_detached() gives on load (same blocks, same casts).
     materialized = (materialized if materialized is not None else qt.materialize()).eval()
     named = dict(materialized.named_parameters(remove_duplicate=False))
     generated = {s.name: named[s.name].detach() for s in qt.layout.specs}

@@ -293,6 +293,39 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
     return Path(path)
 
 
+def shared_or_exported(
+    model: nn.Module,
+    example_inputs: ExampleInputs,
+    exported: onnx.ModelProto | None,
+    *,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_axes: DynamicAxes | None = None,
+) -> onnx.ModelProto:
+    """``exported`` where the caller shares one export between files, else a fresh export.
+
+    Args:
+        model: The model ``exported`` came from, or the one to export.
+        example_inputs: As for :func:`to_onnx_proto`.
+        exported: A graph already exported from ``model`` (not modified), or ``None``.
+        input_names: As for :func:`to_onnx_proto`.
+        output_names: As for :func:`to_onnx_proto`.
+        dynamic_axes: As for :func:`to_onnx_proto`.
+
+    Returns:
+        The graph to use.
+    """
+    if exported is not None:
+        return exported
+    return to_onnx_proto(
+        model,
+        example_inputs,
+        input_names=input_names,
+        output_names=output_names,
+        dynamic_axes=dynamic_axes,
+    )
+
+
 def export_onnx(
     model: nn.Module,
     example_inputs: ExampleInputs,
@@ -334,16 +367,13 @@ def export_onnx(
     """
     if not (atol >= 0 and rtol >= 0):
         raise ConfigError(f"atol and rtol must be >= 0, got {atol} and {rtol}.")
-    proto = (
-        exported
-        if exported is not None
-        else to_onnx_proto(
-            model,
-            example_inputs,
-            input_names=input_names,
-            output_names=output_names,
-            dynamic_axes=dynamic_axes,
-        )
+    proto = shared_or_exported(
+        model,
+        example_inputs,
+        exported,
+        input_names=input_names,
+        output_names=output_names,
+        dynamic_axes=dynamic_axes,
     )
     diff = scale = float("nan")
     if verify:

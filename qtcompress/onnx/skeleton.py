@@ -19,7 +19,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from qtcompress.errors import ExportError, FormatError, NonFiniteError
-from qtcompress.onnx.export import to_onnx_proto
+from qtcompress.onnx.export import shared_or_exported
 from qtcompress.onnx.parity import DynamicAxes, ExampleInputs, compare_outputs
 
 SKELETON_KEY = "qtcompress.skeleton"
@@ -178,16 +178,13 @@ def export_skeleton(
         ConfigError: Bad inputs.
         ExportError: Export failed, or the skeleton cannot be refilled faithfully.
     """
-    proto = (
-        exported
-        if exported is not None
-        else to_onnx_proto(
-            model,
-            example_inputs,
-            input_names=input_names,
-            output_names=output_names,
-            dynamic_axes=dynamic_axes,
-        )
+    proto = shared_or_exported(
+        model,
+        example_inputs,
+        exported,
+        input_names=input_names,
+        output_names=output_names,
+        dynamic_axes=dynamic_axes,
     )
     skeleton = make_skeleton(proto, model)
     if verify_atol is not None:

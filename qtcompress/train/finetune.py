@@ -160,7 +160,7 @@ def evaluate_fidelity(
         labels_in_items: Where labels sit inside dataset items.
     """
     source = InputSource.of(data, labels, labels_in_items=labels_in_items)
-    generated = fmodel.generator.tensors(factored=True)
+    generated = fmodel.generator.generate_named(factored=True)
     students, teachers, golds = [], [], []
     for batch in source.batches(batch_size):
         batch = batch.to(fmodel.device)

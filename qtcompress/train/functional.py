@@ -88,13 +88,13 @@ class FunctionalModel:
 
         Args:
             *args: Model inputs.
-            generated: Tensors by name; default ``generator.tensors(factored=True)`` (linear
+            generated: Tensors by name; default ``generator.generate_named(factored=True)`` (linear
                 layers run on the low-rank factors, :mod:`qtcompress.lowrank`).
             batch_stats: Run BatchNorm layers in training mode: normalise with batch
                 statistics and update the student's running statistics (:attr:`buffers`).
             **kwargs: Model keyword inputs.
         """
-        tensors = self.generator.tensors(factored=True) if generated is None else generated
+        tensors = self.generator.generate_named(factored=True) if generated is None else generated
         if batch_stats:
             for m in self.norm_layers:
                 m.train()
@@ -120,7 +120,7 @@ class FunctionalModel:
         """
         if not self.norm_layers:
             return
-        tensors = self.generator.tensors(factored=True)
+        tensors = self.generator.generate_named(factored=True)
         momenta = [m.momentum for m in self.norm_layers]
         for m in self.norm_layers:
             m.momentum = None
