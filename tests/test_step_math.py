@@ -107,3 +107,17 @@ def test_big_tensors_spectrum_from_randomised_svd_matches_exact(monkeypatch):
     assert torch.count_nonzero(estimated[21:]) == 0  # past `need`: never read, not computed
     assert torch.allclose(estimated[:21], exact[:21], rtol=1e-6, atol=1e-12)
     assert float(exact[:21].sum()) > 0.99  # the leading values hold the variance
+
+
+def test_blocked_moments_match_the_whole_tensor_float64_ones(monkeypatch) -> None:
+    # Phase 1's per-tensor scales: above MOMENT_BLOCK weights the moments come from float64
+    # blocks (bounded memory); they must equal the whole-tensor float64 ones to rounding.
+    torch.manual_seed(0)
+    part = torch.randn(10_007) * 0.02 + 3.0  # a large mean: the case where E[x^2]-E[x]^2 fails
+    whole = part.double()
+    want = (float(whole.var(unbiased=False)), float((whole**2).mean()))
+    assert weight_fit._moments(part) == want  # one piece: exactly as before
+    monkeypatch.setattr(weight_fit, "MOMENT_BLOCK", 1000)
+    got = weight_fit._moments(part)
+    assert got[0] == pytest.approx(want[0], rel=1e-9)
+    assert got[1] == pytest.approx(want[1], rel=1e-12)
