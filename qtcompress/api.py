@@ -121,13 +121,15 @@ class QTModel:
         )
         if generator is not None:
             self.layout.require_same(generator.layout)
+        if self.layout.total >= STREAM_WEIGHTS:
+            # Transient tensors of big models (rank allocation's blocks, phase 1's) leave the
+            # heap when freed instead of staying resident.
+            return_freed_memory_to_os()
         named = dict(model.named_parameters(remove_duplicate=False))
         self.pretrained = self.layout.flatten({s.name: named[s.name] for s in self.layout.specs})
         self.config = config.resolve(self.layout, self.pretrained)
         # Sizes against documented maxima and memory, before anything is allocated.
         check_config(self.config, self.layout)
-        if self.layout.total >= STREAM_WEIGHTS:
-            return_freed_memory_to_os()  # transient tensors of big models leave the heap
         if generator is not None:  # a loaded generator (qtcompress.load): keep its state
             self.generator: AnyGenerator = generator
         else:
@@ -144,8 +146,7 @@ class QTModel:
         self._requires_grad = {
             n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)
         }
-        self.functional = FunctionalModel(model, self.generator)
-        self.functional.share_pretrained(self.pretrained, self.layout)
+        self.functional = FunctionalModel(model, self.generator, self.pretrained)
         self.device = torch.device("cpu")
 
     def to(self, device: str | torch.device) -> QTModel:

@@ -156,6 +156,36 @@ def test_materialize_keeps_ties_buffers_and_mode():
     assert all(p.requires_grad for p in mat.parameters())
 
 
+@pytest.mark.parametrize("cls", [TiedLM, TinyCNN])
+def test_private_copy_is_built_on_the_pretrained_vector_not_copied(cls, monkeypatch):
+    # compress() at 1e8 weights peaked at one more copy of the weights while the private copy
+    # was deep-copied and then re-pointed at `pretrained`; it is now built on views of it.
+    model = cls()
+    copied: list[int] = []
+    deepcopy = torch.nn.Parameter.__deepcopy__
+
+    def counting(self, memo):
+        copied.append(id(self))
+        return deepcopy(self, memo)
+
+    monkeypatch.setattr(torch.nn.Parameter, "__deepcopy__", counting)
+    qt = compress(model, QTConfig(n_layers=1, hidden=(4,)))
+    generated = {id(p) for n, p in model.named_parameters() if n in qt.layout.names()}
+    assert generated and not generated & set(copied)  # no generated parameter was copied
+    start = qt.pretrained.data_ptr()
+    end = start + qt.pretrained.numel() * qt.pretrained.element_size()
+    named = dict(qt.functional.module.named_parameters(remove_duplicate=False))
+    user = dict(model.named_parameters(remove_duplicate=False))
+    for s in qt.layout.specs:
+        for n in s.names:
+            assert start <= named[n].data_ptr() < end, n
+            assert not named[n].requires_grad and named[n] is not user[n]
+            assert torch.equal(named[n], user[n])
+            assert not start <= user[n].data_ptr() < end  # the user's model keeps its own
+    if cls is TiedLM:
+        assert qt.functional.module.out.weight is qt.functional.module.embed.weight
+
+
 def test_report_counts_match_generator():
     model = TinyCNN()
     qt = compress(model, QTConfig(chunk=8, hidden=(8, 8), n_layers=3, exclude=("head",)))

@@ -93,17 +93,24 @@ def test_fused_adam_takes_the_same_steps_as_the_loop_to_rounding() -> None:
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_big_tensors_spectrum_from_randomised_svd_matches_exact(monkeypatch):
+@pytest.mark.parametrize("shape", [(600, 500), (500, 600)])
+@pytest.mark.parametrize("block", [None, 1000])
+def test_big_tensors_spectrum_from_randomised_svd_matches_exact(monkeypatch, shape, block):
     # compress() at 1e8 weights spent most of its time in exact svdvals of 7,000 x 7,000
-    # layers; past EXACT_SPECTRUM_WEIGHTS only the needed leading values are estimated.
+    # layers; past EXACT_SPECTRUM_WEIGHTS only the needed leading values are estimated, on the
+    # float32 tensor itself (centring as a rank-one correction, float64 in column blocks).
     import qtcompress.generator.ranks as generator_module
 
     gen = torch.Generator().manual_seed(0)
-    u, v = torch.randn(600, 40, generator=gen), torch.randn(40, 500, generator=gen)
-    w = (u * torch.logspace(0, -2, 40)) @ v + 1e-3 * torch.randn(600, 500, generator=gen)
-    exact = generator_module.spectrum_gains(w.reshape(-1), (600, 500), 20)
+    rows, cols = shape
+    u, v = torch.randn(rows, 40, generator=gen), torch.randn(40, cols, generator=gen)
+    w = (u * torch.logspace(0, -2, 40)) @ v + 1e-3 * torch.randn(rows, cols, generator=gen)
+    w += 3.0 * torch.randn(cols, generator=gen)  # column means the head's bias holds
+    exact = generator_module.spectrum_gains(w.reshape(-1), shape, 20)
     monkeypatch.setattr(generator_module, "EXACT_SPECTRUM_WEIGHTS", 1000)
-    estimated = generator_module.spectrum_gains(w.reshape(-1), (600, 500), 20)
+    if block is not None:
+        monkeypatch.setattr(generator_module, "_PROJECTION_BLOCK", block)
+    estimated = generator_module.spectrum_gains(w.reshape(-1), shape, 20)
     assert torch.count_nonzero(estimated[21:]) == 0  # past `need`: never read, not computed
     assert torch.allclose(estimated[:21], exact[:21], rtol=1e-6, atol=1e-12)
     assert float(exact[:21].sum()) > 0.99  # the leading values hold the variance

@@ -30,10 +30,22 @@ class FunctionalModel:
     Args:
         model: The pretrained model (copied).
         generator: Supplies the generated tensors.
+        pretrained: Flat ``(M,)`` pretrained weights in the generator's layout, if at hand: the
+            copy's generated parameters are made views of it (:meth:`share_pretrained`) as it
+            is built, so they are never copied.
     """
 
-    def __init__(self, model: nn.Module, generator: AnyGenerator) -> None:
-        self.module = copy.deepcopy(model).eval()
+    def __init__(
+        self, model: nn.Module, generator: AnyGenerator, pretrained: torch.Tensor | None = None
+    ) -> None:
+        # Deep-copying the generated parameters only to drop them for views held 1x the weights'
+        # bytes more at the peak (compress() at 1e8 weights): the memo hands the views in.
+        memo: dict[int, Any] = {}
+        if pretrained is not None:
+            named = dict(model.named_parameters(remove_duplicate=False))
+            for p, view in _shared_views(named, pretrained, generator.layout):
+                memo[id(p)] = nn.Parameter(view, requires_grad=False)
+        self.module = copy.deepcopy(model, memo).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
         self.generator = generator
@@ -57,14 +69,8 @@ class FunctionalModel:
         into a deep copy (which clones). Tensors that are not float32 keep their own storage.
         """
         named = dict(self.module.named_parameters(remove_duplicate=False))
-        for s in layout.specs:
-            params = [named[n] for n in s.names if n in named]
-            if params and all(
-                p.dtype == pretrained.dtype and p.device == pretrained.device for p in params
-            ):
-                view = pretrained[s.offset : s.offset + s.numel].view(s.shape)
-                for p in params:
-                    p.data = view
+        for p, view in _shared_views(named, pretrained, layout):
+            p.data = view
 
     def to(self, device: torch.device) -> FunctionalModel:
         """Move the model copy, its buffers and the student's buffers to ``device``.
@@ -142,3 +148,22 @@ class FunctionalModel:
         """Forward pass of the original (pretrained) weights, without gradients."""
         with torch.no_grad():
             return self.module(*args, **kwargs)
+
+
+def _shared_views(
+    named: Mapping[str, nn.Parameter], pretrained: torch.Tensor, layout: Layout
+) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """Each generated parameter that can share ``pretrained``'s storage, with its view there.
+
+    A tensor qualifies when all its parameters (tied names included) have ``pretrained``'s dtype
+    and device; others keep their own storage.
+    """
+    out = []
+    for s in layout.specs:
+        params = [named[n] for n in s.names if n in named]
+        if params and all(
+            p.dtype == pretrained.dtype and p.device == pretrained.device for p in params
+        ):
+            view = pretrained[s.offset : s.offset + s.numel].view(s.shape)
+            out += [(p, view) for p in params]
+    return out
