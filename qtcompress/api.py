@@ -30,7 +30,8 @@ from qtcompress.device import resolve_device
 from qtcompress.errors import ConfigError
 from qtcompress.generator import AnyGenerator, QTGenerator, RowGenerator
 from qtcompress.generator.common import scatter_blocks
-from qtcompress.limits import check_config, return_freed_memory_to_os
+from qtcompress.limits import check_config
+from qtcompress.memory import return_freed_memory_to_os
 from qtcompress.targets import Layout, select_targets
 from qtcompress.train.finetune import evaluate_fidelity
 from qtcompress.train.finetune import finetune as _finetune

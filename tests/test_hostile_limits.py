@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from qtcompress import limits
+from qtcompress import limits, memory
 from qtcompress.config import QTConfig
 from qtcompress.errors import ConfigError, ResourceLimitError
 from qtcompress.generator import QTGenerator
@@ -84,7 +84,7 @@ def test_plan_matches_the_real_generator_without_memory(layout, config):
     assert {k: v.shape for k, v in planned.state_dict().items()} == {
         k: v.shape for k, v in real.state_dict().items()
     }
-    assert limits.estimate_generator_bytes(planned, layout) == limits.estimate_generator_bytes(
+    assert memory.estimate_generator_bytes(planned, layout) == memory.estimate_generator_bytes(
         real, layout
     )
 
@@ -131,10 +131,10 @@ def test_qnn_size_and_memory_helpers():
         r"file is corrupt or hostile",
     ):
         limits.check_qnn_size(2, 257, source="f.qtc")
-    assert limits.available_memory_bytes() > 0
-    limits.check_memory(1 << 20, "x", "y", available=1 << 30)
+    assert memory.available_memory_bytes() > 0
+    memory.check_memory(1 << 20, "x", "y", available=1 << 30)
     with pytest.raises(ResourceLimitError, match=r"^reading x needs about 1.0 GiB .*; fix it\.$"):
-        limits.check_memory(1 << 30, "reading x", "fix it", available=1 << 30)
+        memory.check_memory(1 << 30, "reading x", "fix it", available=1 << 30)
 
 
 def test_seed_out_of_range(layout):

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 from qtcompress.errors import ConfigError, FormatError, MissingFileError, NonFiniteError
 from qtcompress.io.atomic import atomic_path
-from qtcompress.limits import check_memory
+from qtcompress.memory import check_memory
 
 
 def _npy_header(fh: IO[bytes], where: str) -> tuple[tuple[int, ...], np.dtype[Any], int]:

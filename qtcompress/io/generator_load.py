@@ -34,6 +34,7 @@ from qtcompress.io.generator_metadata import (
 from qtcompress.io.schema import (
     validate,
 )
+from qtcompress.memory import check_generator_memory
 
 if TYPE_CHECKING:
     pass
@@ -157,7 +158,7 @@ def load_generator(path: str | os.PathLike[str]) -> GeneratorFile:
         raise FormatError(f"{name}: cannot plan the generator re-entrantly.")
     # What the file stores first (a lie is a FormatError), then what this machine can hold.
     _check_against(planned, meta, config, tensors, name)
-    limits.check_generator_memory(planned, layout, source=name)
+    check_generator_memory(planned, layout, source=name)
     try:
         generator = QTGenerator.from_config(layout, config)
     except ResourceLimitError:

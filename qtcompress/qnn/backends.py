@@ -22,6 +22,7 @@ import numpy as np
 import qsimcirq
 
 from qtcompress.errors import ConfigError, ResourceLimitError, SimulationError
+from qtcompress.memory import available_memory_bytes
 from qtcompress.qnn.ansatz import MAX_QUBITS, Gate
 
 # Copies of the state vector alive at once during a gradient (state, two adjoint vectors, and the
@@ -80,18 +81,6 @@ def set_threads(threads: int | None) -> None:
         raise ConfigError(f"threads must be a positive integer, got {threads!r}.")
     _default_threads = threads
     torch.set_num_threads(threads or usable_cpu_count())
-
-
-def available_memory_bytes() -> int:
-    """Memory available to this process now (from /proc/meminfo, else physical memory)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def max_qubits_for_memory(bytes_per_amplitude: int = 8, memory: int | None = None) -> int:
