@@ -180,6 +180,11 @@ class QTConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"A QTConfig must be a JSON object, got {type(data).__name__}.")
         version = data.get("version", CONFIG_VERSION)
+        if version not in (1, 2, CONFIG_VERSION):  # before the key check: no misleading warning
+            raise ConfigError(
+                f"QTConfig version {version!r} is not supported (this qtcompress "
+                f"reads versions 1 to {CONFIG_VERSION})."
+            )
         if version in (1, 2):
             data = {_RENAMED_IN_3.get(k, k): v for k, v in data.items()}
         known = {f.name for f in fields(cls)}
@@ -199,11 +204,6 @@ class QTConfig:
             }
         elif version == 2:
             data = {**data, "version": CONFIG_VERSION}
-        elif version != CONFIG_VERSION:
-            raise ConfigError(
-                f"QTConfig version {version!r} is not supported (this qtcompress "
-                f"reads versions 1 to {CONFIG_VERSION})."
-            )
         return cls(**data)
 
     @classmethod
