@@ -38,8 +38,8 @@ class FunctionalModel:
     def __init__(
         self, model: nn.Module, generator: AnyGenerator, pretrained: torch.Tensor | None = None
     ) -> None:
-        # Deep-copying the generated parameters only to drop them for views held 1x the weights'
-        # bytes more at the peak (compress() at 1e8 weights): the memo hands the views in.
+        # Copying the generated parameters, then re-pointing them at the views, held one more
+        # copy of the weights at compress()'s peak: the memo hands deepcopy the views instead.
         memo: dict[int, Any] = {}
         if pretrained is not None:
             named = dict(model.named_parameters(remove_duplicate=False))
