@@ -32,14 +32,22 @@ the ratio being to qtcompress's fwd, respectively fwd + grad.
 Both are optional (``pip install -e .[bench]`` for PennyLane): a framework that does not import
 is left out of the table with a one-line "not installed" note giving the import error.
 TorchQuantum (``torchquantum`` 0.1.8 on PyPI) is not in the ``bench`` extra: its normal install
-replaces the CPU torch with torch 2.15 + CUDA and pulls TensorFlow, and with ``--no-deps`` plus
-its import-time dependencies (qiskit<1, qiskit-aer, qiskit-ibm-runtime<0.21 and setuptools<81
-for ``pkg_resources``, torchpack, multimethod, toml, pyyaml, loguru, pathos, opt_einsum,
-torchdiffeq) ``import torchquantum`` still needs ``torchvision``, whose only wheel for torch
-2.13 is the CUDA build: against torch 2.13.0+cpu it fails with "RuntimeError: operator
-torchvision::nms does not exist" (and without it: "ModuleNotFoundError: No module named
-'torchvision'"). Where torchquantum imports (an environment with a matching torchvision), its
-columns are measured.
+replaces the CPU torch with torch 2.15 + CUDA and pulls TensorFlow, and ``import torchquantum``
+needs ``torchvision``, whose only wheel for torch 2.13 is a CUDA build that fails against
+torch 2.13.0+cpu ("RuntimeError: operator torchvision::nms does not exist"). It imports in a
+separate environment on torch 2.14.1 with torchvision 0.29.1 (both on this machine's disk; the
+CUDA build, run on the CPU here), which is where the table in ``docs/benchmarks.md`` was
+measured::
+
+    python3 -m venv /tmp/tq && . /tmp/tq/bin/activate
+    pip install torch==2.14.1 torchvision==0.29.1
+    pip install --no-deps torchquantum==0.1.8
+    pip install opt_einsum qiskit==0.46.3 "qiskit-aer<0.14" qiskit-ibm-runtime==0.18.0 \
+        torchpack tqdm matplotlib pathos torchdiffeq
+    pip install --no-deps "setuptools<70" dill==0.3.4   # pkg_resources; torchquantum's pin
+    pip install --only-binary=:all: qsimcirq==0.22.1 cirq-core==1.7.0 sympy \
+        pennylane==0.45.1 pennylane-lightning==0.45.0
+    OMP_NUM_THREADS=2 PYTHONPATH=. python tools/bench_qnn.py
 
 Usage:
     python tools/bench_qnn.py                 # full grid, writes docs/benchmarks.md
@@ -420,6 +428,11 @@ def to_markdown(
 ) -> str:
     frameworks, notes = frameworks or [], notes or []
     versions = "".join(f", {fw.version}" for fw in frameworks)
+    if any(fw.key == "tq" for fw in frameworks):
+        import torch
+
+        # TorchQuantum's speed is torch's, and it needs its own environment (module docstring).
+        versions += f"; torch {torch.__version__} (on the CPU) for every column"
     other_head = "".join(f" | {a} | {b}" for fw in frameworks for a, b in [OTHER_HEADERS[fw.key]])
     lines = [
         f"Measured {machine()} (qsim threads: {threads}), "
