@@ -44,9 +44,10 @@ measured::
     pip install --no-deps torchquantum==0.1.8
     pip install opt_einsum qiskit==0.46.3 "qiskit-aer<0.14" qiskit-ibm-runtime==0.18.0 \
         torchpack tqdm matplotlib pathos torchdiffeq
-    pip install --no-deps "setuptools<70" dill==0.3.4   # pkg_resources; torchquantum's pin
     pip install --only-binary=:all: qsimcirq==0.22.1 cirq-core==1.7.0 sympy \
         pennylane==0.45.1 pennylane-lightning==0.45.0
+    # last, as other installs upgrade them: pkg_resources (qiskit's), torchquantum's dill pin
+    pip install --no-deps "setuptools<70" dill==0.3.4
     OMP_NUM_THREADS=2 PYTHONPATH=. python tools/bench_qnn.py
 
 Usage:
