@@ -152,7 +152,7 @@ def check_generator_memory(
     """Refuse a generator whose estimated peak (:func:`estimate_generator_bytes`) does not fit.
 
     Args:
-        planned: The generator, e.g. from :func:`plan_generator` (meta device).
+        planned: The generator, e.g. from :func:`~qtcompress.limits.plan_generator` (meta device).
         layout: Its layout.
         training: Plan for fitting rather than regeneration.
         source: The file it comes from (``None``: command-line options / QTConfig).
