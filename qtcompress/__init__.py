@@ -2,7 +2,7 @@
 
 Example:
     >>> from qtcompress import QTConfig, compress, save_generator  # doctest: +SKIP
-    >>> qt = compress(model, QTConfig(chunk=32))                    # doctest: +SKIP
+    >>> qt = compress(model, QTConfig(budget=0.005))                    # doctest: +SKIP
 """
 
 from __future__ import annotations

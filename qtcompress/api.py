@@ -4,7 +4,7 @@ One type, :class:`QTModel`, with its two phases, export and save, plus :func:`co
 :func:`load`: a little over 400 lines, kept together so the public surface reads in one file.
 
 Example:
-    >>> qt = compress(model, QTConfig(chunk=8, hidden=(16,)))      # doctest: +SKIP
+    >>> qt = compress(model, QTConfig(budget=0.01, hidden=(16,)))      # doctest: +SKIP
     >>> qt.fit_weights(steps=300)                                  # phase 1  # doctest: +SKIP
     >>> qt.finetune(x_train, y_train, mode="distill", steps=2000)  # phase 2  # doctest: +SKIP
     >>> small = qt.materialize()                                   # nn.Module  # doctest: +SKIP
@@ -28,7 +28,7 @@ from qtcompress.data.model_call import check_call
 from qtcompress.data.sources import InputSource
 from qtcompress.device import resolve_device
 from qtcompress.errors import ConfigError
-from qtcompress.generator import AnyGenerator, QTGenerator, RowGenerator
+from qtcompress.generator import AnyGenerator, build_generator
 from qtcompress.generator.common import scatter_blocks
 from qtcompress.limits import check_config
 from qtcompress.memory import return_freed_memory_to_os
@@ -134,14 +134,10 @@ class QTModel:
         if generator is not None:  # a loaded generator (qtcompress.load): keep its state
             self.generator: AnyGenerator = generator
         else:
-            self.generator = QTGenerator.from_config(self.layout, self.config)
-            if isinstance(self.generator, RowGenerator):
-                # Least-squares heads: the generated network starts as the best projection of
-                # the pretrained one that this generator can express (relative error <= 1).
-                self.generator.fit_heads(self.pretrained)
-            else:
-                # Each tensor's own mean/std puts every layer at the right scale.
-                self.generator.init_affine(self.pretrained)
+            self.generator = build_generator(self.layout, self.config)  # type: ignore[assignment]
+            # Rows: least-squares heads (relative error <= 1); flat: each tensor's mean and std;
+            # hashed: exact vectors and every row's pretrained spread.
+            self.generator.init_from_pretrained(self.pretrained)
         self.revived: list[str] = []  # tensors whose spread finetune() had to restore
         self._training = model.training
         self._requires_grad = {
@@ -238,7 +234,7 @@ class QTModel:
             warmup=max(1, steps // 10),
             grad_clip=1.0,
         )
-        if isinstance(self.generator, RowGenerator):
+        if self.generator.scheme in ("rows", "hashed"):  # schemes that can revive a student
             probe = (
                 InputSource.of(data, labels, labels_in_items=kwargs.get("labels_in_items", False))
                 .head(64)
@@ -252,7 +248,7 @@ class QTModel:
                 output_kind=kwargs.get("output_kind"),
             )
             if fid.degenerate:
-                self.revived = self.generator.match_spread(self.pretrained)
+                self.revived = self.generator.revive(self.pretrained)
         return _finetune(self.functional, data, labels, cfg, mode=mode, **kwargs)
 
     @torch.no_grad()
@@ -365,7 +361,7 @@ class QTModel:
             c["affine"],
             classical,
             self.generator.n_qubits,
-            self.generator.qnn.ansatz.n_layers,
+            self.generator.ansatz.n_layers,
             self.generator.chunk,
         )
 

@@ -20,10 +20,11 @@ if TYPE_CHECKING:
 # ``max_qubits`` (only used when ``chunk`` is automatic) -> ``chunk_max_qubits`` and
 # ``per_tensor_affine`` (the affine always applies; this says whether it trains) ->
 # ``train_affine``. Older descriptions are read with their old names translated.
-CONFIG_VERSION = 3
+# Version 4 added the hashed scheme's fields (``values``, ``row_scales``, ``allowance``);
+# version-3 files have none of them and read unchanged.
+CONFIG_VERSION = 4
 _RENAMED_IN_3 = {"max_qubits": "chunk_max_qubits", "per_tensor_affine": "train_affine"}
 MAPPINGS = ("mlp", "mps")
-SCHEMES = ("rows", "flat")
 # The default size of a generator, as a fraction of M: chosen from the suite measurements in
 # docs/benchmarks.md (fidelity vs budget on four real-shaped models).
 DEFAULT_BUDGET = 0.05
@@ -71,6 +72,13 @@ class QTConfig:
         backend: QNN simulator backend name.
         block_states: States mapped per streamed block (``None``: automatic).
         seed: Seeds the QNN and mapping initialisation.
+        values: Hashed scheme: where the shared values come from: ``"qnn"`` (QT), or a control
+            (``"mps"``, ``"table"``, ``"frozen"``, ``"zeros"``; see
+            :mod:`qtcompress.generator.values`).
+        row_scales: Hashed scheme: one scale per matrix row (``True``) or per tensor;
+            ``None``: rows while they cost at most a quarter of the budget.
+        allowance: Hashed scheme: parameters the shared-value source may use, as resolved
+            from the budget (what a generator file records).
         version: Format version of this description.
     """
 
@@ -95,6 +103,9 @@ class QTConfig:
     backend: str = "qsim"
     block_states: int | None = None
     seed: int = 0
+    values: str = "qnn"
+    row_scales: bool | None = None
+    allowance: int | None = None
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
@@ -116,14 +127,15 @@ class QTConfig:
             if not _is_int(v) or v < (0 if name == "seed" else 1):
                 kind = "non-negative" if name == "seed" else "positive"
                 raise ConfigError(f"{name} must be a {kind} integer, got {v!r}.")
-        for name in ("chunk", "n_qubits", "block_states"):
+        for name in ("chunk", "n_qubits", "block_states", "allowance"):
             v = getattr(self, name)
             if v is not None and (not _is_int(v) or v < 1):
                 raise ConfigError(f"{name} must be a positive integer or None, got {v!r}.")
         if self.chunk_max_qubits > MAX_QUBITS or (self.n_qubits or 0) > MAX_QUBITS:
             raise ConfigError(f"At most {MAX_QUBITS} qubits are supported.")
-        if self.scheme not in SCHEMES:
-            raise ConfigError(f"Unknown scheme {self.scheme!r}; choose from {SCHEMES}.")
+        from qtcompress.generator.registry import get_scheme
+
+        get_scheme(self.scheme)  # a registered scheme, or a ConfigError naming them
         b = self.budget
         if b is not None and (
             isinstance(b, bool)
@@ -157,6 +169,10 @@ class QTConfig:
         for name in ("include_frozen", "train_affine", "standardize"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be a bool, got {getattr(self, name)!r}.")
+        if self.row_scales is not None and not isinstance(self.row_scales, bool):
+            raise ConfigError(f"row_scales must be a bool or None, got {self.row_scales!r}.")
+        if not isinstance(self.values, str):
+            raise ConfigError(f"values must be a source name, got {self.values!r}.")
         if not isinstance(self.backend, str):
             raise ConfigError(f"backend must be a name, got {self.backend!r}.")
 
@@ -180,7 +196,7 @@ class QTConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"A QTConfig must be a JSON object, got {type(data).__name__}.")
         version = data.get("version", CONFIG_VERSION)
-        if version not in (1, 2, CONFIG_VERSION):  # before the key check: no misleading warning
+        if version not in (1, 2, 3, CONFIG_VERSION):  # before the key check: no misleading warning
             raise ConfigError(
                 f"QTConfig version {version!r} is not supported (this qtcompress "
                 f"reads versions 1 to {CONFIG_VERSION})."
@@ -202,9 +218,21 @@ class QTConfig:
                 **data,
                 "version": CONFIG_VERSION,
             }
-        elif version == 2:
+        elif version in (2, 3):
             data = {**data, "version": CONFIG_VERSION}
-        return cls(**data)
+        config = cls(**data)
+        if version < CONFIG_VERSION:
+            # Before version 4 a scheme ignored the fields it did not read (a rows file may
+            # say chunk=4); they now raise, so an older file's are reset to their defaults.
+            from qtcompress.generator.registry import COMMON_FIELDS, get_scheme
+
+            used = get_scheme(config.scheme).fields | COMMON_FIELDS
+            default = cls()
+            config = replace(
+                config,
+                **{f.name: getattr(default, f.name) for f in fields(cls) if f.name not in used},
+            )
+        return config
 
     @classmethod
     def from_json(cls, text: str) -> QTConfig:
@@ -218,46 +246,21 @@ class QTConfig:
     def resolve(self, layout: Layout, pretrained: torch.Tensor | None = None) -> QTConfig:
         """The same config with every automatic size fixed for ``layout``.
 
-        Rows scheme: ``ranks`` (one per tensor) are chosen to fit the budget. With the
-        pretrained weights (``pretrained``), ranks go where the weights' spectra need them
-        (:func:`~qtcompress.generator.ranks.allocate_ranks`); without, or with ``rank`` given, every
-        matrix gets the same rank. Without a budget the budget is ``DEFAULT_BUDGET`` of M, or
-        the smallest generator (rank 1 everywhere) where that is larger (models of a few
-        thousand weights).
+        Each registered scheme resolves its own sizes
+        (:mod:`qtcompress.generator.registry`): the rows scheme its ranks
+        (:func:`~qtcompress.generator.ranks.resolve_rows`), the flat scheme its chunk, the
+        hashed scheme its scales, qubits and layers
+        (:func:`~qtcompress.generator.hashed.resolve_hashed`).
 
         Raises:
-            ConfigError: An explicit budget is below the smallest generator for this model.
+            ConfigError: A field the scheme does not use is set, or an explicit budget is
+                below the smallest generator for this model.
         """
-        from qtcompress.generator.ranks import allocate_ranks, row_generator_size, uniform_ranks
+        from qtcompress.generator.registry import check_fields, get_scheme
 
-        hidden = self.hidden if self.hidden is not None else DEFAULT_HIDDEN[self.scheme]
-        if self.scheme == "flat":
-            return replace(self, hidden=hidden, chunk=self.resolve_chunk(layout.total))
-        if self.ranks is not None:
-            if len(self.ranks) != len(layout.specs):
-                raise ConfigError(
-                    f"ranks lists {len(self.ranks)} tensors, the model has "
-                    f"{len(layout.specs)} generated tensors."
-                )
-            return replace(self, hidden=hidden)
-        if self.rank is not None:
-            return replace(self, hidden=hidden, ranks=uniform_ranks(layout, self.rank))
-        allowed = self.budget_params(layout.total)
-
-        def size(ranks: tuple[int, ...]) -> int:
-            return row_generator_size(layout, ranks, self.n_layers, hidden, self.n_qubits)
-
-        smallest = size(uniform_ranks(layout, 1))
-        if smallest > allowed and self.budget is None:
-            allowed = smallest  # small models: the default means "the smallest generator"
-        if smallest > allowed:
-            raise ConfigError(
-                f"A budget of {allowed:,} parameters is below the smallest rows generator for "
-                f"this model ({smallest:,} = {smallest / layout.total:.2%} of M); raise "
-                "--budget or leave the largest tensors classical with --exclude."
-            )
-        ranks = allocate_ranks(layout, pretrained, allowed, self.n_layers, hidden, self.n_qubits)
-        return replace(self, hidden=hidden, ranks=ranks)
+        scheme = get_scheme(self.scheme)
+        check_fields(self, scheme)
+        return scheme.resolve(self, layout, pretrained)
 
     def budget_params(self, total: int) -> int:
         """The budget as a parameter count for M = ``total`` weights."""

@@ -227,7 +227,7 @@ def run_pipeline(
     rep = qt.report()
     budget = (
         f"{qt.config.budget_params(rep.generated_weights):,} parameters"
-        if qt.config.scheme == "rows" and qt.config.rank is None
+        if qt.config.scheme in ("rows", "hashed") and qt.config.rank is None
         else "n/a"
     )
     log(
@@ -265,6 +265,11 @@ def run_pipeline(
     fid2 = evaluate()
     log(f"phase 2: {fid2.describe()}")
     warnings = [f"phase 2: {w}" for w in fid2.warnings()]
+    if settings.finetune_steps > 0 and r2.skipped_steps:
+        warnings.append(
+            f"phase 2: {r2.skipped_steps:,} of {r2.steps:,} steps skipped (non-finite "
+            "gradient from the model's own operations, e.g. sqrt or log at 0)"
+        )
     if qt.revived:
         warnings.append(
             f"phase 1 left a dead network; fine-tuning restored the spread of "

@@ -54,7 +54,11 @@ class PipelineResult:
 
 
 def shape_of(qt: QTModel) -> str:
-    """The generator's shape in a few words: ranks (rows scheme) or chunk (flat)."""
+    """The generator's shape in a few words: ranks (rows), buckets (hashed) or chunk (flat)."""
+    if qt.config.scheme == "hashed":
+        g: Any = qt.generator
+        scales = "row" if g.row_scales else "tensor"
+        return f"{g.buckets} shared values from {g.values_kind}, {scales} scales, exact vectors"
     if qt.config.scheme == "rows":
         ranks = [k for k in qt.config.ranks or () if k > 0]
         return (

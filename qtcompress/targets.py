@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from qtcompress.errors import ConfigError, TargetError
+from qtcompress.errors import ConfigError, NonFiniteError, TargetError
 
 REGEX_PREFIX = "re:"
 
@@ -126,7 +126,16 @@ class Layout:
         )
 
     def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Concatenate named tensors (by canonical name) into a flat float32 ``(M,)`` vector."""
+        """Concatenate named tensors (by canonical name) into a flat float32 ``(M,)`` vector.
+
+        This is where a model's pretrained weights enter qtcompress, so they are checked here,
+        once, before anything (rank allocation's SVDs, the fit) computes with them.
+
+        Raises:
+            TargetError: A tensor is missing or has another shape than the layout's.
+            NonFiniteError: A tensor holds NaN or Inf (or float64 values beyond float32's
+                range); the message names each such tensor and its count.
+        """
         missing = [s.name for s in self.specs if s.name not in tensors]
         if missing:
             raise TargetError(f"Missing tensors for the layout: {missing}.")
@@ -138,12 +147,46 @@ class Layout:
                     f"Tensor {s.name!r} has shape {tuple(t.shape)}, the layout expects {s.shape}."
                 )
             parts.append(t.detach().reshape(-1).to(torch.float32))
-        return torch.cat(parts)
+        flat = torch.cat(parts)
+        if non_finite_count(flat):
+            self._raise_non_finite(flat, tensors)
+        return flat
+
+    def _raise_non_finite(self, flat: torch.Tensor, tensors: dict[str, torch.Tensor]) -> None:
+        """Raise :class:`NonFiniteError` naming every tensor of ``flat`` with NaN or Inf."""
+        bad = []
+        for s in self.specs:
+            count = non_finite_count(flat[s.offset : s.offset + s.numel])
+            if count:
+                # A finite float64 value can still overflow float32, the dtype of the fit.
+                overflow = count > non_finite_count(tensors[s.name].detach())
+                why = ", beyond float32's range" if overflow else ""
+                bad.append(f"{s.name} ({count:,} of {s.numel:,} values{why})")
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise NonFiniteError(
+            f"The pretrained model's weights hold NaN or Inf: {shown}; the model itself is "
+            "broken (a diverged training run or a damaged save): compress a checkpoint saved "
+            "while its weights were finite."
+        )
 
     def tensor_index(self) -> torch.Tensor:
         """Shape ``(M,)`` int64: for each flat weight, the index of its tensor in ``specs``."""
         sizes = torch.tensor([s.numel for s in self.specs], dtype=torch.int64)
         return torch.repeat_interleave(torch.arange(len(self.specs)), sizes)
+
+
+def non_finite_count(t: torch.Tensor, block: int = 1 << 22) -> int:
+    """How many values of ``t`` are NaN or Inf (0 for integer tensors).
+
+    Counted in blocks: ``torch.isfinite`` over a whole 1e8-weight vector allocates a
+    temporary of 1e8 bytes, and the common answer, 0, needs no more than one block at a time.
+    """
+    if not (t.is_floating_point() or t.is_complex()):
+        return 0
+    flat = t.reshape(-1)
+    return sum(
+        int((~torch.isfinite(flat[i : i + block])).sum()) for i in range(0, flat.numel(), block)
+    )
 
 
 def _components_match(pattern: str, name: str) -> bool:

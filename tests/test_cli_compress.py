@@ -149,7 +149,10 @@ def test_subprocess_usage_error_exit_2(tmp_path):
     [
         (["--chunk", "4"], "--chunk: only with --scheme flat"),
         (["--mapping", "mps"], "--mapping mps: only with --scheme flat"),
-        (["--scheme", "flat", "--budget", "5%"], "--rank and --budget size the rows scheme"),
+        (
+            ["--scheme", "flat", "--budget", "5%"],
+            "--rank and --budget size the rows and hashed schemes",
+        ),
     ],
 )
 def test_scheme_specific_flags_are_refused_with_the_fix(cli, flags, match):

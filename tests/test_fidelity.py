@@ -224,8 +224,13 @@ def test_default_budget_and_explicit_too_small_budget(plain_mlp):
     smallest = row_generator_size(qt.layout, uniform_ranks(qt.layout, 1), cfg.n_layers, cfg.hidden)
     assert DEFAULT_BUDGET * qt.report().generated_weights < smallest
     assert qt.report().trainable == smallest
-    with pytest.raises(ConfigError, match="below the smallest rows generator"):
-        compress(plain_mlp, QTConfig(budget=0.05))
+    # An explicit budget below it switches to the hashed scheme, and says so.
+    with pytest.warns(UserWarning, match="below the smallest rows generator.*hashed scheme"):
+        small = compress(plain_mlp, QTConfig(budget=0.05))
+    assert small.config.scheme == "hashed"
+    assert small.report().trainable <= DEFAULT_BUDGET * small.report().generated_weights
+    with pytest.raises(ConfigError, match="below the smallest hashed generator for this model"):
+        compress(plain_mlp, QTConfig(budget=10))
 
 
 def test_leftover_budget_follows_the_weights_spectra():

@@ -15,7 +15,7 @@ from tests.tiny_models import TinyCNN, TinyConv1d, TinyGRU, TinyMLP, example_inp
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SMALL = QTConfig(chunk=2, n_layers=2, hidden=(8,))
+SMALL = QTConfig(n_layers=2, hidden=(8,))
 
 
 def _states_equal(a, b):
@@ -192,8 +192,15 @@ def test_config_json_round_trip_and_validation():
         QTConfig.from_json('{"version": 99}')
     # Version 2 named two fields differently; its files read with the names translated.
     old = QTConfig.from_json('{"version": 2, "max_qubits": 12, "per_tensor_affine": false}')
-    assert (old.chunk_max_qubits, old.train_affine, old.version) == (12, False, 3)
-    assert compress(TinyMLP(), SMALL, chunk=4).config.chunk == 4
+    assert old.version == 4 and old.scheme == "rows"
+    # The rows scheme reads neither field: an old file's are reset to their defaults.
+    assert (old.chunk_max_qubits, old.train_affine) == (16, True)
+    flat = QTConfig.from_json('{"version": 2, "scheme": "flat", "max_qubits": 12}')
+    assert flat.chunk_max_qubits == 12
+    assert compress(TinyMLP(), SMALL, n_layers=3).config.n_layers == 3
+    # A field the chosen scheme does not read is an error, not silently ignored.
+    with pytest.raises(ConfigError, match="The rows scheme does not use chunk \\(flat\\)"):
+        compress(TinyMLP(), SMALL, chunk=4)
 
 
 BAD_CONFIGS = [
@@ -204,7 +211,7 @@ BAD_CONFIGS = [
     ({"activation": "step"}, "Unknown activation 'step'"),
     ({"target": "conv1"}, "target must be a list, got 'conv1'"),
     ({"seed": -1}, "seed must be a non-negative integer, got -1"),
-    ({"version": 4}, "QTConfig version 4 is not supported"),
+    ({"version": 5}, "QTConfig version 5 is not supported"),
     ({"chunk_max_qubits": 64}, "At most 30 qubits are supported"),
     ({"include_frozen": 1}, "include_frozen must be a bool, got 1"),
     ({"prob_transform": "x"}, "Unknown prob_transform 'x'"),

@@ -144,15 +144,25 @@ def build_parser() -> argparse.ArgumentParser:
             type=_budget,
             default=None,
             help="generator size: a fraction of the generated weights ('5%%', "
-            "'0.05') or a parameter count ('20000'); sizes the rows scheme "
-            "(default 5%%)",
+            "'0.5%%', '0.05') or a parameter count ('20000'); sizes the rows and "
+            "hashed schemes (default 5%%; below the smallest rows generator, about "
+            "2%% of M, the hashed scheme is used)",
         )
         gen.add_argument(
             "--scheme",
-            choices=("rows", "flat"),
+            choices=("rows", "flat", "hashed"),
             default="rows",
             help="rows: one basis state per tensor row and a head per tensor "
-            "(default); flat: the paper's flat index in chunks (--chunk)",
+            "(default); flat: the paper's flat index in chunks (--chunk); hashed: "
+            "every weight a signed, scaled shared value from the QNN (down to 0.05%% of M)",
+        )
+        gen.add_argument(
+            "--values",
+            choices=("qnn", "mps", "table", "frozen", "zeros"),
+            default="qnn",
+            help="hashed scheme: where the shared values come from: qnn (Quantum-Train, "
+            "default), or a classical control: mps (a Born machine), table (HashedNets), "
+            "frozen (a random probability vector), zeros",
         )
         gen.add_argument(
             "--rank",
@@ -396,5 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ver.add_argument("--factory", help="'package.module:callable' building the model")
     ver.add_argument("--factory-kwargs", default="{}", help="JSON keyword arguments")
-    ver.add_argument("--atol", type=float, default=1e-5, help="allowed max abs difference")
+    ver.add_argument(
+        "--atol",
+        type=float,
+        default=1e-5,
+        help="allowed max abs difference per unit of the largest recorded output (outputs "
+        "below 1 count as 1; default 1e-5)",
+    )
     return parser

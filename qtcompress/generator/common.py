@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -34,9 +34,54 @@ FIT_BLOCK = 1 << 22
 
 
 class Generator(nn.Module):
-    """The generator's regenerating API, shared by both schemes (see the module docstring)."""
+    """The interface every scheme implements (registered in :mod:`~qtcompress.generator.registry`).
+
+    Regenerating (see the module docstring): :meth:`generate`, :meth:`generate_named`,
+    :meth:`iter_blocks`. Sizes: :meth:`parameter_counts`, :attr:`n_qubits`, :attr:`chunk`,
+    :attr:`ansatz` (what a generator file records). Fitting, called by
+    :func:`~qtcompress.api.compress` and the two phases without knowing the scheme:
+    :meth:`init_from_pretrained`, :meth:`weight_fit_objective`, :meth:`weight_fit_done`,
+    :meth:`revive`.
+    """
 
     layout: Layout
+    total: int
+    scheme: str = ""
+
+    @property
+    def ansatz(self) -> Ansatz:
+        """The QNN's circuit description (what a generator file records)."""
+        qnn = getattr(self, "qnn", None)
+        if not isinstance(qnn, QNN):
+            raise NotImplementedError
+        return qnn.ansatz
+
+    @property
+    def n_qubits(self) -> int:
+        """Qubits of the QNN."""
+        return self.ansatz.n_qubits
+
+    chunk: int  # weights per basis state (the most, for schemes where it varies)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable parameters by part (``qnn``, ``mapping``, ``affine``) and ``total``."""
+        raise NotImplementedError
+
+    def init_from_pretrained(self, pretrained: torch.Tensor) -> None:
+        """Start from the pretrained weights (flat ``(M,)``), before phase 1."""
+        raise NotImplementedError
+
+    def weight_fit_objective(self, pretrained: torch.Tensor) -> Callable[[int], torch.Tensor]:
+        """Phase 1's loss for a step, as a closure over the (float32) pretrained weights."""
+        raise NotImplementedError
+
+    def weight_fit_done(self, pretrained: torch.Tensor) -> None:
+        """Called once phase 1's loop has ended (closed-form parts, frozen parts released)."""
+
+    def revive(self, pretrained: torch.Tensor) -> list[str]:
+        """Restore the spread of tensors that left the student dead; names what changed."""
+        del pretrained
+        return []
 
     def generate(self) -> torch.Tensor:
         """All generated weights, shape ``(M,)`` float32, in layout order (differentiable)."""

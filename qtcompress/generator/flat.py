@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,7 +32,6 @@ from qtcompress.generator.common import (
     make_mapping,
     qnn_for,
 )
-from qtcompress.generator.rows import RowGenerator
 from qtcompress.mapping import Mapping, signed_bits, transform_probs
 from qtcompress.targets import Layout
 
@@ -127,44 +127,15 @@ class QTGenerator(Generator):
     @classmethod
     def from_config(
         cls, layout: Layout, config: QTConfig, pretrained: torch.Tensor | None = None
-    ) -> QTGenerator | RowGenerator:
-        """The generator that ``config`` describes for ``layout`` (the one place that maps them).
+    ) -> Generator:
+        """The generator of any registered scheme that ``config`` describes for ``layout``.
 
-        Args:
-            layout: The generated tensors.
-            config: A :class:`~qtcompress.config.QTConfig`; sizes left automatic (``budget``,
-                ``chunk=None``) are resolved for ``layout`` (see :meth:`QTConfig.resolve`).
-            pretrained: Flat pretrained weights, used to allocate per-tensor ranks to a budget.
+        Kept for callers of earlier versions: see
+        :func:`~qtcompress.generator.registry.build_generator`.
         """
-        config = config.resolve(layout, pretrained)
-        if config.scheme == "rows":
-            return RowGenerator(
-                layout,
-                ranks=config.ranks or (),
-                n_layers=config.n_layers,
-                n_qubits=config.n_qubits,
-                hidden=tuple(config.hidden or ()),
-                activation=config.activation,
-                prob_transform=config.prob_transform,
-                backend=config.backend,
-                seed=config.seed,
-            )
-        return cls(
-            layout,
-            chunk=config.resolve_chunk(layout.total),
-            n_layers=config.n_layers,
-            n_qubits=config.n_qubits,
-            mapping=config.mapping,
-            hidden=tuple(config.hidden or ()),
-            activation=config.activation,
-            bond_dim=config.bond_dim,
-            prob_transform=config.prob_transform,
-            backend=config.backend,
-            train_affine=config.train_affine,
-            standardize=config.standardize,
-            block_states=config.block_states,
-            seed=config.seed,
-        )
+        from qtcompress.generator.registry import build_generator
+
+        return build_generator(layout, config, pretrained)
 
     # -- sizes ----------------------------------------------------------------------------------
     @property
@@ -187,6 +158,10 @@ class QTGenerator(Generator):
         return counts
 
     # -- initialisation -------------------------------------------------------------------------
+    def init_from_pretrained(self, pretrained: torch.Tensor) -> None:
+        """Each tensor's affine from its pretrained mean and std (:meth:`init_affine`)."""
+        self.init_affine(pretrained)
+
     @torch.no_grad()
     def init_affine(self, pretrained: torch.Tensor) -> None:
         """Set each tensor's offset to its pretrained mean and scale to its pretrained std.
@@ -327,3 +302,12 @@ class QTGenerator(Generator):
             f"M={self.total}, chunk={self.chunk}, n_states={self.n_states}, "
             f"trainable={c['total']} ({c['total'] / self.total:.1%} of M)"
         )
+
+
+def resolve_flat(config: QTConfig, layout: Layout, pretrained: torch.Tensor | None) -> QTConfig:
+    """The flat scheme's sizes: the chunk (``None``: from ``chunk_max_qubits``), hidden widths."""
+    from qtcompress.config import DEFAULT_HIDDEN
+
+    del pretrained
+    hidden = config.hidden if config.hidden is not None else DEFAULT_HIDDEN["flat"]
+    return replace(config, hidden=hidden, chunk=config.resolve_chunk(layout.total))

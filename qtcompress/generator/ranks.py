@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import heapq
 import math
+import warnings
 from collections.abc import Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 
+from qtcompress.errors import ConfigError
 from qtcompress.generator.common import qubits_for
 from qtcompress.targets import Layout
+
+if TYPE_CHECKING:
+    from qtcompress.config import QTConfig
 
 
 def row_view(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -225,3 +232,62 @@ def allocate_ranks(
         if ranks[i] < max_rank(layout.specs[i].shape):
             heapq.heappush(heap, (-float(gains[i][ranks[i]]) / cols, i))
     return tuple(ranks)
+
+
+def resolve_rows(config: QTConfig, layout: Layout, pretrained: torch.Tensor | None) -> QTConfig:
+    """The rows scheme's sizes: one rank per tensor, spent to the budget.
+
+    With the pretrained weights (``pretrained``), ranks go where the weights' spectra need them
+    (:func:`allocate_ranks`); without, or with ``rank`` given, every matrix gets the same rank.
+    Without a budget the budget is ``DEFAULT_BUDGET`` of M, or the smallest generator (rank 1
+    everywhere) where that is larger (models of a few thousand weights). An explicit budget
+    below the smallest rows generator switches to the hashed scheme, which reaches 0.05% of M,
+    with a warning that says so.
+
+    Raises:
+        ConfigError: ``ranks`` does not list one rank per tensor, or the budget is below the
+            smallest hashed generator too.
+    """
+    from qtcompress.config import DEFAULT_HIDDEN, QTConfig
+    from qtcompress.generator.hashed import resolve_hashed
+
+    hidden = config.hidden if config.hidden is not None else DEFAULT_HIDDEN["rows"]
+    if config.ranks is not None:
+        if len(config.ranks) != len(layout.specs):
+            raise ConfigError(
+                f"ranks lists {len(config.ranks)} tensors, the model has "
+                f"{len(layout.specs)} generated tensors."
+            )
+        return replace(config, hidden=hidden)
+    if config.rank is not None:
+        return replace(config, hidden=hidden, ranks=uniform_ranks(layout, config.rank))
+    allowed = config.budget_params(layout.total)
+
+    def size(ranks: tuple[int, ...]) -> int:
+        return row_generator_size(layout, ranks, config.n_layers, hidden, config.n_qubits)
+
+    smallest = size(uniform_ranks(layout, 1))
+    if smallest > allowed and config.budget is None:
+        allowed = smallest  # small models: the default means "the smallest generator"
+    if smallest > allowed:
+        default = QTConfig()
+        if (config.hidden, config.n_layers, config.n_qubits) != (
+            default.hidden,
+            default.n_layers,
+            default.n_qubits,
+        ):
+            raise ConfigError(
+                f"A budget of {allowed:,} parameters is below the smallest rows generator for "
+                f"this model ({smallest:,} = {smallest / layout.total:.2%} of M); raise "
+                "--budget, use --scheme hashed, or leave the largest tensors classical with "
+                "--exclude."
+            )
+        warnings.warn(
+            f"A budget of {allowed:,} parameters is below the smallest rows generator for this "
+            f"model ({smallest:,} = {smallest / layout.total:.2%} of M): using the hashed "
+            "scheme (--scheme hashed).",
+            stacklevel=2,
+        )
+        return resolve_hashed(replace(config, scheme="hashed"), layout, pretrained)
+    ranks = allocate_ranks(layout, pretrained, allowed, config.n_layers, hidden, config.n_qubits)
+    return replace(config, hidden=hidden, ranks=ranks)

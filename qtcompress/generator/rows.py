@@ -280,6 +280,14 @@ class RowGenerator(Generator):
         """A tensor's flat values as its generated ``(rows, columns)`` matrix."""
         return flat.reshape(self.views[i])
 
+    def init_from_pretrained(self, pretrained: torch.Tensor) -> None:
+        """Least-squares heads for the initial features (:meth:`fit_heads`)."""
+        self.fit_heads(pretrained)
+
+    def revive(self, pretrained: torch.Tensor) -> list[str]:
+        """Restore shrunk tensors' spread (:meth:`match_spread`)."""
+        return self.match_spread(pretrained)
+
     @torch.no_grad()
     def match_spread(self, pretrained: torch.Tensor) -> list[str]:
         """Rescale each tensor's head so its spread matches the pretrained tensor's.

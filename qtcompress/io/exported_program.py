@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from qtcompress.errors import (
+    ConfigError,
     FormatError,
     QTCompressError,
 )
@@ -161,12 +162,57 @@ def _fixed_mode_eval(self: nn.Module) -> nn.Module:
     return _fixed_mode_train(self, False)
 
 
+def _static_batch(program: torch.export.ExportedProgram) -> list[tuple[str, tuple[int, ...]]]:
+    """The tensor inputs of a program whose batch (first) dimension is fixed, if all are.
+
+    Returns ``[(input name, shape), ...]`` when no tensor input has a dynamic first dimension
+    (the program was exported without ``dynamic_shapes``), else an empty list. Inputs without
+    a recorded shape (older archives) count as dynamic: nothing is refused on a guess.
+    """
+    user = set(program.graph_signature.user_inputs)
+    fixed, dynamic = [], False
+    for node in program.graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" and node.name in user else None
+        if not isinstance(val, torch.Tensor) or val.ndim == 0:
+            continue
+        if isinstance(val.shape[0], int):
+            fixed.append((node.name, tuple(int(d) for d in val.shape)))
+        else:
+            dynamic = True
+    return [] if dynamic else fixed
+
+
+def _static_batch_error(path: Path, fixed: list[tuple[str, tuple[int, ...]]]) -> ConfigError:
+    """The error for a program that only runs at its example batch size, with the export fix."""
+    (name, shape), names = fixed[0], [n for n, _ in fixed]
+    if len(names) == 1:
+        fix = f'dynamic_shapes={{"{name}": {{0: torch.export.Dim("batch")}}}}'
+    else:
+        per_input = ", ".join(f'"{n}": {{0: batch}}' for n in names)
+        fix = f'batch = torch.export.Dim("batch") and dynamic_shapes={{{per_input}}}'
+    return ConfigError(
+        f"{str(path)!r} was exported with a fixed batch of {shape[0]} (input {name!r} has "
+        f"shape {list(shape)}, no dynamic dimension), so it runs only on batches of exactly "
+        f"{shape[0]}, and compressing runs it on batches of other sizes; export it again with "
+        f"a dynamic batch: torch.export.export(model, example_inputs, {fix})."
+    )
+
+
 def load_exported_program(path: Path, *, trust_pickle: bool = False) -> nn.Module:
     """Load a ``torch.export`` program and return its module (never calling ``eval()`` on it).
 
     Without ``trust_pickle`` the archive must hold no pickled payloads (see
     :func:`_pt2_problems`). The returned module runs the exported graph as traced (export it in
     eval mode); its ``train()``/``eval()`` only set flags.
+
+    Raises:
+        UnsafeFileError: The archive holds pickled payloads and ``trust_pickle`` is False.
+        FormatError: The archive is truncated, corrupt, or not a ``torch.export`` program.
+        ConfigError: The program was exported with a fixed batch size. Its module refuses
+            every other batch size (a guard in the graph), while training, evaluation and the
+            ONNX export's dynamic-batch check all run other sizes: padding or splitting every
+            call to the one size would not survive the ONNX export, so it is refused here,
+            with the ``dynamic_shapes`` that fixes it.
     """
     if not trust_pickle:
         problems = _pt2_problems(path)
@@ -178,6 +224,9 @@ def load_exported_program(path: Path, *, trust_pickle: bool = False) -> nn.Modul
     try:
         with context:
             program = torch.export.load(path)
+            fixed = _static_batch(program)
+            if fixed:
+                raise _static_batch_error(path, fixed)
             module = program.module()
     except QTCompressError:
         raise

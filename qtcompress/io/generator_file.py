@@ -7,7 +7,7 @@ of the generated tensors, and optionally the model's ONNX graph *without weights
 check batch (inputs and the expected outputs). See ``docs/format.md``.
 
 Example:
-    >>> qt = compress(model, QTConfig(chunk=4))                          # doctest: +SKIP
+    >>> qt = compress(model, QTConfig(budget=0.05))                          # doctest: +SKIP
     >>> qt.fit_weights(steps=300)                                        # doctest: +SKIP
     >>> save_generator(qt, "model.qtc.safetensors", example_inputs=(x[:2],))  # doctest: +SKIP
     >>> gen = load_generator("model.qtc.safetensors")   # in a fresh process  # doctest: +SKIP
@@ -283,6 +283,43 @@ class GeneratorFile:
             model, self.state_dict(), source=f"Generator file {self.path.name}"
         )
 
+    def checked_skeleton(self) -> bytes:
+        """The stored weightless ONNX graph, checked to parse and to read no other file.
+
+        Cheap (nothing is regenerated): ``inspect`` runs it too, so that a file which
+        ``verify`` and ``reconstruct`` refuse is not reported as sound.
+
+        Returns:
+            The skeleton's bytes.
+
+        Raises:
+            FormatError: No graph is stored, it does not parse, or it refers to external data
+                files (a generator file is self-contained; such a graph is corrupt or hostile).
+        """
+        name = self.path.name
+        if self.skeleton is None:
+            raise FormatError(
+                f"{name} holds no ONNX graph (it was saved without example inputs); "
+                "rebuild into your own module with load_into() and export that instead."
+            )
+        try:
+            proto = onnx.ModelProto()
+            proto.ParseFromString(self.skeleton)
+        except Exception as exc:  # protobuf raises DecodeError and others
+            raise FormatError(
+                f"{name}: the stored ONNX graph cannot be rebuilt "
+                f"({type(exc).__name__}: {str(exc)[:200]}); the file is "
+                "corrupt."
+            ) from exc
+        external = _external_data(proto)
+        if external:
+            raise FormatError(
+                f"{name}: the stored ONNX graph refers to external data files "
+                f"({external[:3]}), which a generator file may not do; the "
+                "file is corrupt or hostile."
+            )
+        return self.skeleton
+
     def to_onnx(
         self,
         path: str | os.PathLike[str] | None = None,
@@ -314,27 +351,14 @@ class GeneratorFile:
         from qtcompress.onnx.skeleton import fill_skeleton
 
         name = self.path.name
-        if self.skeleton is None:
-            raise FormatError(
-                f"{name} holds no ONNX graph (it was saved without example inputs); "
-                "rebuild into your own module with load_into() and export that instead."
-            )
+        skeleton = self.checked_skeleton()
         if not self.check_inputs or not self.check_outputs:
             raise FormatError(
                 f"{name} stores an ONNX graph without its check batch; the file is corrupt."
             )
         weights = self.state_dict()
         try:
-            proto = onnx.ModelProto()
-            proto.ParseFromString(self.skeleton)
-            external = _external_data(proto)
-            if external:
-                raise FormatError(
-                    f"{name}: the stored ONNX graph refers to external data files "
-                    f"({external[:3]}), which a generator file may not do; the "
-                    "file is corrupt or hostile."
-                )
-            proto = fill_skeleton(self.skeleton, {k: v.numpy() for k, v in weights.items()})
+            proto = fill_skeleton(skeleton, {k: v.numpy() for k, v in weights.items()})
             onnx.checker.check_model(proto, full_check=True)
             predictor = OnnxPredictor(proto.SerializeToString())
         except QTCompressError:

@@ -66,7 +66,7 @@ def _check_against(
     anything is allocated.
     """
     g: Any = planned
-    built_ansatz = g.qnn.ansatz.to_dict()
+    built_ansatz = g.ansatz.to_dict()
     if meta["ansatz"] != built_ansatz:
         raise FormatError(
             f"{source}: the stored ansatz does not match the one its config builds "
@@ -206,7 +206,7 @@ def load_generator(path: str | os.PathLike[str]) -> GeneratorFile:
         meta,
         config,
         layout,
-        generator,
+        generator,  # type: ignore[arg-type]
         classical,
         artifact.skeleton,
         check_inputs,

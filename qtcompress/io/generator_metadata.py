@@ -83,6 +83,9 @@ _CONFIG_SPEC = Obj(
         "backend": Str(max_len=64),
         "block_states": _OPT_INT,
         "seed": Int(min=0, max=limits.MAX_SEED),
+        "values": Str(max_len=64),
+        "row_scales": OneOf((Null(), Bool())),
+        "allowance": _OPT_INT,
         "version": Int(),
     },
 )
@@ -202,6 +205,17 @@ def mapping_description(generator: nn.Module, config: QTConfig) -> dict[str, Any
         "prob_transform": config.prob_transform,
     }
     scheme = getattr(g, "scheme", "flat")
+    if scheme == "hashed":
+        # Every weight a signed, scaled copy of one of `buckets` values from the source.
+        return {
+            "kind": "hashed",
+            "scheme": scheme,
+            "chunk": int(g.chunk),
+            "n_qubits": int(g.n_qubits),
+            "values": g.values_kind,
+            "buckets": int(g.buckets),
+            "row_scales": bool(g.row_scales),
+        }
     if scheme != "flat":
         # The rows scheme has its own MLP body (no MPS) and a per-row feature of width rank.
         desc.update(kind="mlp", scheme=scheme, rank=int(g.rank))

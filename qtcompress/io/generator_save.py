@@ -136,7 +136,7 @@ def save_generator(
     metadata: dict[str, Any] = {
         "qtcompress_version": __version__,
         "config": qt.config.to_dict(),
-        "ansatz": generator.qnn.ansatz.to_dict(),
+        "ansatz": generator.ansatz.to_dict(),
         "mapping": mapping_description(generator, qt.config),
         "layout": layout_to_json(qt.layout),
         "weights_sha256": sha256_of_tensors(generated),

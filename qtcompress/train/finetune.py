@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from qtcompress.data.batch import Batch
+from qtcompress.data.batch import Batch, batch_indices
 from qtcompress.data.model_call import check_call, select_output
 from qtcompress.data.sources import InputSource
 from qtcompress.errors import ConfigError
@@ -123,6 +124,15 @@ def finetune(
         alive[0] = alive[0] or not dead
         return dead and alive[0]
 
+    def describe_step(step: int) -> str:  # names the data of a skipped step
+        if not source.exact_resume or source.n is None:
+            return ""  # a loader's batches: which one a step drew is not recorded
+        epoch, j = divmod(step, math.ceil(source.n / batch_size))
+        rows = sorted(batch_indices(step, source.n, batch_size, cfg.seed).tolist())
+        more = f" and {len(rows) - 8} more" if len(rows) > 8 else ""
+        shown = ", ".join(map(str, rows[:8]))
+        return f" (batch {j} of epoch {epoch}: examples {shown}{more})"
+
     return train_loop(
         fmodel.generator,
         loss_at,
@@ -131,6 +141,7 @@ def finetune(
         extra_state=fmodel.buffers,
         monitor=monitor,
         guard=collapsed if guard else None,
+        describe_step=describe_step,
         **loop_kwargs,
     )
 

@@ -4,6 +4,12 @@ Adam, a warm-up + cosine (or constant) learning rate, early stopping on a monito
 tqdm bar, atomic checkpoints and exact resume, and NaN/Inf detection that leaves the generator
 at its last good state.
 
+A step whose loss is finite but whose gradient is not is skipped (no update, as AMP's
+GradScaler does) and counted: the user's own model can have an infinite slope at some inputs
+(``torch.sqrt`` of a norm that is exactly zero), which no learning rate fixes and which one
+batch in many should not end a fit. Only when skips exceed ``MAX_SKIPPED_SHARE`` of the steps
+does the fit stop.
+
 Determinism: every step's mini-batch is a pure function of ``(seed, step)`` and the optimiser,
 EMA, early-stopping and best-state bookkeeping all live in the checkpoint, so a resumed fit
 takes exactly the same steps as an uninterrupted one.
@@ -15,6 +21,7 @@ import copy
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +39,19 @@ SCHEDULES = ("cosine", "constant")
 CHECKPOINT_VERSION = 1
 # Collapse restarts allowed per fit before it stops at its best state.
 MAX_RESTARTS = 4
+# Steps skipped for a non-finite gradient: a fit stops once more than this share of its steps
+# so far were skipped, judged from SKIP_GRACE_STEPS steps on (or at the end of a shorter fit),
+# so that all of the first 20 skipped stops it, and a rare bad batch never does.
+MAX_SKIPPED_SHARE = 0.1
+SKIP_GRACE_STEPS = 20
+_LR_ADVICE = "Lower the learning rate, enable grad_clip, or check the data."
+_MODEL_ADVICE = (
+    "The loss was finite, so the model's own operations have an infinite slope at these "
+    "inputs, not the learning rate: torch.sqrt, log, pow with a fractional exponent or a "
+    "division at 0 (e.g. the square root of an all-zero row's squared norm); add a small "
+    "epsilon there (torch.sqrt(s + 1e-12)) or use torch.linalg.vector_norm, whose gradient "
+    "at 0 is finite."
+)
 
 
 @dataclass
@@ -48,6 +68,8 @@ class FitResult:
         resumed_from: Step restored from a checkpoint, or ``None``.
         elapsed_s: Wall time of this call.
         restarts: Collapses that the guard undid (best state restored, learning rate halved).
+        skipped_steps: Steps (counted in ``steps``) whose gradient was NaN/Inf while the loss
+            was finite: no update was made (see ``MAX_SKIPPED_SHARE``).
     """
 
     steps: int
@@ -59,6 +81,7 @@ class FitResult:
     resumed_from: int | None = None
     elapsed_s: float = 0.0
     restarts: int = 0
+    skipped_steps: int = 0
 
 
 @dataclass
@@ -162,6 +185,7 @@ def train_loop(
     callback: Callable[[int, float], None] | None = None,
     extra_state: Mapping[str, torch.Tensor] | None = None,
     guard: Callable[[], bool] | None = None,
+    describe_step: Callable[[int], str] | None = None,
 ) -> FitResult:
     """Optimise the generator's parameters.
 
@@ -184,13 +208,17 @@ def train_loop(
             student collapsed to a constant function): the best state is restored, the
             optimiser's moments are reset and the learning rate is halved for the rest of the
             fit (at most ``MAX_RESTARTS`` times, then the fit stops at the best state).
+        describe_step: ``step -> text`` naming the step's data (e.g. ``" (batch 3 of epoch
+            0)"``), for the messages about a skipped step.
 
     Returns:
         A :class:`FitResult`.
 
     Raises:
-        NonFiniteError: The loss, a gradient or an updated parameter became NaN/Inf; the
-            generator is left at its last good state (also written to the checkpoint).
+        NonFiniteError: The loss or an updated parameter became NaN/Inf, or more than
+            ``MAX_SKIPPED_SHARE`` of the steps had a NaN/Inf gradient (each such step is
+            skipped, with one warning); the generator is left at its last good state (also
+            written to the checkpoint).
         FormatError: The checkpoint is unreadable or was made with other settings.
     """
     t0 = time.perf_counter()
@@ -198,7 +226,7 @@ def train_loop(
     opt = make_adam(params, cfg)
     path = Path(checkpoint_path) if checkpoint_path is not None else None
     start, best, best_step, bad, ema = 0, math.inf, 0, 0, None
-    lr_scale, restarts = 1.0, 0
+    lr_scale, restarts, skipped = 1.0, 0, 0
     history: list[float] = []
     extra = dict(extra_state or {})
 
@@ -240,6 +268,7 @@ def train_loop(
             ck["ema"],
         )
         lr_scale, restarts = ck.get("lr_scale", 1.0), ck.get("restarts", 0)
+        skipped = ck.get("skipped", 0)
         history, best_state = list(ck["history"]), ck["best_state"]
         resumed_from = start
 
@@ -257,11 +286,16 @@ def train_loop(
             "ema": ema,
             "lr_scale": lr_scale,
             "restarts": restarts,
+            "skipped": skipped,
             "history": history,
             "best_state": best_state,
         }
 
-    stopped = False
+    def where(step: int) -> str:
+        return describe_step(step) if describe_step is not None else ""
+
+    stopped, warned = False, False
+    last_skip: int | None = None  # in this call (a resumed fit's earlier skips are counted only)
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not progress, leave=False)
     try:
         for step in range(start, cfg.steps):
@@ -270,28 +304,63 @@ def train_loop(
             opt.zero_grad(set_to_none=True)
             good = full_state()
             good_opt = copy.deepcopy(opt.state_dict())
+            advice, skipped_before = _LR_ADVICE, skipped
             try:
                 loss = loss_at(step)
                 if not torch.isfinite(loss):
                     raise NonFiniteError(f"Loss is {loss.item()} at step {step}.")
-                loss.backward()
-                grads = [p.grad for p in params]
-                if not _all_finite(grads):
-                    raise NonFiniteError(f"A gradient holds NaN/Inf at step {step}.")
-                if cfg.grad_clip is not None:
-                    nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                if not _all_finite(params):
-                    raise NonFiniteError(f"A parameter became NaN/Inf at step {step}.")
+                try:
+                    loss.backward()
+                    grad_ok = _all_finite(p.grad for p in params)
+                except NonFiniteError:
+                    # The QNN refuses a NaN/Inf gradient reaching it: the same fault, met
+                    # inside the backward pass.
+                    grad_ok = False
+                if not grad_ok:
+                    skipped, last_skip = skipped + 1, step
+                    # No update; the forward pass may have moved BatchNorm statistics.
+                    load_full(good)
+                    opt.zero_grad(set_to_none=True)
+                if skipped and step + 1 >= min(SKIP_GRACE_STEPS, cfg.steps):
+                    if skipped > MAX_SKIPPED_SHARE * (step + 1):
+                        advice = _MODEL_ADVICE
+                        last = (
+                            f", last at step {last_skip}{where(last_skip)}"
+                            if last_skip is not None
+                            else ""
+                        )
+                        raise NonFiniteError(
+                            f"The gradient was NaN or Inf on {skipped} of the first {step + 1} "
+                            f"steps{last}; a fit stops when more than "
+                            f"{MAX_SKIPPED_SHARE:.0%} of its steps are skipped."
+                        )
+                if not grad_ok and not warned:
+                    warned = True
+                    warnings.warn(
+                        f"{desc}: the gradient at step {step}{where(step)} is NaN or Inf "
+                        "while the loss is finite; the step was skipped (no update). The "
+                        "model's own operations likely have an infinite slope at these "
+                        "inputs (torch.sqrt, log or a division at 0); later skips are counted "
+                        "(FitResult.skipped_steps), and more than "
+                        f"{MAX_SKIPPED_SHARE:.0%} of the steps skipped stops the fit.",
+                        stacklevel=2,
+                    )
+                if grad_ok:
+                    if cfg.grad_clip is not None:
+                        nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    opt.step()
+                    if not _all_finite(params):
+                        raise NonFiniteError(f"A parameter became NaN/Inf at step {step}.")
             except NonFiniteError as exc:
                 load_full(good)
                 opt.load_state_dict(good_opt)
+                skipped = skipped_before  # the checkpoint resumes at this step, not after it
                 if path is not None:
                     _save_atomic(snapshot(step), path)
                 raise NonFiniteError(
                     f"{exc} The generator was left at its state before step {step}"
                     + (f" (saved to {path})." if path is not None else ".")
-                    + " Lower the learning rate, enable grad_clip, or check the data."
+                    + f" {advice}"
                 ) from exc
             value = float(loss.detach())
             history.append(value)
@@ -341,4 +410,5 @@ def train_loop(
         resumed_from,
         time.perf_counter() - t0,
         restarts,
+        skipped,
     )

@@ -13,7 +13,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from qtcompress.errors import ConfigError, NonFiniteError
-from qtcompress.generator import AnyGenerator, RowGenerator, all_finite
+from qtcompress.generator import AnyGenerator, QTGenerator, RowGenerator, all_finite
 from qtcompress.train.loop import FitResult, LoopConfig, train_loop
 
 
@@ -179,6 +179,12 @@ def fit_weights(
         # The heads' least-squares optimum for the trained features: never worse than zeros.
         generator.fit_heads(pretrained)
         return result
+    if not isinstance(generator, QTGenerator):  # any other scheme: its own objective
+        objective = generator.weight_fit_objective(pretrained)
+        try:
+            return train_loop(generator, objective, cfg, desc=desc, **loop_kwargs)
+        finally:
+            generator.weight_fit_done(pretrained)
     factors = tensor_normalisers(generator, pretrained)
     trainable = generator.scale.requires_grad
     if freeze_scale:

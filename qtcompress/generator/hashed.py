@@ -1,0 +1,374 @@
+"""The hashed generator (``scheme="hashed"``): every weight a signed, scaled shared value.
+
+HashedNets (arXiv 1504.04788) with the shared values made by a QNN. Weight ``j`` of matrix
+``t`` (viewed as ``(rows, cols)``, row ``r``) is::
+
+    W_t[r, c] = s_t[r] * sign(t, j) * v[bucket(t, j)]        j = r * cols + c
+
+- ``v``: ``B`` shared values from a source (:mod:`qtcompress.generator.values`): for QT,
+  ``v = 2**n p - 1`` with ``p`` the probabilities of an n-qubit circuit, ``B = 2**n``;
+- ``bucket`` and ``sign``: a fixed integer hash of ``(seed, t, j)``: they cost nothing to store;
+- ``s_t``: one scale per row (or one per tensor where rows would take more than a quarter of the
+  budget), trained;
+- vectors (biases, norm scales) are held exactly, as their own parameters.
+
+The generator's size is the source's parameters plus the scales plus the vectors, whatever M
+is: this is the scheme that reaches the polylog end (0.05-1% of M) where the rows scheme's
+rank-1 heads cannot go.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from qtcompress.errors import ConfigError
+from qtcompress.generator.common import Generator, check_pretrained
+from qtcompress.generator.ranks import row_view
+from qtcompress.generator.values import make_values
+from qtcompress.qnn import QNN, Ansatz
+from qtcompress.targets import Layout
+
+if TYPE_CHECKING:
+    from qtcompress.config import QTConfig
+
+_M32 = 0xFFFFFFFF
+_MUL = 0x45D9F3B  # < 2**27: products of 32-bit values stay inside int64
+# Qubits and layers of the QNN source: the simulation cost n * L * 2**n is capped, so a large
+# budget does not buy a QNN step that dwarfs the model's (the remainder is not spent).
+MIN_QUBITS, MAX_QUBITS = 4, 12
+MAX_QNN_WORK = 1 << 24  # n * L * 2**n gate-amplitude updates per forward pass
+# Per-row scales are used while they cost at most this share of the budget left for them.
+ROW_SCALE_SHARE = 0.25
+# The smallest shared-value allowance the scheme accepts (below it, nothing is learned).
+MIN_VALUES = 16
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mix of non-negative int64 values below 2**32 (platform independent)."""
+    x = (((x >> 16) ^ x) * _MUL) & _M32
+    x = (((x >> 16) ^ x) * _MUL) & _M32
+    return (x >> 16) ^ x
+
+
+def _hash32_int(x: int) -> int:
+    """:func:`hash32` of one Python int (no tensor: it also runs while planning on meta)."""
+    x = (((x >> 16) ^ x) * _MUL) & _M32
+    x = (((x >> 16) ^ x) * _MUL) & _M32
+    return (x >> 16) ^ x
+
+
+def hash_codes(seed: int, tensor: int, numel: int, buckets: int) -> torch.Tensor:
+    """Signed bucket codes of a tensor's weights: ``bucket + buckets * (sign < 0)``, int64."""
+    salt = _hash32_int((seed * 1_000_003 + tensor * 7919) & _M32)
+    x = hash32((torch.arange(numel, dtype=torch.int64) + salt) & _M32)
+    return (x & 0x7FFFFFFF) % buckets + buckets * (x >> 31)
+
+
+class HashedGenerator(Generator):
+    """Hashed Quantum-Train generator (see the module docstring).
+
+    Args:
+        layout: The generated tensors.
+        values: Shared-value source name (``"qnn"``; controls ``"mps"``, ``"table"``,
+            ``"frozen"``, ``"zeros"``).
+        n_qubits: Qubits of the QNN (``B = 2**n`` buckets for QNN-like sources).
+        n_layers: QNN layers.
+        allowance: Parameters the source may use (the table's size; the MPS's bond dimension).
+        row_scales: One scale per matrix row (``True``) or per tensor.
+        backend: QNN simulator backend.
+        seed: Seeds the hash, the QNN angles and the source.
+    """
+
+    scheme = "hashed"
+
+    def __init__(
+        self,
+        layout: Layout,
+        *,
+        values: str = "qnn",
+        n_qubits: int,
+        n_layers: int,
+        allowance: int,
+        row_scales: bool = True,
+        backend: str = "qsim",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.layout = layout
+        self.total = layout.total
+        self.values_kind = values
+        self._n_layers = n_layers
+        self.source = make_values(values, n_qubits, n_layers, allowance, backend, seed)
+        self.buckets = self.source.n_values
+        self.chunk = max(1, math.ceil(self.total / self.buckets))  # weights per value, on average
+        self.row_scales = bool(row_scales)
+        self.views = [row_view(s.shape) for s in layout.specs]
+        self.is_matrix = [rows > 1 for rows, _ in self.views]
+        self.scales = nn.ParameterList()
+        self.exact = nn.ParameterList()
+        self._slot: list[int] = []  # index into scales (matrices) or exact (vectors)
+        codes = []
+        for t, (s, (rows, _)) in enumerate(zip(layout.specs, self.views, strict=True)):
+            if self.is_matrix[t]:
+                self._slot.append(len(self.scales))
+                self.scales.append(nn.Parameter(torch.ones(rows if self.row_scales else 1)))
+                codes.append(hash_codes(seed, t, s.numel, self.buckets))
+            else:
+                self._slot.append(len(self.exact))
+                self.exact.append(nn.Parameter(torch.zeros(s.numel)))
+        starts = [0]
+        for c in codes:
+            starts.append(starts[-1] + c.numel())
+        self._code_starts = starts
+        empty = torch.zeros(0, dtype=torch.int64)
+        # Rebuilt from the seed on load: never stored.
+        self.register_buffer("_codes", torch.cat(codes) if codes else empty, persistent=False)
+
+    # -- sizes ----------------------------------------------------------------------------------
+    @property
+    def ansatz(self) -> Ansatz:
+        """The QNN source's circuit; for a classical control, the circuit it stands in for."""
+        qnn = getattr(self.source, "qnn", None)
+        if isinstance(qnn, QNN):
+            return qnn.ansatz
+        return Ansatz.paper(max(1, self.n_qubits), max(1, self._n_layers))
+
+    @property
+    def n_qubits(self) -> int:
+        """Qubits of the QNN source (index bits of the buckets for the controls)."""
+        return self.source.n_qubits
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable parameters by part and ``total``.
+
+        ``qnn``: the QNN's angles; ``mapping``: a classical source's parameters; ``affine``:
+        the scales and the exact vectors.
+        """
+        src = self.source.count()
+        qnn = src if self.values_kind == "qnn" else 0
+
+        def count(ps: nn.ParameterList) -> int:
+            return sum(p.numel() for p in ps if p.requires_grad)
+
+        counts = {
+            "qnn": qnn,
+            "mapping": src - qnn,
+            "affine": count(self.scales) + count(self.exact),
+        }
+        counts["total"] = sum(counts.values())
+        return counts
+
+    # -- generation -----------------------------------------------------------------------------
+    def signed_values(self) -> torch.Tensor:
+        """``(2B,)``: the shared values followed by their negatives (codes index into it)."""
+        v = self.source()
+        return torch.cat([v, -v])
+
+    def _tensor(self, signed: torch.Tensor, t: int) -> torch.Tensor:
+        spec, slot = self.layout.specs[t], self._slot[t]
+        if not self.is_matrix[t]:
+            return self.exact[slot].reshape(spec.shape)
+        codes: torch.Tensor = self._codes  # type: ignore[assignment]
+        a, b = self._code_starts[slot], self._code_starts[slot + 1]
+        rows, cols = self.views[t]
+        w = signed.index_select(0, codes[a:b]).view(rows, cols)  # (rows, cols)
+        return (w * self.scales[slot][:, None]).reshape(spec.shape)
+
+    def _generate_list(self) -> list[torch.Tensor]:
+        signed = self.signed_values()
+        return [self._tensor(signed, t) for t in range(len(self.views))]
+
+    def generate(self) -> torch.Tensor:
+        """All generated weights as one flat ``(M,)`` float32 vector (differentiable)."""
+        return torch.cat([w.reshape(-1) for w in self._generate_list()])
+
+    def generate_named(
+        self, flat: torch.Tensor | None = None, *, factored: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Generated tensors by name (aliases included), cast to each parameter's dtype.
+
+        ``factored`` is accepted for the common interface; hashed tensors are always dense.
+        """
+        del factored
+        if flat is not None:
+            parts = self.layout.split(flat)
+            by_spec = [parts[s.name] for s in self.layout.specs]
+        else:
+            by_spec = self._generate_list()
+        out: dict[str, torch.Tensor] = {}
+        for s, w in zip(self.layout.specs, by_spec, strict=True):
+            w = w if w.dtype == s.dtype else w.to(s.dtype)
+            for n in s.names:
+                out[n] = w
+        return out
+
+    @torch.no_grad()
+    def iter_blocks(self, block_states: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Stream the weights without gradients, one tensor at a time: ``(start, weights)``."""
+        del block_states
+        signed = self.signed_values()
+        for t, s in enumerate(self.layout.specs):
+            yield s.offset, self._tensor(signed, t).reshape(-1)
+
+    # -- fitting --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_from_pretrained(self, pretrained: torch.Tensor) -> None:
+        """Exact vectors; a table source gets its least-squares values; every row its spread.
+
+        Each weight shares its bucket with about ``M / B`` others of random signs, so the
+        least-squares values are close to noise: the point of the start is that every row of
+        the generated network has its pretrained spread (a network of shrunk rows is dead
+        without BatchNorm), and distillation does the rest.
+        """
+        check_pretrained(pretrained, self.total)
+        for t, s in enumerate(self.layout.specs):
+            if not self.is_matrix[t]:
+                self.exact[self._slot[t]].copy_(pretrained[s.offset : s.offset + s.numel])
+        table = getattr(self.source, "table", None)
+        if isinstance(table, nn.Parameter):
+            table.copy_(self._least_squares_values(pretrained))
+        self.match_spread(pretrained, always=True)
+
+    def _least_squares_values(self, pretrained: torch.Tensor) -> torch.Tensor:
+        """Per-bucket mean of ``sign * w / rms(row)``: the table that best fits the weights."""
+        codes: torch.Tensor = self._codes  # type: ignore[assignment]
+        total = torch.zeros(2 * self.buckets, dtype=torch.float64)
+        for t, s in enumerate(self.layout.specs):
+            if not self.is_matrix[t]:
+                continue
+            slot = self._slot[t]
+            w = pretrained[s.offset : s.offset + s.numel].double().view(self.views[t])
+            u = w / w.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-12)
+            a, b = self._code_starts[slot], self._code_starts[slot + 1]
+            total.index_add_(0, codes[a:b], u.reshape(-1))
+        n = torch.bincount(codes, minlength=2 * self.buckets).double()
+        sums = total[: self.buckets] - total[self.buckets :]
+        counts = n[: self.buckets] + n[self.buckets :]
+        return (sums / counts.clamp_min(1)).float()
+
+    def weight_fit_objective(self, pretrained: torch.Tensor) -> Callable[[int], torch.Tensor]:
+        """Phase 1's loss: each matrix's squared error over its squared norm, scales frozen.
+
+        The scales stay at their spread-matching values (an MSE-optimal scale shrinks what the
+        values cannot reproduce); phase 1 trains the shared values only.
+        """
+        weights = []
+        for t, s in enumerate(self.layout.specs):
+            if self.is_matrix[t]:
+                part = pretrained[s.offset : s.offset + s.numel]
+                weights.append((t, part.view(s.shape), 1.0 / float(part.pow(2).sum() + 1e-12)))
+        for p in self.scales:
+            p.requires_grad_(False)
+
+        def loss(_step: int) -> torch.Tensor:
+            signed = self.signed_values()
+            out = signed.new_zeros(())
+            for t, goal, k in weights:
+                out = out + (self._tensor(signed, t) - goal).pow(2).sum() * k
+            return out
+
+        return loss
+
+    @torch.no_grad()
+    def weight_fit_done(self, pretrained: torch.Tensor) -> None:
+        """After phase 1: scales train again and every row gets its pretrained spread back."""
+        for p in self.scales:
+            p.requires_grad_(True)
+        self.match_spread(pretrained, always=True)
+
+    @torch.no_grad()
+    def match_spread(self, pretrained: torch.Tensor, always: bool = False) -> list[str]:
+        """Scale every row (or tensor) so its RMS equals the pretrained row's.
+
+        Args:
+            pretrained: Flat ``(M,)`` pretrained weights.
+            always: Rescale every matrix; otherwise only those shrunk below 95% of their
+                pretrained RMS.
+
+        Returns:
+            Names of the tensors that were rescaled.
+        """
+        signed = self.signed_values()
+        changed = []
+        for t, s in enumerate(self.layout.specs):
+            if not self.is_matrix[t]:
+                continue
+            slot = self._slot[t]
+            goal = pretrained[s.offset : s.offset + s.numel].view(self.views[t]).float()
+            have = self._tensor(signed, t).reshape(self.views[t])
+            dims = 1 if self.row_scales else (0, 1)
+            want_rms = goal.pow(2).mean(dims).sqrt()
+            have_rms = have.pow(2).mean(dims).sqrt().clamp_min(1e-12)
+            if not always and bool((have_rms >= 0.95 * want_rms).all()):
+                continue
+            self.scales[slot].mul_((want_rms / have_rms).reshape(-1))
+            changed.append(s.name)
+        return changed
+
+    def revive(self, pretrained: torch.Tensor) -> list[str]:
+        """A dead student's rows get their pretrained spread back (see :meth:`match_spread`)."""
+        return self.match_spread(pretrained)
+
+    def extra_repr(self) -> str:
+        """Summary shown by ``print(module)``."""
+        c = self.parameter_counts()
+        return (
+            f"M={self.total}, values={self.values_kind}, buckets={self.buckets}, "
+            f"row_scales={self.row_scales}, "
+            f"trainable={c['total']} ({c['total'] / self.total:.2%} of M)"
+        )
+
+
+def hashed_fixed_cost(layout: Layout, row_scales: bool) -> int:
+    """Parameters the hashed scheme spends outside the source: exact vectors and scales."""
+    cost = 0
+    for s in layout.specs:
+        rows, _ = row_view(s.shape)
+        cost += s.numel if rows <= 1 else (rows if row_scales else 1)
+    return cost
+
+
+def resolve_hashed(
+    config: QTConfig, layout: Layout, pretrained: torch.Tensor | None = None
+) -> QTConfig:
+    """Fix the hashed scheme's sizes for ``layout``: scales, qubits, layers from the budget.
+
+    The budget pays for the exact vectors first, then per-row scales (per-tensor scales where
+    rows would take more than :data:`ROW_SCALE_SHARE` of what is left), then the source: the
+    QNN gets ``n = round(log2(allowance))`` qubits (within 4..12) and as many layers as the
+    allowance buys (``n * L`` angles), up to :data:`MAX_QNN_WORK`.
+
+    Raises:
+        ConfigError: The budget leaves fewer than :data:`MIN_VALUES` parameters for the source.
+    """
+    del pretrained  # the hash does not look at the weights
+    if config.allowance is not None:  # already resolved (a generator file's config)
+        return config
+    allowed = config.budget_params(layout.total)
+    vectors = hashed_fixed_cost(layout, row_scales=False) - sum(
+        1 for s in layout.specs if row_view(s.shape)[0] > 1
+    )
+    rows = config.row_scales
+    if rows is None:
+        row_cost = hashed_fixed_cost(layout, True) - vectors
+        rows = row_cost <= ROW_SCALE_SHARE * max(0, allowed - vectors)
+    allowance = allowed - hashed_fixed_cost(layout, rows)
+    if allowance < MIN_VALUES:
+        smallest = hashed_fixed_cost(layout, False) + MIN_VALUES
+        raise ConfigError(
+            f"A budget of {allowed:,} parameters is below the smallest hashed generator for "
+            f"this model ({smallest:,} = {smallest / layout.total:.3%} of M: its biases and "
+            "norms are kept exact); raise --budget or leave tensors classical with --exclude."
+        )
+    n = config.n_qubits
+    if n is None:
+        n = min(MAX_QUBITS, max(MIN_QUBITS, round(math.log2(allowance))))
+    layers = max(1, allowance // n)
+    layers = min(layers, max(1, MAX_QNN_WORK // (n * 2**n)))
+    return replace(config, n_qubits=n, n_layers=layers, row_scales=rows, allowance=allowance)

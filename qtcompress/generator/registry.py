@@ -1,0 +1,193 @@
+"""Generator schemes, registered in one place: ``register_scheme(name, resolve=..., build=...)``.
+
+A scheme is a :class:`~qtcompress.generator.common.Generator` subclass plus two functions:
+
+- ``resolve(config, layout, pretrained) -> QTConfig``: every automatic size fixed for this
+  layout (what a generator file records), and a :class:`ConfigError` for a field the scheme does
+  not use;
+- ``build(layout, resolved_config) -> Generator``: the generator that config describes, exactly
+  (a file is rebuilt by it before its stored values are loaded).
+
+:meth:`QTConfig.resolve` and :func:`build_generator` dispatch on ``config.scheme``; adding a
+scheme touches its own module, one ``register_scheme`` call and its tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
+
+from qtcompress.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from qtcompress.config import QTConfig
+    from qtcompress.generator.common import Generator
+    from qtcompress.targets import Layout
+
+Resolver = Callable[["QTConfig", "Layout", "torch.Tensor | None"], "QTConfig"]
+Builder = Callable[["Layout", "QTConfig"], "Generator"]
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A registered generator scheme.
+
+    Attributes:
+        name: ``QTConfig.scheme`` value.
+        resolve: Fixes automatic sizes (see the module docstring).
+        build: Builds the generator from a resolved config.
+        fields: The :class:`QTConfig` fields the scheme reads, beyond those every scheme
+            reads (``budget``, ``target``, ``exclude``, ``include_frozen``, ``backend``,
+            ``seed``); any other field set away from its default is a :class:`ConfigError`.
+        summary: One line for ``--help`` and errors.
+    """
+
+    name: str
+    resolve: Resolver
+    build: Builder
+    fields: frozenset[str]
+    summary: str
+
+
+COMMON_FIELDS = frozenset(
+    {"scheme", "budget", "target", "exclude", "include_frozen", "backend", "seed", "version"}
+)
+_SCHEMES: dict[str, Scheme] = {}
+
+
+def register_scheme(
+    name: str, *, resolve: Resolver, build: Builder, fields: set[str], summary: str
+) -> None:
+    """Register a generator scheme under ``name`` (see the module docstring)."""
+    if name in _SCHEMES:
+        raise ConfigError(f"A generator scheme named {name!r} is already registered.")
+    _SCHEMES[name] = Scheme(name, resolve, build, frozenset(fields), summary)
+
+
+def scheme_names() -> tuple[str, ...]:
+    """Registered scheme names, in registration order."""
+    return tuple(_SCHEMES)
+
+
+def get_scheme(name: str) -> Scheme:
+    """The registered scheme ``name``.
+
+    Raises:
+        ConfigError: No scheme of that name is registered.
+    """
+    if name not in _SCHEMES:
+        raise ConfigError(f"Unknown scheme {name!r}; choose from {', '.join(_SCHEMES)}.")
+    return _SCHEMES[name]
+
+
+def check_fields(config: QTConfig, scheme: Scheme) -> None:
+    """Refuse fields that ``scheme`` does not read but that were set away from their default.
+
+    Raises:
+        ConfigError: Names the fields and the schemes that read them.
+    """
+    from qtcompress.config import QTConfig
+
+    default = QTConfig()
+    unused = [
+        f.name
+        for f in fields(config)
+        if f.name not in COMMON_FIELDS
+        and f.name not in scheme.fields
+        and getattr(config, f.name) != getattr(default, f.name)
+    ]
+    if unused:
+        users = {
+            n: [s.name for s in _SCHEMES.values() if n in s.fields] or ["none"] for n in unused
+        }
+        said = "; ".join(f"{n} ({'/'.join(users[n])})" for n in unused)
+        raise ConfigError(
+            f"The {scheme.name} scheme does not use {said}: drop them, or choose the scheme "
+            "that reads them."
+        )
+
+
+def build_generator(
+    layout: Layout, config: QTConfig, pretrained: torch.Tensor | None = None
+) -> Generator:
+    """The generator ``config`` describes for ``layout`` (automatic sizes resolved first).
+
+    Args:
+        layout: The generated tensors.
+        config: A :class:`~qtcompress.config.QTConfig`.
+        pretrained: Flat pretrained weights (the rows scheme spends its budget by their spectra).
+    """
+    resolved = config.resolve(layout, pretrained)
+    return get_scheme(resolved.scheme).build(layout, resolved)
+
+
+def _register_builtin() -> None:
+    from qtcompress.generator.flat import QTGenerator, resolve_flat
+    from qtcompress.generator.hashed import HashedGenerator, resolve_hashed
+    from qtcompress.generator.ranks import resolve_rows
+    from qtcompress.generator.rows import RowGenerator
+
+    register_scheme(
+        "rows",
+        resolve=resolve_rows,
+        build=lambda layout, c: RowGenerator(
+            layout,
+            ranks=c.ranks or (),
+            n_layers=c.n_layers,
+            n_qubits=c.n_qubits,
+            hidden=tuple(c.hidden or ()),
+            activation=c.activation,
+            prob_transform=c.prob_transform,
+            backend=c.backend,
+            seed=c.seed,
+        ),
+        fields={"rank", "ranks", "n_layers", "n_qubits", "hidden", "activation"}
+        | {"prob_transform"},
+        summary="one basis state per tensor row, a low-rank head per tensor (>= ~2% of M)",
+    )
+    register_scheme(
+        "flat",
+        resolve=resolve_flat,
+        build=lambda layout, c: QTGenerator(
+            layout,
+            chunk=c.resolve_chunk(layout.total),
+            n_layers=c.n_layers,
+            n_qubits=c.n_qubits,
+            mapping=c.mapping,
+            hidden=tuple(c.hidden or ()),
+            activation=c.activation,
+            bond_dim=c.bond_dim,
+            prob_transform=c.prob_transform,
+            backend=c.backend,
+            train_affine=c.train_affine,
+            standardize=c.standardize,
+            block_states=c.block_states,
+            seed=c.seed,
+        ),
+        fields={"chunk", "chunk_max_qubits", "n_layers", "n_qubits", "mapping", "hidden"}
+        | {"activation", "bond_dim", "prob_transform", "train_affine", "standardize"}
+        | {"block_states"},
+        summary="the paper's flat index in chunk-sized pieces, one shared head",
+    )
+    register_scheme(
+        "hashed",
+        resolve=resolve_hashed,
+        build=lambda layout, c: HashedGenerator(
+            layout,
+            values=c.values,
+            n_qubits=int(c.n_qubits or 1),
+            n_layers=c.n_layers,
+            allowance=int(c.allowance or 1),
+            row_scales=bool(c.row_scales),
+            backend=c.backend,
+            seed=c.seed,
+        ),
+        fields={"values", "n_qubits", "n_layers", "row_scales", "allowance"},
+        summary="every weight a signed, scaled shared value from the QNN (0.05-5% of M)",
+    )
+
+
+_register_builtin()
