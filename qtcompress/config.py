@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 # ``max_qubits`` (only used when ``chunk`` is automatic) -> ``chunk_max_qubits`` and
 # ``per_tensor_affine`` (the affine always applies; this says whether it trains) ->
 # ``train_affine``. Older descriptions are read with their old names translated.
-# Version 4 added the hashed scheme's fields (``values``, ``row_scales``, ``allowance``);
+# Version 4 added the hashed scheme's fields (``values``, ``row_scales``, ``hashed_vectors``,
+# ``allowance``);
 # version-3 files have none of them and read unchanged.
 CONFIG_VERSION = 4
 _RENAMED_IN_3 = {"max_qubits": "chunk_max_qubits", "per_tensor_affine": "train_affine"}
@@ -77,6 +78,8 @@ class QTConfig:
             :mod:`qtcompress.generator.values`).
         row_scales: Hashed scheme: one scale per matrix row (``True``) or per tensor;
             ``None``: rows while they cost at most a quarter of the budget.
+        hashed_vectors: Hashed scheme: hash the vectors (biases, norms) too, with a scale and
+            an offset each; ``None``: exact while they cost at most half the budget.
         allowance: Hashed scheme: parameters the shared-value source may use, as resolved
             from the budget (what a generator file records).
         version: Format version of this description.
@@ -105,6 +108,7 @@ class QTConfig:
     seed: int = 0
     values: str = "qnn"
     row_scales: bool | None = None
+    hashed_vectors: bool | None = None
     allowance: int | None = None
     version: int = field(default=CONFIG_VERSION)
 
@@ -169,8 +173,10 @@ class QTConfig:
         for name in ("include_frozen", "train_affine", "standardize"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be a bool, got {getattr(self, name)!r}.")
-        if self.row_scales is not None and not isinstance(self.row_scales, bool):
-            raise ConfigError(f"row_scales must be a bool or None, got {self.row_scales!r}.")
+        for name in ("row_scales", "hashed_vectors"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, bool):
+                raise ConfigError(f"{name} must be a bool or None, got {v!r}.")
         if not isinstance(self.values, str):
             raise ConfigError(f"values must be a source name, got {self.values!r}.")
         if not isinstance(self.backend, str):

@@ -45,6 +45,8 @@ MIN_QUBITS, MAX_QUBITS = 4, 12
 MAX_QNN_WORK = 1 << 24  # n * L * 2**n gate-amplitude updates per forward pass
 # Per-row scales are used while they cost at most this share of the budget left for them.
 ROW_SCALE_SHARE = 0.25
+# Vectors (biases, norms) stay exact while they cost at most this share of the budget.
+EXACT_VECTOR_SHARE = 0.5
 # The smallest shared-value allowance the scheme accepts (below it, nothing is learned).
 MIN_VALUES = 16
 
@@ -81,6 +83,7 @@ class HashedGenerator(Generator):
         n_layers: QNN layers.
         allowance: Parameters the source may use (the table's size; the MPS's bond dimension).
         row_scales: One scale per matrix row (``True``) or per tensor.
+        hashed_vectors: Vectors are hashed too (a scale and an offset each) instead of exact.
         backend: QNN simulator backend.
         seed: Seeds the hash, the QNN angles and the source.
     """
@@ -96,6 +99,7 @@ class HashedGenerator(Generator):
         n_layers: int,
         allowance: int,
         row_scales: bool = True,
+        hashed_vectors: bool = False,
         backend: str = "qsim",
         seed: int = 0,
     ) -> None:
@@ -109,16 +113,23 @@ class HashedGenerator(Generator):
         self.chunk = max(1, math.ceil(self.total / self.buckets))  # weights per value, on average
         self.row_scales = bool(row_scales)
         self.views = [row_view(s.shape) for s in layout.specs]
-        self.is_matrix = [rows > 1 for rows, _ in self.views]
+        self.hashed_vectors = bool(hashed_vectors)
+        self.is_vector = [rows <= 1 for rows, _ in self.views]
+        self.is_hashed = [not v or self.hashed_vectors for v in self.is_vector]
         self.scales = nn.ParameterList()
         self.exact = nn.ParameterList()
-        self._slot: list[int] = []  # index into scales (matrices) or exact (vectors)
+        self.offsets = nn.ParameterList()  # one per hashed vector: biases and norms have a mean
+        self._slot: list[int] = []  # index into scales (hashed) or exact (exact vectors)
+        self._offset_slot: dict[int, int] = {}
         codes = []
         for t, (s, (rows, _)) in enumerate(zip(layout.specs, self.views, strict=True)):
-            if self.is_matrix[t]:
+            if self.is_hashed[t]:
                 self._slot.append(len(self.scales))
                 self.scales.append(nn.Parameter(torch.ones(rows if self.row_scales else 1)))
                 codes.append(hash_codes(seed, t, s.numel, self.buckets))
+                if self.is_vector[t]:
+                    self._offset_slot[t] = len(self.offsets)
+                    self.offsets.append(nn.Parameter(torch.zeros(1)))
             else:
                 self._slot.append(len(self.exact))
                 self.exact.append(nn.Parameter(torch.zeros(s.numel)))
@@ -154,12 +165,12 @@ class HashedGenerator(Generator):
         qnn = src if self.values_kind == "qnn" else 0
 
         def count(ps: nn.ParameterList) -> int:
-            return sum(p.numel() for p in ps if p.requires_grad)
+            return sum(p.numel() for p in ps)  # scales are frozen during phase 1 only
 
         counts = {
             "qnn": qnn,
             "mapping": src - qnn,
-            "affine": count(self.scales) + count(self.exact),
+            "affine": count(self.scales) + count(self.exact) + count(self.offsets),
         }
         counts["total"] = sum(counts.values())
         return counts
@@ -172,13 +183,16 @@ class HashedGenerator(Generator):
 
     def _tensor(self, signed: torch.Tensor, t: int) -> torch.Tensor:
         spec, slot = self.layout.specs[t], self._slot[t]
-        if not self.is_matrix[t]:
+        if not self.is_hashed[t]:
             return self.exact[slot].reshape(spec.shape)
         codes: torch.Tensor = self._codes  # type: ignore[assignment]
         a, b = self._code_starts[slot], self._code_starts[slot + 1]
         rows, cols = self.views[t]
         w = signed.index_select(0, codes[a:b]).view(rows, cols)  # (rows, cols)
-        return (w * self.scales[slot][:, None]).reshape(spec.shape)
+        w = w * self.scales[slot][:, None]
+        if t in self._offset_slot:
+            w = w + self.offsets[self._offset_slot[t]]
+        return w.reshape(spec.shape)
 
     def _generate_list(self) -> list[torch.Tensor]:
         signed = self.signed_values()
@@ -228,8 +242,11 @@ class HashedGenerator(Generator):
         """
         check_pretrained(pretrained, self.total)
         for t, s in enumerate(self.layout.specs):
-            if not self.is_matrix[t]:
-                self.exact[self._slot[t]].copy_(pretrained[s.offset : s.offset + s.numel])
+            part = pretrained[s.offset : s.offset + s.numel]
+            if not self.is_hashed[t]:
+                self.exact[self._slot[t]].copy_(part)
+            elif t in self._offset_slot:
+                self.offsets[self._offset_slot[t]].fill_(float(part.double().mean()))
         table = getattr(self.source, "table", None)
         if isinstance(table, nn.Parameter):
             table.copy_(self._least_squares_values(pretrained))
@@ -239,11 +256,11 @@ class HashedGenerator(Generator):
         """Per-bucket mean of ``sign * w / rms(row)``: the table that best fits the weights."""
         codes: torch.Tensor = self._codes  # type: ignore[assignment]
         total = torch.zeros(2 * self.buckets, dtype=torch.float64)
-        for t, s in enumerate(self.layout.specs):
-            if not self.is_matrix[t]:
+        for t in range(len(self.layout.specs)):
+            if not self.is_hashed[t]:
                 continue
             slot = self._slot[t]
-            w = pretrained[s.offset : s.offset + s.numel].double().view(self.views[t])
+            w = self._centred_goal(pretrained, t).double()
             u = w / w.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-12)
             a, b = self._code_starts[slot], self._code_starts[slot + 1]
             total.index_add_(0, codes[a:b], u.reshape(-1))
@@ -260,7 +277,7 @@ class HashedGenerator(Generator):
         """
         weights = []
         for t, s in enumerate(self.layout.specs):
-            if self.is_matrix[t]:
+            if self.is_hashed[t]:
                 part = pretrained[s.offset : s.offset + s.numel]
                 weights.append((t, part.view(s.shape), 1.0 / float(part.pow(2).sum() + 1e-12)))
         for p in self.scales:
@@ -297,11 +314,13 @@ class HashedGenerator(Generator):
         signed = self.signed_values()
         changed = []
         for t, s in enumerate(self.layout.specs):
-            if not self.is_matrix[t]:
+            if not self.is_hashed[t]:
                 continue
             slot = self._slot[t]
-            goal = pretrained[s.offset : s.offset + s.numel].view(self.views[t]).float()
+            goal = self._centred_goal(pretrained, t).float()
             have = self._tensor(signed, t).reshape(self.views[t])
+            if t in self._offset_slot:
+                have = have - self.offsets[self._offset_slot[t]]
             dims = 1 if self.row_scales else (0, 1)
             want_rms = goal.pow(2).mean(dims).sqrt()
             have_rms = have.pow(2).mean(dims).sqrt().clamp_min(1e-12)
@@ -310,6 +329,14 @@ class HashedGenerator(Generator):
             self.scales[slot].mul_((want_rms / have_rms).reshape(-1))
             changed.append(s.name)
         return changed
+
+    def _centred_goal(self, pretrained: torch.Tensor, t: int) -> torch.Tensor:
+        """Tensor ``t``'s pretrained ``(rows, cols)`` view, less its offset if it has one."""
+        s = self.layout.specs[t]
+        goal = pretrained[s.offset : s.offset + s.numel].view(self.views[t])
+        if t in self._offset_slot:
+            goal = goal - self.offsets[self._offset_slot[t]].detach()
+        return goal
 
     def revive(self, pretrained: torch.Tensor) -> list[str]:
         """A dead student's rows get their pretrained spread back (see :meth:`match_spread`)."""
@@ -325,22 +352,27 @@ class HashedGenerator(Generator):
         )
 
 
-def hashed_fixed_cost(layout: Layout, row_scales: bool) -> int:
-    """Parameters the hashed scheme spends outside the source: exact vectors and scales."""
+def hashed_fixed_cost(layout: Layout, row_scales: bool, hashed_vectors: bool) -> int:
+    """Parameters the hashed scheme spends outside the source: vectors and scales."""
     cost = 0
     for s in layout.specs:
         rows, _ = row_view(s.shape)
-        cost += s.numel if rows <= 1 else (rows if row_scales else 1)
+        if rows <= 1:
+            cost += 2 if hashed_vectors else s.numel  # a scale and an offset, or exact
+        else:
+            cost += rows if row_scales else 1
     return cost
 
 
 def resolve_hashed(
     config: QTConfig, layout: Layout, pretrained: torch.Tensor | None = None
 ) -> QTConfig:
-    """Fix the hashed scheme's sizes for ``layout``: scales, qubits, layers from the budget.
+    """Fix the hashed scheme's sizes for ``layout``: vectors, scales, qubits, layers.
 
-    The budget pays for the exact vectors first, then per-row scales (per-tensor scales where
-    rows would take more than :data:`ROW_SCALE_SHARE` of what is left), then the source: the
+    The budget pays for the vectors first: exact while they cost at most
+    :data:`EXACT_VECTOR_SHARE` of it (a streaming LSTM's gate biases are 0.7% of M), hashed
+    with a scale and an offset each otherwise; then per-row scales (per-tensor scales where
+    rows would take more than :data:`ROW_SCALE_SHARE` of what is left); then the source: the
     QNN gets ``n = round(log2(allowance))`` qubits (within 4..12) and as many layers as the
     allowance buys (``n * L`` angles), up to :data:`MAX_QNN_WORK`.
 
@@ -351,24 +383,34 @@ def resolve_hashed(
     if config.allowance is not None:  # already resolved (a generator file's config)
         return config
     allowed = config.budget_params(layout.total)
-    vectors = hashed_fixed_cost(layout, row_scales=False) - sum(
-        1 for s in layout.specs if row_view(s.shape)[0] > 1
-    )
+    vectors = sum(s.numel for s in layout.specs if row_view(s.shape)[0] <= 1)
+    hashed_vectors = config.hashed_vectors
+    if hashed_vectors is None:
+        hashed_vectors = vectors > EXACT_VECTOR_SHARE * allowed
     rows = config.row_scales
     if rows is None:
-        row_cost = hashed_fixed_cost(layout, True) - vectors
-        rows = row_cost <= ROW_SCALE_SHARE * max(0, allowed - vectors)
-    allowance = allowed - hashed_fixed_cost(layout, rows)
+        base = hashed_fixed_cost(layout, False, hashed_vectors)
+        row_cost = hashed_fixed_cost(layout, True, hashed_vectors) - base
+        rows = row_cost <= ROW_SCALE_SHARE * max(0, allowed - base)
+    allowance = allowed - hashed_fixed_cost(layout, rows, hashed_vectors)
     if allowance < MIN_VALUES:
-        smallest = hashed_fixed_cost(layout, False) + MIN_VALUES
+        smallest = hashed_fixed_cost(layout, False, True) + MIN_VALUES
         raise ConfigError(
             f"A budget of {allowed:,} parameters is below the smallest hashed generator for "
-            f"this model ({smallest:,} = {smallest / layout.total:.3%} of M: its biases and "
-            "norms are kept exact); raise --budget or leave tensors classical with --exclude."
+            f"this model ({smallest:,} = {smallest / layout.total:.3%} of M: a scale per "
+            "tensor and 16 shared values); raise --budget or leave tensors classical with "
+            "--exclude."
         )
     n = config.n_qubits
     if n is None:
         n = min(MAX_QUBITS, max(MIN_QUBITS, round(math.log2(allowance))))
     layers = max(1, allowance // n)
     layers = min(layers, max(1, MAX_QNN_WORK // (n * 2**n)))
-    return replace(config, n_qubits=n, n_layers=layers, row_scales=rows, allowance=allowance)
+    return replace(
+        config,
+        n_qubits=n,
+        n_layers=layers,
+        row_scales=rows,
+        hashed_vectors=hashed_vectors,
+        allowance=allowance,
+    )

@@ -182,10 +182,11 @@ def _register_builtin() -> None:
             n_layers=c.n_layers,
             allowance=int(c.allowance or 1),
             row_scales=bool(c.row_scales),
+            hashed_vectors=bool(c.hashed_vectors),
             backend=c.backend,
             seed=c.seed,
         ),
-        fields={"values", "n_qubits", "n_layers", "row_scales", "allowance"},
+        fields={"values", "n_qubits", "n_layers", "row_scales", "hashed_vectors", "allowance"},
         summary="every weight a signed, scaled shared value from the QNN (0.05-5% of M)",
     )
 

@@ -85,6 +85,7 @@ _CONFIG_SPEC = Obj(
         "seed": Int(min=0, max=limits.MAX_SEED),
         "values": Str(max_len=64),
         "row_scales": OneOf((Null(), Bool())),
+        "hashed_vectors": OneOf((Null(), Bool())),
         "allowance": _OPT_INT,
         "version": Int(),
     },
@@ -215,6 +216,7 @@ def mapping_description(generator: nn.Module, config: QTConfig) -> dict[str, Any
             "values": g.values_kind,
             "buckets": int(g.buckets),
             "row_scales": bool(g.row_scales),
+            "hashed_vectors": bool(g.hashed_vectors),
         }
     if scheme != "flat":
         # The rows scheme has its own MLP body (no MPS) and a per-row feature of width rank.

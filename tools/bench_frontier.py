@@ -1,0 +1,238 @@
+"""The frontier: fidelity against generator bytes at 0.1-1% of M, QT against its controls.
+
+For suite models (``tools/suite.py``) and budgets, every arm is the hashed generator
+(:mod:`qtcompress.generator.hashed`) with the identical structure (the same hash, the same
+per-row or per-tensor scales, the same exact vectors), differing only in where the shared
+values come from (:mod:`qtcompress.generator.values`):
+
+* ``qnn``: Quantum-Train, the values are ``2**n p - 1`` of a trained n-qubit circuit (qsim);
+* ``table``: a free trainable table with the QNN's parameter count: HashedNets at equal bytes;
+* ``mps``: a real MPS Born machine over the index bits with (at most) the QNN's parameter count;
+* ``frozen``: a probability vector drawn once, never trained;
+* ``zeros``: the probability channel removed (every value -1: signs and scales only).
+
+Each arm is fine-tuned by the same distillation recipe (:meth:`QTModel.finetune`: warm-up,
+clipping, cosine decay, best probe state) for the same steps, with the same learning rate,
+and scored against the original on held-out inputs; the generator file of each arm is written
+(without the ONNX graph and check batch, which are the same for every arm) and its bytes
+reported next to the checkpoint's.
+
+Run: ``python tools/bench_frontier.py --shard 0/2 & python tools/bench_frontier.py --shard 1/2``
+(results appended to ``build/frontier/*.jsonl``), then ``python tools/bench_frontier.py
+--report`` to write the section of docs/benchmarks.md. Threads: one torch thread per process.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from collections import defaultdict  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchdoc import machine, write_section  # noqa: E402
+from suite import load_entry  # noqa: E402
+
+from qtcompress import QTConfig, compress  # noqa: E402
+from qtcompress.errors import ConfigError  # noqa: E402
+
+OUT = Path(__file__).resolve().parents[1] / "build" / "frontier"
+MODELS = ("cnn", "rnn", "encoder")
+BUDGETS = (0.001, 0.005, 0.01)
+# (arm, seeds): the QNN and its two trained rivals on two seeds, the untrained controls on one.
+ARMS = (("qnn", (0, 1)), ("table", (0, 1)), ("mps", (0, 1)), ("frozen", (0,)), ("zeros", (0,)))
+STEPS, LR = 300, 1e-2
+
+
+def grid() -> list[tuple[str, float, str, int, float]]:
+    """Every run: (model, budget, arm, seed, learning rate); plus a learning-rate sweep."""
+    def main(m: str) -> list[tuple[str, float, str, int, float]]:
+        return [(m, b, a, s, LR) for b in BUDGETS for a, seeds in ARMS for s in seeds]
+
+    # The cheap models and the sweep first: a run cut short still has whole tables.
+    sweep = [("cnn", 0.005, a, 0, lr) for a in ("qnn", "table", "mps") for lr in (3e-3, 3e-2)]
+    return main("cnn") + sweep + [r for m in MODELS[1:] for r in main(m)]
+
+
+def run_one(model: str, budget: float, arm: str, seed: int, lr: float) -> dict[str, Any]:
+    """Compress, fine-tune and score one arm; returns the row written to the jsonl file."""
+    entry = load_entry(model, log=lambda _s: None)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    config = QTConfig(scheme="hashed", budget=budget, values=arm, seed=seed)
+    try:
+        qt = compress(entry.model, config)
+    except ConfigError as exc:  # below the smallest hashed generator of this model
+        return {
+            "model": model,
+            "budget": budget,
+            "arm": arm,
+            "seed": seed,
+            "lr": lr,
+            "error": str(exc),
+        }
+    labels = entry.test_labels
+    start = qt.evaluate(entry.test_inputs, labels).headline
+    qt.finetune(entry.train_inputs, steps=STEPS, lr=lr, progress=False)
+    fid = qt.evaluate(entry.test_inputs, labels)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = qt.save(Path(tmp) / "g.qtc.safetensors")
+        file_bytes = path.stat().st_size
+    c = qt.generator.parameter_counts()
+    return {
+        "model": model,
+        "budget": budget,
+        "arm": arm,
+        "seed": seed,
+        "lr": lr,
+        "steps": STEPS,
+        "weights": qt.layout.total,
+        "params": c["total"],
+        "source_params": c["qnn"] + c["mapping"],
+        "buckets": int(qt.generator.buckets),
+        "qubits": qt.generator.n_qubits,
+        "layers": qt.generator.ansatz.n_layers,
+        "start": start,
+        "headline": fid.headline,
+        "metric": fid.headline_name,
+        "accuracy": fid.accuracy,
+        "degenerate": fid.degenerate,
+        "file_bytes": file_bytes,
+        "checkpoint_bytes": entry.checkpoint.stat().st_size,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _fmt(values: list[float], metric: str) -> str:
+    scale, unit = (100.0, "%") if metric == "agreement" else (1.0, "")
+    m = statistics.fmean(values) * scale
+    if len(values) == 1:
+        return f"{m:.1f}{unit}" if unit else f"{m:.3f}"
+    sd = statistics.stdev(values) * scale
+    return f"{m:.1f} ± {sd:.1f}{unit}" if unit else f"{m:.3f} ± {sd:.3f}"
+
+
+def report(rows: list[dict[str, Any]]) -> str:
+    """The markdown section: one table per model, arms side by side per budget."""
+    lines = [
+        f"Measured {machine()}; `python tools/bench_frontier.py` (two shards, one torch thread "
+        f"each), {STEPS} distillation steps per arm, peak learning rate {LR} unless marked. "
+        "Every arm is the hashed generator with the same hash, scales and exact vectors; only the "
+        "shared values differ. Mean ± standard deviation over the seeds run (n in brackets). "
+        "File bytes: the generator file without ONNX graph and check batch (those add the same "
+        "for every arm); ratio = checkpoint bytes / file bytes.",
+        "",
+    ]
+    below = {(r["model"], r["budget"]) for r in rows if "error" in r}
+    rows = [r for r in rows if "error" not in r]
+    main = [r for r in rows if r["lr"] == LR]
+    by: dict[tuple[str, float, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in main:
+        by[(r["model"], r["budget"], r["arm"])].append(r)
+    arms = [a for a, _ in ARMS]
+    for model in MODELS:
+        some = [r for r in main if r["model"] == model]
+        if not some:
+            continue
+        metric = some[0]["metric"]
+        lines += [
+            f"**{model}** ({some[0]['weights']:,} weights, checkpoint "
+            f"{some[0]['checkpoint_bytes']:,} B; {metric} with the original)",
+            "",
+            "| budget | params (QNN: qubits x layers) | file bytes (ratio) | "
+            + " | ".join(arms)
+            + " |",
+            "|---|---|---|" + "---|" * len(arms),
+        ]
+        for b in BUDGETS:
+            q = by.get((model, b, "qnn"))
+            if not q:
+                if (model, b) in below:
+                    lines.append(f"| {b:.1%} | below the smallest hashed generator | | |")
+                continue
+            cells = []
+            for a in arms:
+                rs = by.get((model, b, a), [])
+                cells.append(
+                    f"{_fmt([r['headline'] for r in rs], metric)} ({len(rs)})" if rs else "-"
+                )
+            r0 = q[0]
+            ratio = r0["checkpoint_bytes"] / r0["file_bytes"]
+            lines.append(
+                f"| {b:.1%} | {r0['params']:,} ({r0['qubits']} x {r0['layers']}) | "
+                f"{r0['file_bytes']:,} ({ratio:.0f}x) | " + " | ".join(cells) + " |"
+            )
+        lines.append("")
+    sweep = sorted(
+        (r for r in rows if r["model"] == "cnn" and r["budget"] == 0.005 and r["seed"] == 0),
+        key=lambda r: (r["arm"], r["lr"]),
+    )
+    if sweep:
+        lines += [
+            "Learning-rate sweep, cnn at 0.5% of M, seed 0:",
+            "",
+            "| arm | " + " | ".join(f"lr {lr:g}" for lr in (3e-3, LR, 3e-2)) + " |",
+            "|---|---|---|---|",
+        ]
+        for arm in ("qnn", "table", "mps"):
+            got = {r["lr"]: r["headline"] for r in sweep if r["arm"] == arm}
+            cells = [f"{got[lr]:.1%}" if lr in got else "-" for lr in (3e-3, LR, 3e-2)]
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a shard of the grid, or write the report from the results so far."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shard", default="0/1", help="i/n: run every n-th run from i")
+    ap.add_argument("--report", action="store_true", help="write docs/benchmarks.md and stop")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    OUT.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        rows = [json.loads(line) for f in sorted(OUT.glob("*.jsonl")) for line in f.open()]
+        md = report(rows)
+        print(md)
+        write_section("bench_frontier", "Frontier: fidelity against generator bytes", md)
+        return 0
+    i, n = (int(x) for x in args.shard.split("/"))
+    done = set()
+    out = OUT / f"shard{i}of{n}.jsonl"
+    if out.exists():
+        for line in out.open():
+            r = json.loads(line)
+            done.add((r["model"], r["budget"], r["arm"], r["seed"], r["lr"]))
+    for k, run in enumerate(grid()):
+        if k % n != i or run in done:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            row = run_one(*run)
+        if "error" in row:
+            print(f"{run}: {row['error']}", flush=True)
+        else:
+            print(
+                f"{run}: {row['metric']} {row['headline']:.4f} (start {row['start']:.4f}), "
+                f"{row['params']:,} params, {row['file_bytes']:,} B, {row['seconds']:.0f} s",
+                flush=True,
+            )
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
