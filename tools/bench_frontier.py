@@ -59,6 +59,7 @@ STEPS, LR = 300, 1e-2
 
 def grid() -> list[tuple[str, float, str, int, float]]:
     """Every run: (model, budget, arm, seed, learning rate); plus a learning-rate sweep."""
+
     def main(m: str) -> list[tuple[str, float, str, int, float]]:
         return [(m, b, a, s, LR) for b in BUDGETS for a, seeds in ARMS for s in seeds]
 

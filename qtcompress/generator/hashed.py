@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from qtcompress import limits
 from qtcompress.errors import ConfigError
 from qtcompress.generator.common import Generator, check_pretrained
 from qtcompress.generator.ranks import row_view
@@ -374,7 +375,8 @@ def resolve_hashed(
     with a scale and an offset each otherwise; then per-row scales (per-tensor scales where
     rows would take more than :data:`ROW_SCALE_SHARE` of what is left); then the source: the
     QNN gets ``n = round(log2(allowance))`` qubits (within 4..12) and as many layers as the
-    allowance buys (``n * L`` angles), up to :data:`MAX_QNN_WORK`.
+    allowance buys (``n * L`` angles), up to :data:`MAX_QNN_WORK` and
+    :data:`qtcompress.limits.MAX_LAYERS` (past those the budget is not all spent).
 
     Raises:
         ConfigError: The budget leaves fewer than :data:`MIN_VALUES` parameters for the source.
@@ -405,7 +407,7 @@ def resolve_hashed(
     if n is None:
         n = min(MAX_QUBITS, max(MIN_QUBITS, round(math.log2(allowance))))
     layers = max(1, allowance // n)
-    layers = min(layers, max(1, MAX_QNN_WORK // (n * 2**n)))
+    layers = min(layers, max(1, MAX_QNN_WORK // (n * 2**n)), limits.MAX_LAYERS)
     return replace(
         config,
         n_qubits=n,
