@@ -139,6 +139,7 @@ class QTModel:
             # hashed: exact vectors and every row's pretrained spread.
             self.generator.init_from_pretrained(self.pretrained)
         self.revived: list[str] = []  # tensors whose spread finetune() had to restore
+        self.storage = "float32"  # how save() stores the generator (see round_to)
         self._training = model.training
         self._requires_grad = {
             n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)
@@ -330,6 +331,18 @@ class QTModel:
             p.requires_grad_(self._requires_grad[name])
         return out.train(self._training)
 
+    def round_to(self, storage: str) -> None:
+        """Round the generator's parameters to what a file stores as ``storage``.
+
+        ``"float16"`` or ``"int8"`` (one scale per tensor; :mod:`qtcompress.io.storage`);
+        :meth:`save` then writes them in that encoding. Evaluate after rounding: the file's
+        network is the rounded one. ``"float32"`` only sets how files are written.
+        """
+        from qtcompress.io.storage import round_parameters
+
+        round_parameters(self.generator, storage)
+        self.storage = storage
+
     def save(self, path: str | os.PathLike[str], **kwargs: Any) -> Path:
         """Write the generator file; :func:`load` reads it back (see :func:`save_generator`).
 
@@ -343,6 +356,7 @@ class QTModel:
         """
         from qtcompress.io.generator_save import save_generator
 
+        kwargs.setdefault("storage", self.storage)
         return save_generator(self, path, **kwargs)
 
     def report(self) -> CompressionReport:
@@ -400,6 +414,7 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> Genera
     if model is None:
         return stored
     qt = QTModel(model, stored.config, generator=stored.generator.train())
+    qt.storage = stored.metadata.get("storage", "float32")
     for name, value in stored.classical.items():
         if name in qt.functional.buffers:  # re-estimated statistics; parameters come from model
             qt.functional.buffers[name].copy_(value)

@@ -37,6 +37,7 @@ from qtcompress.errors import ConfigError
 from qtcompress.examples import Split
 from qtcompress.io.arrays import check_label_range
 from qtcompress.io.atomic import OutputRecord, check_writable_dir
+from qtcompress.io.storage import check_storage
 from qtcompress.onnx.export import dynamic_shapes
 from qtcompress.summary import PipelineResult, shape_of, summary_rows
 from qtcompress.targets import kinds_summary
@@ -68,6 +69,9 @@ class PipelineSettings:
         progress: Show progress bars.
         report: Also write plots and a Markdown report (needs matplotlib).
         latency_repeats: Timed runs per latency figure.
+        storage: How the generator file stores the generator's parameters: ``"auto"`` (the
+            smallest of int8, float16, float32 whose rounded generator keeps the fine-tuned
+            fidelity within :data:`STORAGE_TOLERANCE`), or one of them.
     """
 
     fit_steps: int = 100
@@ -85,6 +89,7 @@ class PipelineSettings:
     progress: bool = False
     report: bool = False
     latency_repeats: int = 50
+    storage: str = "auto"
 
     def __post_init__(self) -> None:
         from qtcompress import limits
@@ -102,8 +107,45 @@ class PipelineSettings:
                     f"{name} must be a positive number, got {value!r}; pass "
                     f"--{name.replace('_', '-')} > 0."
                 )
+        if self.storage != "auto":
+            check_storage(self.storage)
         if self.mode not in ("distill", "supervised"):
             raise ConfigError(f"Unknown mode {self.mode!r}; choose 'distill' or 'supervised'.")
+
+
+# The most a rounded generator may lose of the fine-tuned headline fidelity (agreement,
+# cosine or correlation) for its storage to be chosen by "auto".
+STORAGE_TOLERANCE = 0.005
+
+
+def choose_storage(
+    qt: QTModel,
+    evaluate: Callable[[], Fidelity],
+    fidelity: Fidelity,
+    storage: str,
+    log: Callable[[str], None],
+) -> str:
+    """Round the generator to the storage its file will use; returns a note for the summary.
+
+    ``"auto"`` tries int8, then float16, and keeps the first whose regenerated network keeps the
+    headline fidelity within :data:`STORAGE_TOLERANCE` of float32's on the held-out inputs (the
+    same inputs the summary reports: a check of three candidates, not a search); otherwise the
+    generator stays float32. A named storage is applied as asked.
+    """
+    if storage != "auto":
+        if storage != "float32":
+            qt.round_to(storage)
+        return "as asked"
+    snapshot = {k: v.clone() for k, v in qt.generator.state_dict().items()}
+    for candidate in ("int8", "float16"):
+        qt.round_to(candidate)
+        after = evaluate()
+        if not after.degenerate and after.headline >= fidelity.headline - STORAGE_TOLERANCE:
+            log(f"storage: {candidate} ({after.describe()})")
+            return f"{fidelity.headline_name} {fidelity.headline:.4f} before rounding"
+        qt.generator.load_state_dict(snapshot)
+        qt.storage = "float32"
+    return f"int8 and float16 lost more than {STORAGE_TOLERANCE} {fidelity.headline_name}"
 
 
 def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
@@ -264,6 +306,8 @@ def run_pipeline(
         finetune_s, histories[f"phase 2: fine-tune ({settings.mode})"] = r2.elapsed_s, r2.history
     fid2 = evaluate()
     log(f"phase 2: {fid2.describe()}")
+    storage_note = choose_storage(qt, evaluate, fid2, settings.storage, log)
+    fid2 = evaluate() if qt.storage != "float32" else fid2  # the shipped, rounded generator
     warnings = [f"phase 2: {w}" for w in fid2.warnings()]
     if settings.finetune_steps > 0 and r2.skipped_steps:
         warnings.append(
@@ -305,6 +349,7 @@ def run_pipeline(
             dynamic_axes=settings.dynamic_axes,
             exported=proto,
             materialized=student,
+            storage=qt.storage,
         )
         record.wrote("generator")
         export = export_onnx(
@@ -345,6 +390,7 @@ def run_pipeline(
             onnx_path,
             out,
             log,
+            storage_note=storage_note,
         )
 
 
@@ -376,6 +422,8 @@ def _finish(
     onnx_path: Path,
     out: Path,
     log: Callable[[str], None],
+    *,
+    storage_note: str = "",
 ) -> PipelineResult:
     """Summarise a run whose files are written, and record it as complete."""
     log(
@@ -443,6 +491,7 @@ def _finish(
             title=f"qtcompress report: {name}",
         )
         files["report"] = str(report)
+    result.storage, result.storage_note = qt.storage, storage_note
     result.total_s = time.perf_counter() - start
     record.complete({k: v for k, v in asdict(result).items() if k != "histories"})
     return result

@@ -51,6 +51,8 @@ class PipelineResult:
     total_s: float
     files: dict[str, str]
     histories: dict[str, list[float]] = field(default_factory=dict, repr=False)
+    storage: str = "float32"
+    storage_note: str = ""
 
 
 def shape_of(qt: QTModel) -> str:
@@ -58,7 +60,8 @@ def shape_of(qt: QTModel) -> str:
     if qt.config.scheme == "hashed":
         g: Any = qt.generator
         scales = "row" if g.row_scales else "tensor"
-        return f"{g.buckets} shared values from {g.values_kind}, {scales} scales, exact vectors"
+        vectors = "hashed" if g.hashed_vectors else "exact"
+        return f"{g.buckets} shared values from {g.values_kind}, {scales} scales, {vectors} vectors"
     if qt.config.scheme == "rows":
         ranks = [k for k in qt.config.ranks or () if k > 0]
         return (
@@ -99,6 +102,7 @@ def summary_rows(r: PipelineResult) -> dict[str, str]:
         "generated tensors": ", ".join(
             f"{k} {n} ({v:,})" for k, (n, v) in r.generated_kinds.items()
         ),
+        "generator storage": r.storage + (f" ({r.storage_note})" if r.storage_note else ""),
         "checkpoint file": _size(r.checkpoint_bytes),
         "generator file": _size(r.generator_file_bytes),
         "ONNX file": _size(r.onnx_bytes),

@@ -308,6 +308,7 @@ def _settings_from_args(args: argparse.Namespace) -> Any:
         device=args.device,
         progress=not args.json and not args.no_progress and sys.stderr.isatty(),
         report=args.report,
+        storage=args.storage,
     )
 
 

@@ -105,7 +105,7 @@ class FrozenValues(ValueSource):
         g = torch.Generator().manual_seed(seed)
         self.n_qubits, self.n_values = n_qubits, 2**n_qubits
         p = torch.randn(self.n_values, generator=g) ** 2
-        self.register_buffer("_values", p / p.sum() * float(self.n_values) - 1.0)
+        self.register_buffer("_values", p / p.sum() * float(self.n_values) - 1.0, persistent=False)
 
     def forward(self) -> torch.Tensor:
         """The shared values, ``(n_values,)`` float32."""
@@ -119,7 +119,7 @@ class ZeroValues(ValueSource):
     def __init__(self, n_qubits: int) -> None:
         super().__init__()
         self.n_qubits, self.n_values = n_qubits, 2**n_qubits
-        self.register_buffer("_values", -torch.ones(self.n_values))
+        self.register_buffer("_values", -torch.ones(self.n_values), persistent=False)
 
     def forward(self) -> torch.Tensor:
         """The shared values, ``(n_values,)`` float32."""

@@ -34,6 +34,7 @@ from qtcompress.io.generator_metadata import (
 from qtcompress.io.schema import (
     validate,
 )
+from qtcompress.io.storage import decode
 from qtcompress.memory import check_generator_memory
 
 if TYPE_CHECKING:
@@ -143,7 +144,15 @@ def load_generator(path: str | os.PathLike[str]) -> GeneratorFile:
             f"{name}: weights_fingerprint names {sorted(prints)[:5]} do not match "
             f"the layout's tensors {layout.names()[:5]}; the file is corrupt."
         )
-    tensors = artifact.tensors
+    # Stored encodings back to float32 first: every later check sees the generator's own dtypes.
+    prefix = GENERATOR_PREFIX
+    decoded = decode(
+        {k[len(prefix) :]: v for k, v in artifact.tensors.items() if k.startswith(prefix)},
+        meta.get("storage", "float32"),
+        name,
+    )
+    tensors = {k: v for k, v in artifact.tensors.items() if not k.startswith(prefix)}
+    tensors.update({prefix + k: v for k, v in decoded.items()})
     ansatz = meta["ansatz"]
     # The sizes the file claims, then those its config implies, against the documented limits
     # and the memory available; `planned` is the generator on the meta device (no memory).
@@ -192,6 +201,8 @@ def load_generator(path: str | os.PathLike[str]) -> GeneratorFile:
         return [tensors[f"{prefix}{i}"] for i in range(len(names))]
 
     check_inputs, check_outputs = numbered(CHECK_INPUT_PREFIX), numbered(CHECK_OUTPUT_PREFIX)
+    if meta.get("check_inputs_float16"):  # stored in half precision, fed as float32
+        check_inputs = [t.float() if t.dtype == torch.float16 else t for t in check_inputs]
     nan = non_finite_names(
         {f"check.input.{i}": t for i, t in enumerate(check_inputs)}
         | {f"check.output.{i}": t for i, t in enumerate(check_outputs)}

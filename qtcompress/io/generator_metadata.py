@@ -137,7 +137,12 @@ GENERATOR_SCHEMA = Obj(
         "weights_sha256": Str(pattern="[0-9a-f]{64}"),
         "weights_fingerprint": MapOf(ListOf(Num(), min_len=2, max_len=2)),
     },
-    optional={"qtcompress_version": Str(max_len=64), "model": Json()},
+    optional={
+        "qtcompress_version": Str(max_len=64),
+        "model": Json(),
+        "storage": Str(choices=("float32", "float16", "int8")),
+        "check_inputs_float16": Bool(),
+    },
 )
 """Schema of the generator fields of a generator file's metadata (unknown fields are ignored)."""
 REQUIRED_FIELDS = ("config", "ansatz", "mapping", "layout", "weights_sha256", "weights_fingerprint")

@@ -25,6 +25,7 @@ from qtcompress.io.generator_metadata import (
     mapping_description,
     non_finite_names,
 )
+from qtcompress.io.storage import encode
 
 if TYPE_CHECKING:
     from qtcompress.config import QTConfig
@@ -66,6 +67,7 @@ def save_generator(
     dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
     exported: onnx.ModelProto | None = None,
     materialized: nn.Module | None = None,
+    storage: str = "float32",
 ) -> Path:
     """Write a compressed model's generator file (atomically, byte-reproducibly).
 
@@ -85,6 +87,10 @@ def save_generator(
             names; its skeleton is stored instead of exporting again.
         materialized: ``qt.materialize()`` made by the caller since the generator last
             changed: its weights are hashed and stored instead of generating them again.
+        storage: How the generator's parameters are stored (:mod:`qtcompress.io.storage`):
+            ``"float32"``, ``"float16"`` or ``"int8"``; the generator must already hold
+            rounded values (:meth:`qtcompress.QTModel.round_to`). Below float32 the check
+            batch's float32 inputs are stored as float16 too (outputs recorded on them).
 
     Returns:
         The written path.
@@ -109,6 +115,7 @@ def save_generator(
                 dynamic_axes=dynamic_axes,
                 exported=exported,
                 materialized=None,
+                storage=storage,
             )
     # The exporter's own input/output handling, so the recorded check batch lines up with the
     # ONNX graph's inputs and outputs.
@@ -130,7 +137,7 @@ def save_generator(
     generated_names = {n for s in qt.layout.specs for n in s.names}
     classical = {k: v for k, v in materialized.state_dict().items() if k not in generated_names}
     tensors: dict[str, torch.Tensor] = {
-        GENERATOR_PREFIX + k: v for k, v in generator.state_dict().items()
+        GENERATOR_PREFIX + k: v for k, v in encode(generator.state_dict(), storage).items()
     }
     tensors.update({CLASSICAL_PREFIX + k: v for k, v in classical.items()})
     metadata: dict[str, Any] = {
@@ -142,10 +149,14 @@ def save_generator(
         "weights_sha256": sha256_of_tensors(generated),
         "weights_fingerprint": fingerprint(generated),
         "model": dict(model_info or {}),
+        "storage": storage,
     }
     skeleton = None
     if example_inputs is not None:
         inputs = as_example_tuple(example_inputs)
+        if storage != "float32":  # a half-precision check batch; outputs recorded on it
+            inputs = tuple(half_check_input(t) for t in inputs)
+            metadata["check_inputs_float16"] = True
         bad = non_finite_names({f"input {i}": t for i, t in enumerate(inputs)})
         if bad:
             raise NonFiniteError(
@@ -168,6 +179,15 @@ def save_generator(
             dynamic_axes=dynamic_axes,
             exported=exported,
         )
-        tensors.update({f"{CHECK_INPUT_PREFIX}{i}": t for i, t in enumerate(inputs)})
+        stored_inputs = [
+            t.half() if metadata.get("check_inputs_float16") and t.dtype == torch.float32 else t
+            for t in inputs
+        ]
+        tensors.update({f"{CHECK_INPUT_PREFIX}{i}": t for i, t in enumerate(stored_inputs)})
         tensors.update({f"{CHECK_OUTPUT_PREFIX}{i}": t for i, t in enumerate(outputs)})
     return save_artifact(path, tensors, metadata, skeleton=skeleton)
+
+
+def half_check_input(t: torch.Tensor) -> torch.Tensor:
+    """A float32 check input rounded to float16 values (still float32); others unchanged."""
+    return t.half().float() if t.dtype == torch.float32 else t
