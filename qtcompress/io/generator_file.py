@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,8 +57,12 @@ def _as_numpy(t: torch.Tensor, what: str) -> np.ndarray:
 
 
 def _flat_outputs(out: Any) -> list[torch.Tensor]:
-    """A model's outputs as a list of tensors (tensor, or tuple/list of tensors)."""
-    items = list(out) if isinstance(out, (tuple, list)) else [out]
+    """A model's outputs as a list of tensors (tensor, tuple/list, or a mapping such as a
+    Hugging Face ``ModelOutput``: its values in order, as the exporter flattens them)."""
+    if isinstance(out, Mapping):
+        items = list(out.values())
+    else:
+        items = list(out) if isinstance(out, (tuple, list)) else [out]
     if not all(isinstance(t, torch.Tensor) for t in items):
         raise FormatError(
             "The model's outputs are not tensors (or a tuple of tensors), so they "

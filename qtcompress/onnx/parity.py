@@ -46,17 +46,23 @@ def as_example_tuple(example_inputs: ExampleInputs) -> tuple[torch.Tensor, ...]:
 
 
 def flatten_outputs(out: Any) -> list[torch.Tensor]:
-    """A model's output as a list of tensors (a tensor, or a tuple/list of tensors).
+    """A model's output as a list of tensors (a tensor, a tuple/list or a mapping of tensors).
+
+    A mapping (a dict, a Hugging Face ``ModelOutput``, which leaves out its ``None`` fields)
+    gives its values in order: the order in which the exporter flattens it into graph outputs.
 
     Raises:
         ConfigError: Any other output structure.
     """
     if isinstance(out, torch.Tensor):
         return [out]
+    if isinstance(out, Mapping) and all(isinstance(o, torch.Tensor) for o in out.values()):
+        return list(out.values())
     if isinstance(out, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in out):
         return list(out)
     raise ConfigError(
-        f"Model output must be a tensor or a tuple/list of tensors, got {type(out).__name__}."
+        "Model output must be a tensor, or a tuple, list or mapping of tensors, got "
+        f"{type(out).__name__}."
     )
 
 
