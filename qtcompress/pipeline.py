@@ -20,7 +20,7 @@ import inspect
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ from qtcompress.io.atomic import OutputRecord, check_writable_dir
 from qtcompress.io.storage import check_storage
 from qtcompress.onnx.export import dynamic_shapes
 from qtcompress.summary import PipelineResult, shape_of, summary_rows
-from qtcompress.targets import kinds_summary
+from qtcompress.targets import kinds_summary, select_targets
 from qtcompress.train.objectives import Fidelity, infer_output_kind
 
 
@@ -72,6 +72,10 @@ class PipelineSettings:
         storage: How the generator file stores the generator's parameters: ``"auto"`` (the
             smallest of int8, float16, float32 whose rounded generator keeps the fine-tuned
             fidelity within :data:`STORAGE_TOLERANCE`), or one of them.
+        search: With ``min_fidelity`` and no size in the config (budget, rank, ranks, scheme
+            all default), search the budget for the smallest generator that reaches it
+            (:func:`search_budget`); ``False``: ``min_fidelity`` is only a check.
+        time_limit: Seconds the budget search may take before it keeps its best point.
     """
 
     fit_steps: int = 100
@@ -90,6 +94,8 @@ class PipelineSettings:
     report: bool = False
     latency_repeats: int = 50
     storage: str = "auto"
+    search: bool = True
+    time_limit: float = 1800.0
 
     def __post_init__(self) -> None:
         from qtcompress import limits
@@ -206,6 +212,202 @@ def positional_inputs(model: nn.Module, batch: Batch) -> tuple[tuple[torch.Tenso
     return tuple(args), (names or default)
 
 
+@dataclass
+class Trained:
+    """One generator compressed, fitted, fine-tuned and rounded to its storage."""
+
+    qt: QTModel
+    rep: Any
+    budget: str
+    fid1: Fidelity
+    fid2: Fidelity
+    phase1_error: float
+    histories: dict[str, list[float]]
+    fit_s: float
+    finetune_s: float
+    skipped_steps: int
+    storage_note: str
+
+
+def train_generator(
+    model: nn.Module,
+    config: QTConfig,
+    train: InputSource,
+    held_out: InputSource,
+    settings: PipelineSettings,
+    log: Callable[[str], None],
+) -> Trained:
+    """Compress, phase 1, phase 2 and storage rounding, measured on ``held_out``."""
+    qt: QTModel = compress(model, config, device=settings.device)
+    rep = qt.report()
+    budget = (
+        f"{qt.config.budget_params(rep.generated_weights):,} parameters"
+        if qt.config.scheme in ("rows", "hashed") and qt.config.rank is None
+        else "n/a"
+    )
+    log(
+        f"compressing {rep.generated_weights:,} weights with {rep.trainable:,} generator "
+        f"parameters ({rep.n_qubits} qubits x {rep.n_layers} layers, {shape_of(qt)})"
+    )
+
+    def evaluate() -> Fidelity:
+        return qt.evaluate(held_out, output=settings.output, output_kind=settings.output_kind)
+
+    histories: dict[str, list[float]] = {}
+    fit_s = finetune_s = 0.0
+    skipped = 0
+    if settings.fit_steps > 0:
+        r1 = qt.fit_weights(
+            steps=settings.fit_steps, lr=settings.fit_lr, progress=settings.progress
+        )
+        fit_s, histories["phase 1: reproduce weights"] = r1.elapsed_s, r1.history
+    phase1_error = qt.weight_errors()["_total"]
+    fid1 = evaluate()
+    log(f"phase 1: relative weight error {phase1_error:.3f}; {fid1.describe()}")
+    if settings.finetune_steps > 0:
+        r2 = qt.finetune(
+            train,
+            mode=settings.mode,
+            steps=settings.finetune_steps,
+            lr=settings.finetune_lr,
+            batch_size=settings.batch_size,
+            distill=settings.distill,
+            output=settings.output,
+            output_kind=fid1.kind,
+            progress=settings.progress,
+        )
+        finetune_s, histories[f"phase 2: fine-tune ({settings.mode})"] = r2.elapsed_s, r2.history
+        skipped = r2.skipped_steps
+    fid2 = evaluate()
+    log(f"phase 2: {fid2.describe()}")
+    storage_note = choose_storage(qt, evaluate, fid2, settings.storage, log)
+    fid2 = evaluate() if qt.storage != "float32" else fid2  # the shipped, rounded generator
+    return Trained(
+        qt,
+        rep,
+        budget,
+        fid1,
+        fid2,
+        phase1_error,
+        histories,
+        fit_s,
+        finetune_s,
+        skipped,
+        storage_note,
+    )
+
+
+# Budgets the search tries, smallest first (hashed scheme; see docs/benchmarks.md, frontier).
+SEARCH_BUDGETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05)
+# Share of the training examples held out to select the budget on (never reported on).
+VALIDATION_SHARE = 0.15
+
+
+def searching(config: QTConfig, settings: PipelineSettings) -> bool:
+    """Whether the run searches the budget: ``--min-fidelity`` without any size given."""
+    from qtcompress.config import QTConfig as Default
+
+    sized = (config.budget, config.rank, config.ranks, config.scheme) != (
+        None,
+        None,
+        None,
+        Default().scheme,
+    )
+    return settings.min_fidelity is not None and settings.search and not sized
+
+
+def search_budget(
+    model: nn.Module,
+    config: QTConfig,
+    train: InputSource,
+    settings: PipelineSettings,
+    log: Callable[[str], None],
+) -> tuple[Trained, list[dict[str, Any]]]:
+    """The smallest hashed generator whose fidelity on a validation split reaches the target.
+
+    Hashed generators of :data:`SEARCH_BUDGETS` of M, then the default generator of
+    ``config``, are tried smallest first, each trained on the training
+    examples less a seeded :data:`VALIDATION_SHARE` and measured on that share; the first that
+    reaches ``settings.min_fidelity`` there is kept. The held-out test split is never looked
+    at here (the caller reports on it). Past ``settings.time_limit`` seconds, or when no budget
+    reaches the target, the point with the best validation fidelity is kept (the caller then
+    reports the shortfall and exits 1).
+
+    Returns:
+        The kept run and one record per point tried (budget, parameters, validation fidelity,
+        storage, seconds), for ``summary.json``.
+    """
+    assert settings.min_fidelity is not None
+    fit_part, validation = train.split(VALIDATION_SHARE, config.seed)
+    log(
+        f"searching the smallest generator with fidelity >= {settings.min_fidelity} on a "
+        f"validation split ({VALIDATION_SHARE:.0%} of the training examples, seed "
+        f"{config.seed}); time limit {settings.time_limit:.0f} s"
+    )
+    start = time.perf_counter()
+    points: list[dict[str, Any]] = []
+    best: Trained | None = None
+    # The hashed budgets, then the default generator (models too small for the hashed ones).
+    candidates = [replace(config, scheme="hashed", budget=b) for b in SEARCH_BUDGETS] + [config]
+    layout = select_targets(
+        model, config.target, config.exclude, include_frozen=config.include_frozen
+    )
+    seen: set[tuple[Any, ...]] = set()
+    for candidate in candidates:
+        t0 = time.perf_counter()
+        budget = candidate.budget
+        try:
+            resolved = candidate.resolve(layout)
+        except ConfigError as exc:  # below this model's smallest hashed generator
+            log(f"budget {budget}: skipped ({exc})")
+            continue
+        # The QNN's size is capped: larger budgets can resolve to the generator just tried.
+        shape: tuple[Any, ...] = (resolved.scheme, resolved.n_qubits, resolved.n_layers)
+        shape += (resolved.row_scales, resolved.hashed_vectors, resolved.ranks)
+        if shape in seen:
+            log(f"budget {budget}: the same generator as a smaller budget; skipped")
+            continue
+        seen.add(shape)
+        try:
+            trained = train_generator(model, candidate, fit_part, validation, settings, log)
+        except ConfigError as exc:  # below this model's smallest hashed generator
+            log(f"budget {budget}: skipped ({exc})")
+            continue
+        fid = trained.fid2
+        reached = fid.headline >= settings.min_fidelity and not fid.degenerate
+        points.append(
+            {
+                "scheme": trained.qt.config.scheme,
+                "budget": trained.rep.trainable / trained.rep.generated_weights,
+                "generator_params": trained.rep.trainable,
+                "validation_fidelity": fid.headline,
+                "fidelity_name": fid.headline_name,
+                "storage": trained.qt.storage,
+                "reached": reached,
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+        )
+        log(
+            f"{trained.qt.config.scheme} generator of {points[-1]['budget']:.2%} of M "
+            f"({trained.rep.trainable:,} parameters, {trained.qt.storage}): "
+            f"validation {fid.headline_name} {fid.headline:.4f}"
+            + (" reaches the target" if reached else "")
+        )
+        if best is None or fid.headline > best.fid2.headline:
+            best = trained
+        if reached:
+            return trained, points
+        if time.perf_counter() - start > settings.time_limit:
+            log(f"time limit {settings.time_limit:.0f} s reached: keeping the best point")
+            break
+    if best is None:
+        raise ConfigError(
+            "No searched budget fits this model (each is below its smallest hashed generator); "
+            "give --budget."
+        )
+    return best, points
+
+
 def run_pipeline(
     model: nn.Module,
     config: QTConfig,
@@ -265,54 +467,22 @@ def run_pipeline(
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     check_writable_dir(out, 2 * model_bytes + (1 << 20))
 
-    qt: QTModel = compress(model, config, device=settings.device)
-    rep = qt.report()
-    budget = (
-        f"{qt.config.budget_params(rep.generated_weights):,} parameters"
-        if qt.config.scheme in ("rows", "hashed") and qt.config.rank is None
-        else "n/a"
-    )
-    log(
-        f"compressing {rep.generated_weights:,} weights with {rep.trainable:,} generator "
-        f"parameters ({rep.n_qubits} qubits x {rep.n_layers} layers, {shape_of(qt)})"
-    )
-
-    def evaluate() -> Fidelity:
-        return qt.evaluate(test, output=settings.output, output_kind=settings.output_kind)
-
-    histories: dict[str, list[float]] = {}
-    fit_s = finetune_s = 0.0
-    if settings.fit_steps > 0:
-        r1 = qt.fit_weights(
-            steps=settings.fit_steps, lr=settings.fit_lr, progress=settings.progress
-        )
-        fit_s, histories["phase 1: reproduce weights"] = r1.elapsed_s, r1.history
-    phase1_error = qt.weight_errors()["_total"]
-    fid1 = evaluate()
-    kind = fid1.kind
-    log(f"phase 1: relative weight error {phase1_error:.3f}; {fid1.describe()}")
-    if settings.finetune_steps > 0:
-        r2 = qt.finetune(
-            train,
-            mode=settings.mode,
-            steps=settings.finetune_steps,
-            lr=settings.finetune_lr,
-            batch_size=settings.batch_size,
-            distill=settings.distill,
-            output=settings.output,
-            output_kind=kind,
-            progress=settings.progress,
-        )
-        finetune_s, histories[f"phase 2: fine-tune ({settings.mode})"] = r2.elapsed_s, r2.history
-    fid2 = evaluate()
-    log(f"phase 2: {fid2.describe()}")
-    storage_note = choose_storage(qt, evaluate, fid2, settings.storage, log)
-    fid2 = evaluate() if qt.storage != "float32" else fid2  # the shipped, rounded generator
+    search: list[dict[str, Any]] = []
+    if searching(config, settings):
+        trained, search = search_budget(model, config, train, settings, log)
+        fid2 = trained.qt.evaluate(test, output=settings.output, output_kind=settings.output_kind)
+        log(f"held-out (never selected on): {fid2.describe()}")
+    else:
+        trained = train_generator(model, config, train, test, settings, log)
+        fid2 = trained.fid2
+    qt, rep, fid1, kind = trained.qt, trained.rep, trained.fid1, trained.fid1.kind
+    budget, phase1_error, histories = trained.budget, trained.phase1_error, trained.histories
+    fit_s, finetune_s, storage_note = trained.fit_s, trained.finetune_s, trained.storage_note
     warnings = [f"phase 2: {w}" for w in fid2.warnings()]
-    if settings.finetune_steps > 0 and r2.skipped_steps:
+    if trained.skipped_steps:
         warnings.append(
-            f"phase 2: {r2.skipped_steps:,} of {r2.steps:,} steps skipped (non-finite "
-            "gradient from the model's own operations, e.g. sqrt or log at 0)"
+            f"phase 2: {trained.skipped_steps:,} of {settings.finetune_steps:,} steps skipped "
+            "(non-finite gradient from the model's own operations, e.g. sqrt or log at 0)"
         )
     if qt.revived:
         warnings.append(
@@ -391,6 +561,7 @@ def run_pipeline(
             out,
             log,
             storage_note=storage_note,
+            search=search,
         )
 
 
@@ -424,6 +595,7 @@ def _finish(
     log: Callable[[str], None],
     *,
     storage_note: str = "",
+    search: list[dict[str, Any]] | None = None,
 ) -> PipelineResult:
     """Summarise a run whose files are written, and record it as complete."""
     log(
@@ -492,6 +664,7 @@ def _finish(
         )
         files["report"] = str(report)
     result.storage, result.storage_note = qt.storage, storage_note
+    result.search = search or []
     result.total_s = time.perf_counter() - start
     record.complete({k: v for k, v in asdict(result).items() if k != "histories"})
     return result

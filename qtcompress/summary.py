@@ -53,6 +53,7 @@ class PipelineResult:
     histories: dict[str, list[float]] = field(default_factory=dict, repr=False)
     storage: str = "float32"
     storage_note: str = ""
+    search: list[dict[str, Any]] = field(default_factory=list)
 
 
 def shape_of(qt: QTModel) -> str:
@@ -120,6 +121,9 @@ def summary_rows(r: PipelineResult) -> dict[str, str]:
         rows[f"latency {label}: torch / onnxruntime"] = (
             f"{r.latency_torch_ms[label]:.3f} ms / {r.latency_onnx_ms[label]:.3f} ms"
         )
+    if r.search:
+        tried = ", ".join(f"{p['budget']:.2%}: {p['validation_fidelity']:.4f}" for p in r.search)
+        rows["budget search (validation)"] = tried
     for i, w in enumerate(r.warnings):
         rows[f"WARNING {i + 1}"] = w
     rows["time: phase 1 / phase 2 / total"] = (

@@ -153,3 +153,43 @@ def test_a_half_percent_generator_distils_a_digits_mlp():
     fid = qt.evaluate(x[1400:])
     assert not fid.degenerate
     assert fid.headline >= 0.85 and fid.headline > start + 0.3
+
+
+def _digits_split():
+    from qtcompress.examples import Split
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x / 16.0, dtype=torch.float32)
+    y = torch.tensor(y)
+    return Split(x[:1200], y[:1200], x[1200:], y[1200:])
+
+
+@pytest.mark.slow
+def test_min_fidelity_without_budget_searches_the_smallest_generator(tmp_path):
+    from qtcompress.pipeline import PipelineSettings, run_pipeline
+
+    model = mlp()  # untrained: the student only has to follow its outputs
+    settings = PipelineSettings(fit_steps=0, finetune_steps=60, min_fidelity=0.5)
+    logged: list[str] = []
+    r = run_pipeline(
+        model, QTConfig(), _digits_split(), tmp_path / "a", settings=settings, log=logged.append
+    )
+    assert r.search and r.search[-1]["reached"] and not any(p["reached"] for p in r.search[:-1])
+    assert r.search[-1]["validation_fidelity"] >= 0.5
+    assert r.scheme == "hashed" and r.generator_params == r.search[-1]["generator_params"]
+    assert any("validation split" in line for line in logged)
+    assert (tmp_path / "a" / "model.qtc.safetensors").is_file()
+    # An unreachable target keeps the best point, writes its files and says the run failed.
+    settings = PipelineSettings(fit_steps=0, finetune_steps=10, min_fidelity=1.0, time_limit=0.0)
+    r = run_pipeline(model, QTConfig(), _digits_split(), tmp_path / "b", settings=settings)
+    assert len(r.search) == 1 and not r.search[0]["reached"]  # the time limit stopped it
+    assert r.fidelity_ok is False and (tmp_path / "b" / "model.onnx").is_file()
+    # With a budget, --min-fidelity stays a check.
+    r = run_pipeline(
+        model,
+        QTConfig(scheme="hashed", budget=0.01),
+        _digits_split(),
+        tmp_path / "c",
+        settings=PipelineSettings(fit_steps=0, finetune_steps=5, min_fidelity=0.1),
+    )
+    assert r.search == []

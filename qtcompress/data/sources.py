@@ -204,6 +204,17 @@ class InputSource:
         """
         raise NotImplementedError
 
+    def split(self, fraction: float, seed: int) -> tuple[InputSource, InputSource]:
+        """A seeded random split: ``(the rest, a held-out fraction)``.
+
+        Raises:
+            ConfigError: The data are not in memory, or too few to leave both parts non-empty.
+        """
+        raise ConfigError(
+            f"Holding out a validation split needs in-memory data, not {self!r}; pass tensors "
+            "or an .npz, or give --budget."
+        )
+
     def head(self, k: int) -> Batch:
         """The first ``k`` examples (fewer when the data has fewer), as one batch.
 
@@ -238,6 +249,18 @@ class _InMemory(InputSource):
         _check_size("k", k)
         assert self.n is not None
         return self.batch.take(torch.arange(min(k, self.n)))
+
+    def split(self, fraction: float, seed: int) -> tuple[InputSource, InputSource]:  # noqa: D102
+        assert self.n is not None
+        held = int(round(self.n * fraction))
+        if not 0 < held < self.n:
+            raise ConfigError(
+                f"Cannot hold out {fraction:.0%} of {self.n} training examples for validation; "
+                "give more training data or --budget."
+            )
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed))
+        rest, val = order[held:].sort().values, order[:held].sort().values
+        return _InMemory(self.batch.take(rest)), _InMemory(self.batch.take(val))
 
 
 class _MapDataset(InputSource):

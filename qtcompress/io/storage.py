@@ -38,7 +38,7 @@ def check_storage(storage: str) -> str:
 
 def rounded(t: torch.Tensor, storage: str) -> torch.Tensor:
     """``t`` (float32) rounded to what ``storage`` can hold, as float32."""
-    if storage == "float32" or not t.is_floating_point():
+    if storage == "float32" or not t.is_floating_point() or t.numel() == 0:
         return t
     if storage == "float16":
         return t.to(torch.float16).to(t.dtype)
@@ -63,7 +63,7 @@ def encode(state: Mapping[str, torch.Tensor], storage: str) -> dict[str, torch.T
     check_storage(storage)
     out: dict[str, torch.Tensor] = {}
     for name, t in state.items():
-        if storage == "float32" or t.dtype != torch.float32:
+        if storage == "float32" or t.dtype != torch.float32 or t.numel() == 0:
             out[name] = t
             continue
         if storage == "float16":
