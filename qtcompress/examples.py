@@ -120,6 +120,9 @@ class Split:
     y_train: torch.Tensor
     x_test: Any
     y_test: torch.Tensor
+    # Stream id of each test row (rows of a stream consecutive, in order): a stateful model's
+    # held-out streams, replayed free-running (qtcompress.train.streams).
+    stream_test: torch.Tensor | None = None
 
 
 def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int) -> Split:

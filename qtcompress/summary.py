@@ -54,6 +54,8 @@ class PipelineResult:
     storage: str = "float32"
     storage_note: str = ""
     search: list[dict[str, Any]] = field(default_factory=list)
+    state_link: str | None = None
+    fidelity_free_running: dict[str, Any] | None = None
 
 
 def shape_of(qt: QTModel) -> str:
@@ -110,7 +112,14 @@ def summary_rows(r: PipelineResult) -> dict[str, str]:
         "output kind": r.output_kind,
         "fidelity: phase 1 (weights fitted)": _fidelity_text(r.fidelity_phase1)
         + f" (relative weight error {r.phase1_rel_weight_error:.3f})",
-        "fidelity: fine-tuned": _fidelity_text(r.fidelity_finetuned),
+        "fidelity: fine-tuned" + (" (teacher-forced)" if r.state_link else ""): _fidelity_text(
+            r.fidelity_finetuned
+        ),
+        **(
+            {"fidelity: free-running (as deployed)": _fidelity_text(r.fidelity_free_running)}
+            if r.fidelity_free_running
+            else {}
+        ),
         "accuracy: original / phase 1 / fine-tuned": " / ".join(
             _pct(a) for a in (r.accuracy_original, r.accuracy_phase1, r.accuracy_finetuned)
         ),

@@ -7,6 +7,7 @@ fail or mislead a compression (NaN/Inf, wrong shapes, labels out of range).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import zipfile
@@ -371,4 +372,19 @@ def load_npz_split(path: str | Path) -> Split:
     def label(key: str) -> torch.Tensor:
         return tensor(arrays[key], True) if key in arrays else torch.empty(0, dtype=torch.int64)
 
-    return Split(inputs("x_train"), label("y_train"), inputs("x_test"), label("y_test"))
+    split = Split(inputs("x_train"), label("y_train"), inputs("x_test"), label("y_test"))
+    if "stream_test" in arrays:
+        streams = np.asarray(arrays["stream_test"])
+        first = arrays[f"x_test.{keys[0]}" if keys else "x_test"]
+        if (
+            streams.ndim != 1
+            or not np.issubdtype(streams.dtype, np.integer)
+            or len(streams) != len(first)
+        ):
+            raise ConfigError(
+                f"{path}: stream_test must be a 1-D integer array with one stream id per "
+                f"x_test row ({len(first)}), got {streams.dtype} {list(streams.shape)}."
+            )
+        stream_test = torch.from_numpy(np.ascontiguousarray(streams)).to(torch.int64)
+        return dataclasses.replace(split, stream_test=stream_test)
+    return split

@@ -1,0 +1,158 @@
+"""Stateful models run as deployed: each model carries its own state from chunk to chunk.
+
+A streaming model is called as ``model(x, state) -> (y, state)``. Data recorded from the
+original give every chunk the *original's* state (teacher forcing), which hides how far a
+student drifts once it feeds its own state back. :func:`free_running_fidelity` replays held-out
+streams the way they are deployed: both the original and the student start each stream from
+its recorded first state, then each carries its own.
+
+Streams are rows of the data in order: ``streams`` gives each row its stream id, and the rows
+of a stream are consecutive (an ``.npz`` says it with ``stream_test``; see the README).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from qtcompress.data.batch import Batch
+from qtcompress.data.model_call import select_output
+from qtcompress.errors import ConfigError
+from qtcompress.train.objectives import Fidelity, infer_output_kind, measure_fidelity
+
+
+@dataclass(frozen=True)
+class StateLink:
+    """Output ``output`` of the model's tuple is fed back as positional input ``input``."""
+
+    input: int
+    output: int
+
+    def describe(self) -> str:
+        """``output 1 -> input 1`` style text for logs and summaries."""
+        return f"output {self.output} -> input {self.input}"
+
+
+def parse_state_link(text: str) -> StateLink:
+    """``"IN=OUT"`` (positional input and output indices) as a :class:`StateLink`.
+
+    Raises:
+        ConfigError: Not two non-negative integers joined by ``=``.
+    """
+    parts = text.split("=")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ConfigError(
+            f"--state {text!r}: give the positional input fed by an output as IN=OUT, e.g. "
+            "--state 1=1 for forward(x, state) -> (y, state)."
+        )
+    return StateLink(int(parts[0]), int(parts[1]))
+
+
+@torch.no_grad()
+def detect_state_link(call: Callable[..., Any], batch: Batch) -> StateLink | None:
+    """The obvious ``(x, state) -> (y, state)`` link, or ``None``.
+
+    A positional input after the first whose shape and dtype equal those of an output after
+    the first (the model's tuple output) is taken to be that output fed back. Only an
+    unambiguous single match counts.
+    """
+    if batch.kwargs or len(batch.args) < 2:
+        return None
+    out = batch.call(call)
+    if not isinstance(out, (tuple, list)) or len(out) < 2:
+        return None
+    matches = [
+        StateLink(i, j)
+        for i, a in enumerate(batch.args)
+        for j, o in enumerate(out)
+        if i >= 1
+        and j >= 1
+        and isinstance(a, torch.Tensor)
+        and isinstance(o, torch.Tensor)
+        and a.shape == o.shape
+        and a.dtype == o.dtype
+        and a.is_floating_point()
+    ]
+    return matches[0] if len(matches) == 1 else None
+
+
+def stream_rows(streams: torch.Tensor) -> list[torch.Tensor]:
+    """Row indices of each stream, in order (a stream's rows are consecutive).
+
+    Raises:
+        ConfigError: A stream id appears in two separate runs of rows.
+    """
+    ids = streams.reshape(-1).tolist()
+    runs: list[list[int]] = []
+    seen: set[Any] = set()
+    for row, s in enumerate(ids):
+        if runs and ids[row - 1] == s:
+            runs[-1].append(row)
+            continue
+        if s in seen:
+            raise ConfigError(
+                f"Stream {s} continues at row {row} after other streams; the rows of a stream "
+                "must be consecutive, in order."
+            )
+        seen.add(s)
+        runs.append([row])
+    return [torch.tensor(r, dtype=torch.int64) for r in runs]
+
+
+@torch.no_grad()
+def free_running_outputs(
+    call: Callable[..., Any],
+    data: Batch,
+    streams: torch.Tensor,
+    link: StateLink,
+    output: str | int | None,
+) -> torch.Tensor:
+    """Outputs of ``call`` over every stream, carrying its own state; in the data's row order.
+
+    All streams advance together: step ``t`` runs the ``t``-th chunk of every stream still
+    going as one batch.
+    """
+    runs = stream_rows(streams)
+    if not runs:
+        raise ConfigError("Free-running needs at least one stream.")
+    first = torch.stack([r[0] for r in runs])
+    state = data.args[link.input].index_select(0, first)  # (S, ...): recorded first states
+    outs: list[torch.Tensor | None] = [None] * len(data)
+    for t in range(max(len(r) for r in runs)):
+        live = [s for s, r in enumerate(runs) if len(r) > t]
+        rows = torch.stack([runs[s][t] for s in live])
+        step = data.take(rows)
+        args = list(step.args)
+        live_idx = torch.tensor(live, dtype=torch.int64)
+        args[link.input] = state.index_select(0, live_idx)
+        out = call(*args, **step.kwargs)
+        if not isinstance(out, (tuple, list)) or len(out) <= link.output:
+            raise ConfigError(
+                f"The model returned {type(out).__name__}, without output {link.output} to "
+                "carry as state; check --state."
+            )
+        state = state.index_copy(0, live_idx, out[link.output].to(state.dtype))
+        y = select_output(out, output).cpu()
+        for k, row in enumerate(rows.tolist()):
+            outs[row] = y[k]
+    return torch.stack([o for o in outs if o is not None])
+
+
+def free_running_fidelity(
+    student: Callable[..., Any],
+    teacher: Callable[..., Any],
+    data: Batch,
+    streams: torch.Tensor,
+    link: StateLink,
+    *,
+    output: str | int | None = None,
+    output_kind: str | None = None,
+    labels: torch.Tensor | None = None,
+) -> Fidelity:
+    """Fidelity of ``student`` to ``teacher`` when each runs the streams on its own state."""
+    t = free_running_outputs(teacher, data, streams, link, output)
+    s = free_running_outputs(student, data, streams, link, output)
+    return measure_fidelity(s, t, output_kind or infer_output_kind(t), labels)

@@ -1,0 +1,156 @@
+"""Stateful models measured as deployed: state links, streams, free-running fidelity."""
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from qtcompress import QTConfig
+from qtcompress.data.batch import Batch
+from qtcompress.errors import ConfigError
+from qtcompress.train.streams import (
+    StateLink,
+    detect_state_link,
+    free_running_fidelity,
+    free_running_outputs,
+    parse_state_link,
+    stream_rows,
+)
+
+
+class Cell(nn.Module):
+    """``forward(x, state) -> (prob, state)``: a tanh RNN cell with a sigmoid read-out."""
+
+    def __init__(self, gain: float = 1.0) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.rec, self.out = nn.Linear(3, 8), nn.Linear(8, 8), nn.Linear(8, 1)
+        with torch.no_grad():
+            self.rec.weight.mul_(gain)
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.tanh(self.inp(x) + self.rec(state))  # (B, 8)
+        return torch.sigmoid(self.out(h)).squeeze(-1), h
+
+
+def recorded(model: nn.Module, x: torch.Tensor, ids: torch.Tensor) -> Batch:
+    """The teacher-forced data: each row with the state ``model`` carried into it."""
+    states = torch.zeros(len(x), 8)
+    state = torch.zeros(1, 8)
+    with torch.no_grad():
+        for row in range(len(x)):
+            if row == 0 or ids[row] != ids[row - 1]:
+                state = torch.zeros(1, 8)
+            states[row] = state[0]
+            state = model(x[row : row + 1], state)[1]
+    return Batch(args=(x, states))
+
+
+def test_the_obvious_link_is_detected_and_a_link_can_be_named():
+    batch = Batch(args=(torch.randn(2, 3), torch.zeros(2, 8)))
+    assert detect_state_link(Cell(), batch) == StateLink(input=1, output=1)
+    assert detect_state_link(nn.Linear(3, 2), Batch(args=(torch.randn(2, 3),))) is None
+    assert parse_state_link("1=1") == StateLink(1, 1)
+    with pytest.raises(ConfigError, match="give the positional input fed by an output as IN=OUT"):
+        parse_state_link("state")
+
+
+def test_streams_must_be_consecutive():
+    assert [r.tolist() for r in stream_rows(torch.tensor([4, 4, 7, 7, 7, 2]))] == [
+        [0, 1],
+        [2, 3, 4],
+        [5],
+    ]
+    with pytest.raises(ConfigError, match="Stream 4 continues at row 3 after other streams"):
+        stream_rows(torch.tensor([4, 4, 7, 4]))
+
+
+def test_free_running_replays_each_stream_on_its_own_state():
+    teacher = Cell().eval()
+    x, ids = torch.randn(30, 3), torch.arange(3).repeat_interleave(10)
+    data = recorded(teacher, x, ids)
+    # The teacher run free reproduces what it recorded under teacher forcing, row by row.
+    free = free_running_outputs(teacher, data, ids, StateLink(1, 1), None)
+    torch.testing.assert_close(free, teacher(*data.args)[0])
+    exact = free_running_fidelity(teacher, teacher, data, ids, StateLink(1, 1))
+    assert exact.agreement == 1.0 and exact.correlation == pytest.approx(1.0)
+
+
+def test_a_drifting_student_is_worse_free_running_than_teacher_forced():
+    teacher, student = Cell().eval(), Cell(gain=3.0).eval()  # a student whose recurrence is off
+    x, ids = torch.randn(400, 3), torch.zeros(400, dtype=torch.int64)  # one long stream
+    data = recorded(teacher, x, ids)
+    with torch.no_grad():
+        forced_s, forced_t = student(*data.args)[0], teacher(*data.args)[0]
+    forced_corr = torch.corrcoef(torch.stack([forced_s, forced_t]))[0, 1]
+    free = free_running_fidelity(student, teacher, data, ids, StateLink(1, 1))
+    assert free.correlation < float(forced_corr) - 0.05
+
+
+class WideCell(nn.Module):
+    """``forward(x, state) -> (prob, state)`` with a 32-unit state (about 2K weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.inp, self.rec, self.out = nn.Linear(6, 32), nn.Linear(32, 32), nn.Linear(32, 1)
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.tanh(self.inp(x) + self.rec(state))  # (B, 32)
+        return torch.sigmoid(self.out(h)).squeeze(-1), h
+
+
+def _stream_data(model: nn.Module, rows: int, streams: int) -> tuple[tuple, torch.Tensor]:
+    x = torch.randn(rows, 6)
+    ids = torch.arange(streams).repeat_interleave(rows // streams)
+    states = torch.zeros(rows, 32)
+    with torch.no_grad():
+        state = torch.zeros(1, 32)
+        for row in range(rows):
+            if row == 0 or ids[row] != ids[row - 1]:
+                state = torch.zeros(1, 32)
+            states[row] = state[0]
+            state = model(x[row : row + 1], state)[1]
+    return (x, states), ids
+
+
+@pytest.mark.slow
+def test_the_pipeline_reports_free_running_fidelity_as_the_headline(tmp_path):
+    import numpy as np
+
+    from qtcompress.io.arrays import load_npz_split
+    from qtcompress.pipeline import PipelineSettings, run_pipeline
+
+    model = WideCell().eval()
+    (xtr, str_), _ = _stream_data(model, 200, 10)
+    (xte, ste), ids = _stream_data(model, 120, 4)
+    path = tmp_path / "d.npz"
+    np.savez(
+        path,
+        **{"x_train.0": xtr, "x_train.1": str_, "x_test.0": xte, "x_test.1": ste},
+        stream_test=ids.numpy(),
+    )
+    data = load_npz_split(path)
+    assert torch.equal(data.stream_test, ids)
+    logged: list[str] = []
+    settings = PipelineSettings(fit_steps=0, finetune_steps=20, latency_repeats=1)
+    r = run_pipeline(
+        model, QTConfig(), data, tmp_path / "out", settings=settings, log=logged.append
+    )
+    assert r.state_link == "output 1 -> input 1"
+    assert any("stateful model assumed: output 1 -> input 1" in line for line in logged)
+    assert r.fidelity_free_running is not None and r.fidelity_free_running["n"] == 120
+    assert r.fidelity_free_running != r.fidelity_finetuned  # measured separately
+    # Without streams, the summary says its fidelity is teacher-forced and how to fix that.
+    plain = dataclasses.replace(data, stream_test=None)
+    r = run_pipeline(model, QTConfig(), plain, tmp_path / "out2", settings=settings)
+    assert r.fidelity_free_running is None
+    assert any("teacher-forced" in w and "stream_test" in w for w in r.warnings)
+    np.savez(
+        path,
+        **{"x_train.0": xtr, "x_train.1": str_, "x_test.0": xte, "x_test.1": ste},
+        stream_test=ids.numpy()[:5],
+    )
+    with pytest.raises(ConfigError, match="stream_test must be a 1-D integer array with one"):
+        load_npz_split(path)

@@ -1,0 +1,124 @@
+"""Fidelity of a compressed streaming model as deployed: free-running against teacher-forced.
+
+The suite's streaming LSTM (``tools/suite.py``: Conv1d + LSTMCell, ``forward(x, state) ->
+(prob, state)``) is compressed and distilled on its teacher-forced training pairs (each chunk
+with the original's state), then measured on held-out digits read as streams of 7-frame
+chunks in two ways:
+
+* **teacher-forced**: every chunk gets the original's state (what the training data hold);
+* **free-running**: the original and the student each start a stream from its first recorded
+  state and carry their own (:func:`qtcompress.train.streams.free_running_fidelity`).
+
+Two stream layouts: one stream per digit (4 chunks from the zero state, the model's own use)
+and one stream of every held-out digit in a row (1,436 chunks, state never reset).
+
+Run: ``python tools/bench_streams.py`` (a few minutes); writes its section of
+docs/benchmarks.md. Threads: torch 2.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from functools import partial  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchdoc import machine, write_section  # noqa: E402
+from suite import digits_split, load_entry, rnn_windows  # noqa: E402
+
+from qtcompress import QTConfig, compress  # noqa: E402
+from qtcompress.data.batch import Batch  # noqa: E402
+from qtcompress.examples import upsample  # noqa: E402
+from qtcompress.train.streams import StateLink, free_running_fidelity  # noqa: E402
+
+LINK = StateLink(input=1, output=1)
+ARMS = (
+    ("hashed QNN 0.5%", QTConfig(scheme="hashed", budget=0.005)),
+    ("rows 5% (default)", QTConfig()),
+)
+
+
+@torch.no_grad()
+def streams(model: torch.nn.Module, chained: bool) -> tuple[Batch, torch.Tensor]:
+    """Held-out digits as 7-frame chunks with the original's states; and each row's stream."""
+    split = digits_split()
+    chunks = rnn_windows(upsample(split.x_test), windows=4)  # 4 x (N, 7, 28)
+    n = chunks[0].shape[0]
+    x = torch.stack(chunks, 1).reshape(-1, 7, 28)  # (4N, 7, 28): digit by digit, in order
+    ids = torch.zeros(4 * n, dtype=torch.int64) if chained else torch.arange(n).repeat_interleave(4)
+    states = torch.zeros(4 * n, 2, model.hidden)
+    state = torch.zeros(1, 2, model.hidden)
+    for row in range(4 * n):  # the original's own state: what teacher-forced data record
+        if not chained and row % 4 == 0:
+            state = torch.zeros(1, 2, model.hidden)
+        states[row] = state[0]
+        state = model(x[row : row + 1], state)[1]
+    return Batch(args=(x, states)), ids
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every arm, print the table and write it to docs/benchmarks.md."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    entry = load_entry("rnn", log=lambda _s: None)
+    model = entry.model
+    data = {
+        name: streams(model, chained) for name, chained in (("per digit", False), ("chained", True))
+    }
+    rows = []
+    for arm, config in ARMS:
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qt = compress(model, config)
+            qt.finetune(entry.train_inputs, steps=args.steps, lr=1e-2, progress=False)
+        student = partial(qt.functional, generated=qt.generator.generate_named())
+
+        for layout, (batch, ids) in data.items():
+            forced = qt.evaluate(batch.args, output_kind="probability")
+            free = free_running_fidelity(
+                student, qt.teacher, batch, ids, LINK, output_kind="probability"
+            )
+            rows.append((arm, layout, len(ids), int(ids.max()) + 1, forced, free))
+            print(
+                f"{arm}, {layout}: teacher-forced agreement {forced.agreement:.4f} corr "
+                f"{forced.correlation:.3f}; free-running agreement {free.agreement:.4f} corr "
+                f"{free.correlation:.3f} ({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
+    lines = [
+        f"Measured {machine()}; `python tools/bench_streams.py`, {args.steps} distillation "
+        "steps on the teacher-forced training pairs, learning rate 1e-2, seed 0. Agreement: "
+        "thresholded probabilities equal; correlation of the probabilities.",
+        "",
+        "| generator | streams | chunks | teacher-forced agreement / corr | free-running "
+        "agreement / corr |",
+        "|---|---|---|---|---|",
+    ]
+    for arm, layout, chunks, n_streams, forced, free in rows:
+        lines.append(
+            f"| {arm} | {layout} ({n_streams} stream{'s' if n_streams > 1 else ''}) | "
+            f"{chunks:,} | {forced.agreement:.1%} / {forced.correlation:.3f} | "
+            f"{free.agreement:.1%} / {free.correlation:.3f} |"
+        )
+    md = "\n".join(lines)
+    print(md)
+    if not args.no_write:
+        write_section("bench_streams", "Streaming model as deployed: free-running fidelity", md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
