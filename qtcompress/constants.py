@@ -15,3 +15,24 @@ ACTIVATION_NAMES = ("tanh", "gelu", "relu", "silu")
 PROB_TRANSFORMS = ("scaled", "paper", "log", "none")
 """Transforms of the QNN probabilities into mapping inputs (see
 :func:`qtcompress.mapping.transform_probs`)."""
+
+HF_TASKS: dict[str, str] = {
+    "feature-extraction": "AutoModel",
+    "text-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+    "fill-mask": "AutoModelForMaskedLM",
+    "text-generation": "AutoModelForCausalLM",
+    "question-answering": "AutoModelForQuestionAnswering",
+    "image-classification": "AutoModelForImageClassification",
+}
+"""``--task`` names (as in ``transformers.pipeline``) and the Auto class each builds (see
+:mod:`qtcompress.io.hf_folder`)."""
+
+TEXT_MAX_LENGTH = 128
+"""Tokens per text example at most by default (:mod:`qtcompress.data.text`)."""
+TEXT_TEST_FRACTION = 0.1
+"""Share of a text data file held out to test when no test file is given."""
+TEXT_SPLIT_SEED = 0
+"""Seed of that held-out split."""
+TEXT_COLUMN = "text"
+"""The text's key or column in ``.jsonl`` / ``.csv`` data by default."""

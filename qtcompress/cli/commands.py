@@ -127,6 +127,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         *[f"  {t['name']} {tuple(t['shape'])} {t['kind']}" for t in result["targets"]],
         f"weights sha256: {result['weights_sha256']}",
     ]
+    hf = result["model"].get("hf") if isinstance(result["model"], dict) else None
+    if isinstance(hf, dict):
+        lines.append(
+            f"Hugging Face folder: {hf.get('class')} with {', '.join(hf.get('files', {}))} "
+            "(write it with reconstruct --hf-out DIR)"
+        )
     _emit(args, result, lines)
     return EXIT_OK
 
@@ -135,8 +141,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     """Regenerate the network from a generator file into ONNX and/or a state dict."""
     from qtcompress.io.generator_load import load_generator
 
-    if not args.onnx and not args.state_dict:
-        raise UsageError("reconstruct needs --onnx PATH and/or --state-dict PATH")
+    if not args.onnx and not args.state_dict and not args.hf_out:
+        raise UsageError("reconstruct needs --onnx PATH, --state-dict PATH and/or --hf-out DIR")
     gen = load_generator(args.file)
     check = gen.verify_weights()
     result: dict[str, Any] = {
@@ -170,6 +176,29 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         write_safetensors(args.state_dict, state)
         result["state_dict"] = args.state_dict
         lines.append(f"wrote {args.state_dict} ({len(state)} tensors)")
+    if args.hf_out:
+        from qtcompress.io.hf_folder import check_hf_folder, recorded_folder, write_hf_folder
+
+        written = write_hf_folder(gen, args.hf_out)
+        hf_diff = check_hf_folder(gen, args.hf_out)
+        cls = recorded_folder(gen)["class"]
+        scale = max([1.0] + [float(t.abs().max()) for t in gen.check_outputs if t.numel()])
+        if hf_diff is not None and not hf_diff <= args.atol * scale:
+            from qtcompress.errors import FormatError
+
+            raise FormatError(
+                f"{cls}.from_pretrained({args.hf_out!r}) differs from the outputs recorded in "
+                f"{args.file} by {hf_diff:.3g} (allowed {args.atol * scale:.3g})."
+            )
+        result.update(hf_out=args.hf_out, hf_files=written, hf_max_abs_diff=hf_diff)
+        lines.append(
+            f"wrote {args.hf_out}/ ({', '.join(written)}); "
+            + (
+                f"{cls}.from_pretrained vs recorded outputs: max |diff| {hf_diff:.2g}"
+                if hf_diff is not None
+                else f"load it with transformers' {cls}.from_pretrained"
+            )
+        )
     _emit(args, result, lines)
     return EXIT_OK
 
@@ -309,6 +338,8 @@ def _settings_from_args(args: argparse.Namespace) -> Any:
         progress=not args.json and not args.no_progress and sys.stderr.isatty(),
         report=args.report,
         storage=args.storage,
+        time_limit=args.time_limit,
+        state=args.state,
     )
 
 
@@ -365,12 +396,100 @@ def _load_data(spec: str) -> Any:
     return load_npz_split(spec)
 
 
+# Options of the Hugging Face block of `compress` that mean nothing for another model.
+_FOLDER_ONLY = (
+    ("hf_class", "--hf-class"),
+    ("task", "--task"),
+    ("text_column", "--text-column"),
+    ("label_column", "--label-column"),
+    ("test_data", "--test-data"),
+    ("image_size", "--image-size"),
+)
+
+
+def _compress_hf_folder(args: argparse.Namespace) -> int:
+    """``compress`` of a Hugging Face model folder: its own classes, tokenizer and data."""
+    from pathlib import Path
+
+    from qtcompress.data.text import is_text_data, load_text_for_model
+    from qtcompress.io.hf_folder import (
+        folder_record,
+        load_hf_folder,
+        load_hf_tokenizer,
+        weights_bytes,
+    )
+
+    if args.factory or args.factory_kwargs:
+        raise UsageError("--factory: not with a model folder (its config.json says what to build)")
+    model, built = load_hf_folder(
+        args.model, hf_class=args.hf_class, task=args.task, trust_pickle=args.trust_pickle
+    )
+    facts = {"built": built}
+    progress = not args.json and not args.no_progress and sys.stderr.isatty()
+    if is_text_data(args.data):
+        data, facts["data"] = load_text_for_model(
+            args.data,
+            model,
+            load_hf_tokenizer(args.model),
+            max_length=args.max_length,
+            text_column=args.text_column,
+            label_column=args.label_column,
+            test_path=args.test_data,
+            test_fraction=args.test_fraction,
+            progress=progress,
+        )
+        if not args.dynamic_axis:  # the ONNX file takes sentences of any length
+            args.dynamic_axis = [f"{name}:1=seq" for name in data.x_train]
+    elif Path(args.data).is_dir():
+        from qtcompress.data.images import image_preprocessing, load_image_split
+
+        prep = image_preprocessing(args.model, model.config, args.image_size)
+        data, facts["data"] = load_image_split(
+            args.data,
+            prep,
+            test_path=args.test_data,
+            test_fraction=args.test_fraction,
+            label2id=getattr(model.config, "label2id", None),
+            progress=progress,
+        )
+    else:
+        data = _load_data(args.data)
+    if args.output_kind is None:
+        from qtcompress.data.model_call import check_call
+        from qtcompress.data.sources import InputSource
+        from qtcompress.io.hf_folder import main_output_kind
+
+        args.output_kind = main_output_kind(check_call(model, InputSource.of(data.x_test).head(2)))
+    if not args.json:
+        for key, line in facts.items():
+            print(f"{'model' if key == 'built' else key}: {line}", file=sys.stderr)
+    folder = Path(args.model).resolve()
+    info = {"source": folder.name, "hf": folder_record(folder, model), **facts}
+    name = args.name or folder.name
+    return _run_and_print(args, model, data, name, weights_bytes(folder), info)
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     """Compress a pretrained model: fit, fine-tune, export ONNX, verify, save, summarise."""
     from pathlib import Path
 
+    from qtcompress.data.text import is_text_data
+    from qtcompress.io.hf_folder import is_hf_folder
     from qtcompress.io.model_source import load_model, parse_factory_kwargs
 
+    if is_hf_folder(args.model):
+        return _compress_hf_folder(args)
+    given = [flag for key, flag in _FOLDER_ONLY if getattr(args, key, None) is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)}: only with a Hugging Face model folder")
+    if is_text_data(args.data):
+        from qtcompress.errors import ConfigError
+
+        raise ConfigError(
+            f"{args.data}: text data is tokenized with a Hugging Face model folder's own "
+            "tokenizer; give the folder as the model, or tokenize into an .npz with "
+            "x_train.input_ids and x_train.attention_mask."
+        )
     model = load_model(
         args.model,
         factory=args.factory,

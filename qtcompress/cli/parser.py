@@ -15,6 +15,13 @@ from qtcompress.cli.commands import (
     cmd_reconstruct,
     cmd_verify,
 )
+from qtcompress.constants import (
+    HF_TASKS,
+    TEXT_COLUMN,
+    TEXT_MAX_LENGTH,
+    TEXT_SPLIT_SEED,
+    TEXT_TEST_FRACTION,
+)
 
 ANSATZ_CHOICES = ("paper", "ry-rz-ring")
 
@@ -253,8 +260,26 @@ def build_parser() -> argparse.ArgumentParser:
             type=_fraction,
             default=None,
             metavar="X",
-            help="exit 1 (files still written) when the fine-tuned fidelity "
-            "(agreement, cosine or correlation, by output kind) is below X",
+            help="without --budget: search for the smallest generator whose fidelity "
+            "(agreement, cosine or correlation, by output kind) reaches X on a validation "
+            "split, and report it on the held-out data; with --budget, a check. Exit 1 "
+            "(files still written) when the reported fidelity is below X",
+        )
+        fit.add_argument(
+            "--state",
+            default=None,
+            metavar="IN=OUT",
+            help="a stateful model: positional input IN is fed from output OUT (default: "
+            "forward(x, state) -> (y, state) is detected and named; 'none': not stateful). "
+            "With stream_test in the .npz the fidelity is measured free-running, as deployed",
+        )
+        fit.add_argument(
+            "--time-limit",
+            type=float,
+            default=1800.0,
+            metavar="SECONDS",
+            help="with --min-fidelity and no --budget: the budget search keeps its best point "
+            "after this many seconds (default 1800)",
         )
         fit.add_argument(
             "--storage",
@@ -301,14 +326,17 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Examples:\n  qtcompress compress models/digits_cnn.safetensors "
         "--factory qtcompress.examples:DigitsCNN --data digits -o out\n"
         "  qtcompress compress net.pt --factory mypkg.nets:Net --factory-kwargs '{\"width\": 8}'"
-        " --data data.npz -o out --chunk 16 --report",
+        " --data data.npz -o out --chunk 16 --report\n"
+        "  qtcompress compress my-bert/ --data sentences.txt -o out   (a Hugging Face model "
+        'folder; pip install -e ".[hf]")',
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     compress_cmd.add_argument(
         "model",
         help="checkpoint: state dict (.pt/.pth/.safetensors, "
-        "with --factory), torch.export program (.pt2), or pickled model "
-        "(with --trust-pickle)",
+        "with --factory), torch.export program (.pt2), pickled model "
+        "(with --trust-pickle), or a Hugging Face model folder (config.json + "
+        "model.safetensors)",
     )
     compress_cmd.add_argument("--factory", help="'package.module:callable' that builds the model")
     compress_cmd.add_argument("--factory-kwargs", default=None, help="JSON keyword arguments")
@@ -327,10 +355,70 @@ def build_parser() -> argparse.ArgumentParser:
     compress_cmd.add_argument(
         "--data",
         required=True,
-        help="'digits', 'wine', or an .npz with x_train, x_test [, y_train, y_test]",
+        help="'digits', 'wine', an .npz with x_train, x_test [, y_train, y_test], or for a "
+        "model folder text: .txt (one example a line), .jsonl or .csv (see --text-column), "
+        "or a folder of images (sub-folders as classes)",
     )
     compress_cmd.add_argument("-o", "--output", required=True, help="output folder")
     compress_cmd.add_argument("--name", help="base name of the output files")
+    # -- Hugging Face model folders and their text data (qtcompress/io/hf_folder.py,
+    # qtcompress/data/text.py); refused with any other model.
+    hf = compress_cmd.add_argument_group(
+        "Hugging Face model folders",
+        "MODEL is a folder with config.json and model.safetensors, built with transformers "
+        "from the folder alone; text data is tokenized with the folder's tokenizer, images "
+        "are prepared as its preprocessor_config.json says",
+    )
+    hf.add_argument(
+        "--hf-class",
+        metavar="CLASS",
+        help="transformers model class to build, e.g. BertForMaskedLM (default: the "
+        "config's architectures)",
+    )
+    hf.add_argument(
+        "--task",
+        choices=sorted(HF_TASKS),
+        help="build the Auto class of this task instead (e.g. feature-extraction: AutoModel)",
+    )
+    hf.add_argument(
+        "--text-column",
+        metavar="COL",
+        help=f"the text's key (.jsonl) or column (.csv) (default {TEXT_COLUMN!r})",
+    )
+    hf.add_argument(
+        "--label-column",
+        metavar="COL",
+        help="class labels' key or column (indices, or the config's label names)",
+    )
+    hf.add_argument(
+        "--max-length",
+        type=_positive_int,
+        metavar="N",
+        default=TEXT_MAX_LENGTH,
+        help=f"tokens per example at most, longer ones truncated (default {TEXT_MAX_LENGTH}"
+        "; at most the model's positions); examples are padded to the longest",
+    )
+    hf.add_argument(
+        "--image-size",
+        type=_positive_int,
+        metavar="N",
+        help="images (--data DIR/ of image files, sub-folders as classes): resize to NxN "
+        "(default: the folder's preprocessor_config.json, else the config's image_size)",
+    )
+    hf.add_argument(
+        "--test-data",
+        metavar="PATH",
+        help="held-out data of the same kind, a file or an image folder (default: a seeded "
+        "share of --data)",
+    )
+    hf.add_argument(
+        "--test-fraction",
+        type=_fraction,
+        metavar="X",
+        default=TEXT_TEST_FRACTION,
+        help=f"share of --data held out to test without --test-data (default "
+        f"{TEXT_TEST_FRACTION}, seed {TEXT_SPLIT_SEED})",
+    )
     add_recipe(compress_cmd, DEFAULT_RECIPE)
     compress_cmd.set_defaults(handler=cmd_compress)
 
@@ -391,11 +479,18 @@ def build_parser() -> argparse.ArgumentParser:
         "the stored hash, and write an ONNX model (checked with onnx.checker and onnxruntime "
         "against the outputs recorded at save time) and/or a safetensors state dict.",
         "  qtcompress reconstruct m.qtc.safetensors --onnx m.onnx\n"
-        "  qtcompress reconstruct m.qtc.safetensors --state-dict m.safetensors",
+        "  qtcompress reconstruct m.qtc.safetensors --state-dict m.safetensors\n"
+        "  qtcompress reconstruct m.qtc.safetensors --hf-out m-compressed/",
         cmd_reconstruct,
     )
     rec.add_argument("--onnx", help="write the ONNX model here")
     rec.add_argument("--state-dict", help="write the state dict (safetensors) here")
+    rec.add_argument(
+        "--hf-out",
+        metavar="DIR",
+        help="compressed from a Hugging Face model folder: write a folder transformers loads "
+        "(its config and tokenizer files, the regenerated weights as model.safetensors)",
+    )
     rec.add_argument(
         "--atol",
         type=float,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -140,6 +140,45 @@ def forward_signature(model: nn.Module) -> str:
     params = [p.replace(annotation=inspect.Parameter.empty) for p in sig.parameters.values()]
     plain = sig.replace(parameters=params, return_annotation=inspect.Signature.empty)
     return f"{name}{plain}"
+
+
+def leading_inputs(model: nn.Module, names: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Of keyword inputs ``names``, those that fill ``forward``'s first parameters in order.
+
+    ONNX graphs take their inputs by position in ``forward``'s order
+    (:func:`qtcompress.pipeline.positional_inputs`), so keyword inputs must be ``forward``'s
+    leading parameters without a gap: ``GPT2LMHeadModel.forward(input_ids, cache,
+    attention_mask, ...)`` takes ``input_ids`` alone that way.
+
+    Args:
+        model: The model.
+        names: Input names a data source offers (e.g. a tokenizer's outputs).
+
+    Returns:
+        ``(kept, dropped)``: the usable names in ``forward``'s order, and the others.
+
+    Raises:
+        ConfigError: ``forward``'s first parameter is none of ``names``.
+    """
+    try:
+        params = [
+            p.name
+            for p in inspect.signature(model.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+    except (TypeError, ValueError):  # no readable signature: trust the names as given
+        return list(names), []
+    kept: list[str] = []
+    for param in params:
+        if param not in names:
+            break
+        kept.append(param)
+    if not kept:
+        raise ConfigError(
+            f"{forward_signature(model)} does not take {list(names)} as its first "
+            "parameters; the data does not fit this model."
+        )
+    return kept, [n for n in names if n not in kept]
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:

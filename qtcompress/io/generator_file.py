@@ -57,8 +57,11 @@ def _as_numpy(t: torch.Tensor, what: str) -> np.ndarray:
 
 
 def _flat_outputs(out: Any) -> list[torch.Tensor]:
-    """A model's outputs as a list of tensors (tensor, tuple/list, or a mapping such as a
-    Hugging Face ``ModelOutput``: its values in order, as the exporter flattens them)."""
+    """A model's outputs as a list of tensors (a tensor, a tuple/list or a mapping of tensors).
+
+    A mapping (a Hugging Face ``ModelOutput``) gives its values in order, as the exporter
+    flattens them into graph outputs.
+    """
     if isinstance(out, Mapping):
         items = list(out.values())
     else:
@@ -69,6 +72,18 @@ def _flat_outputs(out: Any) -> list[torch.Tensor]:
             "cannot be compared with the recorded check outputs."
         )
     return items
+
+
+def _model_summary(model: Any) -> Any:
+    """The ``model`` metadata entry with a Hugging Face folder's files as their sizes."""
+    hf = model.get("hf") if isinstance(model, dict) else None
+    if not isinstance(hf, dict) or not isinstance(hf.get("files"), dict):
+        return model
+    sizes = {
+        name: len(entry["data"]) if isinstance(entry, dict) and "data" in entry else None
+        for name, entry in hf["files"].items()
+    }
+    return {**model, "hf": {**hf, "files": sizes}}  # sizes in stored characters
 
 
 @dataclass(frozen=True)
@@ -199,7 +214,7 @@ class GeneratorFile:
             ],
             "onnx_graph": self.skeleton is not None,
             "weights_sha256": meta["weights_sha256"],
-            "model": meta.get("model", {}),
+            "model": _model_summary(meta.get("model", {})),
         }
 
     def state_dict(self) -> dict[str, torch.Tensor]:

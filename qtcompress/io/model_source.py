@@ -10,7 +10,9 @@ Supported sources, see :func:`load_model`:
   that the archive holds no pickled payloads (which ``torch.export.load`` would unpickle with
   ``weights_only=False``) unless ``trust_pickle=True``;
 * a fully pickled model (``torch.save(model, ...)``), only when the caller trusts the file
-  (``trust_pickle=True``), because unpickling runs arbitrary code.
+  (``trust_pickle=True``), because unpickling runs arbitrary code;
+* a Hugging Face model folder (``config.json`` + ``model.safetensors``), built with
+  ``transformers`` from the folder alone (:mod:`qtcompress.io.hf_folder`).
 
 Model parameters must be float32 or float64 (:func:`check_model_dtypes`): the generator, the fit
 and the ONNX export work in float32, and half-precision CPU kernels are incomplete.
@@ -22,6 +24,7 @@ import importlib
 import json
 import os
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -127,19 +130,25 @@ def load_model(
     factory_kwargs: str | Mapping[str, Any] | None = None,
     trust_pickle: bool = False,
     strict: bool = True,
+    hf_class: str | None = None,
+    task: str | None = None,
 ) -> nn.Module:
-    """Load a pretrained model from an object or a file.
+    """Load a pretrained model from an object, a file or a Hugging Face model folder.
 
     Args:
         source: An ``nn.Module`` (returned unchanged), or a path to a state dict
             (``.pt``/``.pth``/``.bin``/``.ckpt``/``.safetensors``), a ``torch.export`` program
-            (``.pt2``), or a pickled model (needs ``trust_pickle``).
+            (``.pt2``), a pickled model (needs ``trust_pickle``), or a Hugging Face model
+            folder (a directory with ``config.json``; see
+            :func:`~qtcompress.io.hf_folder.load_hf_folder`).
         factory: Builds the empty model for a state dict: ``"package.module:callable"`` or a
             callable.
         factory_kwargs: Keyword arguments for ``factory``: a JSON object string or a mapping.
         trust_pickle: Allow loading a fully pickled model, which runs code from the file.
         strict: A state dict must match the model's keys exactly; ``False`` ignores unexpected
             keys and missing buffers, with a warning (see :func:`load_state_dict_strict`).
+        hf_class: A model folder's transformers class (default: its config's architectures).
+        task: Instead of ``hf_class``: the task whose Auto class builds a model folder.
 
     Returns:
         The model with its weights, in eval mode when loaded from a file.
@@ -147,7 +156,7 @@ def load_model(
     Raises:
         MissingFileError: The file does not exist.
         ConfigError: Unknown suffix, bad factory or kwargs, factory missing for a state dict
-            or given where it is not used.
+            or given where it is not used; a model folder without transformers installed.
         FormatError: Truncated or corrupt file, or a state dict that does not fit the model.
         UnsafeFileError: The file is a pickle, or a ``.pt2`` with pickled payloads, and
             ``trust_pickle`` is False.
@@ -158,6 +167,14 @@ def load_model(
         raise ConfigError(
             f"Model source must be an nn.Module or a file path, got {type(source).__name__}."
         )
+    if Path(source).is_dir():
+        from qtcompress.io.hf_folder import load_hf_folder
+
+        if factory is not None:
+            raise ConfigError(f"{str(source)!r} is a model folder: do not give a factory.")
+        return load_hf_folder(source, hf_class=hf_class, task=task, trust_pickle=trust_pickle)[0]
+    if hf_class is not None or task is not None:
+        raise ConfigError("hf_class and task apply to Hugging Face model folders only.")
     path = existing_file(source)
     suffix = path.suffix.lower()
     if suffix == ".pt2":
