@@ -28,7 +28,7 @@ from qtcompress.data.model_call import check_call
 from qtcompress.data.sources import InputSource
 from qtcompress.device import resolve_device
 from qtcompress.errors import ConfigError
-from qtcompress.generator import AnyGenerator, build_generator
+from qtcompress.generator import AnyGenerator, Generator, build_generator
 from qtcompress.generator.common import scatter_blocks
 from qtcompress.limits import check_config
 from qtcompress.memory import return_freed_memory_to_os
@@ -235,7 +235,7 @@ class QTModel:
             warmup=max(1, steps // 10),
             grad_clip=1.0,
         )
-        if self.generator.scheme in ("rows", "hashed"):  # schemes that can revive a student
+        if type(self.generator).revive is not Generator.revive:  # the scheme can revive one
             probe = (
                 InputSource.of(data, labels, labels_in_items=kwargs.get("labels_in_items", False))
                 .head(64)

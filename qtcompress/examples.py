@@ -123,6 +123,9 @@ class Split:
     # Stream id of each test row (rows of a stream consecutive, in order): a stateful model's
     # held-out streams, replayed free-running (qtcompress.train.streams).
     stream_test: torch.Tensor | None = None
+    # The same for the training rows: a stateful model then distils over rollouts on its own
+    # state (qtcompress.train.streams.Rollouts).
+    stream_train: torch.Tensor | None = None
 
 
 def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int) -> Split:

@@ -43,6 +43,7 @@ from qtcompress.summary import PipelineResult, shape_of, summary_rows
 from qtcompress.targets import kinds_summary, select_targets
 from qtcompress.train.objectives import Fidelity, infer_output_kind
 from qtcompress.train.streams import (
+    Rollouts,
     StateLink,
     detect_state_link,
     free_running_fidelity,
@@ -81,6 +82,8 @@ class PipelineSettings:
         state: A stateful model's link, ``"IN=OUT"`` (positional input ``IN`` is fed from
             output ``OUT``); ``None``: the obvious ``(x, state) -> (y, state)`` is detected and
             named in the log; ``"none"``: not stateful.
+        rollout: Chunks per distillation rollout of a stateful model with training streams
+            (``stream_train``); the budget search distils on single chunks.
         search: With ``min_fidelity`` and no size in the config (budget, rank, ranks, scheme
             all default), search the budget for the smallest generator that reaches it
             (:func:`search_budget`); ``False``: ``min_fidelity`` is only a check.
@@ -104,6 +107,7 @@ class PipelineSettings:
     latency_repeats: int = 50
     storage: str = "auto"
     state: str | None = None
+    rollout: int = 4
     search: bool = True
     time_limit: float = 1800.0
 
@@ -263,8 +267,13 @@ def train_generator(
     held_out: InputSource,
     settings: PipelineSettings,
     log: Callable[[str], None],
+    rollouts: Rollouts | None = None,
 ) -> Trained:
-    """Compress, phase 1, phase 2 and storage rounding, measured on ``held_out``."""
+    """Compress, phase 1, phase 2 and storage rounding, measured on ``held_out``.
+
+    With ``rollouts`` (a stateful model's training streams) phase 2 distils over rollouts on
+    the student's own state.
+    """
     qt: QTModel = compress(model, config, device=settings.device)
     rep = qt.report()
     budget = (
@@ -302,6 +311,7 @@ def train_generator(
             output=settings.output,
             output_kind=fid1.kind,
             progress=settings.progress,
+            rollouts=rollouts,
         )
         finetune_s, histories[f"phase 2: fine-tune ({settings.mode})"] = r2.elapsed_s, r2.history
         skipped = r2.skipped_steps
@@ -501,7 +511,14 @@ def run_pipeline(
         fid2 = trained.qt.evaluate(test, output=settings.output, output_kind=settings.output_kind)
         log(f"held-out (never selected on): {fid2.describe()}")
     else:
-        trained = train_generator(model, config, train, test, settings, log)
+        rollouts = None
+        if link is not None and data.stream_train is not None:
+            rollouts = Rollouts(link, data.stream_train, settings.rollout)
+            log(
+                f"distilling over rollouts of {rollouts.steps()} chunks on the student's own "
+                f"state ({int(data.stream_train.unique().numel())} training streams)"
+            )
+        trained = train_generator(model, config, train, test, settings, log, rollouts)
         fid2 = trained.fid2
     qt, rep, fid1, kind = trained.qt, trained.rep, trained.fid1, trained.fid1.kind
     budget, phase1_error, histories = trained.budget, trained.phase1_error, trained.histories

@@ -123,16 +123,17 @@ def test_the_pipeline_reports_free_running_fidelity_as_the_headline(tmp_path):
     from qtcompress.pipeline import PipelineSettings, run_pipeline
 
     model = WideCell().eval()
-    (xtr, str_), _ = _stream_data(model, 200, 10)
+    (xtr, str_), train_ids = _stream_data(model, 200, 10)
     (xte, ste), ids = _stream_data(model, 120, 4)
     path = tmp_path / "d.npz"
     np.savez(
         path,
         **{"x_train.0": xtr, "x_train.1": str_, "x_test.0": xte, "x_test.1": ste},
         stream_test=ids.numpy(),
+        stream_train=train_ids.numpy(),
     )
     data = load_npz_split(path)
-    assert torch.equal(data.stream_test, ids)
+    assert torch.equal(data.stream_test, ids) and torch.equal(data.stream_train, train_ids)
     logged: list[str] = []
     settings = PipelineSettings(fit_steps=0, finetune_steps=20, latency_repeats=1)
     r = run_pipeline(
@@ -140,6 +141,7 @@ def test_the_pipeline_reports_free_running_fidelity_as_the_headline(tmp_path):
     )
     assert r.state_link == "output 1 -> input 1"
     assert any("stateful model assumed: output 1 -> input 1" in line for line in logged)
+    assert any("distilling over rollouts of 4 chunks" in line for line in logged)
     assert r.fidelity_free_running is not None and r.fidelity_free_running["n"] == 120
     assert r.fidelity_free_running != r.fidelity_finetuned  # measured separately
     # Without streams, the summary says its fidelity is teacher-forced and how to fix that.
@@ -154,3 +156,22 @@ def test_the_pipeline_reports_free_running_fidelity_as_the_headline(tmp_path):
     )
     with pytest.raises(ConfigError, match="stream_test must be a 1-D integer array with one"):
         load_npz_split(path)
+
+
+def test_rollouts_start_inside_a_stream_and_train_on_the_students_own_state():
+    from qtcompress import compress
+    from qtcompress.train.streams import Rollouts
+
+    rollouts = Rollouts(StateLink(1, 1), torch.tensor([0, 0, 0, 1, 1, 2]), length=2)
+    assert rollouts.steps() == 2 and rollouts.starts().tolist() == [0, 1, 3]
+    assert Rollouts(StateLink(1, 1), torch.tensor([0, 0, 1]), length=9).steps() == 2
+    teacher = WideCell().eval()
+    (x, states), ids = _stream_data(teacher, 160, 8)
+    data = Batch(args=(x, states))
+    qt = compress(teacher, QTConfig(n_layers=2))
+    before = free_running_fidelity(qt.functional, teacher, data, ids, StateLink(1, 1))
+    result = qt.finetune(
+        (x, states), steps=40, lr=1e-2, progress=False, rollouts=Rollouts(StateLink(1, 1), ids, 4)
+    )
+    after = free_running_fidelity(qt.functional, teacher, data, ids, StateLink(1, 1))
+    assert result.steps == 40 and after.correlation > before.correlation

@@ -1,16 +1,17 @@
 """Fidelity of a compressed streaming model as deployed: free-running against teacher-forced.
 
 The suite's streaming LSTM (``tools/suite.py``: Conv1d + LSTMCell, ``forward(x, state) ->
-(prob, state)``) is compressed and distilled on its teacher-forced training pairs (each chunk
-with the original's state), then measured on held-out digits read as streams of 7-frame
-chunks in two ways:
+(prob, state)``) is compressed and distilled on its training digits, each a stream of two
+14-frame chunks: on single chunks with the original's state (teacher-forced pairs), or over
+rollouts of both chunks on the student's own state (``rollouts``); then measured on held-out
+digits read as streams of 14-frame chunks in two ways:
 
 * **teacher-forced**: every chunk gets the original's state (what the training data hold);
 * **free-running**: the original and the student each start a stream from its first recorded
   state and carry their own (:func:`qtcompress.train.streams.free_running_fidelity`).
 
-Two stream layouts: one stream per digit (4 chunks from the zero state, the model's own use)
-and one stream of every held-out digit in a row (1,436 chunks, state never reset).
+Two stream layouts: one stream per digit (2 chunks from the zero state, the model's own use)
+and one stream of every held-out digit in a row (718 chunks, state never reset).
 
 Run: ``python tools/bench_streams.py`` (a few minutes); writes its section of
 docs/benchmarks.md. Threads: torch 2.
@@ -38,27 +39,47 @@ from suite import digits_split, load_entry, rnn_windows  # noqa: E402
 from qtcompress import QTConfig, compress  # noqa: E402
 from qtcompress.data.batch import Batch  # noqa: E402
 from qtcompress.examples import upsample  # noqa: E402
-from qtcompress.train.streams import StateLink, free_running_fidelity  # noqa: E402
+from qtcompress.train.streams import Rollouts, StateLink, free_running_fidelity  # noqa: E402
 
 LINK = StateLink(input=1, output=1)
+WINDOWS = 2  # 14-frame chunks: the chunking the model and its training pairs use
+# (name, generator, distil over rollouts of the training streams on the student's own state)
 ARMS = (
-    ("hashed QNN 0.5%", QTConfig(scheme="hashed", budget=0.005)),
-    ("rows 5% (default)", QTConfig()),
+    ("hashed QNN 0.5%", QTConfig(scheme="hashed", budget=0.005), False),
+    ("hashed QNN 0.5%, rollouts", QTConfig(scheme="hashed", budget=0.005), True),
+    ("rows 5% (default)", QTConfig(), False),
 )
 
 
 @torch.no_grad()
+def train_streams(model: torch.nn.Module) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """The training digits as streams of 2 chunks: (zero state, window 1), (carried, window 2)."""
+    w1, w2 = rnn_windows(upsample(digits_split().x_train))
+    n = len(w1)
+    zero = model.initial_state(n)
+    carried = model(w1, zero)[1]
+    x = torch.stack([w1, w2], 1).reshape(2 * n, *w1.shape[1:])
+    states = torch.stack([zero, carried], 1).reshape(2 * n, *zero.shape[1:])
+    return (x, states), torch.arange(n).repeat_interleave(2)
+
+
+@torch.no_grad()
 def streams(model: torch.nn.Module, chained: bool) -> tuple[Batch, torch.Tensor]:
-    """Held-out digits as 7-frame chunks with the original's states; and each row's stream."""
+    """Held-out digits as 14-frame chunks with the original's states; each row's stream."""
     split = digits_split()
-    chunks = rnn_windows(upsample(split.x_test), windows=4)  # 4 x (N, 7, 28)
-    n = chunks[0].shape[0]
-    x = torch.stack(chunks, 1).reshape(-1, 7, 28)  # (4N, 7, 28): digit by digit, in order
-    ids = torch.zeros(4 * n, dtype=torch.int64) if chained else torch.arange(n).repeat_interleave(4)
-    states = torch.zeros(4 * n, 2, model.hidden)
+    chunks = rnn_windows(upsample(split.x_test), windows=WINDOWS)  # WINDOWS x (N, T, 28)
+    n, frames = chunks[0].shape[0], chunks[0].shape[1]
+    x = torch.stack(chunks, 1).reshape(-1, frames, 28)  # (W*N, T, 28): digit by digit, in order
+    rows = WINDOWS * n
+    ids = (
+        torch.zeros(rows, dtype=torch.int64)
+        if chained
+        else torch.arange(n).repeat_interleave(WINDOWS)
+    )
+    states = torch.zeros(rows, 2, model.hidden)
     state = torch.zeros(1, 2, model.hidden)
-    for row in range(4 * n):  # the original's own state: what teacher-forced data record
-        if not chained and row % 4 == 0:
+    for row in range(rows):  # the original's own state: what teacher-forced data record
+        if not chained and row % WINDOWS == 0:
             state = torch.zeros(1, 2, model.hidden)
         states[row] = state[0]
         state = model(x[row : row + 1], state)[1]
@@ -77,13 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     data = {
         name: streams(model, chained) for name, chained in (("per digit", False), ("chained", True))
     }
+    train_x, train_ids = train_streams(model)
     rows = []
-    for arm, config in ARMS:
+    for arm, config, rollout in ARMS:
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             qt = compress(model, config)
-            qt.finetune(entry.train_inputs, steps=args.steps, lr=1e-2, progress=False)
+            extra = {"rollouts": Rollouts(LINK, train_ids, 2)} if rollout else {}
+            qt.finetune(train_x, steps=args.steps, lr=1e-2, progress=False, **extra)
         student = partial(qt.functional, generated=qt.generator.generate_named())
 
         for layout, (batch, ids) in data.items():

@@ -373,18 +373,17 @@ def load_npz_split(path: str | Path) -> Split:
         return tensor(arrays[key], True) if key in arrays else torch.empty(0, dtype=torch.int64)
 
     split = Split(inputs("x_train"), label("y_train"), inputs("x_test"), label("y_test"))
-    if "stream_test" in arrays:
-        streams = np.asarray(arrays["stream_test"])
-        first = arrays[f"x_test.{keys[0]}" if keys else "x_test"]
-        if (
-            streams.ndim != 1
-            or not np.issubdtype(streams.dtype, np.integer)
-            or len(streams) != len(first)
-        ):
+    streams: dict[str, torch.Tensor] = {}
+    for part in ("train", "test"):
+        key = f"stream_{part}"
+        if key not in arrays:
+            continue
+        ids = np.asarray(arrays[key])
+        first = arrays[f"x_{part}.{keys[0]}" if keys else f"x_{part}"]
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer) or len(ids) != len(first):
             raise ConfigError(
-                f"{path}: stream_test must be a 1-D integer array with one stream id per "
-                f"x_test row ({len(first)}), got {streams.dtype} {list(streams.shape)}."
+                f"{path}: {key} must be a 1-D integer array with one stream id per "
+                f"x_{part} row ({len(first)}), got {ids.dtype} {list(ids.shape)}."
             )
-        stream_test = torch.from_numpy(np.ascontiguousarray(streams)).to(torch.int64)
-        return dataclasses.replace(split, stream_test=stream_test)
-    return split
+        streams[key] = torch.from_numpy(np.ascontiguousarray(ids)).to(torch.int64)
+    return dataclasses.replace(split, **streams) if streams else split

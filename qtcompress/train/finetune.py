@@ -24,6 +24,7 @@ from qtcompress.train.objectives import (
     infer_output_kind,
     measure_fidelity,
 )
+from qtcompress.train.streams import Rollouts, rollout_outputs
 
 
 def finetune(
@@ -44,6 +45,7 @@ def finetune(
     labels_in_items: bool | str = False,
     probe_size: int = 256,
     guard: bool = True,
+    rollouts: Rollouts | None = None,
     **loop_kwargs: Any,
 ) -> FitResult:
     """Phase 2: train the generator on a task through the model's own forward pass.
@@ -76,6 +78,9 @@ def finetune(
             outputs turn constant triggers the collapse guard.
         guard: On a collapse (outputs turning constant after they varied), restore the best
             state, halve the learning rate and go on (at most ``MAX_RESTARTS`` times).
+        rollouts: A stateful model's training streams: distil over rollouts of consecutive
+            chunks on the student's own state (:class:`~qtcompress.train.streams.Rollouts`)
+            instead of single teacher-forced chunks. Needs in-memory data.
         **loop_kwargs: Passed to :func:`train_loop`.
     """
     if mode not in ("supervised", "distill"):
@@ -99,7 +104,24 @@ def finetune(
     def student(batch: Batch, stats: bool) -> torch.Tensor:
         return select_output(batch.call(partial(fmodel, batch_stats=stats)), output)
 
+    if rollouts is not None:
+        if mode != "distill" or source.n is None:
+            raise ConfigError("Rollouts distil from in-memory data only (mode 'distill').")
+        everything = source.head(source.n).to(device)
+        starts = rollouts.starts()
+
     def loss_at(step: int) -> torch.Tensor:
+        if rollouts is not None:  # a rollout on the student's own state per sampled start
+            rows = starts[batch_indices(step, len(starts), batch_size, cfg.seed)].to(device)
+            with torch.no_grad():
+                goal = rollout_outputs(fmodel.teacher, everything, rows, rollouts, output)
+            outs = rollout_outputs(
+                partial(fmodel, batch_stats=batch_stats), everything, rows, rollouts, output
+            )
+            total = [
+                distill_loss(o, g, objective, temperature) for o, g in zip(outs, goal, strict=True)
+            ]
+            return torch.stack(total).mean()
         batch = source.batch_at(step, batch_size, cfg.seed).to(device)
         out = student(batch, batch_stats)
         if mode == "supervised":

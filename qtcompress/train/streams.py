@@ -156,3 +156,53 @@ def free_running_fidelity(
     t = free_running_outputs(teacher, data, streams, link, output)
     s = free_running_outputs(student, data, streams, link, output)
     return measure_fidelity(s, t, output_kind or infer_output_kind(t), labels)
+
+
+@dataclass(frozen=True)
+class Rollouts:
+    """Distillation over rollouts: ``length`` consecutive chunks of a training stream.
+
+    The student starts each rollout from the original's recorded state and then carries its
+    own, so it learns to stay close on its own state (truncated backpropagation through
+    ``length`` steps); the original's outputs on the recorded data are its own free-running
+    outputs, since the recorded states are its own.
+
+    Attributes:
+        link: Which output feeds which input.
+        streams: Stream id of each training row (rows of a stream consecutive, in order).
+        length: Chunks per rollout (capped at the longest stream).
+    """
+
+    link: StateLink
+    streams: torch.Tensor
+    length: int = 4
+
+    def starts(self) -> torch.Tensor:
+        """Rows where a rollout of :meth:`steps` chunks fits inside one stream."""
+        k = self.steps()
+        return torch.cat([r[: len(r) - k + 1] for r in stream_rows(self.streams) if len(r) >= k])
+
+    def steps(self) -> int:
+        """The rollout length used: ``length``, or the longest stream if shorter."""
+        return max(1, min(self.length, max(len(r) for r in stream_rows(self.streams))))
+
+
+def rollout_outputs(
+    call: Callable[..., Any],
+    data: Batch,
+    start_rows: torch.Tensor,
+    rollouts: Rollouts,
+    output: str | int | None,
+) -> list[torch.Tensor]:
+    """``call``'s outputs over rollouts from ``start_rows``, carrying its own state (with grad)."""
+    link = rollouts.link
+    state = data.args[link.input].index_select(0, start_rows)
+    outs = []
+    for t in range(rollouts.steps()):
+        step = data.take(start_rows + t)
+        args = list(step.args)
+        args[link.input] = state
+        out = call(*args, **step.kwargs)
+        state = out[link.output]
+        outs.append(select_output(out, output))
+    return outs
