@@ -36,7 +36,7 @@ from qtcompress.targets import Layout, select_targets
 from qtcompress.train.finetune import evaluate_fidelity
 from qtcompress.train.finetune import finetune as _finetune
 from qtcompress.train.functional import FunctionalModel
-from qtcompress.train.loop import FitResult, LoopConfig
+from qtcompress.train.loop import FitResult, LoopConfig, train_loop
 from qtcompress.train.objectives import Fidelity
 from qtcompress.train.weight_fit import STREAM_WEIGHTS, relative_errors
 from qtcompress.train.weight_fit import fit_weights as _fit_weights
@@ -89,6 +89,35 @@ class CompressionReport:
 # collapsed to a constant function; 3e-3 with warm-up and clipping is what the suite benchmark
 # (docs/benchmarks.md) runs on all four real-shaped models.
 DEFAULT_FINETUNE_LR = 3e-3
+
+
+def check_options(given: Any, allowed: set[str], what: str) -> None:
+    """Refuse option names ``what`` does not take, naming the closest ones (a typo is an error).
+
+    Raises:
+        ConfigError: One line per call naming every unknown option.
+    """
+    import difflib
+
+    unknown = sorted(set(given) - allowed)
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, sorted(allowed), n=1)
+            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(f"{what} has no option {', '.join(hints)}.")
+
+
+def _options_of(*functions: Any) -> set[str]:
+    """Keyword parameters of ``functions`` (those a ``**kwargs`` is routed to)."""
+    import inspect
+
+    return {
+        name
+        for fn in functions
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    }
 
 
 def _loop_config(kwargs: dict[str, Any], **defaults: Any) -> LoopConfig:
@@ -190,6 +219,11 @@ class QTModel:
                 :func:`~qtcompress.train.loop.train_loop` keyword (``checkpoint_path``,
                 ``checkpoint_every``, ``resume``, ``progress``, ``callback``).
         """
+        check_options(
+            kwargs,
+            set(LoopConfig.__dataclass_fields__) | _options_of(train_loop, _fit_weights),
+            "fit_weights()",
+        )
         cfg = _loop_config(kwargs, steps=steps, lr=lr, seed=self.config.seed)
         return _fit_weights(self.generator, self.pretrained, cfg, **kwargs)
 
@@ -227,6 +261,11 @@ class QTModel:
                 ``batch_stats``, ``labels_in_items``) and
                 :func:`~qtcompress.train.loop.train_loop` keywords.
         """
+        check_options(
+            kwargs,
+            set(LoopConfig.__dataclass_fields__) | _options_of(train_loop, _finetune),
+            "finetune()",
+        )
         cfg = _loop_config(
             kwargs,
             steps=steps,
@@ -443,6 +482,7 @@ def compress(
     dev = resolve_device(device)
     config = config or QTConfig()
     if overrides:
+        check_options(overrides, set(QTConfig.__dataclass_fields__), "QTConfig")
         config = QTConfig.from_dict({**config.to_dict(), **overrides})
     qt = QTModel(model, config)
     return qt.to(dev) if dev.type != "cpu" else qt

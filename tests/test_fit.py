@@ -281,3 +281,15 @@ def test_recalibrate_matches_batch_statistics():
         qt.functional.buffers["bn1.running_mean"], feats.mean((0, 2, 3)), atol=1e-5
     )
     assert qt.functional.module.bn1.momentum == 0.1
+
+
+def test_a_misspelled_option_is_an_error_naming_the_closest():
+    with pytest.raises(
+        ConfigError, match="QTConfig has no option 'budgett' \\(did you mean 'budget'"
+    ):
+        compress(TinyMLP(), budgett=0.1)
+    qt = compress(TinyMLP(), SMALL)
+    with pytest.raises(ConfigError, match="fit_weights\\(\\) has no option 'warmupp'"):
+        qt.fit_weights(steps=1, warmupp=3)
+    with pytest.raises(ConfigError, match="finetune\\(\\) has no option 'batchsize'"):
+        qt.finetune(torch.randn(8, 13), steps=1, batchsize=4)
