@@ -43,7 +43,9 @@ def rounded(t: torch.Tensor, storage: str) -> torch.Tensor:
     if storage == "float16":
         return t.to(torch.float16).to(t.dtype)
     scale = t.abs().max().clamp_min(1e-30) / 127.0
-    return (torch.round(t / scale).clamp(-127, 127) * scale).to(t.dtype)
+    # "+ 0.0" turns -0.0 (round of a small negative) into the +0.0 that decoding gives: the
+    # stored hash is over bytes, and the two zeros differ in their sign bit.
+    return (torch.round(t / scale).clamp(-127, 127) * scale + 0.0).to(t.dtype)
 
 
 @torch.no_grad()
@@ -72,7 +74,7 @@ def encode(state: Mapping[str, torch.Tensor], storage: str) -> dict[str, torch.T
         else:
             scale = t.abs().max().clamp_min(1e-30) / 127.0
             code = torch.round(t / scale).clamp(-127, 127).to(torch.int8)
-            back = code.float() * scale
+            back = code.float() * scale + 0.0
             out[SCALE_PREFIX + name] = scale.reshape(1).float()
         if not torch.equal(back, t):
             raise ConfigError(
@@ -107,7 +109,7 @@ def decode(
                     f"{source}: int8 tensor {name!r} has no float32 scale "
                     f"{SCALE_PREFIX + name!r}; the file is corrupt."
                 )
-            out[name] = t.float() * scale
+            out[name] = t.float() * scale + 0.0
         else:
             out[name] = t
     return out
