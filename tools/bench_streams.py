@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             )
     lines = [
         f"Measured {machine()}; `python tools/bench_streams.py`, {args.steps} distillation "
-        "steps on the teacher-forced training pairs, learning rate 1e-2, seed 0. Agreement: "
+        "steps on the training digits (single chunks with the original's state, or rollouts of "
+        "both chunks on the student's own state where marked), learning rate 1e-2, seed 0. Agreement: "
         "thresholded probabilities equal; correlation of the probabilities.",
         "",
         "| generator | streams | chunks | teacher-forced agreement / corr | free-running "
