@@ -152,7 +152,13 @@ def load_dataset(name: str, seed: int = 0, test_fraction: float = 0.2) -> Split:
     Returns:
         The split.
     """
-    from sklearn import datasets
+    try:
+        from sklearn import datasets
+    except ImportError as exc:  # an optional extra: only the shipped examples need it
+        raise ConfigError(
+            f"The example data set {name!r} comes from scikit-learn, which is not installed: "
+            'pip install -e ".[examples]".'
+        ) from exc
 
     if name == "digits":
         data = datasets.load_digits()

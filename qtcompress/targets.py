@@ -169,11 +169,6 @@ class Layout:
             "while its weights were finite."
         )
 
-    def tensor_index(self) -> torch.Tensor:
-        """Shape ``(M,)`` int64: for each flat weight, the index of its tensor in ``specs``."""
-        sizes = torch.tensor([s.numel for s in self.specs], dtype=torch.int64)
-        return torch.repeat_interleave(torch.arange(len(self.specs)), sizes)
-
 
 def non_finite_count(t: torch.Tensor, block: int = 1 << 22) -> int:
     """How many values of ``t`` are NaN or Inf (0 for integer tensors).

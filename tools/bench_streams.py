@@ -124,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"Measured {machine()}; `python tools/bench_streams.py`, {args.steps} distillation "
         "steps on the training digits (single chunks with the original's state, or rollouts of "
-        "both chunks on the student's own state where marked), learning rate 1e-2, seed 0. Agreement: "
-        "thresholded probabilities equal; correlation of the probabilities.",
+        "both chunks on the student's own state where marked), learning rate 1e-2, seed 0. "
+        "Agreement: thresholded probabilities equal; correlation of the probabilities.",
         "",
         "| generator | streams | chunks | teacher-forced agreement / corr | free-running "
         "agreement / corr |",
