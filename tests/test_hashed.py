@@ -70,7 +70,6 @@ def test_weights_follow_the_formula_and_start_with_the_pretrained_spread():
     values = g.source().detach()
     named = dict(model.named_parameters())
     out = g.generate_detached()
-    slot = 0
     for t, s in enumerate(qt.layout.specs):
         rows, cols = row_view(s.shape)
         if rows == 1:  # exact vectors
@@ -79,12 +78,12 @@ def test_weights_follow_the_formula_and_start_with_the_pretrained_spread():
         codes = hash_codes(qt.config.seed, t, s.numel, g.buckets)
         sign = 1.0 - 2.0 * (codes >= g.buckets).float()
         expect = sign * values[codes % g.buckets]
-        expect = expect.view(rows, cols) * g.scales[slot].detach()[:, None]
+        start, n = g._scale_at[t]  # the tensor's scales in the one flat ``affine``
+        expect = expect.view(rows, cols) * g.affine.detach()[start : start + n][:, None]
         torch.testing.assert_close(out[s.name].view(rows, cols), expect, rtol=0, atol=1e-6)
         # Every row has the pretrained row's RMS, so no layer starts shrunk (dead).
         want = named[s.name].detach().view(rows, cols).pow(2).mean(1).sqrt()
         torch.testing.assert_close(expect.pow(2).mean(1).sqrt(), want, rtol=1e-4, atol=1e-7)
-        slot += 1
 
 
 @pytest.mark.parametrize("values", ["qnn", "table", "mps", "frozen", "zeros"])

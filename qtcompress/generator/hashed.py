@@ -10,7 +10,8 @@ HashedNets (arXiv 1504.04788) with the shared values made by a QNN. Weight ``j``
 - ``bucket`` and ``sign``: a fixed integer hash of ``(seed, t, j)``: they cost nothing to store;
 - ``s_t``: one scale per row (or one per tensor where rows would take more than a quarter of the
   budget), trained;
-- vectors (biases, norm scales) are held exactly, as their own parameters.
+- vectors (biases, norm scales) are held exactly while the budget allows, else hashed with a
+  scale and an offset each; every tensor's own values share one flat parameter, ``affine``.
 
 The generator's size is the source's parameters plus the scales plus the vectors, whatever M
 is: this is the scheme that reaches the polylog end (0.05-1% of M) where the rows scheme's
@@ -117,23 +118,36 @@ class HashedGenerator(Generator):
         self.hashed_vectors = bool(hashed_vectors)
         self.is_vector = [rows <= 1 for rows, _ in self.views]
         self.is_hashed = [not v or self.hashed_vectors for v in self.is_vector]
-        self.scales = nn.ParameterList()
-        self.exact = nn.ParameterList()
-        self.offsets = nn.ParameterList()  # one per hashed vector: biases and norms have a mean
-        self._slot: list[int] = []  # index into scales (hashed) or exact (exact vectors)
-        self._offset_slot: dict[int, int] = {}
-        codes = []
+        # Every tensor's own values live in one flat parameter, ``affine``: a hashed tensor's
+        # scales (and a vector's offset), an exact vector's values. One stored tensor instead of
+        # two or three per model tensor: a file's header lists each, and for a model of a hundred
+        # tensors the header was most of a 0.1% generator's file.
+        # Per tensor, (start, length) in affine of its scales (hashed) or its values (exact).
+        self._scale_at: list[tuple[int, int]] = []
+        self._offset_at: dict[int, int] = {}  # hashed vectors: position of the offset
+        self._slot: list[int] = []  # hashed tensors: index of their codes (-1: exact)
+        init: list[torch.Tensor] = []
+        size = 0
+        codes: list[torch.Tensor] = []
         for t, (s, (rows, _)) in enumerate(zip(layout.specs, self.views, strict=True)):
-            if self.is_hashed[t]:
-                self._slot.append(len(self.scales))
-                self.scales.append(nn.Parameter(torch.ones(rows if self.row_scales else 1)))
-                codes.append(hash_codes(seed, t, s.numel, self.buckets))
-                if self.is_vector[t]:
-                    self._offset_slot[t] = len(self.offsets)
-                    self.offsets.append(nn.Parameter(torch.zeros(1)))
-            else:
-                self._slot.append(len(self.exact))
-                self.exact.append(nn.Parameter(torch.zeros(s.numel)))
+            if not self.is_hashed[t]:
+                self._slot.append(-1)
+                self._scale_at.append((size, s.numel))
+                init.append(torch.zeros(s.numel))
+                size += s.numel
+                continue
+            k = rows if self.row_scales else 1
+            self._slot.append(len(codes))
+            codes.append(hash_codes(seed, t, s.numel, self.buckets))
+            self._scale_at.append((size, k))
+            init.append(torch.ones(k))
+            size += k
+            if self.is_vector[t]:
+                self._offset_at[t] = size
+                init.append(torch.zeros(1))
+                size += 1
+        self.affine = nn.Parameter(torch.cat(init) if init else torch.zeros(0))
+        self._scales_frozen = False
         starts = [0]
         for c in codes:
             starts.append(starts[-1] + c.numel())
@@ -165,14 +179,7 @@ class HashedGenerator(Generator):
         src = self.source.count()
         qnn = src if self.values_kind == "qnn" else 0
 
-        def count(ps: nn.ParameterList) -> int:
-            return sum(p.numel() for p in ps)  # scales are frozen during phase 1 only
-
-        counts = {
-            "qnn": qnn,
-            "mapping": src - qnn,
-            "affine": count(self.scales) + count(self.exact) + count(self.offsets),
-        }
+        counts = {"qnn": qnn, "mapping": src - qnn, "affine": self.affine.numel()}
         counts["total"] = sum(counts.values())
         return counts
 
@@ -184,15 +191,17 @@ class HashedGenerator(Generator):
 
     def _tensor(self, signed: torch.Tensor, t: int) -> torch.Tensor:
         spec, slot = self.layout.specs[t], self._slot[t]
+        start, n = self._scale_at[t]
         if not self.is_hashed[t]:
-            return self.exact[slot].reshape(spec.shape)
+            return self.affine[start : start + n].reshape(spec.shape)
         codes: torch.Tensor = self._codes  # type: ignore[assignment]
         a, b = self._code_starts[slot], self._code_starts[slot + 1]
         rows, cols = self.views[t]
         w = signed.index_select(0, codes[a:b]).view(rows, cols)  # (rows, cols)
-        w = w * self.scales[slot][:, None]
-        if t in self._offset_slot:
-            w = w + self.offsets[self._offset_slot[t]]
+        scales = self.affine[start : start + n]
+        w = w * (scales.detach() if self._scales_frozen else scales)[:, None]
+        if t in self._offset_at:
+            w = w + self.affine[self._offset_at[t]]
         return w.reshape(spec.shape)
 
     def _generate_list(self) -> list[torch.Tensor]:
@@ -244,10 +253,11 @@ class HashedGenerator(Generator):
         check_pretrained(pretrained, self.total)
         for t, s in enumerate(self.layout.specs):
             part = pretrained[s.offset : s.offset + s.numel]
+            start, n = self._scale_at[t]
             if not self.is_hashed[t]:
-                self.exact[self._slot[t]].copy_(part)
-            elif t in self._offset_slot:
-                self.offsets[self._offset_slot[t]].fill_(float(part.double().mean()))
+                self.affine[start : start + n].copy_(part)
+            elif t in self._offset_at:
+                self.affine[self._offset_at[t]] = float(part.double().mean())
         table = getattr(self.source, "table", None)
         if isinstance(table, nn.Parameter):
             table.copy_(self._least_squares_values(pretrained))
@@ -281,8 +291,7 @@ class HashedGenerator(Generator):
             if self.is_hashed[t]:
                 part = pretrained[s.offset : s.offset + s.numel]
                 weights.append((t, part.view(s.shape), 1.0 / float(part.pow(2).sum() + 1e-12)))
-        for p in self.scales:
-            p.requires_grad_(False)
+        self._scales_frozen = True
 
         def loss(_step: int) -> torch.Tensor:
             signed = self.signed_values()
@@ -296,8 +305,7 @@ class HashedGenerator(Generator):
     @torch.no_grad()
     def weight_fit_done(self, pretrained: torch.Tensor) -> None:
         """After phase 1: scales train again and every row gets its pretrained spread back."""
-        for p in self.scales:
-            p.requires_grad_(True)
+        self._scales_frozen = False
         self.match_spread(pretrained, always=True)
 
     @torch.no_grad()
@@ -317,17 +325,17 @@ class HashedGenerator(Generator):
         for t, s in enumerate(self.layout.specs):
             if not self.is_hashed[t]:
                 continue
-            slot = self._slot[t]
+            start, n = self._scale_at[t]
             goal = self._centred_goal(pretrained, t).float()
             have = self._tensor(signed, t).reshape(self.views[t])
-            if t in self._offset_slot:
-                have = have - self.offsets[self._offset_slot[t]]
+            if t in self._offset_at:
+                have = have - self.affine[self._offset_at[t]]
             dims = 1 if self.row_scales else (0, 1)
             want_rms = goal.pow(2).mean(dims).sqrt()
             have_rms = have.pow(2).mean(dims).sqrt().clamp_min(1e-12)
             if not always and bool((have_rms >= 0.95 * want_rms).all()):
                 continue
-            self.scales[slot].mul_((want_rms / have_rms).reshape(-1))
+            self.affine[start : start + n].mul_((want_rms / have_rms).reshape(-1))
             changed.append(s.name)
         return changed
 
@@ -335,8 +343,8 @@ class HashedGenerator(Generator):
         """Tensor ``t``'s pretrained ``(rows, cols)`` view, less its offset if it has one."""
         s = self.layout.specs[t]
         goal = pretrained[s.offset : s.offset + s.numel].view(self.views[t])
-        if t in self._offset_slot:
-            goal = goal - self.offsets[self._offset_slot[t]].detach()
+        if t in self._offset_at:
+            goal = goal - self.affine[self._offset_at[t]].detach()
         return goal
 
     def revive(self, pretrained: torch.Tensor) -> list[str]:
