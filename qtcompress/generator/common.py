@@ -97,6 +97,26 @@ class Generator(nn.Module):
         """Stream the weights without gradients: ``(flat start, weights)`` in layout order."""
         raise NotImplementedError
 
+    def _by_name(
+        self, flat: torch.Tensor | None, generated: Callable[[], list[torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        """Tensors by parameter name (aliases included), cast to each parameter's dtype.
+
+        From ``flat`` (a :meth:`generate` vector) when given, else from ``generated()``: the
+        tensors in layout order.
+        """
+        if flat is not None:
+            parts = self.layout.split(flat)
+            by_spec = [parts[s.name] for s in self.layout.specs]
+        else:
+            by_spec = generated()
+        out: dict[str, torch.Tensor] = {}
+        for s, t in zip(self.layout.specs, by_spec, strict=True):
+            t = t if t.dtype == s.dtype else t.to(s.dtype)
+            for n in s.names:
+                out[n] = t
+        return out
+
     @torch.no_grad()
     def generate_detached(self) -> dict[str, torch.Tensor]:
         """Every generated tensor by canonical name, without gradients, cast to its dtype.

@@ -220,17 +220,7 @@ class HashedGenerator(Generator):
         ``factored`` is accepted for the common interface; hashed tensors are always dense.
         """
         del factored
-        if flat is not None:
-            parts = self.layout.split(flat)
-            by_spec = [parts[s.name] for s in self.layout.specs]
-        else:
-            by_spec = self._generate_list()
-        out: dict[str, torch.Tensor] = {}
-        for s, w in zip(self.layout.specs, by_spec, strict=True):
-            w = w if w.dtype == s.dtype else w.to(s.dtype)
-            for n in s.names:
-                out[n] = w
-        return out
+        return self._by_name(flat, self._generate_list)
 
     @torch.no_grad()
     def iter_blocks(self, block_states: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:

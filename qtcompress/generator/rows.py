@@ -207,17 +207,7 @@ class RowGenerator(Generator):
                 path; any other use materialises it). Values equal the dense tensors' up to
                 float rounding (a different order of sums).
         """
-        if flat is not None:
-            parts = self.layout.split(flat)
-            by_spec = [parts[s.name] for s in self.layout.specs]
-        else:
-            by_spec = self._generate_list(factored)
-        out: dict[str, torch.Tensor] = {}
-        for s, t in zip(self.layout.specs, by_spec, strict=True):
-            t = t if t.dtype == s.dtype else t.to(s.dtype)
-            for n in s.names:
-                out[n] = t
-        return out
+        return self._by_name(flat, lambda: self._generate_list(factored))
 
     @torch.no_grad()
     def iter_blocks(self, block_states: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
