@@ -110,7 +110,8 @@ def summary_rows(r: PipelineResult) -> dict[str, str]:
         "generator file": _size(r.generator_file_bytes),
         "ONNX file": _size(r.onnx_bytes),
         "output kind": r.output_kind,
-        "fidelity: phase 1 (weights fitted)": _fidelity_text(r.fidelity_phase1)
+        "fidelity: phase 1 (weights fitted"
+        + (", validation split)" if r.search else ")"): _fidelity_text(r.fidelity_phase1)
         + f" (relative weight error {r.phase1_rel_weight_error:.3f})",
         "fidelity: fine-tuned" + (" (teacher-forced)" if r.state_link else ""): _fidelity_text(
             r.fidelity_finetuned
