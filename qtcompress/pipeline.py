@@ -20,7 +20,7 @@ import inspect
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -445,6 +445,88 @@ def search_budget(
     return best, points
 
 
+@dataclass
+class Measured:
+    """A trained generator measured as it will be used: fidelity, warnings, the check."""
+
+    trained: Trained
+    fid2: Fidelity  # on the held-out data (teacher-forced for a stateful model)
+    free: Fidelity | None  # free-running over held-out streams, for a stateful model
+    link: StateLink | None
+    warnings: list[str]
+    fidelity_ok: bool
+    search: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Written:
+    """The files of a run: the student they hold, the export check and the latencies."""
+
+    student: nn.Module
+    export: Any
+    torch_ms: dict[str, float]
+    onnx_ms: dict[str, float]
+    gen_path: Path
+    onnx_path: Path
+
+
+def measure_in_use(
+    trained: Trained,
+    fid2: Fidelity,
+    data: Split,
+    test: InputSource,
+    link: StateLink | None,
+    settings: PipelineSettings,
+    log: Callable[[str], None],
+) -> Measured:
+    """Fidelity as the model is used (free-running for a stateful one), warnings, the check."""
+    qt = trained.qt
+    warnings = [f"phase 2: {w}" for w in fid2.warnings()]
+    if trained.skipped_steps:
+        warnings.append(
+            f"phase 2: {trained.skipped_steps:,} of {settings.finetune_steps:,} steps skipped "
+            "(non-finite gradient from the model's own operations, e.g. sqrt or log at 0)"
+        )
+    if qt.revived:
+        warnings.append(
+            f"phase 1 left a dead network; fine-tuning restored the spread of "
+            f"{len(qt.revived)} tensors first"
+        )
+    free: Fidelity | None = None
+    if link is not None and data.stream_test is not None:
+        labelled = data.y_test.numel() > 0
+        free = free_running_fidelity(
+            partial(qt.functional, generated=qt.generator.generate_named()),
+            qt.teacher,
+            test.head(len(data.stream_test)),
+            data.stream_test,
+            link,
+            output=settings.output,
+            output_kind=trained.fid1.kind,
+            labels=data.y_test if labelled else None,
+        )
+        n = int(data.stream_test.unique().numel())
+        log(f"free-running over {n} streams: {free.describe()}")
+        warnings += [f"free-running: {w}" for w in free.warnings()]
+    elif link is not None:
+        warnings.append(
+            f"the model carries state ({link.describe()}): the fidelity above is teacher-forced "
+            "(each test row has the original's state); add stream_test to the .npz to measure "
+            "it free-running, as deployed"
+        )
+    shipped = free or fid2  # the headline: fidelity as the model is used
+    fidelity_ok = settings.min_fidelity is None or (
+        shipped.headline >= settings.min_fidelity and not shipped.degenerate
+    )
+    if not fidelity_ok:
+        warnings.append(
+            f"fidelity {shipped.headline:.4f} is below --min-fidelity {settings.min_fidelity}"
+        )
+    for w in warnings:
+        log(f"warning: {w}")
+    return Measured(trained, fid2, free, link, warnings, fidelity_ok)
+
+
 def run_pipeline(
     model: nn.Module,
     config: QTConfig,
@@ -520,53 +602,9 @@ def run_pipeline(
             )
         trained = train_generator(model, config, train, test, settings, log, rollouts)
         fid2 = trained.fid2
-    qt, rep, fid1, kind = trained.qt, trained.rep, trained.fid1, trained.fid1.kind
-    budget, phase1_error, histories = trained.budget, trained.phase1_error, trained.histories
-    fit_s, finetune_s, storage_note = trained.fit_s, trained.finetune_s, trained.storage_note
-    warnings = [f"phase 2: {w}" for w in fid2.warnings()]
-    if trained.skipped_steps:
-        warnings.append(
-            f"phase 2: {trained.skipped_steps:,} of {settings.finetune_steps:,} steps skipped "
-            "(non-finite gradient from the model's own operations, e.g. sqrt or log at 0)"
-        )
-    if qt.revived:
-        warnings.append(
-            f"phase 1 left a dead network; fine-tuning restored the spread of "
-            f"{len(qt.revived)} tensors first"
-        )
-    free: Fidelity | None = None
-    if link is not None and data.stream_test is not None:
-        free = free_running_fidelity(
-            partial(qt.functional, generated=qt.generator.generate_named()),
-            qt.teacher,
-            test.head(len(data.stream_test)),
-            data.stream_test,
-            link,
-            output=settings.output,
-            output_kind=kind,
-            labels=data.y_test if labelled else None,
-        )
-        log(
-            f"free-running over {int(data.stream_test.unique().numel())} streams: {free.describe()}"
-        )
-        warnings += [f"free-running: {w}" for w in free.warnings()]
-    elif link is not None:
-        warnings.append(
-            f"the model carries state ({link.describe()}): the fidelity above is teacher-forced "
-            "(each test row has the original's state); add stream_test to the .npz to measure "
-            "it free-running, as deployed"
-        )
-    shipped = free or fid2  # the headline: fidelity as the model is used
-    fidelity_ok = settings.min_fidelity is None or (
-        shipped.headline >= settings.min_fidelity and not shipped.degenerate
-    )
-    if not fidelity_ok:
-        warnings.append(
-            f"fidelity {shipped.headline:.4f} is below --min-fidelity {settings.min_fidelity}"
-        )
-    for w in warnings:
-        log(f"warning: {w}")
-    accuracy_original = fid2.teacher_accuracy
+    measured = measure_in_use(trained, fid2, data, test, link, settings, log)
+    measured.search = search
+    qt = trained.qt
     qt.to("cpu")  # files, the ONNX graph and latency come from the CPU
     student = qt.materialize().eval()
 
@@ -600,38 +638,9 @@ def run_pipeline(
         )
         record.wrote("onnx")
         torch_ms, onnx_ms = _latencies(student, onnx_path, test, settings.latency_repeats)
+        written = Written(student, export, torch_ms, onnx_ms, gen_path, onnx_path)
         return _finish(
-            record,
-            start,
-            name,
-            model,
-            qt,
-            rep,
-            student,
-            settings,
-            histories,
-            fid1,
-            fid2,
-            kind,
-            budget,
-            warnings,
-            fidelity_ok,
-            accuracy_original,
-            phase1_error,
-            export,
-            torch_ms,
-            onnx_ms,
-            fit_s,
-            finetune_s,
-            checkpoint_bytes,
-            gen_path,
-            onnx_path,
-            out,
-            log,
-            storage_note=storage_note,
-            search=search,
-            free=free,
-            link=link,
+            record, start, name, model, settings, measured, written, checkpoint_bytes, log
         )
 
 
@@ -640,36 +649,22 @@ def _finish(
     start: float,
     name: str,
     model: nn.Module,
-    qt: QTModel,
-    rep: Any,
-    student: nn.Module,
     settings: PipelineSettings,
-    histories: dict[str, list[float]],
-    fid1: Fidelity,
-    fid2: Fidelity,
-    kind: str,
-    budget: str,
-    warnings: list[str],
-    fidelity_ok: bool,
-    accuracy_original: float | None,
-    phase1_error: float,
-    export: Any,
-    torch_ms: dict[str, float],
-    onnx_ms: dict[str, float],
-    fit_s: float,
-    finetune_s: float,
+    measured: Measured,
+    written: Written,
     checkpoint_bytes: int | None,
-    gen_path: Path,
-    onnx_path: Path,
-    out: Path,
     log: Callable[[str], None],
-    *,
-    storage_note: str = "",
-    search: list[dict[str, Any]] | None = None,
-    free: Fidelity | None = None,
-    link: StateLink | None = None,
 ) -> PipelineResult:
     """Summarise a run whose files are written, and record it as complete."""
+    trained, fid2, free, link = measured.trained, measured.fid2, measured.free, measured.link
+    qt, rep, fid1 = trained.qt, trained.rep, trained.fid1
+    student, export, gen_path, onnx_path = (
+        written.student,
+        written.export,
+        written.gen_path,
+        written.onnx_path,
+    )
+    out = gen_path.parent
     log(
         f"wrote {gen_path.name} ({gen_path.stat().st_size:,} bytes) and {onnx_path.name} "
         f"(onnxruntime vs torch max |diff| {export.max_abs_diff:.2g})"
@@ -693,30 +688,35 @@ def _finish(
         onnx_bytes=onnx_path.stat().st_size,
         scheme=qt.config.scheme,
         shape=shape_of(qt),
-        budget=budget,
+        budget=trained.budget,
         generated_kinds={
             k: [n, v]
             for k, (n, v) in kinds_summary((s.name, s.shape) for s in qt.layout.specs).items()
         },
-        output_kind=kind,
-        accuracy_original=accuracy_original,
+        output_kind=fid1.kind,
+        accuracy_original=fid2.teacher_accuracy,
         accuracy_phase1=fid1.accuracy,
         accuracy_finetuned=fid2.accuracy,
         fidelity_phase1=fid1.to_dict(),
         fidelity_finetuned=fid2.to_dict(),
-        warnings=warnings,
+        warnings=measured.warnings,
         min_fidelity=settings.min_fidelity,
-        fidelity_ok=fidelity_ok,
-        phase1_rel_weight_error=phase1_error,
+        fidelity_ok=measured.fidelity_ok,
+        phase1_rel_weight_error=trained.phase1_error,
         onnx_max_abs_diff=export.max_abs_diff,
         onnx_max_abs_output=export.max_abs_output,
-        latency_torch_ms=torch_ms,
-        latency_onnx_ms=onnx_ms,
-        fit_s=fit_s,
-        finetune_s=finetune_s,
+        latency_torch_ms=written.torch_ms,
+        latency_onnx_ms=written.onnx_ms,
+        fit_s=trained.fit_s,
+        finetune_s=trained.finetune_s,
         total_s=0.0,
         files=files,
-        histories=histories,
+        histories=trained.histories,
+        storage=qt.storage,
+        storage_note=trained.storage_note,
+        search=measured.search,
+        state_link=link.describe() if link else None,
+        fidelity_free_running=free.to_dict() if free else None,
     )
     if settings.report:
         from qtcompress.report import write_report
@@ -730,15 +730,11 @@ def _finish(
         report = write_report(
             out / "report",
             summary_rows(result),
-            histories,
+            trained.histories,
             weights,
             title=f"qtcompress report: {name}",
         )
         files["report"] = str(report)
-    result.storage, result.storage_note = qt.storage, storage_note
-    result.search = search or []
-    result.state_link = link.describe() if link else None
-    result.fidelity_free_running = free.to_dict() if free else None
     result.total_s = time.perf_counter() - start
     record.complete({k: v for k, v in asdict(result).items() if k != "histories"})
     return result
