@@ -64,8 +64,12 @@ def grid() -> list[tuple[str, float, str, int, float]]:
         return [(m, b, a, s, LR) for b in BUDGETS for a, seeds in ARMS for s in seeds]
 
     # The cheap models and the sweep first: a run cut short still has whole tables.
-    sweep = [("cnn", 0.005, a, 0, lr) for a in ("qnn", "table", "mps") for lr in (3e-3, 3e-2)]
-    return main("cnn") + sweep + [r for m in MODELS[1:] for r in main(m)]
+    return main("cnn") + sweep("cnn") + [r for m in MODELS[1:] for r in main(m)] + sweep("encoder")
+
+
+def sweep(model: str) -> list[tuple[str, float, str, int, float]]:
+    """The learning-rate sweep of the trained arms at 0.5% of M, seed 0."""
+    return [(model, 0.005, a, 0, lr) for a in ("table", "mps", "qnn") for lr in (3e-3, 3e-2)]
 
 
 def run_one(model: str, budget: float, arm: str, seed: int, lr: float) -> dict[str, Any]:
@@ -195,20 +199,26 @@ def report(rows: list[dict[str, Any]]) -> str:
                 f"{full:,} / {half:,} ({ratio:.0f}x) | " + " | ".join(cells) + " |"
             )
         lines.append("")
-    sweep = sorted(
-        (r for r in rows if r["model"] == "cnn" and r["budget"] == 0.005 and r["seed"] == 0),
-        key=lambda r: (r["arm"], r["lr"]),
-    )
-    if sweep:
+    for model in MODELS:
+        swept = [
+            r
+            for r in rows
+            if r["model"] == model and r["budget"] == 0.005 and r["seed"] == 0 and r["lr"] != LR
+        ]
+        if not swept:
+            continue
+        metric = swept[0]["metric"]
         lines += [
-            "Learning-rate sweep, cnn at 0.5% of M, seed 0:",
+            "",
+            f"Learning-rate sweep, {model} at 0.5% of M, seed 0 ({metric}):",
             "",
             "| arm | " + " | ".join(f"lr {lr:g}" for lr in (3e-3, LR, 3e-2)) + " |",
             "|---|---|---|---|",
         ]
+        at = [r for r in rows if r["model"] == model and r["budget"] == 0.005 and r["seed"] == 0]
         for arm in ("qnn", "table", "mps"):
-            got = {r["lr"]: r["headline"] for r in sweep if r["arm"] == arm}
-            cells = [f"{got[lr]:.1%}" if lr in got else "-" for lr in (3e-3, LR, 3e-2)]
+            got = {r["lr"]: r["headline"] for r in at if r["arm"] == arm}
+            cells = [_fmt([got[lr]], metric) if lr in got else "-" for lr in (3e-3, LR, 3e-2)]
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -218,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shard", default="0/1", help="i/n: run every n-th run from i")
     ap.add_argument("--report", action="store_true", help="write docs/benchmarks.md and stop")
+    ap.add_argument("--sweep", default=None, help="run only this model's learning-rate sweep")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -229,12 +240,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     i, n = (int(x) for x in args.shard.split("/"))
     done = set()
-    out = OUT / f"shard{i}of{n}.jsonl"
-    if out.exists():
-        for line in out.open():
+    for f in OUT.glob("*.jsonl"):  # every shard's finished runs
+        for line in f.open():
             r = json.loads(line)
             done.add((r["model"], r["budget"], r["arm"], r["seed"], r["lr"]))
-    for k, run in enumerate(grid()):
+    out = OUT / (f"sweep-{args.sweep}.jsonl" if args.sweep else f"shard{i}of{n}.jsonl")
+    runs = sweep(args.sweep) if args.sweep else grid()
+    for k, run in enumerate(runs):
         if k % n != i or run in done:
             continue
         with warnings.catch_warnings():
