@@ -342,13 +342,11 @@ VALIDATION_SHARE = 0.15
 
 def searching(config: QTConfig, settings: PipelineSettings) -> bool:
     """Whether the run searches the budget: ``--min-fidelity`` without any size given."""
-    from qtcompress.config import QTConfig as Default
-
     sized = (config.budget, config.rank, config.ranks, config.scheme) != (
         None,
         None,
         None,
-        Default().scheme,
+        QTConfig().scheme,
     )
     return settings.min_fidelity is not None and settings.search and not sized
 
