@@ -85,12 +85,6 @@ class CompressionReport:
         )
 
 
-# Phase-2 peak learning rate. At 1e-2 (the old default) a 390K-weight CNN without BatchNorm
-# collapsed to a constant function; 3e-3 with warm-up and clipping is what the suite benchmark
-# (docs/benchmarks.md) runs on all four real-shaped models.
-DEFAULT_FINETUNE_LR = 3e-3
-
-
 def check_options(given: Any, allowed: set[str], what: str) -> None:
     """Refuse option names ``what`` does not take, naming the closest ones (a typo is an error).
 
@@ -234,7 +228,7 @@ class QTModel:
         *,
         mode: str = "distill",
         steps: int = 1000,
-        lr: float = DEFAULT_FINETUNE_LR,
+        lr: float | None = None,
         **kwargs: Any,
     ) -> FitResult:
         """Phase 2: train the generator on the task via the model's own forward pass.
@@ -254,13 +248,17 @@ class QTModel:
                 data's items carry them).
             mode: ``"distill"`` (teacher = the pretrained model) or ``"supervised"``.
             steps: Optimisation steps (one mini-batch each).
-            lr: Peak Adam learning rate.
+            lr: Peak Adam learning rate; ``None``: the scheme's default (3e-3; hashed 1e-2).
             **kwargs: :class:`~qtcompress.train.loop.LoopConfig` fields,
                 :func:`~qtcompress.train.finetune.finetune` keywords (``batch_size``, ``distill``,
                 ``output``, ``output_kind``, ``loss_fn``, ``temperature``, ``alpha``,
                 ``batch_stats``, ``labels_in_items``) and
                 :func:`~qtcompress.train.loop.train_loop` keywords.
         """
+        if lr is None:  # the scheme's own default
+            from qtcompress.generator.registry import get_scheme
+
+            lr = get_scheme(self.config.scheme).finetune_lr
         check_options(
             kwargs,
             set(LoopConfig.__dataclass_fields__) | _options_of(train_loop, _finetune),

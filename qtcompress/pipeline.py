@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qtcompress.api import DEFAULT_FINETUNE_LR, QTModel, compress
+from qtcompress.api import QTModel, compress
 from qtcompress.config import QTConfig
 from qtcompress.data.batch import Batch
 from qtcompress.data.model_call import check_call, forward_signature, select_output
@@ -59,7 +59,8 @@ class PipelineSettings:
         fit_steps: Phase-1 steps (reproduce the pretrained weights); 0 skips phase 1.
         fit_lr: Phase-1 peak learning rate.
         finetune_steps: Phase-2 steps (one mini-batch each); 0 skips phase 2.
-        finetune_lr: Phase-2 peak learning rate.
+        finetune_lr: Phase-2 peak learning rate; ``None``: the scheme's default (3e-3 for the
+            rows and flat schemes, 1e-2 for the hashed scheme).
         mode: ``"distill"`` (teacher = the original model) or ``"supervised"`` (labels).
         batch_size: Phase-2 mini-batch size.
         distill: Distillation loss (``kl``, ``bce``, ``cosine``, ``mse``); ``None``: the one for
@@ -93,7 +94,7 @@ class PipelineSettings:
     fit_steps: int = 100
     fit_lr: float = 1e-2
     finetune_steps: int = 1500
-    finetune_lr: float = DEFAULT_FINETUNE_LR
+    finetune_lr: float | None = None
     mode: str = "distill"
     batch_size: int = 64
     distill: str | None = None
@@ -122,6 +123,8 @@ class PipelineSettings:
         limits.check_count(self.latency_repeats, "latency_repeats", maximum=10_000, minimum=1)
         for name in ("fit_lr", "finetune_lr"):
             value = getattr(self, name)
+            if value is None and name == "finetune_lr":
+                continue
             if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
                 raise ConfigError(
                     f"{name} must be a positive number, got {value!r}; pass "

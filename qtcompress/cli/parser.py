@@ -230,8 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--finetune-lr",
             type=float,
             default=None,
-            help="phase-2 peak learning rate (default 3e-3, with warm-up, "
-            "clipping and a collapse guard)",
+            help="phase-2 peak learning rate (default: the scheme's, 3e-3 for rows and flat, "
+            "1e-2 for hashed; with warm-up, clipping and a collapse guard)",
         )
         fit.add_argument(
             "--mode",
