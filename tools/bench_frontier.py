@@ -174,7 +174,7 @@ def report(rows: list[dict[str, Any]]) -> str:
             f"**{model}** ({some[0]['weights']:,} weights, checkpoint "
             f"{some[0]['checkpoint_bytes']:,} B; {metric} with the original)",
             "",
-            "| budget | params (QNN: qubits x layers) | file bytes f32 / f16 (ratio) | "
+            "| budget | params: QNN (qubits x layers) / table | QNN file bytes f32 / f16 (ratio) | "
             + " | ".join(arms)
             + " |",
             "|---|---|---|" + "---|" * len(arms),
@@ -194,8 +194,10 @@ def report(rows: list[dict[str, Any]]) -> str:
             r0 = q[0]
             full, half = current_bytes(model, b)
             ratio = r0["checkpoint_bytes"] / half
+            table = by.get((model, b, "table"))
+            table_params = f" / {table[0]['params']:,}" if table else ""
             lines.append(
-                f"| {b:.1%} | {r0['params']:,} ({r0['qubits']} x {r0['layers']}) | "
+                f"| {b:.1%} | {r0['params']:,} ({r0['qubits']} x {r0['layers']}){table_params} | "
                 f"{full:,} / {half:,} ({ratio:.0f}x) | " + " | ".join(cells) + " |"
             )
         lines.append("")
