@@ -11,6 +11,10 @@ values come from (:mod:`qtcompress.generator.values`):
 * ``frozen``: a probability vector drawn once, never trained;
 * ``zeros``: the probability channel removed (every value -1: signs and scales only).
 
+and, with their own structure (``--classical MODEL``): ``low-rank`` SVD factors at the same
+parameter count and magnitude ``pruning`` at the same bytes (2 bytes of position per kept
+value), best of two learning rates.
+
 Each arm is fine-tuned by the same distillation recipe (:meth:`QTModel.finetune`: warm-up,
 clipping, cosine decay, best probe state) for the same steps, with the same learning rate,
 and scored against the original on held-out inputs; the generator file of each arm is written
@@ -65,6 +69,66 @@ def grid() -> list[tuple[str, float, str, int, float]]:
 
     # The cheap models and the sweep first: a run cut short still has whole tables.
     return main("cnn") + sweep("cnn") + [r for m in MODELS[1:] for r in main(m)] + sweep("encoder")
+
+
+# Classical methods with their own structure, each at the hashed arms' budget: low-rank SVD at
+# the same parameter count; magnitude pruning at the same bytes, each kept value paying 2 bytes
+# of position (a delta-coded index) on top of its 4; best of two learning rates, seed 0.
+CLASSICAL = ("low-rank", "pruning")
+
+
+def classical(model: str) -> list[tuple[str, float, str, int, float]]:
+    """The classical arms of ``model``: every budget, both methods, two learning rates."""
+    return [(model, b, a, 0, lr) for b in BUDGETS for a in CLASSICAL for lr in (3e-3, 1e-2)]
+
+
+def run_classical(model: str, budget: float, arm: str, seed: int, lr: float) -> dict[str, Any]:
+    """Fine-tune a low-rank or pruned student by the same recipe; returns its row."""
+    from bench_suite import LowRankStudent, PrunedStudent, count
+
+    from qtcompress.train.finetune import evaluate_fidelity, finetune
+    from qtcompress.train.functional import FunctionalModel
+    from qtcompress.train.loop import LoopConfig
+
+    entry = load_entry(model, log=lambda _s: None)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    weights = sum(p.numel() for p in entry.model.parameters())
+    params = int(budget * weights)
+    student: torch.nn.Module = (
+        LowRankStudent(entry.model, params)
+        if arm == "low-rank"
+        else PrunedStudent(entry.model, params * 4 // 6)
+    )
+    fmodel = FunctionalModel(entry.model, student)  # type: ignore[arg-type]
+    start = evaluate_fidelity(fmodel, entry.test_inputs, entry.test_labels).headline
+    cfg = LoopConfig(steps=STEPS, lr=lr, seed=seed, warmup=STEPS // 10, grad_clip=1.0)
+    finetune(fmodel, entry.train_inputs, None, cfg, progress=False)
+    fid = evaluate_fidelity(fmodel, entry.test_inputs, entry.test_labels)
+    kept = count(student)
+    index_bytes = 2 * (kept - sum(p.numel() for p in entry.model.parameters() if p.ndim < 2))
+    return {
+        "model": model,
+        "budget": budget,
+        "arm": arm,
+        "seed": seed,
+        "lr": lr,
+        "steps": STEPS,
+        "weights": weights,
+        "params": kept,
+        "source_params": 0,
+        "buckets": 0,
+        "qubits": 0,
+        "layers": 0,
+        "start": start,
+        "headline": fid.headline,
+        "metric": fid.headline_name,
+        "accuracy": fid.accuracy,
+        "degenerate": fid.degenerate,
+        "file_bytes": 4 * kept + (max(0, index_bytes) if arm == "pruning" else 0),
+        "checkpoint_bytes": entry.checkpoint.stat().st_size,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def sweep(model: str) -> list[tuple[str, float, str, int, float]]:
@@ -165,6 +229,12 @@ def report(rows: list[dict[str, Any]]) -> str:
     for r in main:
         by[(r["model"], r["budget"], r["arm"])].append(r)
     arms = [a for a, _ in ARMS]
+    best_classical: dict[tuple[str, float, str], dict[str, Any]] = {}
+    for r in rows:
+        if r["arm"] in CLASSICAL:
+            key = (r["model"], r["budget"], r["arm"])
+            if key not in best_classical or r["headline"] > best_classical[key]["headline"]:
+                best_classical[key] = r
     for model in MODELS:
         some = [r for r in main if r["model"] == model]
         if not some:
@@ -176,8 +246,8 @@ def report(rows: list[dict[str, Any]]) -> str:
             "",
             "| budget | params: QNN (qubits x layers) / table | QNN file bytes f32 / f16 (ratio) | "
             + " | ".join(arms)
-            + " |",
-            "|---|---|---|" + "---|" * len(arms),
+            + " | low-rank (params) | pruning (kept; bytes) |",
+            "|---|---|---|" + "---|" * (len(arms) + 2),
         ]
         for b in BUDGETS:
             q = by.get((model, b, "qnn"))
@@ -196,6 +266,13 @@ def report(rows: list[dict[str, Any]]) -> str:
             ratio = r0["checkpoint_bytes"] / half
             table = by.get((model, b, "table"))
             table_params = f" / {table[0]['params']:,}" if table else ""
+            for arm in CLASSICAL:
+                c = best_classical.get((model, b, arm))
+                if c is None:
+                    cells.append("-")
+                    continue
+                size = f"{c['params']:,}" + (f"; {c['file_bytes']:,} B" if arm == "pruning" else "")
+                cells.append(f"{_fmt([c['headline']], metric)} ({size}, lr {c['lr']:g})")
             lines.append(
                 f"| {b:.1%} | {r0['params']:,} ({r0['qubits']} x {r0['layers']}){table_params} | "
                 f"{full:,} / {half:,} ({ratio:.0f}x) | " + " | ".join(cells) + " |"
@@ -231,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard", default="0/1", help="i/n: run every n-th run from i")
     ap.add_argument("--report", action="store_true", help="write docs/benchmarks.md and stop")
     ap.add_argument("--sweep", default=None, help="run only this model's learning-rate sweep")
+    ap.add_argument("--classical", default=None, help="run only this model's classical arms")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -246,14 +324,22 @@ def main(argv: list[str] | None = None) -> int:
         for line in f.open():
             r = json.loads(line)
             done.add((r["model"], r["budget"], r["arm"], r["seed"], r["lr"]))
-    out = OUT / (f"sweep-{args.sweep}.jsonl" if args.sweep else f"shard{i}of{n}.jsonl")
-    runs = sweep(args.sweep) if args.sweep else grid()
+    out = OUT / (
+        f"sweep-{args.sweep}.jsonl"
+        if args.sweep
+        else f"classical-{args.classical}.jsonl"
+        if args.classical
+        else f"shard{i}of{n}.jsonl"
+    )
+    runs = (
+        sweep(args.sweep) if args.sweep else classical(args.classical) if args.classical else grid()
+    )
     for k, run in enumerate(runs):
         if k % n != i or run in done:
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            row = run_one(*run)
+            row = run_classical(*run) if run[2] in CLASSICAL else run_one(*run)
         if "error" in row:
             print(f"{run}: {row['error']}", flush=True)
         else:
