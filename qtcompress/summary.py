@@ -76,7 +76,7 @@ def shape_of(qt: QTModel) -> str:
 
 def _fidelity_text(fid: dict[str, Any]) -> str:
     name, value = fid["headline_name"], fid["headline"]
-    text = f"{value:.2%}" if name == "agreement" else f"{value:.4f}"
+    text = f"{value:.2%}" if name in ("agreement", "decode_agreement") else f"{value:.4f}"
     extra = f", correlation {fid['correlation']:.3f}" if name != "correlation" else ""
     dead = " (DEGENERATE: constant outputs)" if fid["degenerate"] else ""
     return f"{name} {text}{extra}{dead}"

@@ -299,4 +299,5 @@ def test_default_loss_per_kind_is_documented():
         "probability": "bce",
         "embedding": "cosine",
         "regression": "mse",
+        "ctc": "kl",  # per-frame class scores, distilled frame by frame
     }

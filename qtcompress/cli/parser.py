@@ -251,9 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
         )
         fit.add_argument(
             "--output-kind",
-            choices=("logits", "probability", "embedding", "regression"),
+            choices=("logits", "probability", "embedding", "regression", "ctc"),
             default=None,
-            help="what the model outputs (default: inferred from the original model's outputs)",
+            help="what the model outputs (default: inferred from the original model's outputs; "
+            "ctc: per-frame scores (batch, time, classes), blank 0, scored by the character "
+            "error rate of the greedy decodes)",
         )
         fit.add_argument(
             "--min-fidelity",

@@ -9,6 +9,10 @@ without labels:
   correlation; distilled with binary cross-entropy against the teacher's probabilities.
 * ``embedding`` (unit-norm rows): mean cosine similarity; distilled with cosine distance.
 * ``regression`` (anything else): correlation and relative error; distilled with MSE.
+* ``ctc`` (per-frame class scores ``(batch, time, classes)``, blank = class 0; named with
+  ``--output-kind ctc``, never inferred): the greedy decodes of student and teacher compared
+  by character error rate, ``decode_agreement = 1 - CER`` the headline; distilled with
+  per-frame KL, like logits.
 
 The kind is inferred from the teacher's outputs (:func:`infer_output_kind`) unless given.
 """
@@ -24,9 +28,15 @@ import torch.nn.functional as F
 
 from qtcompress.errors import ConfigError
 
-OUTPUT_KINDS = ("logits", "probability", "embedding", "regression")
+OUTPUT_KINDS = ("logits", "probability", "embedding", "regression", "ctc")
 DISTILL_LOSSES = ("kl", "bce", "cosine", "mse")
-DEFAULT_LOSS = {"logits": "kl", "probability": "bce", "embedding": "cosine", "regression": "mse"}
+DEFAULT_LOSS = {
+    "logits": "kl",
+    "probability": "bce",
+    "embedding": "cosine",
+    "regression": "mse",
+    "ctc": "kl",
+}
 # A student whose outputs vary across inputs less than this fraction of the teacher's is
 # treated as constant ("dead"): a collapsed network, not a weak one.
 DEGENERATE_RATIO = 0.02
@@ -128,6 +138,8 @@ class Fidelity:
         teacher_accuracy: The original's fraction correct on the same inputs and labels.
         spread_ratio: The student's spread of outputs across inputs over the teacher's
             (1 = as varied as the teacher; ~0 = a constant function).
+        decode_agreement: ``ctc``: one minus the character error rate of the student's greedy
+            decodes against the teacher's (edit distance over the teacher's decode length).
     """
 
     kind: str
@@ -139,6 +151,7 @@ class Fidelity:
     accuracy: float | None
     teacher_accuracy: float | None
     spread_ratio: float
+    decode_agreement: float | None = None
 
     @property
     def degenerate(self) -> bool:
@@ -153,6 +166,7 @@ class Fidelity:
             "probability": "agreement",
             "embedding": "cosine",
             "regression": "correlation",
+            "ctc": "decode_agreement",
         }[self.kind]
 
     @property
@@ -185,7 +199,7 @@ class Fidelity:
             f"{self.headline_name} "
             + (
                 f"{self.headline:.2%}"
-                if self.headline_name == "agreement"
+                if self.headline_name in ("agreement", "decode_agreement")
                 else f"{self.headline:.4f}"
             )
         ]
@@ -203,6 +217,47 @@ class Fidelity:
             headline=self.headline, headline_name=self.headline_name, degenerate=self.degenerate
         )
         return d
+
+
+def ctc_greedy(scores: torch.Tensor, blank: int = 0) -> list[list[int]]:
+    """Greedy CTC decodes of ``(batch, time, classes)`` scores.
+
+    The best class per frame, repeats collapsed, blanks dropped.
+    """
+    best = scores.argmax(-1)  # (B, T)
+    out = []
+    for row in best.tolist():
+        seq, last = [], None
+        for c in row:
+            if c != last and c != blank:
+                seq.append(c)
+            last = c
+        out.append(seq)
+    return out
+
+
+def edit_distance(a: list[int], b: list[int]) -> int:
+    """Levenshtein distance between two label sequences."""
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i]
+        for j, y in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
+        prev = cur
+    return prev[-1]
+
+
+def decode_agreement(student: torch.Tensor, teacher: torch.Tensor) -> float:
+    """``1 - CER`` of the student's greedy decodes against the teacher's (at least 0)."""
+    if student.ndim != 3:
+        raise ConfigError(
+            f"CTC outputs must be (batch, time, classes), got {tuple(student.shape)}; a "
+            "time-major model's outputs need their batch moved to dimension 0."
+        )
+    s, t = ctc_greedy(student), ctc_greedy(teacher)
+    errors = sum(edit_distance(a, b) for a, b in zip(s, t, strict=True))
+    length = sum(len(b) for b in t)
+    return max(0.0, 1.0 - errors / max(1, length))
 
 
 def _decisions(out: torch.Tensor, kind: str) -> torch.Tensor:
@@ -230,7 +285,7 @@ def measure_fidelity(
             f"{tuple(teacher.shape)} differ in shape."
         )
     s, t = student.detach().double(), teacher.detach().double()
-    if kind == "logits":
+    if kind in ("logits", "ctc"):
         # Logits are defined up to a constant per example (softmax ignores it): compare them
         # centred, so a shifted but otherwise identical student scores correlation 1.
         sf = (s - s.mean(-1, keepdim=True)).reshape(-1)
@@ -250,10 +305,12 @@ def measure_fidelity(
     )
     spread = s_spread / t_spread if t_spread > 0 else (1.0 if s_spread == 0 else math.inf)
     agreement = cosine = accuracy = teacher_accuracy = None
-    if kind in ("logits", "probability"):
-        pred, truth = _decisions(s, kind), _decisions(t, kind)
+    decoded = decode_agreement(s, t) if kind == "ctc" else None
+    if kind in ("logits", "probability", "ctc"):
+        per = "logits" if kind == "ctc" else kind  # a CTC frame is a class decision
+        pred, truth = _decisions(s, per), _decisions(t, per)
         agreement = float((pred == truth).double().mean())
-        if labels is not None and labels.numel() > 0:
+        if labels is not None and labels.numel() > 0 and kind != "ctc":
             if pred.shape != labels.shape:
                 raise ConfigError(
                     f"Labels of shape {tuple(labels.shape)} do not match the "
@@ -274,4 +331,5 @@ def measure_fidelity(
         accuracy,
         teacher_accuracy,
         spread,
+        decoded,
     )
