@@ -147,28 +147,33 @@ def choose_storage(
     fidelity: Fidelity,
     storage: str,
     log: Callable[[str], None],
-) -> str:
-    """Round the generator to the storage its file will use; returns a note for the summary.
+) -> tuple[str, Fidelity]:
+    """Round the generator to the storage its file will use.
 
     ``"auto"`` tries int8, then float16, and keeps the first whose regenerated network keeps the
     headline fidelity within :data:`STORAGE_TOLERANCE` of float32's on the held-out inputs (the
     same inputs the summary reports: a check of three candidates, not a search); otherwise the
     generator stays float32. A named storage is applied as asked.
+
+    Returns:
+        A note for the summary, and the fidelity of the generator as it will be shipped.
     """
     if storage != "auto":
-        if storage != "float32":
-            qt.round_to(storage)
-        return "as asked"
+        if storage == "float32":
+            return "as asked", fidelity
+        qt.round_to(storage)
+        return "as asked", evaluate()
     snapshot = {k: v.clone() for k, v in qt.generator.state_dict().items()}
     for candidate in ("int8", "float16"):
         qt.round_to(candidate)
         after = evaluate()
         if not after.degenerate and after.headline >= fidelity.headline - STORAGE_TOLERANCE:
             log(f"storage: {candidate} ({after.describe()})")
-            return f"{fidelity.headline_name} {fidelity.headline:.4f} before rounding"
+            return f"{fidelity.headline_name} {fidelity.headline:.4f} before rounding", after
         qt.generator.load_state_dict(snapshot)
         qt.storage = "float32"
-    return f"int8 and float16 lost more than {STORAGE_TOLERANCE} {fidelity.headline_name}"
+    note = f"int8 and float16 lost more than {STORAGE_TOLERANCE} {fidelity.headline_name}"
+    return note, fidelity
 
 
 def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
@@ -320,8 +325,8 @@ def train_generator(
         skipped = r2.skipped_steps
     fid2 = evaluate()
     log(f"phase 2: {fid2.describe()}")
-    storage_note = choose_storage(qt, evaluate, fid2, settings.storage, log)
-    fid2 = evaluate() if qt.storage != "float32" else fid2  # the shipped, rounded generator
+    # fid2 becomes the shipped (rounded) generator's fidelity, measured once.
+    storage_note, fid2 = choose_storage(qt, evaluate, fid2, settings.storage, log)
     return Trained(
         qt,
         rep,
