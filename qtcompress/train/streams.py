@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -177,14 +178,20 @@ class Rollouts:
     streams: torch.Tensor
     length: int = 4
 
+    @cached_property
+    def _runs(self) -> list[torch.Tensor]:
+        # Computed once: rollout_outputs asks for steps() every training step, and
+        # stream_rows is a Python pass over every training row.
+        return stream_rows(self.streams)
+
     def starts(self) -> torch.Tensor:
         """Rows where a rollout of :meth:`steps` chunks fits inside one stream."""
         k = self.steps()
-        return torch.cat([r[: len(r) - k + 1] for r in stream_rows(self.streams) if len(r) >= k])
+        return torch.cat([r[: len(r) - k + 1] for r in self._runs if len(r) >= k])
 
     def steps(self) -> int:
         """The rollout length used: ``length``, or the longest stream if shorter."""
-        return max(1, min(self.length, max(len(r) for r in stream_rows(self.streams))))
+        return max(1, min(self.length, max(len(r) for r in self._runs)))
 
 
 def rollout_outputs(
