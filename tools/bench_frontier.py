@@ -107,6 +107,32 @@ def run_classical(model: str, budget: float, arm: str, seed: int, lr: float) -> 
     fid = evaluate_fidelity(fmodel, entry.test_inputs, entry.test_labels)
     kept = count(student)
     index_bytes = 2 * (kept - sum(p.numel() for p in entry.model.parameters() if p.ndim < 2))
+    return _row(
+        (model, budget, arm, seed, lr),
+        entry,
+        start,
+        fid,
+        t0,
+        weights=weights,
+        params=kept,
+        source_params=0,
+        buckets=0,
+        qubits=0,
+        layers=0,
+        file_bytes=4 * kept + (max(0, index_bytes) if arm == "pruning" else 0),
+    )
+
+
+def _row(
+    run: tuple[str, float, str, int, float],
+    entry: Any,
+    start: float,
+    fid: Any,
+    t0: float,
+    **sizes: int,
+) -> dict[str, Any]:
+    """The jsonl row of a finished run: what it was, its fidelity, its sizes, its time."""
+    model, budget, arm, seed, lr = run
     return {
         "model": model,
         "budget": budget,
@@ -114,18 +140,12 @@ def run_classical(model: str, budget: float, arm: str, seed: int, lr: float) -> 
         "seed": seed,
         "lr": lr,
         "steps": STEPS,
-        "weights": weights,
-        "params": kept,
-        "source_params": 0,
-        "buckets": 0,
-        "qubits": 0,
-        "layers": 0,
+        **sizes,
         "start": start,
         "headline": fid.headline,
         "metric": fid.headline_name,
         "accuracy": fid.accuracy,
         "degenerate": fid.degenerate,
-        "file_bytes": 4 * kept + (max(0, index_bytes) if arm == "pruning" else 0),
         "checkpoint_bytes": entry.checkpoint.stat().st_size,
         "seconds": time.perf_counter() - t0,
     }
@@ -161,28 +181,20 @@ def run_one(model: str, budget: float, arm: str, seed: int, lr: float) -> dict[s
         path = qt.save(Path(tmp) / "g.qtc.safetensors")
         file_bytes = path.stat().st_size
     c = qt.generator.parameter_counts()
-    return {
-        "model": model,
-        "budget": budget,
-        "arm": arm,
-        "seed": seed,
-        "lr": lr,
-        "steps": STEPS,
-        "weights": qt.layout.total,
-        "params": c["total"],
-        "source_params": c["qnn"] + c["mapping"],
-        "buckets": int(qt.generator.buckets),
-        "qubits": qt.generator.n_qubits,
-        "layers": qt.generator.ansatz.n_layers,
-        "start": start,
-        "headline": fid.headline,
-        "metric": fid.headline_name,
-        "accuracy": fid.accuracy,
-        "degenerate": fid.degenerate,
-        "file_bytes": file_bytes,
-        "checkpoint_bytes": entry.checkpoint.stat().st_size,
-        "seconds": time.perf_counter() - t0,
-    }
+    return _row(
+        (model, budget, arm, seed, lr),
+        entry,
+        start,
+        fid,
+        t0,
+        weights=qt.layout.total,
+        params=c["total"],
+        source_params=c["qnn"] + c["mapping"],
+        buckets=int(qt.generator.buckets),
+        qubits=qt.generator.n_qubits,
+        layers=qt.generator.ansatz.n_layers,
+        file_bytes=file_bytes,
+    )
 
 
 def _fmt(values: list[float], metric: str) -> str:
