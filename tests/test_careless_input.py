@@ -7,7 +7,6 @@ import math
 import warnings
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from torch import nn
@@ -15,12 +14,11 @@ from torch import nn
 from qtcompress.api import compress
 from qtcompress.data.batch import batch_indices
 from qtcompress.errors import ConfigError, FormatError, NonFiniteError
-from qtcompress.io.container import read_artifact
 from qtcompress.io.generator_load import load_generator
 from qtcompress.io.model_source import load_model
 from qtcompress.train.loop import MAX_SKIPPED_SHARE, SKIP_GRACE_STEPS
 from tests.cli_helpers import assert_one_line_error
-from tests.test_hostile_files import GOLDEN, remake
+from tests.test_hostile_files import GOLDEN, external_data_file
 from tests.tiny_models import TinyMLP, example_input
 
 FAST = ["--fit-steps", "2", "--finetune-steps", "2", "--layers", "2", "--no-progress"]
@@ -133,14 +131,7 @@ def test_float64_weight_beyond_float32_is_named(tmp_path):
 
 # -- 3. inspect on a generator file whose ONNX graph reads external data --------------------
 def test_inspect_reports_an_external_data_graph_as_corrupt(tmp_path, cli):
-    proto = onnx.ModelProto()
-    proto.ParseFromString(read_artifact(GOLDEN).skeleton)
-    ext = proto.graph.initializer.add()
-    ext.name, ext.data_type = "ext", onnx.TensorProto.FLOAT
-    ext.dims.extend([1])
-    ext.data_location = onnx.TensorProto.EXTERNAL
-    ext.external_data.add(key="location", value=str(tmp_path / "secret.bin"))
-    path = remake(tmp_path / "ext.qtc.safetensors", skeleton=proto.SerializeToString())
+    path = external_data_file(tmp_path)
     expected = r"refers to external data files \(\['ext'\]\).*corrupt or hostile"
     with pytest.raises(FormatError, match=expected):
         load_generator(path).checked_skeleton()

@@ -430,17 +430,20 @@ def test_compare_outputs_checks_shapes_and_nan():
         gen.compare_outputs(torch.zeros(4, 3))
 
 
-def test_skeleton_with_external_data_is_refused_unread(tmp_path):
-    art = read_artifact(GOLDEN)
+def external_data_file(tmp_path: Path) -> Path:
+    """The golden file with a stored graph whose initializer 'ext' reads an external file."""
     proto = onnx.ModelProto()
-    proto.ParseFromString(art.skeleton)
+    proto.ParseFromString(read_artifact(GOLDEN).skeleton)
     ext = proto.graph.initializer.add()
     ext.name, ext.data_type = "ext", onnx.TensorProto.FLOAT
     ext.dims.extend([1])
     ext.data_location = onnx.TensorProto.EXTERNAL
     ext.external_data.add(key="location", value=str(tmp_path / "secret.bin"))
-    path = remake(tmp_path / "ext.qtc.safetensors", skeleton=proto.SerializeToString())
-    gen = load_generator(path)
+    return remake(tmp_path / "ext.qtc.safetensors", skeleton=proto.SerializeToString())
+
+
+def test_skeleton_with_external_data_is_refused_unread(tmp_path):
+    gen = load_generator(external_data_file(tmp_path))
     with pytest.raises(FormatError, match=r"refers to external data files \(\['ext'\]\)"):
         gen.to_onnx()
 
