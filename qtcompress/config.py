@@ -23,12 +23,17 @@ if TYPE_CHECKING:
 # Version 4 added the hashed scheme's fields (``values``, ``row_scales``, ``hashed_vectors``,
 # ``allowance``);
 # version-3 files have none of them and read unchanged.
-CONFIG_VERSION = 4
+# Version 5 made the hashed scheme the default and ``n_layers`` automatic (``None``); an older
+# description without a ``scheme`` key is the rows scheme, its default then.
+CONFIG_VERSION = 5
 _RENAMED_IN_3 = {"max_qubits": "chunk_max_qubits", "per_tensor_affine": "train_affine"}
 MAPPINGS = ("mlp", "mps")
-# The default size of a generator, as a fraction of M: chosen from the suite measurements in
-# docs/benchmarks.md (fidelity vs budget on four real-shaped models).
-DEFAULT_BUDGET = 0.05
+# The default scheme, chosen from the frontier in docs/benchmarks.md (fidelity against bytes on
+# the real-shaped suite); each scheme registers its own default budget
+# (qtcompress.generator.registry).
+DEFAULT_SCHEME = "hashed"
+# QNN layers of the rows and flat schemes when QTConfig.n_layers is None.
+DEFAULT_LAYERS = 8
 DEFAULT_HIDDEN = {"rows": (32,), "flat": (16, 16)}
 
 
@@ -40,14 +45,16 @@ def _is_int(v: Any) -> bool:
 class QTConfig:
     """Settings of a Quantum-Train compression.
 
-    The default is the row-factorised generator (:class:`~qtcompress.generator.RowGenerator`)
-    sized to ``DEFAULT_BUDGET`` (5% of M); :meth:`resolve` turns a budget into concrete sizes.
+    The default is the hashed generator (:class:`~qtcompress.generator.HashedGenerator`) at
+    0.5% of M; :meth:`resolve` turns a budget into concrete sizes.
 
     Attributes:
-        scheme: ``"rows"`` (one basis state per tensor row, a head per tensor; the default) or
+        scheme: ``"hashed"`` (every weight a signed, scaled shared value from the QNN; the
+            default), ``"rows"`` (one basis state per tensor row, a head per tensor) or
             ``"flat"`` (the paper's flat index cut into ``chunk``-sized pieces, one shared head).
         budget: Size of the generator: a fraction of M in (0, 1] or a parameter count (> 1);
-            ``None``: ``DEFAULT_BUDGET`` unless ``rank`` is given. Sizes the rows scheme.
+            ``None``: the scheme's default (0.5% of M for hashed, 5% for rows) unless ``rank``
+            is given. Sizes the hashed and rows schemes.
         rank: Rows scheme: the same rank for every matrix; ``None``: ranks allocated to the
             budget.
         ranks: Rows scheme: one rank per generated tensor (layout order), as resolved; this is
@@ -59,7 +66,8 @@ class QTConfig:
         chunk: Weights per basis state; ``None`` picks the smallest power of two that keeps the
             QNN at or below ``chunk_max_qubits``.
         chunk_max_qubits: Qubit cap used only when ``chunk`` is ``None`` (automatic chunk).
-        n_layers: QNN layers.
+        n_layers: QNN layers; ``None``: :data:`DEFAULT_LAYERS` for rows and flat, from the
+            budget for hashed.
         n_qubits: QNN qubits; ``None``: the fewest that cover M.
         mapping: ``"mlp"`` or ``"mps"``.
         hidden: Mapping hidden widths; ``None``: ``(32,)`` for rows, ``(16, 16)`` for flat.
@@ -85,7 +93,7 @@ class QTConfig:
         version: Format version of this description.
     """
 
-    scheme: str = "rows"
+    scheme: str = DEFAULT_SCHEME
     budget: float | int | None = None
     rank: int | None = None
     ranks: tuple[int, ...] | None = None
@@ -94,7 +102,7 @@ class QTConfig:
     include_frozen: bool = False
     chunk: int | None = 1
     chunk_max_qubits: int = 16
-    n_layers: int = 8
+    n_layers: int | None = None
     n_qubits: int | None = None
     mapping: str = "mlp"
     hidden: tuple[int, ...] | None = None
@@ -126,12 +134,12 @@ class QTConfig:
                 f"QTConfig version {self.version} is not supported (this qtcompress "
                 f"reads version {CONFIG_VERSION})."
             )
-        for name in ("n_layers", "chunk_max_qubits", "bond_dim", "seed"):
+        for name in ("chunk_max_qubits", "bond_dim", "seed"):
             v = getattr(self, name)
             if not _is_int(v) or v < (0 if name == "seed" else 1):
                 kind = "non-negative" if name == "seed" else "positive"
                 raise ConfigError(f"{name} must be a {kind} integer, got {v!r}.")
-        for name in ("chunk", "n_qubits", "block_states", "allowance"):
+        for name in ("chunk", "n_qubits", "n_layers", "block_states", "allowance"):
             v = getattr(self, name)
             if v is not None and (not _is_int(v) or v < 1):
                 raise ConfigError(f"{name} must be a positive integer or None, got {v!r}.")
@@ -196,13 +204,15 @@ class QTConfig:
         """Rebuild from :meth:`to_dict`; missing keys take defaults.
 
         Unknown keys (written by a newer qtcompress) are ignored with a warning, so files stay
-        readable forwards; a version-1 description is the flat scheme, and version-1 and -2
-        names renamed in version 3 are translated.
+        readable forwards; a version-1 description is the flat scheme, a version-2 to -4 one
+        without a scheme the rows scheme, and version-1 and -2 names renamed in version 3 are
+        translated.
         """
         if not isinstance(data, dict):
             raise ConfigError(f"A QTConfig must be a JSON object, got {type(data).__name__}.")
         version = data.get("version", CONFIG_VERSION)
-        if version not in (1, 2, 3, CONFIG_VERSION):  # before the key check: no misleading warning
+        # Before the key check: no misleading warning.
+        if version not in (1, 2, 3, 4, CONFIG_VERSION):
             raise ConfigError(
                 f"QTConfig version {version!r} is not supported (this qtcompress "
                 f"reads versions 1 to {CONFIG_VERSION})."
@@ -224,8 +234,8 @@ class QTConfig:
                 **data,
                 "version": CONFIG_VERSION,
             }
-        elif version in (2, 3):
-            data = {**data, "version": CONFIG_VERSION}
+        elif version in (2, 3, 4):  # the default scheme was rows
+            data = {"scheme": "rows", **data, "version": CONFIG_VERSION}
         config = cls(**data)
         if version < CONFIG_VERSION:
             # Before version 4 a scheme ignored the fields it did not read (a rows file may
@@ -270,7 +280,9 @@ class QTConfig:
 
     def budget_params(self, total: int) -> int:
         """The budget as a parameter count for M = ``total`` weights."""
-        b = DEFAULT_BUDGET if self.budget is None else self.budget
+        from qtcompress.generator.registry import get_scheme
+
+        b = get_scheme(self.scheme).default_budget if self.budget is None else self.budget
         return int(b * total) if isinstance(b, float) and b <= 1.0 else int(b)
 
     def resolve_chunk(self, total: int) -> int:

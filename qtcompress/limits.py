@@ -150,7 +150,7 @@ def check_count(value: Any, name: str, *, maximum: int, minimum: int = 0) -> int
 
 # -- the QNN and the generator ----------------------------------------------------------------
 def check_qnn_size(
-    n_qubits: int | None, n_layers: int, *, source: str | None = None, prefix: str = "ansatz"
+    n_qubits: int | None, n_layers: int | None, *, source: str | None = None, prefix: str = "ansatz"
 ) -> None:
     """Check a QNN's qubits and layers against the documented maxima.
 
@@ -159,7 +159,7 @@ def check_qnn_size(
 
     Args:
         n_qubits: Qubits (``None``: not known yet, only the layers are checked).
-        n_layers: Layers.
+        n_layers: Layers (``None``: not known yet).
         source: The file the sizes come from (``None``: command-line options / QTConfig).
         prefix: The file's metadata field holding them (``ansatz`` or ``config``).
 
@@ -168,7 +168,7 @@ def check_qnn_size(
     """
     if n_qubits is not None and n_qubits > MAX_QUBITS:
         raise _too_big("n_qubits", n_qubits, MAX_QUBITS, "qubits", source, f"{prefix}.n_qubits")
-    if n_layers > MAX_LAYERS:
+    if n_layers is not None and n_layers > MAX_LAYERS:
         raise _too_big("n_layers", n_layers, MAX_LAYERS, "QNN layers", source, f"{prefix}.n_layers")
 
 

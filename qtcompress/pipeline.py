@@ -390,7 +390,7 @@ def search_budget(
     start = time.perf_counter()
     points: list[dict[str, Any]] = []
     best: Trained | None = None
-    # The hashed budgets, then the default generator (models too small for the hashed ones).
+    # The hashed budgets, then the default generator (small models: its floor of 1,024).
     candidates = [replace(config, scheme="hashed", budget=b) for b in SEARCH_BUDGETS] + [config]
     layout = select_targets(
         model, config.target, config.exclude, include_frozen=config.include_frozen

@@ -88,7 +88,7 @@ def test_two_input_encoder_end_to_end_with_dynamic_sequence(encoder, tmp_path):
 
 def test_stateful_model_with_tuple_batches_and_a_dataloader(cell):
     x, state = _states(96, 0)
-    qt = compress(cell, QTConfig(rank=3))  # a 700-weight model: below any 5% budget
+    qt = compress(cell, QTConfig(scheme="rows", rank=3))  # a 700-weight model: below any 5% budget
     qt.finetune((x, state), steps=20, progress=False)  # a tuple: positional inputs
     loader = DataLoader(TensorDataset(x, state), batch_size=16, shuffle=False)
     result = qt.finetune(loader, steps=20, progress=False)
@@ -207,6 +207,8 @@ def test_cli_stateful_model_positional_npz_then_fresh_load_verify_and_onnx(cell,
         tmp_path / "data.npz",
         "-o",
         out,
+        "--scheme",
+        "rows",
         "--rank",
         "3",
         "--fit-steps",

@@ -21,7 +21,7 @@ from tests.cli_helpers import assert_one_line_error
 from tests.test_hostile_files import GOLDEN, external_data_file
 from tests.tiny_models import TinyMLP, example_input
 
-FAST = ["--fit-steps", "2", "--finetune-steps", "2", "--layers", "2", "--no-progress"]
+FAST = ["--fit-steps", "2", "--finetune-steps", "2", "--no-progress"]
 
 
 class NormNet(nn.Module):

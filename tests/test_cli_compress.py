@@ -18,10 +18,6 @@ FAST = [
     "10",
     "--finetune-steps",
     "10",
-    "--layers",
-    "2",
-    "--hidden",
-    "8",
     "--no-progress",
 ]
 CKPT = ROOT / "models" / "wine_mlp.safetensors"

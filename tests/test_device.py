@@ -47,14 +47,14 @@ def test_resolve_device_rejects_bad_spellings(spelling: str, message: str) -> No
 @pytest.mark.skipif(not NO_CUDA, reason="this machine has CUDA")
 def test_cuda_without_cuda_is_a_clear_error_before_anything_is_built() -> None:
     with pytest.raises(ConfigError, match="CUDA is not available to this torch"):
-        compress(_model(), QTConfig(n_layers=1), device="cuda")
+        compress(_model(), QTConfig(scheme="rows", n_layers=1), device="cuda")
 
 
 def test_device_cpu_is_the_default_path_bit_for_bit() -> None:
     x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
     states = []
     for kwargs in ({}, {"device": "cpu"}):
-        qt = compress(_model(), QTConfig(n_layers=1, seed=3), **kwargs)
+        qt = compress(_model(), QTConfig(scheme="rows", n_layers=1, seed=3), **kwargs)
         assert qt.device == torch.device("cpu")
         qt.finetune(x, steps=4, batch_size=16)
         states.append(qt.generator.state_dict())
@@ -63,7 +63,7 @@ def test_device_cpu_is_the_default_path_bit_for_bit() -> None:
 
 
 def test_to_returns_the_model_and_on_cpu_restores_the_device(tmp_path) -> None:
-    qt = compress(_model(), QTConfig(n_layers=1))
+    qt = compress(_model(), QTConfig(scheme="rows", n_layers=1))
     assert qt.to("cpu") is qt
     with qt.on_cpu() as same:
         assert same is qt and qt.device.type == "cpu"
@@ -75,7 +75,7 @@ def test_to_returns_the_model_and_on_cpu_restores_the_device(tmp_path) -> None:
 @pytest.mark.skipif(NO_CUDA, reason="needs a CUDA device")
 def test_cuda_training_saves_a_file_that_verifies_on_the_cpu(tmp_path) -> None:
     x = torch.randn(128, 8)
-    qt = compress(_model(), QTConfig(n_layers=1), device="cuda")
+    qt = compress(_model(), QTConfig(scheme="rows", n_layers=1), device="cuda")
     assert next(qt.generator.body.parameters()).device.type == "cuda"
     assert qt.generator.qnn().device.type == "cuda"  # simulated on the CPU, moved once
     qt.finetune(x, steps=20, batch_size=32)

@@ -40,7 +40,7 @@ def test_pipeline_exports_once_and_generates_once_for_saving(tmp_path, monkeypat
     monkeypatch.setattr(RowGenerator, "iter_blocks", counting_blocks)
     result = run_pipeline(
         model,
-        QTConfig(n_layers=1, budget=0.5),
+        QTConfig(scheme="rows", n_layers=1, budget=0.5),
         Split(x, y, x[:20], y[:20]),
         tmp_path / "out",
         settings=PipelineSettings(fit_steps=0, finetune_steps=0, latency_repeats=1),

@@ -10,11 +10,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qtcompress import QTConfig, compress
-from qtcompress.config import DEFAULT_BUDGET
 from qtcompress.errors import ConfigError, FormatError
 from qtcompress.examples import load_dataset
 from qtcompress.generator import RowGenerator
+from qtcompress.generator.hashed import DEFAULT_FLOOR
 from qtcompress.generator.ranks import allocate_ranks, row_generator_size, uniform_ranks
+from qtcompress.generator.registry import get_scheme
 from qtcompress.io.model_source import load_model
 from qtcompress.train.loop import LoopConfig, train_loop
 from qtcompress.train.objectives import (
@@ -141,7 +142,7 @@ def test_accuracy_with_labels_for_probabilities():
 
 # -- phase 1 on a model without BatchNorm ------------------------------------------------------
 def test_phase1_error_is_below_one_on_every_tensor(plain_mlp):
-    qt = compress(plain_mlp, QTConfig())
+    qt = compress(plain_mlp, QTConfig(scheme="rows"))
     qt.fit_weights(steps=20, lr=1e-2, progress=False)
     errors = qt.weight_errors()
     assert isinstance(qt.generator, RowGenerator)
@@ -203,7 +204,7 @@ def test_collapse_guard_restores_best_state_and_halves_the_step(plain_mlp, monke
 # -- budget ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("budget", [0.2, 0.5, 3000])
 def test_budget_sizes_the_generator(plain_mlp, budget):
-    qt = compress(plain_mlp, QTConfig(budget=budget))
+    qt = compress(plain_mlp, QTConfig(scheme="rows", budget=budget))
     m = qt.report().generated_weights
     allowed = budget * m if budget <= 1 else budget
     assert qt.report().trainable <= allowed
@@ -217,27 +218,41 @@ def test_budget_sizes_the_generator(plain_mlp, budget):
 
 
 def test_default_budget_and_explicit_too_small_budget(plain_mlp):
-    qt = compress(plain_mlp)
+    rows_default = get_scheme("rows").default_budget
+    qt = compress(plain_mlp, QTConfig(scheme="rows"))
     cfg = qt.config
     assert cfg.budget is None and cfg.scheme == "rows"
     # 5% of this 9K-weight model is below the smallest generator: the default then means it.
     smallest = row_generator_size(qt.layout, uniform_ranks(qt.layout, 1), cfg.n_layers, cfg.hidden)
-    assert DEFAULT_BUDGET * qt.report().generated_weights < smallest
+    assert rows_default * qt.report().generated_weights < smallest
     assert qt.report().trainable == smallest
     # An explicit budget below it switches to the hashed scheme, and says so.
     with pytest.warns(UserWarning, match="below the smallest rows generator.*hashed scheme"):
-        small = compress(plain_mlp, QTConfig(budget=0.05))
+        small = compress(plain_mlp, QTConfig(scheme="rows", budget=0.05))
     assert small.config.scheme == "hashed"
-    assert small.report().trainable <= DEFAULT_BUDGET * small.report().generated_weights
+    assert small.report().trainable <= rows_default * small.report().generated_weights
     with pytest.raises(ConfigError, match="below the smallest hashed generator for this model"):
         compress(plain_mlp, QTConfig(budget=10))
+
+
+def test_default_is_the_hashed_scheme_with_a_floor_on_small_models(plain_mlp):
+    qt = compress(plain_mlp)
+    m = qt.report().generated_weights
+    assert qt.config.scheme == "hashed" and qt.config.budget is None
+    # 0.5% of this 9K-weight model is 45 parameters: the default spends the 1,024 floor.
+    assert get_scheme("hashed").default_budget * m < DEFAULT_FLOOR < m // 4
+    assert DEFAULT_FLOOR - 64 < qt.report().trainable <= DEFAULT_FLOOR
+    # A model of 1e6 weights gets 0.5% of M.
+    big = compress(nn.Sequential(nn.Linear(1000, 1000), nn.Linear(1000, 10)))
+    big_m = big.report().generated_weights
+    assert 0.9 * 0.005 * big_m < big.report().trainable <= 0.005 * big_m
 
 
 def test_leftover_budget_follows_the_weights_spectra():
     model = nn.Sequential(nn.Linear(32, 64), nn.Linear(64, 64))
     with torch.no_grad():  # first matrix exactly rank 2 (nothing to gain past it), second full
         model[0].weight.copy_(torch.randn(64, 2) @ torch.randn(2, 32))
-    qt = compress(model, QTConfig(rank=1))
+    qt = compress(model, QTConfig(scheme="rows", rank=1))
     base = row_generator_size(qt.layout, uniform_ranks(qt.layout, 4), 8, (32,))
     # 100 spare parameters: one more rank of the 64-column matrix (64 + 33 for the body's
     # wider output) fits, a whole uniform rank (129) does not.

@@ -15,7 +15,7 @@ from tests.tiny_models import TinyCNN, TinyConv1d, TinyGRU, TinyMLP, example_inp
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SMALL = QTConfig(n_layers=2, hidden=(8,))
+SMALL = QTConfig(scheme="rows", n_layers=2, hidden=(8,))
 
 
 def _states_equal(a, b):
@@ -171,6 +171,7 @@ def test_bad_inputs():
 
 def test_config_json_round_trip_and_validation():
     cfg = QTConfig(
+        scheme="rows",
         target=["conv", "re:^head"],
         exclude=["bn1"],
         chunk=None,
@@ -192,9 +193,13 @@ def test_config_json_round_trip_and_validation():
         QTConfig.from_json('{"version": 99}')
     # Version 2 named two fields differently; its files read with the names translated.
     old = QTConfig.from_json('{"version": 2, "max_qubits": 12, "per_tensor_affine": false}')
-    assert old.version == 4 and old.scheme == "rows"
+    assert old.version == 5 and old.scheme == "rows"
     # The rows scheme reads neither field: an old file's are reset to their defaults.
     assert (old.chunk_max_qubits, old.train_affine) == (16, True)
+    # Before version 5 the default scheme was rows: a description without a scheme says rows.
+    v4 = QTConfig.from_json('{"version": 4, "n_layers": 3, "hidden": [8]}')
+    assert (v4.version, v4.scheme, v4.n_layers) == (5, "rows", 3)
+    assert QTConfig().scheme == "hashed" and QTConfig.from_json("{}").scheme == "hashed"
     flat = QTConfig.from_json('{"version": 2, "scheme": "flat", "max_qubits": 12}')
     assert flat.chunk_max_qubits == 12
     assert compress(TinyMLP(), SMALL, n_layers=3).config.n_layers == 3
@@ -205,13 +210,13 @@ def test_config_json_round_trip_and_validation():
 
 BAD_CONFIGS = [
     ({"chunk": 0}, "chunk must be a positive integer or None, got 0"),
-    ({"n_layers": 0}, "n_layers must be a positive integer, got 0"),
+    ({"n_layers": 0}, "n_layers must be a positive integer or None, got 0"),
     ({"mapping": "cnn"}, "Unknown mapping 'cnn'"),
     ({"hidden": []}, r"hidden must list positive integer widths, got \(\)"),
     ({"activation": "step"}, "Unknown activation 'step'"),
     ({"target": "conv1"}, "target must be a list, got 'conv1'"),
     ({"seed": -1}, "seed must be a non-negative integer, got -1"),
-    ({"version": 5}, "QTConfig version 5 is not supported"),
+    ({"version": 6}, "QTConfig version 6 is not supported"),
     ({"chunk_max_qubits": 64}, "At most 30 qubits are supported"),
     ({"include_frozen": 1}, "include_frozen must be a bool, got 1"),
     ({"prob_transform": "x"}, "Unknown prob_transform 'x'"),

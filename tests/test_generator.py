@@ -125,7 +125,7 @@ def test_every_layer_type_runs_functionally_and_materializes(cls):
     model = cls().eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = example_input(model)
-    qt = compress(model, QTConfig(n_layers=2, hidden=(8,)))
+    qt = compress(model, QTConfig(scheme="rows", n_layers=2, hidden=(8,)))
     out = qt(x)
     ref = model(x)
     assert out.shape == ref.shape and torch.isfinite(out).all()
@@ -146,12 +146,12 @@ def test_every_layer_type_runs_functionally_and_materializes(cls):
 
 def test_materialize_keeps_ties_buffers_and_mode():
     model = TiedLM().train()
-    qt = compress(model, QTConfig(n_layers=1, hidden=(4,)))
+    qt = compress(model, QTConfig(scheme="rows", n_layers=1, hidden=(4,)))
     mat = qt.materialize()
     assert mat.out.weight is mat.embed.weight and mat.training
     cnn = TinyCNN()
     cnn.bn1.running_mean.fill_(0.5)
-    mat = compress(cnn.eval(), QTConfig(n_layers=1)).materialize()
+    mat = compress(cnn.eval(), QTConfig(scheme="rows", n_layers=1)).materialize()
     assert torch.equal(mat.bn1.running_mean, torch.full((8,), 0.5)) and not mat.training
     assert all(p.requires_grad for p in mat.parameters())
 
@@ -169,7 +169,7 @@ def test_private_copy_is_built_on_the_pretrained_vector_not_copied(cls, monkeypa
         return deepcopy(self, memo)
 
     monkeypatch.setattr(torch.nn.Parameter, "__deepcopy__", counting)
-    qt = compress(model, QTConfig(n_layers=1, hidden=(4,)))
+    qt = compress(model, QTConfig(scheme="rows", n_layers=1, hidden=(4,)))
     generated = {id(p) for n, p in model.named_parameters() if n in qt.layout.names()}
     assert generated and not generated & set(copied)  # no generated parameter was copied
     start = qt.pretrained.data_ptr()
@@ -188,7 +188,7 @@ def test_private_copy_is_built_on_the_pretrained_vector_not_copied(cls, monkeypa
 
 def test_report_counts_match_generator():
     model = TinyCNN()
-    qt = compress(model, QTConfig(hidden=(8, 8), n_layers=3, exclude=("head",)))
+    qt = compress(model, QTConfig(scheme="rows", hidden=(8, 8), n_layers=3, exclude=("head",)))
     rep = qt.report()
     assert rep.generated_weights == qt.layout.total == 1946 - 16 * 4 * 10 - 10
     assert rep.classical == 16 * 4 * 10 + 10

@@ -22,7 +22,7 @@ from tests.tiny_models import TinyCNN, TinyLSTM, TinyMLP, TinyTransformer, examp
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "data" / "golden_mlp.qtc.safetensors"
 GOLDEN_WEIGHTS = ROOT / "tests" / "data" / "golden_mlp.weights.safetensors"
-SMALL = QTConfig(n_layers=2, hidden=(8,))
+SMALL = QTConfig(scheme="rows", n_layers=2, hidden=(8,))
 
 
 def compressed(model_cls, steps=15, seed=0):
@@ -242,7 +242,7 @@ def test_golden_file_always_loads():
     """
     gen = load_generator(GOLDEN)
     assert gen.metadata["config"]["version"] == 1  # written before the version-3 renames
-    assert gen.config.version == 4 and gen.config.chunk_max_qubits == 16
+    assert gen.config.version == 5 and gen.config.chunk_max_qubits == 16
     check = gen.verify_weights()
     assert check.equivalent, check
     reference = load_file_tensors(GOLDEN_WEIGHTS)

@@ -129,7 +129,7 @@ def test_fields_of_another_scheme_are_refused():
     with pytest.raises(ConfigError, match="The hashed scheme does not use hidden \\(rows/flat\\)"):
         compress(model, QTConfig(scheme="hashed", budget=0.01, hidden=(8,)))
     with pytest.raises(ConfigError, match="The rows scheme does not use values \\(hashed\\)"):
-        compress(model, QTConfig(values="table"))
+        compress(model, QTConfig(scheme="rows", values="table"))
     with pytest.raises(ConfigError, match="Unknown value source 'nope'"):
         compress(model, QTConfig(scheme="hashed", budget=0.01, values="nope"))
 

@@ -25,7 +25,7 @@ def layout():
     ("config", "match"),
     [
         (
-            QTConfig(n_layers=100_000),
+            QTConfig(scheme="rows", n_layers=100_000),
             r"n_layers = 100,000 exceeds the limit of 256 QNN layers; "
             r"lower --layers \(QTConfig.n_layers\)",
         ),
@@ -46,7 +46,10 @@ def layout():
             r"lower "
             r"--budget",
         ),
-        (QTConfig(rank=10**5, budget=None), r"rank = 100,000 exceeds the limit of 4,096"),
+        (
+            QTConfig(scheme="rows", rank=10**5, budget=None),
+            r"rank = 100,000 exceeds the limit of 4,096",
+        ),
         (QTConfig(scheme="flat", mapping="mps", bond_dim=10**4), r"bond_dim = 10,000 exceeds"),
     ],
     ids=["layers", "chunk", "hidden-width", "hidden-depth", "params", "rank", "bond-dim"],

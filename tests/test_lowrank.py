@@ -106,7 +106,7 @@ def test_training_step_gradients_match_the_dense_step():
         nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 96), nn.ReLU(), nn.Linear(96, 10)
     ).eval()
     x = torch.randn(32, 64)
-    qt = compress(model, QTConfig(n_layers=2))
+    qt = compress(model, QTConfig(scheme="rows", n_layers=2))
     gen, fm = qt.generator, qt.functional
     factored = gen.generate_named(factored=True)
     assert any(isinstance(t, LowRankWeight) for t in factored.values())
@@ -131,7 +131,7 @@ def test_training_step_gradients_match_the_dense_step():
 def test_exported_and_saved_weights_are_dense():
     # Only the training step sees wrappers: materialising gives ordinary parameters.
     model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 4)).eval()
-    student = compress(model, QTConfig(n_layers=1)).materialize()
+    student = compress(model, QTConfig(scheme="rows", n_layers=1)).materialize()
     assert all(
         type(p) is nn.Parameter and type(p.data) is torch.Tensor for p in student.parameters()
     )

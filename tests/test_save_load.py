@@ -12,7 +12,7 @@ from qtcompress.errors import MissingFileError, TargetError
 from qtcompress.io.generator_file import GeneratorFile
 from tests.tiny_models import TinyCNN, example_input
 
-SMALL = QTConfig(n_layers=2)
+SMALL = QTConfig(scheme="rows", n_layers=2)
 
 
 @pytest.fixture(scope="module")

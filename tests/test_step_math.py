@@ -34,7 +34,7 @@ def _qt():  # a few tensors of different shapes, vectors included
         nn.Tanh(),
         nn.Linear(20, 4),
     )
-    qt = compress(model, QTConfig(n_layers=2, budget=0.5, seed=1))
+    qt = compress(model, QTConfig(scheme="rows", n_layers=2, budget=0.5, seed=1))
     with torch.no_grad():  # move away from the least-squares optimum: non-zero gradients
         for p in qt.generator.heads:
             p.add_(0.1 * torch.randn_like(p))

@@ -168,7 +168,7 @@ def test_rollouts_start_inside_a_stream_and_train_on_the_students_own_state():
     teacher = WideCell().eval()
     (x, states), ids = _stream_data(teacher, 160, 8)
     data = Batch(args=(x, states))
-    qt = compress(teacher, QTConfig(n_layers=2))
+    qt = compress(teacher, QTConfig(scheme="rows", n_layers=2))
     before = free_running_fidelity(qt.functional, teacher, data, ids, StateLink(1, 1))
     result = qt.finetune(
         (x, states), steps=40, lr=1e-2, progress=False, rollouts=Rollouts(StateLink(1, 1), ids, 4)

@@ -55,6 +55,8 @@ from qtcompress.errors import ConfigError  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "build" / "frontier"
 MODELS = ("cnn", "rnn", "encoder")
+# Reported when their rows exist: the grid's models and those run with --model.
+REPORTED = (*MODELS, "mlp5m")
 BUDGETS = (0.001, 0.005, 0.01)
 # (arm, seeds): the QNN and its two trained rivals on two seeds, the untrained controls on one.
 ARMS = (("qnn", (0, 1)), ("table", (0, 1)), ("mps", (0, 1)), ("frozen", (0,)), ("zeros", (0,)))
@@ -64,11 +66,18 @@ STEPS, LR = 300, 1e-2
 def grid() -> list[tuple[str, float, str, int, float]]:
     """Every run: (model, budget, arm, seed, learning rate); plus a learning-rate sweep."""
 
-    def main(m: str) -> list[tuple[str, float, str, int, float]]:
-        return [(m, b, a, s, LR) for b in BUDGETS for a, seeds in ARMS for s in seeds]
-
     # The cheap models and the sweep first: a run cut short still has whole tables.
-    return main("cnn") + sweep("cnn") + [r for m in MODELS[1:] for r in main(m)] + sweep("encoder")
+    return (
+        model_grid("cnn")
+        + sweep("cnn")
+        + [r for m in MODELS[1:] for r in model_grid(m)]
+        + sweep("encoder")
+    )
+
+
+def model_grid(model: str) -> list[tuple[str, float, str, int, float]]:
+    """The main grid of one model: every budget, arm and seed at the common learning rate."""
+    return [(model, b, a, s, LR) for b in BUDGETS for a, seeds in ARMS for s in seeds]
 
 
 # Classical methods with their own structure, each at the hashed arms' budget: low-rank SVD at
@@ -247,7 +256,7 @@ def report(rows: list[dict[str, Any]]) -> str:
             key = (r["model"], r["budget"], r["arm"])
             if key not in best_classical or r["headline"] > best_classical[key]["headline"]:
                 best_classical[key] = r
-    for model in MODELS:
+    for model in REPORTED:
         some = [r for r in main if r["model"] == model]
         if not some:
             continue
@@ -357,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", action="store_true", help="write docs/benchmarks.md and stop")
     ap.add_argument("--sweep", default=None, help="run only this model's learning-rate sweep")
     ap.add_argument("--classical", default=None, help="run only this model's classical arms")
+    ap.add_argument(
+        "--model", default=None, help="run only this model's main grid (any suite model)"
+    )
+    ap.add_argument("--arms", default=None, help="with --model: comma-separated arms to run")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -387,11 +400,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.sweep
         else f"classical-{args.classical}.jsonl"
         if args.classical
+        else f"model-{args.model}.jsonl"
+        if args.model
         else f"shard{i}of{n}.jsonl"
     )
-    runs = (
-        sweep(args.sweep) if args.sweep else classical(args.classical) if args.classical else grid()
-    )
+    if args.sweep:
+        runs = sweep(args.sweep)
+    elif args.classical:
+        runs = classical(args.classical)
+    elif args.model:
+        arms = set(args.arms.split(",")) if args.arms else None
+        runs = [r for r in model_grid(args.model) if arms is None or r[2] in arms]
+    else:
+        runs = grid()
     for k, run in enumerate(runs):
         if k % n != i or run in done:
             continue

@@ -20,7 +20,7 @@ from tests.tiny_models import TinyMLP, example_input  # noqa: E402
 def main() -> int:
     torch.manual_seed(0)
     model = TinyMLP().eval()
-    qt = compress(model, QTConfig(n_layers=2, hidden=(8,)))
+    qt = compress(model, QTConfig(scheme="rows", n_layers=2, hidden=(8,)))
     qt.fit_weights(steps=30, progress=False)
     out = ROOT / "tests" / "data"
     path = save_generator(

@@ -264,20 +264,29 @@ def _config_from_args(args: argparse.Namespace) -> Any:
         )
         if given
     ]
-    if args.scheme == "rows" and flat_only:
+    if args.scheme != "flat" and flat_only:
         raise UsageError(
-            f"{' and '.join(flat_only)}: only with --scheme flat; add "
-            "--scheme flat, or size the default rows scheme with --budget/--rank"
+            f"{' and '.join(flat_only)}: only with --scheme flat; add --scheme flat, or size "
+            f"the {args.scheme} scheme with --budget"
         )
     if args.scheme == "flat" and (args.rank is not None or args.budget is not None):
         raise UsageError(
             "--rank and --budget size the rows and hashed schemes; the flat scheme is sized "
             "by --chunk, --hidden and --layers"
         )
-    if args.scheme == "hashed" and (flat_only or args.rank is not None or args.hidden):
+    hashed_not = [
+        f
+        for f, given in (
+            ("--rank", args.rank is not None),
+            ("--hidden", bool(args.hidden)),
+            ("--layers", args.layers is not None),
+        )
+        if given
+    ]
+    if args.scheme == "hashed" and hashed_not:
         raise UsageError(
-            "--chunk, --mapping, --rank and --hidden do not apply to --scheme hashed: it is "
-            "sized by --budget (and --qubits)"
+            f"{', '.join(hashed_not)}: not for the hashed scheme (the default), which is sized "
+            "by --budget (and --qubits); add --scheme rows to use them"
         )
     if args.values != "qnn" and args.scheme != "hashed":
         raise UsageError("--values: only with --scheme hashed; add --scheme hashed")
@@ -286,14 +295,14 @@ def _config_from_args(args: argparse.Namespace) -> Any:
         "scheme": args.scheme,
         "budget": args.budget,
         "rank": args.rank,
-        "n_layers": args.layers,
         "n_qubits": args.qubits,
         "mapping": args.mapping,
         "seed": args.seed,
     }
+    if args.layers is not None:
+        fields["n_layers"] = args.layers
     if args.scheme == "hashed":  # layers come from the budget; the rows-only fields stay unset
         fields.pop("rank")
-        fields.pop("n_layers")
         fields["values"] = args.values
     if args.chunk is not None:
         fields["chunk"] = args.chunk

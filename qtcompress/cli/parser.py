@@ -26,9 +26,10 @@ from qtcompress.constants import (
 ANSATZ_CHOICES = ("paper", "ry-rz-ring")
 
 # The default recipe of `compress` and `demo`: the generator's sizes come from QTConfig (one
-# set of defaults: the rows scheme at DEFAULT_BUDGET); the step counts and learning rates from
-# PipelineSettings. Measured on the suite of real-shaped models: docs/benchmarks.md.
-DEFAULT_RECIPE: dict[str, Any] = {"layers": 8, "fit_steps": 100, "finetune_steps": 1500}
+# set of defaults: the hashed scheme at its registered budget, 0.5% of M); the step counts and
+# learning rates from PipelineSettings. Measured on the suite of real-shaped models:
+# docs/benchmarks.md.
+DEFAULT_RECIPE: dict[str, Any] = {"fit_steps": 100, "finetune_steps": 1500}
 
 
 def _budget(text: str) -> float | int:
@@ -151,17 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
             type=_budget,
             default=None,
             help="generator size: a fraction of the generated weights ('5%%', "
-            "'0.5%%', '0.05') or a parameter count ('20000'); sizes the rows and "
-            "hashed schemes (default 5%%; below the smallest rows generator, about "
-            "2%% of M, the hashed scheme is used)",
+            "'0.5%%', '0.05') or a parameter count ('20000'); sizes the hashed and "
+            "rows schemes (default 0.5%% for hashed, at least 1,024 parameters on small "
+            "models; 5%% for rows, whose smallest generator is about 2%% of M: below it "
+            "the hashed scheme is used)",
         )
         gen.add_argument(
             "--scheme",
-            choices=("rows", "flat", "hashed"),
-            default="rows",
-            help="rows: one basis state per tensor row and a head per tensor "
-            "(default); flat: the paper's flat index in chunks (--chunk); hashed: "
-            "every weight a signed, scaled shared value from the QNN (down to 0.05%% of M)",
+            choices=("hashed", "rows", "flat"),
+            default="hashed",
+            help="hashed: every weight a signed, scaled shared value from the QNN, "
+            "0.05-5%% of M (default); rows: one basis state per tensor row and a head per "
+            "tensor; flat: the paper's flat index in chunks (--chunk)",
         )
         gen.add_argument(
             "--values",
@@ -180,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
         gen.add_argument(
             "--layers",
             type=_positive_int,
-            default=defaults["layers"],
-            help=f"QNN layers (default {defaults['layers']})",
+            default=None,
+            help="rows and flat schemes: QNN layers (default 8; the hashed scheme's come "
+            "from --budget)",
         )
         gen.add_argument(
             "--chunk",

@@ -306,8 +306,13 @@ class QTGenerator(Generator):
 
 def resolve_flat(config: QTConfig, layout: Layout, pretrained: torch.Tensor | None) -> QTConfig:
     """The flat scheme's sizes: the chunk (``None``: from ``chunk_max_qubits``), hidden widths."""
-    from qtcompress.config import DEFAULT_HIDDEN
+    from qtcompress.config import DEFAULT_HIDDEN, DEFAULT_LAYERS
 
     del pretrained
     hidden = config.hidden if config.hidden is not None else DEFAULT_HIDDEN["flat"]
-    return replace(config, hidden=hidden, chunk=config.resolve_chunk(layout.total))
+    return replace(
+        config,
+        hidden=hidden,
+        chunk=config.resolve_chunk(layout.total),
+        n_layers=config.n_layers or DEFAULT_LAYERS,
+    )

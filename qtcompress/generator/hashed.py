@@ -51,6 +51,10 @@ ROW_SCALE_SHARE = 0.25
 EXACT_VECTOR_SHARE = 0.5
 # The smallest shared-value allowance the scheme accepts (below it, nothing is learned).
 MIN_VALUES = 16
+# Without a budget, small models get at least this many parameters (at most a quarter of M):
+# 0.5% of a 1e4-weight model is 50 values, too few to learn from; 1,024 is a 10-qubit QNN's
+# worth of buckets.
+DEFAULT_FLOOR = 1024
 
 
 def hash32(x: torch.Tensor) -> torch.Tensor:
@@ -376,13 +380,19 @@ def resolve_hashed(
     allowance buys (``n * L`` angles), up to :data:`MAX_QNN_WORK` and
     :data:`qtcompress.limits.MAX_LAYERS` (past those the budget is not all spent).
 
+    Without a budget the scheme's default (0.5% of M) is used, at least :data:`DEFAULT_FLOOR`
+    parameters (at most a quarter of M), or the smallest generator where that is larger.
+
     Raises:
-        ConfigError: The budget leaves fewer than :data:`MIN_VALUES` parameters for the source.
+        ConfigError: An explicit budget leaves fewer than :data:`MIN_VALUES` parameters for
+            the source.
     """
     del pretrained  # the hash does not look at the weights
     if config.allowance is not None:  # already resolved (a generator file's config)
         return config
     allowed = config.budget_params(layout.total)
+    if config.budget is None:
+        allowed = max(allowed, min(DEFAULT_FLOOR, layout.total // 4))
     vectors = sum(s.numel for s in layout.specs if row_view(s.shape)[0] <= 1)
     hashed_vectors = config.hashed_vectors
     if hashed_vectors is None:
@@ -393,8 +403,10 @@ def resolve_hashed(
         row_cost = hashed_fixed_cost(layout, True, hashed_vectors) - base
         rows = row_cost <= ROW_SCALE_SHARE * max(0, allowed - base)
     allowance = allowed - hashed_fixed_cost(layout, rows, hashed_vectors)
+    smallest = hashed_fixed_cost(layout, False, True) + MIN_VALUES
+    if allowance < MIN_VALUES and config.budget is None:  # the default: the smallest generator
+        rows, hashed_vectors, allowance = False, True, MIN_VALUES
     if allowance < MIN_VALUES:
-        smallest = hashed_fixed_cost(layout, False, True) + MIN_VALUES
         raise ConfigError(
             f"A budget of {allowed:,} parameters is below the smallest hashed generator for "
             f"this model ({smallest:,} = {smallest / layout.total:.3%} of M: a scale per "
@@ -404,8 +416,10 @@ def resolve_hashed(
     n = config.n_qubits
     if n is None:
         n = min(MAX_QUBITS, max(MIN_QUBITS, round(math.log2(allowance))))
-    layers = max(1, allowance // n)
-    layers = min(layers, max(1, MAX_QNN_WORK // (n * 2**n)), limits.MAX_LAYERS)
+    layers = config.n_layers  # given: kept (the allowance may then not all be spent)
+    if layers is None:
+        layers = max(1, allowance // n)
+        layers = min(layers, max(1, MAX_QNN_WORK // (n * 2**n)), limits.MAX_LAYERS)
     return replace(
         config,
         n_qubits=n,

@@ -239,8 +239,8 @@ def resolve_rows(config: QTConfig, layout: Layout, pretrained: torch.Tensor | No
 
     With the pretrained weights (``pretrained``), ranks go where the weights' spectra need them
     (:func:`allocate_ranks`); without, or with ``rank`` given, every matrix gets the same rank.
-    Without a budget the budget is ``DEFAULT_BUDGET`` of M, or the smallest generator (rank 1
-    everywhere) where that is larger (models of a few thousand weights). An explicit budget
+    Without a budget the budget is the scheme's default (5% of M), or the smallest generator
+    (rank 1 everywhere) where that is larger (models of a few thousand weights). An explicit budget
     below the smallest rows generator switches to the hashed scheme, which reaches 0.05% of M,
     with a warning that says so.
 
@@ -248,23 +248,25 @@ def resolve_rows(config: QTConfig, layout: Layout, pretrained: torch.Tensor | No
         ConfigError: ``ranks`` does not list one rank per tensor, or the budget is below the
             smallest hashed generator too.
     """
-    from qtcompress.config import DEFAULT_HIDDEN, QTConfig
+    from qtcompress.config import DEFAULT_HIDDEN, DEFAULT_LAYERS, QTConfig
     from qtcompress.generator.hashed import resolve_hashed
 
     hidden = config.hidden if config.hidden is not None else DEFAULT_HIDDEN["rows"]
+    layers = config.n_layers or DEFAULT_LAYERS
     if config.ranks is not None:
         if len(config.ranks) != len(layout.specs):
             raise ConfigError(
                 f"ranks lists {len(config.ranks)} tensors, the model has "
                 f"{len(layout.specs)} generated tensors."
             )
-        return replace(config, hidden=hidden)
+        return replace(config, hidden=hidden, n_layers=layers)
     if config.rank is not None:
-        return replace(config, hidden=hidden, ranks=uniform_ranks(layout, config.rank))
+        ranks = uniform_ranks(layout, config.rank)
+        return replace(config, hidden=hidden, n_layers=layers, ranks=ranks)
     allowed = config.budget_params(layout.total)
 
     def size(ranks: tuple[int, ...]) -> int:
-        return row_generator_size(layout, ranks, config.n_layers, hidden, config.n_qubits)
+        return row_generator_size(layout, ranks, layers, hidden, config.n_qubits)
 
     smallest = size(uniform_ranks(layout, 1))
     if smallest > allowed and config.budget is None:
@@ -289,5 +291,5 @@ def resolve_rows(config: QTConfig, layout: Layout, pretrained: torch.Tensor | No
             stacklevel=2,
         )
         return resolve_hashed(replace(config, scheme="hashed"), layout, pretrained)
-    ranks = allocate_ranks(layout, pretrained, allowed, config.n_layers, hidden, config.n_qubits)
-    return replace(config, hidden=hidden, ranks=ranks)
+    ranks = allocate_ranks(layout, pretrained, allowed, layers, hidden, config.n_qubits)
+    return replace(config, hidden=hidden, n_layers=layers, ranks=ranks)

@@ -45,6 +45,8 @@ class Scheme:
             ``seed``); any other field set away from its default is a :class:`ConfigError`.
         summary: One line for ``--help`` and errors.
         finetune_lr: The scheme's default phase-2 peak learning rate (measured per scheme).
+        default_budget: The scheme's size when ``QTConfig.budget`` is ``None``, as a fraction
+            of M (measured per scheme; docs/benchmarks.md).
     """
 
     name: str
@@ -53,6 +55,7 @@ class Scheme:
     fields: frozenset[str]
     summary: str
     finetune_lr: float = DEFAULT_FINETUNE_LR
+    default_budget: float = 0.05
 
 
 COMMON_FIELDS = frozenset(
@@ -69,11 +72,14 @@ def register_scheme(
     fields: set[str],
     summary: str,
     finetune_lr: float = DEFAULT_FINETUNE_LR,
+    default_budget: float = 0.05,
 ) -> None:
     """Register a generator scheme under ``name`` (see the module docstring)."""
     if name in _SCHEMES:
         raise ConfigError(f"A generator scheme named {name!r} is already registered.")
-    _SCHEMES[name] = Scheme(name, resolve, build, frozenset(fields), summary, finetune_lr)
+    _SCHEMES[name] = Scheme(
+        name, resolve, build, frozenset(fields), summary, finetune_lr, default_budget
+    )
 
 
 def scheme_names() -> tuple[str, ...]:
@@ -134,6 +140,7 @@ def build_generator(
 
 
 def _register_builtin() -> None:
+    from qtcompress.config import DEFAULT_LAYERS
     from qtcompress.generator.flat import QTGenerator, resolve_flat
     from qtcompress.generator.hashed import HashedGenerator, resolve_hashed
     from qtcompress.generator.ranks import resolve_rows
@@ -145,7 +152,7 @@ def _register_builtin() -> None:
         build=lambda layout, c: RowGenerator(
             layout,
             ranks=c.ranks or (),
-            n_layers=c.n_layers,
+            n_layers=c.n_layers or DEFAULT_LAYERS,
             n_qubits=c.n_qubits,
             hidden=tuple(c.hidden or ()),
             activation=c.activation,
@@ -156,6 +163,8 @@ def _register_builtin() -> None:
         fields={"rank", "ranks", "n_layers", "n_qubits", "hidden", "activation"}
         | {"prob_transform"},
         summary="one basis state per tensor row, a low-rank head per tensor (>= ~2% of M)",
+        # The suite benchmark (docs/benchmarks.md): 5% was the rows scheme's best point.
+        default_budget=0.05,
     )
     register_scheme(
         "flat",
@@ -163,7 +172,7 @@ def _register_builtin() -> None:
         build=lambda layout, c: QTGenerator(
             layout,
             chunk=c.resolve_chunk(layout.total),
-            n_layers=c.n_layers,
+            n_layers=c.n_layers or DEFAULT_LAYERS,
             n_qubits=c.n_qubits,
             mapping=c.mapping,
             hidden=tuple(c.hidden or ()),
@@ -188,7 +197,7 @@ def _register_builtin() -> None:
             layout,
             values=c.values,
             n_qubits=int(c.n_qubits or 1),
-            n_layers=c.n_layers,
+            n_layers=c.n_layers or DEFAULT_LAYERS,
             allowance=int(c.allowance or 1),
             row_scales=bool(c.row_scales),
             hashed_vectors=bool(c.hashed_vectors),
@@ -200,6 +209,10 @@ def _register_builtin() -> None:
         # tools/bench_frontier.py's sweep at 0.5% of M: 1e-2 beat 3e-3 for the QNN and the table
         # on the CNN (98.3% vs 98.1%, 99.2% vs 97.8%) and for the table on the encoder.
         finetune_lr=1e-2,
+        # The frontier (docs/benchmarks.md): at 0.5% of M the hashed QNN generator beat the rows
+        # scheme's 5% default on the CNN, the streaming LSTM and the encoder; from 0.5% to 1%
+        # it gained at most 1.3 points (the encoder's QNN is capped below 1%).
+        default_budget=0.005,
     )
 
 
