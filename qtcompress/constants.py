@@ -42,3 +42,6 @@ TEXT_COLUMN = "text"
 # clipping is what the suite benchmark (docs/benchmarks.md) runs on all four real-shaped models.
 # Each scheme registers its own default (generator/registry.py): the hashed scheme's is 1e-2.
 DEFAULT_FINETUNE_LR = 3e-3
+# What of a text model's token states is distilled, scored and exported
+# (qtcompress.data.pooling); "masked" keeps every token with padding zeroed.
+POOLINGS = ("mean", "max", "cls", "masked", "none")

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from qtcompress.data.model_call import leading_inputs, select_output
+from qtcompress.data.pooling import choose_pooling, folder_pooling, pooled, unwrapped_name
 from qtcompress.data.text import load_text_split, read_rows
 from qtcompress.errors import ConfigError, FormatError, MissingFileError, UnsafeFileError
 from qtcompress.io.arrays import load_npz_split
@@ -81,7 +82,12 @@ def bert_dir(tmp_path_factory):
         intermediate_size=64,
         max_position_embeddings=64,
     )
-    BertModel(config).save_pretrained(str(folder))
+    model = BertModel(config)
+    with torch.no_grad():  # as a pretrained model's: no two biases equal (all-zero at init)
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.02)
+    model.save_pretrained(str(folder))
     return folder
 
 
@@ -322,7 +328,7 @@ def test_bert_folder_compress_reconstruct_from_pretrained(bert_dir, train_txt, t
     from transformers import AutoModel
 
     out = tmp_path / "out"
-    result = cli("compress", bert_dir, "--data", train_txt, "-o", out, *FAST)
+    result = result_compress = cli("compress", bert_dir, "--data", train_txt, "-o", out, *FAST)
     assert result.returncode == 0, result.stderr
     assert "model: BertModel from tiny-bert/model.safetensors" in result.stderr
     assert "data: train.txt: 90 train / 10 test examples" in result.stderr
@@ -344,8 +350,10 @@ def test_bert_folder_compress_reconstruct_from_pretrained(bert_dir, train_txt, t
     got = _ort_outputs(out / "tiny-bert.onnx", feeds)
     with torch.no_grad():
         want = model(**{k: torch.from_numpy(v) for k, v in feeds.items()})
-    np.testing.assert_allclose(got[0], want.last_hidden_state.numpy(), atol=1e-4)
-    np.testing.assert_allclose(got[1], want.pooler_output.numpy(), atol=1e-4)
+    # The default for a base model: its token states with padding zeroed, one output.
+    mask = feeds["attention_mask"][..., None]
+    assert len(got) == 1 and "pooling: masked" in result_compress.stderr
+    np.testing.assert_allclose(got[0], want.last_hidden_state.numpy() * mask, atol=1e-4)
 
 
 @needs_hf
@@ -365,6 +373,130 @@ def test_gpt2_folder_distils_its_logits(gpt2_dir, train_txt, tmp_path, cli):
     got = _ort_outputs(out / "tiny-gpt2.onnx", {"input_ids": ids.numpy()})
     with torch.no_grad():
         np.testing.assert_allclose(got[0], model(ids, use_cache=False).logits.numpy(), atol=1e-4)
+
+
+# -- what is distilled of a text model: pooling ---------------------------------------------------
+@pytest.fixture(scope="module")
+def st_dir(bert_dir, tmp_path_factory):
+    """The tiny BERT as a sentence-transformers folder: mean pooling declared."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("hf") / "tiny-st"
+    shutil.copytree(bert_dir, folder)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_Pooling",
+            "type": "sentence_transformers.models.Pooling",
+        },
+    ]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "1_Pooling").mkdir()
+    modes = {"cls_token": False, "mean_tokens": True, "max_tokens": False}
+    (folder / "1_Pooling" / "config.json").write_text(
+        json.dumps(
+            {"word_embedding_dimension": 32, **{f"pooling_mode_{k}": v for k, v in modes.items()}}
+        )
+    )
+    return folder
+
+
+@needs_hf
+def test_pooling_leaves_padding_out_and_keeps_the_signature(bert_dir):
+    import inspect
+
+    model, _ = load_hf_folder(bert_dir)
+    tok = load_hf_tokenizer(bert_dir)
+    enc = dict(
+        tok(
+            ["the cat sat", "a big red house and a very small tree"],
+            padding=True,
+            return_tensors="pt",
+        )
+    )
+    mean = pooled(model, "mean")
+    # Keyword inputs and the ONNX input order follow the wrapped model's own signature.
+    assert inspect.signature(mean.forward) == inspect.signature(model.forward)
+    with torch.no_grad():
+        h = model(**enc).last_hidden_state
+        got = mean(**enc)
+        alone = model(**dict(tok(["the cat sat"], return_tensors="pt"))).last_hidden_state
+        masked = pooled(model, "masked")(**enc)
+        cls = pooled(model, "cls")(**enc)
+        top = pooled(model, "max")(**enc)
+    assert enc["attention_mask"][0].sum() < enc["attention_mask"].shape[1]  # row 0 is padded
+    # The padded sentence's embedding is the one it has alone: padding is never counted.
+    torch.testing.assert_close(got[0], alone[0].mean(0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(top[0], alone[0].amax(0), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got[0], h[0].mean(0), atol=1e-3)  # the naive mean differs
+    assert torch.all(masked[0][enc["attention_mask"][0] == 0] == 0)
+    torch.testing.assert_close(masked[1], h[1])
+    torch.testing.assert_close(cls, h[:, 0])
+    names = {unwrapped_name(n) for n, _ in mean.named_parameters()}
+    assert names == {n for n, _ in model.named_parameters()}
+    with pytest.raises(ConfigError, match="Unknown pooling 'sum'; choose from mean, max, cls"):
+        pooled(model, "sum")
+
+
+@needs_hf
+def test_the_folder_says_how_to_pool(bert_dir, st_dir, gpt2_dir, tmp_path):
+    model, _ = load_hf_folder(bert_dir)
+    tok = load_hf_tokenizer(bert_dir)
+    with torch.no_grad():
+        sample = model(**dict(tok(["the cat"], return_tensors="pt")))
+    assert folder_pooling(st_dir) == "mean" and folder_pooling(bert_dir) is None
+    assert choose_pooling(st_dir, model, None, None, sample) == (
+        "mean",
+        "mean (the folder's sentence-transformers config)",
+    )
+    assert choose_pooling(bert_dir, model, None, None, sample)[0] == "masked"
+    assert choose_pooling(st_dir, model, "cls", None, sample) == ("cls", "cls (--pooling)")
+    assert choose_pooling(bert_dir, model, None, "pooler_output", sample)[0] == "none"
+    gpt2, _ = load_hf_folder(gpt2_dir)
+    with torch.no_grad():
+        logits = gpt2(torch.tensor([[5, 6, 7]]))
+    assert choose_pooling(gpt2_dir, gpt2, None, None, logits)[0] == "none"  # logits stay
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(st_dir, bad)
+    cfg = json.loads((bad / "1_Pooling" / "config.json").read_text())
+    (bad / "1_Pooling" / "config.json").write_text(
+        json.dumps({**cfg, "pooling_mode_max_tokens": True})
+    )
+    with pytest.raises(ConfigError, match="qtcompress pools by mean, cls or max: say which"):
+        folder_pooling(bad)
+
+
+@needs_hf
+@pytest.mark.slow
+def test_sentence_embedding_folder_end_to_end(st_dir, train_txt, tmp_path, cli):
+    from transformers import AutoModel
+
+    out = tmp_path / "out"
+    result = cli("compress", st_dir, "--data", train_txt, "-o", out, *FAST)
+    assert result.returncode == 0, result.stderr
+    assert "pooling: mean (the folder's sentence-transformers config)" in result.stderr
+    assert "output kind                                embedding" in result.stdout
+    back = tmp_path / "back"
+    result = cli("reconstruct", out / "tiny-st.qtc.safetensors", "--hf-out", back)
+    assert result.returncode == 0, result.stderr
+    assert "BertModel.from_pretrained vs recorded outputs: max |diff|" in result.stdout
+    for name in ("modules.json", "1_Pooling/config.json", "config.json"):
+        assert (back / name).read_bytes() == (st_dir / name).read_bytes(), name
+    model = AutoModel.from_pretrained(str(back)).eval()
+    tokenizer = load_hf_tokenizer(back)
+    feeds = dict(tokenizer(_sentences(3, seed=7), padding=True, return_tensors="np"))
+    feeds = {k: np.asarray(v, dtype=np.int64) for k, v in feeds.items()}
+    got = _ort_outputs(out / "tiny-st.onnx", feeds)  # another length than the training data's
+    with torch.no_grad():
+        h = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state
+    m = torch.from_numpy(feeds["attention_mask"]).float()[..., None]
+    want = ((h * m).sum(1) / m.sum(1)).numpy()
+    assert len(got) == 1 and got[0].shape == (3, 32)
+    np.testing.assert_allclose(got[0], want, atol=1e-4)
 
 
 # -- images ------------------------------------------------------------------------------------

@@ -325,6 +325,13 @@ def _dynamic_axes(specs: list[str]) -> dict[str, dict[int, str]] | None:
     return axes or None
 
 
+def _model_output(text: str | None) -> str | int | None:
+    """``--model-output``: an index when it is a number, else a name."""
+    if text is None:
+        return None
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
 def _settings_from_args(args: argparse.Namespace) -> Any:
     from qtcompress.pipeline import PipelineSettings
 
@@ -341,6 +348,7 @@ def _settings_from_args(args: argparse.Namespace) -> Any:
         batch_size=args.batch_size,
         distill=args.distill,
         output_kind=args.output_kind,
+        output=_model_output(args.model_output),
         min_fidelity=args.min_fidelity,
         dynamic_axes=_dynamic_axes(args.dynamic_axis),
         device=args.device,
@@ -413,6 +421,7 @@ _FOLDER_ONLY = (
     ("label_column", "--label-column"),
     ("test_data", "--test-data"),
     ("image_size", "--image-size"),
+    ("pooling", "--pooling"),
 )
 
 
@@ -463,12 +472,24 @@ def _compress_hf_folder(args: argparse.Namespace) -> int:
         )
     else:
         data = _load_data(args.data)
-    if args.output_kind is None:
-        from qtcompress.data.model_call import check_call
-        from qtcompress.data.sources import InputSource
-        from qtcompress.io.hf_folder import main_output_kind
+    from qtcompress.data.model_call import check_call
+    from qtcompress.data.pooling import choose_pooling, pooled
+    from qtcompress.data.sources import InputSource
+    from qtcompress.io.hf_folder import main_output_kind
 
-        args.output_kind = main_output_kind(check_call(model, InputSource.of(data.x_test).head(2)))
+    sample = check_call(model, InputSource.of(data.x_test).head(2))
+    output = _model_output(args.model_output)
+    pooling, facts["pooling"] = choose_pooling(args.model, model, args.pooling, output, sample)
+    if pooling != "none" or output is not None:
+        # The pooled (or selected) tensor is what is distilled, scored and exported.
+        model = pooled(model, pooling, output)
+        args.model_output = None
+        sample = check_call(model, InputSource.of(data.x_test).head(2))
+    if args.output_kind is None:
+        # Pooled or masked token states, and a named output other than logits, are vectors
+        # compared by cosine: a top-1 over hidden features means nothing.
+        named = isinstance(output, str) and not output.endswith("logits")
+        args.output_kind = "embedding" if pooling != "none" or named else main_output_kind(sample)
     if not args.json:
         for key, line in facts.items():
             print(f"{'model' if key == 'built' else key}: {line}", file=sys.stderr)

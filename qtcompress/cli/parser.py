@@ -17,6 +17,7 @@ from qtcompress.cli.commands import (
 )
 from qtcompress.constants import (
     HF_TASKS,
+    POOLINGS,
     TEXT_COLUMN,
     TEXT_MAX_LENGTH,
     TEXT_SPLIT_SEED,
@@ -261,6 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
             "error rate of the greedy decodes)",
         )
         fit.add_argument(
+            "--model-output",
+            metavar="NAME",
+            default=None,
+            help="which output of the model to distil and compare when it has several: a name "
+            "(pooler_output) or an index (default: logits, else last_hidden_state, else the "
+            "first)",
+        )
+        fit.add_argument(
             "--min-fidelity",
             type=_fraction,
             default=None,
@@ -386,6 +395,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="build the Auto class of this task instead (e.g. feature-extraction: AutoModel)",
     )
     hf.add_argument(
+        "--pooling",
+        choices=POOLINGS,
+        help="what is distilled, scored and exported of a text model's token states: mean, "
+        "max or cls (one vector per text, padding left out), masked (every token, padding "
+        "zeroed), none (the output as it is) (default: the folder's sentence-transformers "
+        "pooling, else masked for a base model's last_hidden_state, else none)",
+    )
+    hf.add_argument(
         "--text-column",
         metavar="COL",
         help=f"the text's key (.jsonl) or column (.csv) (default {TEXT_COLUMN!r})",
@@ -431,8 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="the main job on the shipped 420K-weight CNN (about 2 minutes on 2 cores)",
         description="Compress the shipped, pretrained 420K-weight CNN without BatchNorm "
-        "(models/digits_cnn28.safetensors, scikit-learn's digits upsampled to 28x28) to 5%% of "
-        "its weights: fit, fine-tune, export, verify, and print the summary with fidelity.",
+        "(models/digits_cnn28.safetensors, scikit-learn's digits upsampled to 28x28) to 0.5%% "
+        "of its weights: fit, fine-tune, export, verify, and print the summary with fidelity.",
         epilog="Examples:\n  qtcompress demo\n  qtcompress demo -o demo-out --report\n"
         "  qtcompress demo --finetune-steps 500 --json",
         formatter_class=argparse.RawDescriptionHelpFormatter,

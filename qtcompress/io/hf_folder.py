@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from qtcompress.constants import HF_TASKS
+from qtcompress.constants import HF_TASKS, POOLINGS
+from qtcompress.data.pooling import PooledOutput, pooled, unwrapped_name
 from qtcompress.errors import (
     ConfigError,
     FormatError,
@@ -314,8 +315,14 @@ def folder_record(path: str | os.PathLike[str], model: nn.Module) -> dict[str, A
         ``{"class": name, "files": {relative path: {"encoding": "utf-8"|"zlib+base64",
         "data": str}}, "skipped": [relative paths over the size limits]}``: the config,
         tokenizer and other small files, not the weights; each as text or compressed,
-        whichever is smaller.
+        whichever is smaller. A model wrapped in
+        :class:`~qtcompress.data.pooling.PooledOutput` adds ``"view": {"pooling": ...,
+        "output": ...}`` and records the wrapped model's class.
     """
+    view = None
+    if isinstance(model, PooledOutput):
+        view = {"pooling": model.pooling, "output": model.output}
+        model = model.model
     folder = Path(path)
     files: dict[str, dict[str, str]] = {}
     skipped: list[str] = []
@@ -338,7 +345,10 @@ def folder_record(path: str | os.PathLike[str], model: nn.Module) -> dict[str, A
         else:
             files[rel] = {"encoding": "zlib+base64", "data": packed}
         total += size
-    return {"class": type(model).__name__, "files": files, "skipped": skipped}
+    record: dict[str, Any] = {"class": type(model).__name__, "files": files, "skipped": skipped}
+    if view is not None:
+        record["view"] = view
+    return record
 
 
 def recorded_folder(gen: GeneratorFile) -> dict[str, Any]:
@@ -361,6 +371,13 @@ def recorded_folder(gen: GeneratorFile) -> dict[str, Any]:
         raise FormatError(f"{gen.path.name}: model.hf must hold a class and files; it is corrupt.")
     if "config.json" not in files:
         raise FormatError(f"{gen.path.name}: model.hf holds no config.json; it is corrupt.")
+    view = record.get("view")
+    if view is not None and not (
+        isinstance(view, Mapping)
+        and view.get("pooling") in POOLINGS
+        and (view.get("output") is None or isinstance(view.get("output"), (str, int)))
+    ):
+        raise FormatError(f"{gen.path.name}: model.hf view {view!r} is malformed; it is corrupt.")
     for rel, entry in files.items():
         parts = rel.split("/") if isinstance(rel, str) else []
         # The names come from a file: never let one write outside the output folder.
@@ -421,7 +438,10 @@ def write_hf_folder(gen: GeneratorFile, path: str | os.PathLike[str]) -> list[st
     from qtcompress.io.container import write_safetensors
 
     record = recorded_folder(gen)
-    state = {k: v.contiguous().clone() for k, v in gen.state_dict().items()}
+    # A pooled view was compressed with its model under ``model.``: the folder holds the
+    # model's own names.
+    rename = unwrapped_name if record.get("view") is not None else str
+    state = {rename(k): v.contiguous().clone() for k, v in gen.state_dict().items()}
     size = sum(t.numel() * t.element_size() for t in state.values())
     folder = check_writable_dir(path, size + (1 << 20))
     stale = sorted(
@@ -463,7 +483,8 @@ def check_hf_folder(gen: GeneratorFile, path: str | os.PathLike[str]) -> float |
         import transformers
     except ImportError:
         return None
-    cls_name = recorded_folder(gen)["class"]
+    record = recorded_folder(gen)
+    cls_name = record["class"]
     cls = getattr(transformers, cls_name, None)
     if cls is None:
         raise FormatError(f"transformers {transformers.__version__} has no class {cls_name!r}.")
@@ -476,5 +497,8 @@ def check_hf_folder(gen: GeneratorFile, path: str | os.PathLike[str]) -> float |
             ) from exc
     if getattr(model.config, "use_cache", False):
         model.config.use_cache = False
+    view = record.get("view")
+    if view is not None:  # the recorded outputs are the pooled view's
+        model = pooled(model, view["pooling"], view.get("output")).eval()
     with torch.no_grad():
         return gen.compare_outputs(model(*gen.check_inputs))
