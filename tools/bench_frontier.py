@@ -35,6 +35,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -83,12 +84,143 @@ def model_grid(model: str) -> list[tuple[str, float, str, int, float]]:
 # Classical methods with their own structure, each at the hashed arms' budget: low-rank SVD at
 # the same parameter count; magnitude pruning at the same bytes, each kept value paying 2 bytes
 # of position (a delta-coded index) on top of its 4; best of two learning rates, seed 0.
-CLASSICAL = ("low-rank", "pruning")
+# Tensor-train: every matrix reshaped to a 4-way tensor, decomposed by tensorly's TT-SVD at the
+# largest uniform TT rank that fits the parameter count, cores fine-tuned by the same recipe.
+CLASSICAL = ("low-rank", "pruning", "tensor-train")
 
 
 def classical(model: str) -> list[tuple[str, float, str, int, float]]:
-    """The classical arms of ``model``: every budget, both methods, two learning rates."""
-    return [(model, b, a, 0, lr) for b in BUDGETS for a in CLASSICAL for lr in (3e-3, 1e-2)]
+    """The classical arms of ``model``: every budget, each method, two learning rates; int8."""
+    runs = [(model, b, a, 0, lr) for b in BUDGETS for a in CLASSICAL for lr in (3e-3, 1e-2)]
+    return [*runs, (model, 1.0, "int8", 0, 0.0)]
+
+
+def _two_factors(n: int) -> tuple[int, int]:
+    """``n = a * b`` with ``a <= b`` as close as possible (a prime stays ``(1, n)``)."""
+    a = int(n**0.5)
+    while n % a:
+        a -= 1
+    return a, n // a
+
+
+class TTStudent(torch.nn.Module):
+    """Every matrix (``row_view`` of a >= 2-D parameter) in tensor-train form; vectors dense.
+
+    A ``rows x cols`` matrix is reshaped to ``(r1, r2, c1, c2)`` (each dimension split into its
+    two closest factors) and decomposed by ``tensorly.decomposition.tensor_train`` at TT rank
+    ``rank`` (capped by each unfolding); its cores are the trainable parameters. The largest
+    uniform rank whose parameters fit the budget is chosen by :func:`tt_rank_for`.
+    """
+
+    def __init__(self, model: torch.nn.Module, rank: int) -> None:
+        import tensorly
+        from tensorly.decomposition import tensor_train
+
+        from qtcompress.generator.ranks import row_view
+
+        super().__init__()
+        named = dict(model.named_parameters())
+        self.names = list(named)
+        self.shapes = {n: tuple(p.shape) for n, p in named.items()}
+        self.cores = torch.nn.ParameterDict()
+        self.dense = torch.nn.ParameterDict()
+        self.ncores: dict[str, int] = {}
+        tensorly.set_backend("numpy")
+        for n, p in named.items():
+            key = n.replace(".", "__")
+            if p.ndim < 2:
+                self.dense[key] = torch.nn.Parameter(p.detach().clone())
+                continue
+            rows, cols = row_view(tuple(p.shape))
+            dims = (*_two_factors(rows), *_two_factors(cols))
+            tensor = p.detach().double().reshape(dims).numpy()
+            cores = tensor_train(tensor, rank=[1, rank, rank, rank, 1]).factors
+            self.ncores[key] = len(cores)
+            for i, core in enumerate(cores):
+                self.cores[f"{key}__{i}"] = torch.nn.Parameter(torch.tensor(core).float())
+
+    @staticmethod
+    def size(model: torch.nn.Module, rank: int) -> int:
+        """Parameters of the student at TT rank ``rank`` (without decomposing anything)."""
+        from qtcompress.generator.ranks import row_view
+
+        total = 0
+        for p in model.parameters():
+            if p.ndim < 2:
+                total += p.numel()
+                continue
+            rows, cols = row_view(tuple(p.shape))
+            dims = (*_two_factors(rows), *_two_factors(cols))
+            # TT-SVD caps each rank by the unfoldings' sizes.
+            ranks = [1]
+            for k in range(1, 4):
+                left = math.prod(dims[:k])
+                right = math.prod(dims[k:])
+                ranks.append(min(rank, left, right))
+            ranks.append(1)
+            total += sum(ranks[k] * dims[k] * ranks[k + 1] for k in range(4))
+        return total
+
+    def generate_named(self, factored: bool = False) -> dict[str, torch.Tensor]:  # noqa: ARG002
+        out = {}
+        for n in self.names:
+            key = n.replace(".", "__")
+            if key in self.dense:
+                out[n] = self.dense[key]
+                continue
+            full = self.cores[f"{key}__0"]  # (1, d0, r1)
+            for i in range(1, self.ncores[key]):
+                core = self.cores[f"{key}__{i}"]  # (r_i, d_i, r_{i+1})
+                full = torch.tensordot(full, core, dims=([full.dim() - 1], [0]))
+            out[n] = full.reshape(self.shapes[n])
+        return out
+
+
+def tt_rank_for(model: torch.nn.Module, params: int) -> int | None:
+    """The largest uniform TT rank whose student fits ``params``; ``None`` if rank 1 does not."""
+    if TTStudent.size(model, 1) > params:
+        return None
+    rank = 1
+    while rank < 4096 and TTStudent.size(model, rank + 1) <= params:
+        rank += 1
+    return rank
+
+
+def run_int8(model: str) -> dict[str, Any]:
+    """The original weights rounded to int8 (one scale per tensor, symmetric), not trained."""
+    from qtcompress.train.finetune import evaluate_fidelity
+    from qtcompress.train.functional import FunctionalModel
+
+    entry = load_entry(model, log=lambda _s: None)
+    t0 = time.perf_counter()
+    named = dict(entry.model.named_parameters())
+
+    class Int8(torch.nn.Module):
+        def generate_named(self, factored: bool = False) -> dict[str, torch.Tensor]:  # noqa: ARG002
+            out = {}
+            for n, p in named.items():
+                scale = p.detach().abs().max().clamp_min(1e-12) / 127.0
+                out[n] = (p.detach() / scale).round().clamp(-127, 127) * scale
+            return out
+
+    student = Int8()
+    fmodel = FunctionalModel(entry.model, student)  # type: ignore[arg-type]
+    fid = evaluate_fidelity(fmodel, entry.test_inputs, entry.test_labels)
+    weights = sum(p.numel() for p in named.values())
+    return _row(
+        (model, 1.0, "int8", 0, 0.0),
+        entry,
+        fid.headline,
+        fid,
+        t0,
+        weights=weights,
+        params=weights,
+        source_params=0,
+        buckets=0,
+        qubits=0,
+        layers=0,
+        file_bytes=weights + 4 * len(named),
+    )
 
 
 def run_classical(model: str, budget: float, arm: str, seed: int, lr: float) -> dict[str, Any]:
@@ -104,17 +236,29 @@ def run_classical(model: str, budget: float, arm: str, seed: int, lr: float) -> 
     t0 = time.perf_counter()
     weights = sum(p.numel() for p in entry.model.parameters())
     params = int(budget * weights)
-    student: torch.nn.Module = (
-        LowRankStudent(entry.model, params)
-        if arm == "low-rank"
-        else PrunedStudent(entry.model, params * 4 // 6)
-    )
+    student: torch.nn.Module
+    if arm == "low-rank":
+        student = LowRankStudent(entry.model, params)
+    elif arm == "pruning":
+        student = PrunedStudent(entry.model, params * 4 // 6)
+    else:
+        rank = tt_rank_for(entry.model, params)
+        if rank is None:
+            return {
+                "model": model,
+                "budget": budget,
+                "arm": arm,
+                "seed": seed,
+                "lr": lr,
+                "error": f"TT rank 1 needs {TTStudent.size(entry.model, 1):,} parameters",
+            }
+        student = TTStudent(entry.model, rank)
     fmodel = FunctionalModel(entry.model, student)  # type: ignore[arg-type]
     start = evaluate_fidelity(fmodel, entry.test_inputs, entry.test_labels).headline
     cfg = LoopConfig(steps=STEPS, lr=lr, seed=seed, warmup=STEPS // 10, grad_clip=1.0)
     finetune(fmodel, entry.train_inputs, None, cfg, progress=False)
     fid = evaluate_fidelity(fmodel, entry.test_inputs, entry.test_labels)
-    kept = count(student)
+    kept = count(student) if arm != "tensor-train" else sum(p.numel() for p in student.parameters())
     index_bytes = 2 * (kept - sum(p.numel() for p in entry.model.parameters() if p.ndim < 2))
     return _row(
         (model, budget, arm, seed, lr),
@@ -267,8 +411,8 @@ def report(rows: list[dict[str, Any]]) -> str:
             "",
             "| budget | params: QNN (qubits x layers) / table | QNN file bytes f32 / f16 (ratio) | "
             + " | ".join(arms)
-            + " | low-rank (params) | pruning (kept; bytes) |",
-            "|---|---|---|" + "---|" * (len(arms) + 2),
+            + " | low-rank (params) | pruning (kept; bytes) | tensor-train (params) |",
+            "|---|---|---|" + "---|" * (len(arms) + len(CLASSICAL)),
         ]
         for b in BUDGETS:
             q = by.get((model, b, "qnn"))
@@ -298,6 +442,15 @@ def report(rows: list[dict[str, Any]]) -> str:
                 f"| {b:.1%} | {r0['params']:,} ({r0['qubits']} x {r0['layers']}){table_params} | "
                 f"{full:,} / {half:,} ({ratio:.0f}x) | " + " | ".join(cells) + " |"
             )
+        q8 = [r for r in rows if r["model"] == model and r["arm"] == "int8"]
+        if q8:
+            r8 = q8[-1]
+            lines += [
+                "",
+                f"int8 of the original weights (one scale per tensor, no training): "
+                f"{_fmt([r8['headline']], metric)} in {r8['file_bytes']:,} B "
+                f"({r8['checkpoint_bytes'] / r8['file_bytes']:.1f}x).",
+            ]
         lines.append("")
     for model in MODELS:
         swept = [
@@ -333,10 +486,14 @@ def plot(rows: list[dict[str, Any]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if "error" not in r and r["lr"] == LR or r.get("arm") in CLASSICAL]
+    rows = [
+        r
+        for r in rows
+        if "error" not in r and (r["lr"] == LR or r.get("arm") in (*CLASSICAL, "int8"))
+    ]
     fig, axes = plt.subplots(1, len(MODELS), figsize=(5 * len(MODELS), 4))
     for ax, model in zip(axes, MODELS, strict=True):
-        for arm in ("qnn", "table", "mps", "low-rank", "pruning"):
+        for arm in ("qnn", "table", "mps", "low-rank", "pruning", "tensor-train", "int8"):
             pts: dict[float, list[tuple[float, float]]] = defaultdict(list)
             for r in rows:
                 if r["model"] == model and r["arm"] == arm:
@@ -418,7 +575,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            row = run_classical(*run) if run[2] in CLASSICAL else run_one(*run)
+            if run[2] == "int8":
+                row = run_int8(run[0])
+            elif run[2] in CLASSICAL:
+                row = run_classical(*run)
+            else:
+                row = run_one(*run)
         if "error" in row:
             print(f"{run}: {row['error']}", flush=True)
         else:
