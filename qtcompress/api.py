@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from qtcompress.config import QTConfig
-from qtcompress.data.model_call import check_call
 from qtcompress.data.sources import InputSource
 from qtcompress.device import resolve_device
 from qtcompress.errors import ConfigError
@@ -278,7 +277,7 @@ class QTModel:
                 .head(64)
                 .to(self.device)
             )
-            check_call(self.functional.module, probe)
+            self.functional.check(probe)
             fid = evaluate_fidelity(
                 self.functional,
                 probe,

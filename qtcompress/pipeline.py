@@ -31,6 +31,7 @@ from torch import nn
 from qtcompress.api import QTModel, compress
 from qtcompress.config import QTConfig
 from qtcompress.data.batch import Batch
+from qtcompress.data.layout import BatchLayout
 from qtcompress.data.model_call import check_call, forward_signature, select_output
 from qtcompress.data.sources import InputSource
 from qtcompress.errors import ConfigError
@@ -89,6 +90,11 @@ class PipelineSettings:
             all default), search the budget for the smallest generator that reaches it
             (:func:`search_budget`); ``False``: ``min_fidelity`` is only a check.
         time_limit: Seconds the budget search may take before it keeps its best point.
+        batch_dims: Inputs and outputs whose batch is not dimension 0, by name: ``{"1": 1}``
+            for ``forward(x, state)`` with a state ``(layers, batch, hidden)`` (positional
+            inputs by index, keyword inputs by name, outputs as ``"output.K"``; a fed-back
+            state output takes its input's). The data are given and the ONNX graph takes its
+            inputs in this layout (:mod:`qtcompress.data.layout`).
     """
 
     fit_steps: int = 100
@@ -111,6 +117,7 @@ class PipelineSettings:
     rollout: int = 4
     search: bool = True
     time_limit: float = 1800.0
+    batch_dims: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
         from qtcompress import limits
@@ -134,6 +141,7 @@ class PipelineSettings:
             check_storage(self.storage)
         if self.mode not in ("distill", "supervised"):
             raise ConfigError(f"Unknown mode {self.mode!r}; choose 'distill' or 'supervised'.")
+        BatchLayout.of(self.batch_dims)  # bad names or dimensions fail before loading
 
 
 # The most a rounded generator may lose of the fine-tuned headline fidelity (agreement,
@@ -187,7 +195,7 @@ def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
 
 
 def _latencies(
-    model: nn.Module, onnx_path: Path, test: InputSource, repeats: int
+    model: nn.Module, onnx_path: Path, test: InputSource, repeats: int, layout: BatchLayout
 ) -> tuple[dict[str, float], dict[str, float]]:
     from qtcompress.onnx.runtime import OnnxPredictor
 
@@ -195,7 +203,7 @@ def _latencies(
     torch_ms, onnx_ms = {}, {}
     big = test.head(64)
     for label, batch in (("batch 1", test.head(1)), (f"batch {len(big)}", big)):
-        args, _ = positional_inputs(model, batch)
+        args, _ = positional_inputs(model, layout.batch_to_model(batch))
         feeds = {n: a.numpy() for n, a in zip(predictor.input_names, args, strict=True)}
         with torch.no_grad():
             torch_ms[label] = _median_ms(partial(model, *args), repeats)
@@ -235,14 +243,22 @@ def positional_inputs(model: nn.Module, batch: Batch) -> tuple[tuple[torch.Tenso
 
 
 def state_link(
-    model: nn.Module, data: InputSource, given: str | None, log: Callable[[str], None]
+    model: nn.Module,
+    data: InputSource,
+    given: str | None,
+    log: Callable[[str], None],
+    layout: BatchLayout | None = None,
 ) -> StateLink | None:
-    """The model's state link: as given (``"IN=OUT"``, ``"none"``), else the obvious one."""
+    """The model's state link: as given (``"IN=OUT"``, ``"none"``), else the obvious one.
+
+    ``data`` are batch-first; the obvious link is looked for in the model's own ``layout``,
+    where a state output has its input's shape.
+    """
     if given == "none":
         return None
     if given is not None:
         return parse_state_link(given)
-    link = detect_state_link(model, data.head(2))
+    link = detect_state_link(model, (layout or BatchLayout()).batch_to_model(data.head(2)))
     if link is not None:
         log(
             f"stateful model assumed: {link.describe()} (same shape); --state IN=OUT to say "
@@ -283,6 +299,7 @@ def train_generator(
     the student's own state.
     """
     qt: QTModel = compress(model, config, device=settings.device)
+    qt.functional.layout = BatchLayout.of(settings.batch_dims)
     rep = qt.report()
     budget = (
         f"{qt.config.budget_params(rep.generated_weights):,} parameters"
@@ -574,12 +591,25 @@ def run_pipeline(
         raise ConfigError(f"min_fidelity must be in [0, 1], got {settings.min_fidelity}.")
     start = time.perf_counter()
     model = model.eval()
+    # Batch-first from here on; the model is called, and exported, in its own layout.
+    layout = BatchLayout.of(settings.batch_dims)
+    if layout:
+        log(f"batch not in dimension 0: {layout.describe()}")
+    x_train, x_test = layout.to_front(data.x_train), layout.to_front(data.x_test)
     # Checked once here and handed on: finetune() and evaluate() take these sources as they are.
-    train = InputSource.of(data.x_train, data.y_train if settings.mode == "supervised" else None)
-    test = InputSource.of(data.x_test, data.y_test if labelled else None)
+    train = InputSource.of(x_train, data.y_train if settings.mode == "supervised" else None)
+    test = InputSource.of(x_test, data.y_test if labelled else None)
     # Fail fast: the model must accept the data, labels must fit its classes, and the output
     # folder must take the files, all before any fitting starts.
-    teacher_head = select_output(check_call(model, train.head(2)), settings.output)
+    first = check_call(model, layout.batch_to_model(train.head(2)))
+    link = state_link(model, test, settings.state, log, layout)
+    if link is not None and layout:
+        # A fed-back state has its input's layout: say so, for every call from here on.
+        layout = layout.with_state(link.input, link.output)
+        dims = dict(layout.inputs)
+        dims.update({f"output.{k}": d for k, d in layout.outputs.items()})
+        settings = replace(settings, batch_dims=dims)
+    teacher_head = select_output(layout.outputs_to_front(first), settings.output)
     if (
         labelled
         and infer_output_kind(teacher_head) == "logits"
@@ -587,12 +617,13 @@ def run_pipeline(
     ):
         for key, y in (("y_train", data.y_train), ("y_test", data.y_test)):
             check_label_range(y, int(teacher_head.shape[-1]), name=key)
-    example, input_names = positional_inputs(model, test.head(2))
-    dynamic_shapes(example, input_names, settings.dynamic_axes)  # bad axes fail before fitting
+    # The graph takes the inputs as the user calls the model: batch axes where they are.
+    example, input_names = positional_inputs(model, layout.batch_to_model(test.head(2)))
+    dynamic_axes = layout.export_axes(input_names, settings.dynamic_axes)
+    dynamic_shapes(example, input_names, dynamic_axes)  # bad axes fail before fitting
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     check_writable_dir(out, 2 * model_bytes + (1 << 20))
 
-    link = state_link(model, test, settings.state, log)
     search: list[dict[str, Any]] = []
     if searching(config, settings):
         trained, search = search_budget(model, config, train, settings, log)
@@ -619,16 +650,14 @@ def run_pipeline(
     record = OutputRecord(out, {"generator": gen_path, "onnx": onnx_path})
     with record:
         # One export serves both files: the generator file keeps its weightless skeleton.
-        proto = to_onnx_proto(
-            student, example, input_names=input_names, dynamic_axes=settings.dynamic_axes
-        )
+        proto = to_onnx_proto(student, example, input_names=input_names, dynamic_axes=dynamic_axes)
         save_generator(
             qt,
             gen_path,
             example_inputs=example,
             model_info=model_info,
             input_names=input_names,
-            dynamic_axes=settings.dynamic_axes,
+            dynamic_axes=dynamic_axes,
             exported=proto,
             materialized=student,
             storage=qt.storage,
@@ -639,11 +668,11 @@ def run_pipeline(
             example,
             onnx_path,
             input_names=input_names,
-            dynamic_axes=settings.dynamic_axes,
+            dynamic_axes=dynamic_axes,
             exported=proto,
         )
         record.wrote("onnx")
-        torch_ms, onnx_ms = _latencies(student, onnx_path, test, settings.latency_repeats)
+        torch_ms, onnx_ms = _latencies(student, onnx_path, test, settings.latency_repeats, layout)
         written = Written(student, export, torch_ms, onnx_ms, gen_path, onnx_path)
         return _finish(
             record, start, name, model, settings, measured, written, checkpoint_bytes, log

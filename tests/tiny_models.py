@@ -150,6 +150,24 @@ class StatefulCell(nn.Module):
         return torch.sigmoid(self.out(h)).squeeze(-1), torch.stack([h, c], 1)
 
 
+class StreamingLSTM(nn.Module):
+    """Streaming as shipped: ``forward(x, state) -> (probability, state)``, batch in state's dim 1.
+
+    ``state`` is ``(2 * layers, B, hidden)``: the LSTM's ``h`` and ``c`` stacked, each in
+    PyTorch's own ``(layers, batch, hidden)`` layout.
+    """
+
+    def __init__(self, features: int = 6, hidden: int = 8, layers: int = 1) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(features, hidden, num_layers=layers, batch_first=True)
+        self.out = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h, c = state.chunk(2)  # x: (B, T, features)
+        y, (h, c) = self.lstm(x, (h.contiguous(), c.contiguous()))
+        return torch.sigmoid(self.out(y[:, -1])).squeeze(-1), torch.cat([h, c])
+
+
 def example_input(model: nn.Module, batch: int = 4, seed: int = 0) -> torch.Tensor:
     """A deterministic example batch for any model in this file (batch >= 2 for ONNX export)."""
     g = torch.Generator().manual_seed(seed)

@@ -332,6 +332,12 @@ def _model_output(text: str | None) -> str | int | None:
     return int(text) if text.lstrip("-").isdigit() else text
 
 
+def _batch_dims(specs: list[str]) -> dict[str, int] | None:
+    from qtcompress.data.layout import parse_batch_dim
+
+    return dict(parse_batch_dim(spec) for spec in specs) or None
+
+
 def _settings_from_args(args: argparse.Namespace) -> Any:
     from qtcompress.pipeline import PipelineSettings
 
@@ -357,6 +363,7 @@ def _settings_from_args(args: argparse.Namespace) -> Any:
         storage=args.storage,
         time_limit=args.time_limit,
         state=args.state,
+        batch_dims=_batch_dims(args.batch_dim),
     )
 
 
@@ -404,13 +411,13 @@ def _run_and_print(
     return EXIT_OK
 
 
-def _load_data(spec: str) -> Any:
+def _load_data(spec: str, batch_dims: dict[str, int] | None = None) -> Any:
     from qtcompress.examples import load_dataset
     from qtcompress.io.arrays import load_npz_split
 
     if spec in ("digits", "wine"):
         return load_dataset(spec)
-    return load_npz_split(spec)
+    return load_npz_split(spec, batch_dims)
 
 
 # Options of the Hugging Face block of `compress` that mean nothing for another model.
@@ -527,7 +534,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         trust_pickle=args.trust_pickle,
         strict=not args.non_strict,
     )
-    data = _load_data(args.data)
+    data = _load_data(args.data, _batch_dims(args.batch_dim))
     name = args.name or Path(args.model).name.split(".")[0]
     info = {
         "source": Path(args.model).name,

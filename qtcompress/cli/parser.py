@@ -288,6 +288,16 @@ def build_parser() -> argparse.ArgumentParser:
             "With stream_test in the .npz the fidelity is measured free-running, as deployed",
         )
         fit.add_argument(
+            "--batch-dim",
+            action="append",
+            default=[],
+            metavar="NAME=DIM",
+            help="an input whose batch is not dimension 0, e.g. 1=1 for forward(x, state) "
+            "with a state (layers, batch, hidden); NAME as the .npz names it (0, 1, input_ids), "
+            "or output.K for an output (a fed-back state output takes its input's). Repeat it. "
+            "The ONNX file takes the inputs in this layout",
+        )
+        fit.add_argument(
             "--time-limit",
             type=float,
             default=1800.0,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -264,7 +265,13 @@ def check_batch(batch: Batch, where: str) -> Batch:
     sizes = {n: int(t.shape[0]) for n, t in named}
     if len(set(sizes.values())) > 1:
         listed = ", ".join(f"{n} {s}" for n, s in sizes.items())
-        raise ConfigError(f"The {where} differ in length along dim 0: {listed}.")
+        extra = (
+            [int(batch.labels.shape[0])] if batch.labels is not None and batch.labels.ndim else []
+        )
+        # The most common size is the batch (ties: the labels', else the first input's).
+        ref = Counter([*extra, *sizes.values()]).most_common(1)[0][0]
+        hint = batch_dim_hint(named, ref)
+        raise ConfigError(f"The {where} differ in length along dim 0: {listed}{hint}.")
     n = next(iter(sizes.values()))
     if n < 1:
         raise ConfigError(f"The {where} are empty (0 examples).")
@@ -277,6 +284,30 @@ def check_batch(batch: Batch, where: str) -> Batch:
         if (t.dtype.is_floating_point or t.dtype.is_complex) and not torch.isfinite(t).all():
             raise NonFiniteError(f"The {where} hold NaN or Inf in {name}.")
     return batch
+
+
+def batch_dim_hint(named: list[tuple[str, torch.Tensor]], batch: int) -> str:
+    """``"; input 1 (2x40x8) has the batch of 40 in dimension 1: pass --batch-dim 1=1"``.
+
+    Names the first top-level input whose dim 0 is not ``batch`` but another dimension is
+    (an LSTM state ``(layers, batch, hidden)``); ``""`` when there is none.
+
+    Args:
+        named: ``(path, tensor)`` as :meth:`Batch.named_tensors` gives them.
+        batch: The batch size the other inputs agree on.
+    """
+    for path, t in named:
+        # Only top-level inputs can be named: args[1] is input 1, a keyword input its name.
+        name = path[5:-1] if path.startswith("args[") and path.count("[") == 1 else path
+        if "[" in name or t.ndim < 2 or t.shape[0] == batch:
+            continue
+        for dim in range(1, t.ndim):
+            if t.shape[dim] == batch:
+                return (
+                    f"; input {name} ({_shape(t)}) has the batch of {batch} in dimension {dim}: "
+                    f"pass --batch-dim {name}={dim} (batch_dims={{{name!r}: {dim}}})"
+                )
+    return ""
 
 
 # -- mini-batch order ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import dataclasses
 import math
 import os
 import zipfile
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -295,7 +296,7 @@ def save_arrays(
     return p
 
 
-def load_npz_split(path: str | Path) -> Split:
+def load_npz_split(path: str | Path, batch_dims: Mapping[str, int] | None = None) -> Split:
     """Read a data set from an ``.npz``: inputs, and labels if any.
 
     Naming rule for the inputs (the same for ``x_train`` and ``x_test``):
@@ -308,6 +309,16 @@ def load_npz_split(path: str | Path) -> Split:
     Labels (``y_train``, ``y_test``) may be absent: then only distillation is possible.
     Integer inputs (token ids) stay int64; other inputs become float32. Every array is checked
     (dtype, finiteness, shapes, labels) before conversion.
+
+    Args:
+        path: The ``.npz``.
+        batch_dims: Inputs whose batch is not dimension 0, by name (``"1"`` for ``x_train.1``,
+            ``"0"`` for a plain ``x_train``; names starting ``output.`` are skipped): the checks
+            count examples along that dimension. The arrays keep their own layout.
+
+    Raises:
+        ConfigError: Bad names or shapes; an input whose batch is plainly not dimension 0 is
+            named with the ``--batch-dim`` that fixes it.
     """
     import torch  # here: reading arrays for onnxruntime must not load torch
 
@@ -343,10 +354,21 @@ def load_npz_split(path: str | Path) -> Split:
             )
         keys = []
     labels: dict[str, Any] = {k: arrays[k] for k in ("y_train", "y_test") if k in arrays}
+    dims = _input_batch_dims(path, arrays, keys, batch_dims)
+
+    def batch_first(split: str, key: str) -> np.ndarray:
+        """The array with its batch in dimension 0, for the checks (a view)."""
+        array = arrays[f"{split}.{key}" if key else split]
+        return np.moveaxis(array, dims[key], 0) if dims.get(key) else array
+
+    _suggest_batch_dim(path, arrays, keys, batch_first)
     for key in keys or [""]:
-        suffix = f".{key}" if key else ""
         check_dataset(
-            {"x_train": arrays[f"x_train{suffix}"], "x_test": arrays[f"x_test{suffix}"], **labels},
+            {
+                "x_train": batch_first("x_train", key),
+                "x_test": batch_first("x_test", key),
+                **labels,
+            },
             source=f"{path}{' (' + key + ')' if key else ''}",
         )
 
@@ -379,7 +401,7 @@ def load_npz_split(path: str | Path) -> Split:
         if key not in arrays:
             continue
         ids = np.asarray(arrays[key])
-        first = arrays[f"x_{part}.{keys[0]}" if keys else f"x_{part}"]
+        first = batch_first(f"x_{part}", keys[0] if keys else "")
         if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer) or len(ids) != len(first):
             raise ConfigError(
                 f"{path}: {key} must be a 1-D integer array with one stream id per "
@@ -387,3 +409,76 @@ def load_npz_split(path: str | Path) -> Split:
             )
         streams[key] = torch.from_numpy(np.ascontiguousarray(ids)).to(torch.int64)
     return dataclasses.replace(split, **streams) if streams else split
+
+
+def _input_batch_dims(
+    path: str | Path, arrays: Mapping[str, Any], keys: list[str], given: Mapping[str, int] | None
+) -> dict[str, int]:
+    """``--batch-dim`` by array key (``""`` for a plain ``x_train``), checked against the file."""
+    dims: dict[str, int] = {}
+    names = keys or ["0"]
+    for name, dim in (given or {}).items():
+        if name.startswith("output."):
+            continue
+        if name not in names:
+            raise ConfigError(
+                f"--batch-dim {name}={dim} names input {name!r}, but {path} holds inputs "
+                f"{', '.join(names)}."
+            )
+        key = name if keys else ""
+        for split in ("x_train", "x_test"):
+            shape = arrays[f"{split}.{key}" if key else split].shape
+            if dim >= len(shape):
+                raise ConfigError(
+                    f"--batch-dim {name}={dim}: {split}{'.' + key if key else ''} has shape "
+                    f"{list(shape)}, which has no dimension {dim}."
+                )
+        dims[key] = dim
+    return dims
+
+
+def _suggest_batch_dim(
+    path: str | Path, arrays: Mapping[str, Any], keys: list[str], batch_first: Any
+) -> None:
+    """Refuse, naming ``--batch-dim``, an input whose batch is plainly not dimension 0.
+
+    The batch sizes ``(train, test)`` the labels, stream ids and inputs agree on are the
+    reference (the most common pair; ties: the labels', else the first input's). An input
+    whose dim 0 differs from it while another dimension matches it in both sets has its batch
+    there. A single input whose train and test shapes differ only in one dimension past 0 gets
+    the option as a possibility (it may also be a sequence length).
+    """
+    names = keys or [""]
+    shapes = {k: (batch_first("x_train", k).shape, batch_first("x_test", k).shape) for k in names}
+    pairs = []
+    for part in ("y", "stream"):  # first: they are batch-first whatever the inputs are
+        train, test = arrays.get(f"{part}_train"), arrays.get(f"{part}_test")
+        if train is not None and test is not None and np.ndim(train) and np.ndim(test):
+            pairs.append((len(train), len(test)))
+    pairs += [(a[0], b[0]) for a, b in shapes.values() if len(a) and len(b)]
+    if not pairs:
+        return
+    ref = Counter(pairs).most_common(1)[0][0]
+    for key, (a, b) in shapes.items():
+        name = key or "0"
+        where = f"x_train{'.' + key if key else ''}"
+        if len(a) != len(b) or len(a) < 2 or (a[0], b[0]) == ref:
+            continue
+        for dim in range(1, len(a)):
+            if (a[dim], b[dim]) == ref:
+                raise ConfigError(
+                    f"{path}: input {name} has shape {list(a)} in {where} and {list(b)} in "
+                    f"{where.replace('train', 'test')}: its dimension {dim} holds the batch "
+                    f"({ref[0]} and {ref[1]} examples); pass --batch-dim {name}={dim}."
+                )
+    if len(names) == 1 and len(pairs) == 1:
+        (a, b), name = shapes[names[0]], names[0] or "0"
+        differ = [d for d in range(1, len(a)) if len(a) == len(b) and a[d] != b[d]]
+        if len(differ) == 1:
+            where = f"x_train{'.' + names[0] if names[0] else ''}"
+            raise ConfigError(
+                f"{path}: {where} has shape {list(a)} and "
+                f"{where.replace('train', 'test')} {list(b)}: they differ only in dimension "
+                f"{differ[0]}; if that is the batch, pass --batch-dim {name}={differ[0]}, else "
+                "make the examples' shapes match."
+            )

@@ -82,7 +82,8 @@ def save_generator(
         input_names: ONNX graph input names.
         output_names: ONNX graph output names.
         dynamic_axes: Axes beyond the batch that stay symbolic in the stored graph, by input
-            name (see :func:`qtcompress.onnx.export.to_onnx_proto`).
+            name, and any input's batch axis other than 0, named ``batch`` (see
+            :func:`qtcompress.onnx.export.to_onnx_proto`).
         exported: The graph of ``qt.materialize()`` already exported with these inputs and
             names; its skeleton is stored instead of exporting again.
         materialized: ``qt.materialize()`` made by the caller since the generator last
@@ -119,7 +120,7 @@ def save_generator(
             )
     # The exporter's own input/output handling, so the recorded check batch lines up with the
     # ONNX graph's inputs and outputs.
-    from qtcompress.onnx.parity import as_example_tuple, flatten_outputs
+    from qtcompress.onnx.parity import as_example_tuple, batch_axes, flatten_outputs
     from qtcompress.onnx.skeleton import export_skeleton
 
     generator = qt.generator
@@ -153,7 +154,8 @@ def save_generator(
     }
     skeleton = None
     if example_inputs is not None:
-        inputs = as_example_tuple(example_inputs)
+        axes = batch_axes(example_inputs, input_names, dynamic_axes)
+        inputs = as_example_tuple(example_inputs, axes)
         if storage != "float32":  # a half-precision check batch; outputs recorded on it
             inputs = tuple(half_check_input(t) for t in inputs)
             metadata["check_inputs_float16"] = True

@@ -9,7 +9,9 @@ Export settings (measured with torch 2.13, see ``docs/format.md``):
 * The program is taken in memory (``f=None``) and serialised by us, so the file is always
   self-contained (no ``.onnx.data`` sidecar) and written atomically.
 * The batch axis is declared dynamic, and exports need an example batch of 2 or more: a batch of
-  1 lets the exporter specialise the axis to 1.
+  1 lets the exporter specialise the axis to 1. It is axis 0 of every input, except where
+  ``dynamic_axes`` names another axis of that input ``batch`` (an LSTM state
+  ``(layers, batch, hidden)``: ``{"state": {1: "batch"}}``).
 * The exporter stores stack traces with absolute local paths in ``metadata_props``; they are
   stripped everywhere.
 """
@@ -33,9 +35,11 @@ from torch import nn
 from qtcompress.errors import ConfigError, ExportError
 from qtcompress.io.atomic import atomic_path
 from qtcompress.onnx.parity import (
+    BATCH,
     DynamicAxes,
     ExampleInputs,
     as_example_tuple,
+    batch_axes,
     compare_outputs,
     eval_mode,
     flatten_outputs,
@@ -154,27 +158,35 @@ def dynamic_shapes(
     """Dynamic shapes for the exporter: the batch axis of every input plus the named axes.
 
     Axes that share a name share one symbol (e.g. ``seq`` of ``input_ids`` and
-    ``attention_mask``), which is how the exporter learns they are equal.
+    ``attention_mask``), which is how the exporter learns they are equal. The batch axis is
+    axis 0, or the axis an input's entry names ``batch`` (its batch is elsewhere).
     """
     axes = dict(axes or {})
     unknown = sorted(set(axes) - set(names))
     if unknown:
         raise ConfigError(f"Dynamic axes name inputs {unknown}, the graph's inputs are {names}.")
-    dims: dict[str, Any] = {"batch": torch.export.Dim("batch")}
+    dims: dict[str, Any] = {BATCH: torch.export.Dim(BATCH)}
     out = []
     for arg, name in zip(args, names, strict=True):
-        spec: dict[int, Any] = {0: dims["batch"]}
-        for axis, dim in dict(axes.get(name, {})).items():
-            if not isinstance(axis, int) or not 1 <= axis < arg.ndim:
+        named = dict(axes.get(name, {}))
+        batch = [axis for axis, dim in named.items() if dim == BATCH]
+        if len(batch) > 1 or not all(isinstance(a, int) and 0 <= a < arg.ndim for a in batch):
+            raise ConfigError(
+                f"Input {name!r} (shape {tuple(arg.shape)}) names axes {batch} 'batch'; name "
+                "one of its axes, the one that holds the batch."
+            )
+        spec: dict[int, Any] = {batch[0] if batch else 0: dims[BATCH]}
+        for axis, dim in named.items():
+            if dim == BATCH:
+                continue
+            if not isinstance(axis, int) or not 0 <= axis < arg.ndim or axis in spec:
                 raise ConfigError(
                     f"Dynamic axis {axis!r} of input {name!r} (shape "
-                    f"{tuple(arg.shape)}) must be in 1..{arg.ndim - 1}; axis 0 "
-                    "is always the batch."
+                    f"{tuple(arg.shape)}) must be one of its axes other than the batch axis "
+                    f"{next(iter(spec))}."
                 )
-            if not isinstance(dim, str) or not dim.isidentifier() or dim == "batch":
-                raise ConfigError(
-                    f"Dynamic axis name {dim!r} must be an identifier other than 'batch'."
-                )
+            if not isinstance(dim, str) or not dim.isidentifier():
+                raise ConfigError(f"Dynamic axis name {dim!r} must be an identifier.")
             # Dim's default minimum is 0/1; the example's length must be >= 2 to stay symbolic.
             dims.setdefault(dim, torch.export.Dim(dim))
             spec[axis] = dims[dim]
@@ -200,7 +212,8 @@ def to_onnx_proto(
         output_names: Graph output names; default ``output`` or ``output_0, ...``.
         dynamic_axes: Axes beyond the batch that stay symbolic, by input name:
             ``{"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}}``; the same name means
-            the same length.
+            the same length. An axis named ``batch`` is that input's batch axis instead of 0
+            (``{"state": {1: "batch"}}`` for a state ``(layers, batch, hidden)``).
 
     Returns:
         The stripped ``ModelProto`` with all weights inside it.
@@ -209,8 +222,9 @@ def to_onnx_proto(
         ConfigError: Bad example inputs, names or dynamic axes (checked before exporting).
         ExportError: The exporter failed, or an axis that should be dynamic came out fixed.
     """
-    args = as_example_tuple(example_inputs)
-    in_names = _default_names("input", len(args), input_names)
+    n_in = 1 if isinstance(example_inputs, torch.Tensor) else len(example_inputs)
+    in_names = _default_names("input", n_in, input_names)
+    args = as_example_tuple(example_inputs, batch_axes(example_inputs, in_names, dynamic_axes))
     dynamic = dynamic_shapes(args, in_names, dynamic_axes)
     with eval_mode(model), torch.no_grad():
         n_out = len(flatten_outputs(model(*args)))
@@ -253,10 +267,10 @@ def to_onnx_proto(
     strip_metadata(proto)
     for inp, spec in zip(proto.graph.input, dynamic, strict=False):
         dims = inp.type.tensor_type.shape.dim
-        for axis in spec:
+        for axis, symbol in spec.items():
             if axis >= len(dims) or not dims[axis].dim_param:
                 fixed = dims[axis].dim_value if axis < len(dims) else "none"
-                what = "batch axis" if axis == 0 else f"dynamic axis {axis}"
+                what = "batch axis" if symbol.__name__ == BATCH else f"dynamic axis {axis}"
                 raise ExportError(
                     f"Exported graph input {inp.name!r} has a fixed {what} ({fixed}); the model "
                     "probably depends on that size (e.g. a hard-coded reshape or a length "

@@ -22,8 +22,42 @@ ExampleInputs = torch.Tensor | Sequence[torch.Tensor]
 DynamicAxes = Mapping[str, Mapping[int, str]]
 
 
-def as_example_tuple(example_inputs: ExampleInputs) -> tuple[torch.Tensor, ...]:
+BATCH = "batch"
+"""The dynamic axis name of the batch; an input whose batch is not axis 0 names it so."""
+
+
+def batch_axes(
+    example_inputs: ExampleInputs,
+    input_names: Sequence[str] | None,
+    dynamic_axes: DynamicAxes | None,
+) -> list[int]:
+    """Each example input's batch axis: the one ``dynamic_axes`` calls ``batch``, else 0.
+
+    Args:
+        example_inputs: One tensor or a sequence of tensors.
+        input_names: Graph input names; default ``input`` or ``input_0, input_1, ...``.
+        dynamic_axes: Symbolic axes by input name (see :func:`to_onnx_proto`).
+    """
+    n = 1 if isinstance(example_inputs, torch.Tensor) else len(example_inputs)
+    names = list(input_names) if input_names is not None else []
+    if input_names is None:
+        names = ["input"] if n == 1 else [f"input_{i}" for i in range(n)]
+    axes = dynamic_axes or {}
+    out = []
+    for i in range(n):
+        spec = dict(axes.get(names[i], {})) if i < len(names) else {}
+        out.append(next((a for a, d in spec.items() if d == BATCH), 0))
+    return out
+
+
+def as_example_tuple(
+    example_inputs: ExampleInputs, axes: Sequence[int] | None = None
+) -> tuple[torch.Tensor, ...]:
     """Example inputs as a tuple of tensors sharing a batch axis of 2 or more.
+
+    Args:
+        example_inputs: One tensor or a sequence of tensors.
+        axes: Each input's batch axis (:func:`batch_axes`); default 0 for all.
 
     Raises:
         ConfigError: No tensors, a batch axis under 2 (the exporter would fix it to 1), or
@@ -32,13 +66,15 @@ def as_example_tuple(example_inputs: ExampleInputs) -> tuple[torch.Tensor, ...]:
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     if not args or not all(isinstance(a, torch.Tensor) for a in args):
         raise ConfigError("Example inputs must be a tensor or a non-empty sequence of tensors.")
-    for i, a in enumerate(args):
-        if a.dim() == 0 or a.shape[0] < 2:
+    axes = list(axes) if axes is not None else [0] * len(args)
+    for i, (a, axis) in enumerate(zip(args, axes, strict=True)):
+        if a.dim() <= axis or a.shape[axis] < 2:
+            where = "first (batch) axis" if axis == 0 else f"batch axis {axis}"
             raise ConfigError(
-                f"Example input {i} has shape {tuple(a.shape)}: the first (batch) axis must be 2 "
+                f"Example input {i} has shape {tuple(a.shape)}: the {where} must be 2 "
                 "or more, otherwise the exporter may fix the batch size to 1."
             )
-    if len({a.shape[0] for a in args}) != 1:
+    if len({a.shape[axis] for a, axis in zip(args, axes, strict=True)}) != 1:
         raise ConfigError(
             f"Example inputs disagree on the batch size: {[tuple(a.shape) for a in args]}."
         )
@@ -124,7 +160,6 @@ def compare_outputs(
     Raises:
         ExportError: torch or onnxruntime fails on one of the two batch sizes.
     """
-    args = as_example_tuple(example_inputs)
     data = onnx_model if isinstance(onnx_model, bytes) else onnx_model.SerializeToString()
     try:
         session = open_session(data)
@@ -135,12 +170,17 @@ def compare_outputs(
             "'Duplicate definition'; choose other output names)."
         ) from exc
     names = [i.name for i in session.get_inputs()]
+    axes = batch_axes(example_inputs, names, dynamic_axes)
+    args = as_example_tuple(example_inputs, axes)
     worst = scale = 0.0
-    variants = [args, tuple(torch.cat([a, a[:1]]) for a in args)]
+    # One more row along each input's own batch axis.
+    grown = tuple(torch.cat([a, a.narrow(ax, 0, 1)], ax) for a, ax in zip(args, axes, strict=True))
+    variants = [args, grown]
     by_dim: dict[str, list[tuple[int, int]]] = {}
     for i, name in enumerate(names):
         for axis, dim in dict((dynamic_axes or {}).get(name, {})).items():
-            by_dim.setdefault(dim, []).append((i, axis))
+            if dim != BATCH:  # the batch grew above
+                by_dim.setdefault(dim, []).append((i, axis))
     for places in by_dim.values():
         # Two other lengths (one step shorter, and half): a graph that baked in a length
         # fails at least one of them.

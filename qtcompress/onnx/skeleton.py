@@ -192,7 +192,9 @@ def export_skeleton(
         filled = fill_skeleton(
             skeleton, {k: v.numpy() for k, v in noisy.items() if v.dtype != torch.bfloat16}
         )
-        diff, scale = compare_outputs(filled, model, example_inputs, params=noisy)
+        diff, scale = compare_outputs(
+            filled, model, example_inputs, params=noisy, dynamic_axes=dynamic_axes
+        )
         # A weight baked into the graph shows up at ~10% of the output scale (the perturbation
         # is +-20%); float32 rounding stays near 1e-6 of it. Scale the bound with the outputs.
         bound = verify_atol * max(1.0, scale)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from qtcompress.data.batch import Batch, batch_indices
-from qtcompress.data.model_call import check_call, select_output
+from qtcompress.data.model_call import select_output
 from qtcompress.data.sources import InputSource
 from qtcompress.errors import ConfigError
 from qtcompress.train.functional import FunctionalModel
@@ -92,7 +92,7 @@ def finetune(
     source = InputSource.of(data, labels, labels_in_items=labels_in_items)
     device = fmodel.device
     probe = source.head(probe_size).to(device)
-    check_call(fmodel.module, probe)
+    fmodel.check(probe)
     teacher_probe = select_output(probe.call(fmodel.teacher), output)
     kind = check_kind(output_kind or infer_output_kind(teacher_probe))
     objective = distill or DEFAULT_LOSS[kind]

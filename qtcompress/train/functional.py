@@ -14,6 +14,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from qtcompress.data.batch import Batch
+from qtcompress.data.layout import BatchLayout
+from qtcompress.data.model_call import check_call
 from qtcompress.generator import AnyGenerator
 from qtcompress.targets import Layout
 
@@ -33,6 +36,11 @@ class FunctionalModel:
         pretrained: Flat ``(M,)`` pretrained weights in the generator's layout, if at hand: the
             copy's generated parameters are made views of it (:meth:`share_pretrained`) as it
             is built, so they are never copied.
+
+    Attributes:
+        layout: Inputs and outputs whose batch is not dimension 0 in the model's own calls
+            (:class:`~qtcompress.data.layout.BatchLayout`). Calls then take and return them
+            batch-first, as the rest of qtcompress does, and the model gets its own layout.
     """
 
     def __init__(
@@ -59,6 +67,13 @@ class FunctionalModel:
             m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
         ]
         self.device = torch.device("cpu")
+        self.layout = BatchLayout()
+
+    def check(self, batch: Batch) -> Any:
+        """:func:`~qtcompress.data.model_call.check_call` of the model on a batch-first batch."""
+        return self.layout.outputs_to_front(
+            check_call(self.module, self.layout.batch_to_model(batch))
+        )
 
     def share_pretrained(self, pretrained: torch.Tensor, layout: Layout) -> None:
         """Back the private copy's generated parameters by views of the flat ``pretrained``.
@@ -104,14 +119,17 @@ class FunctionalModel:
         if batch_stats:
             for m in self.norm_layers:
                 m.train()
+        args, kwargs = self.layout.to_model(args, kwargs)
         try:
-            return functional_call(
-                self.module,
-                {**self.fixed, **self.buffers, **tensors},
-                args,
-                kwargs,
-                tie_weights=False,
-                strict=False,
+            return self.layout.outputs_to_front(
+                functional_call(
+                    self.module,
+                    {**self.fixed, **self.buffers, **tensors},
+                    args,
+                    kwargs,
+                    tie_weights=False,
+                    strict=False,
+                )
             )
         finally:
             for m in self.norm_layers:
@@ -146,8 +164,9 @@ class FunctionalModel:
 
     def teacher(self, *args: Any, **kwargs: Any) -> Any:
         """Forward pass of the original (pretrained) weights, without gradients."""
+        args, kwargs = self.layout.to_model(args, kwargs)
         with torch.no_grad():
-            return self.module(*args, **kwargs)
+            return self.layout.outputs_to_front(self.module(*args, **kwargs))
 
 
 def _shared_views(
