@@ -1,8 +1,10 @@
 """qtcompress: Quantum-Train compression of PyTorch models.
 
 Example:
-    >>> from qtcompress import QTConfig, compress, save_generator  # doctest: +SKIP
-    >>> qt = compress(model, QTConfig(budget=0.005))                    # doctest: +SKIP
+    >>> from qtcompress import QTConfig, compress, load  # doctest: +SKIP
+    >>> qt = compress(model, QTConfig(budget=0.005))      # doctest: +SKIP
+    >>> qt.save("model.qtc.safetensors", example_inputs=x)  # doctest: +SKIP
+    >>> load("model.qtc.safetensors").export_onnx("model.onnx")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -11,14 +13,13 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-# The public verbs, imported on first use so that `import qtcompress` (and the CLI's start-up)
-# does not pull in torch, Cirq and qsim until they are needed.
+# The public verbs (one save/load surface: QTModel.save and load), imported on first use so
+# that `import qtcompress` (and the CLI's start-up) does not pull in torch, Cirq and qsim until
+# they are needed.
 _LAZY = {
     "compress": "qtcompress.api",
     "QTModel": "qtcompress.api",
     "QTConfig": "qtcompress.config",
-    "save_generator": "qtcompress.io.generator_save",
-    "load_generator": "qtcompress.io.generator_load",
     "load": "qtcompress.api",
     "QTCompressError": "qtcompress.errors",
 }

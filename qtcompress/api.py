@@ -41,7 +41,7 @@ from qtcompress.train.weight_fit import STREAM_WEIGHTS, relative_errors
 from qtcompress.train.weight_fit import fit_weights as _fit_weights
 
 if TYPE_CHECKING:
-    from qtcompress.io.generator_file import GeneratorFile
+    from qtcompress.generator_file.file import GeneratorFile
 
 
 @dataclass(frozen=True)
@@ -370,11 +370,12 @@ class QTModel:
     def round_to(self, storage: str) -> None:
         """Round the generator's parameters to what a file stores as ``storage``.
 
-        ``"float16"`` or ``"int8"`` (one scale per tensor; :mod:`qtcompress.io.storage`);
-        :meth:`save` then writes them in that encoding. Evaluate after rounding: the file's
-        network is the rounded one. ``"float32"`` only sets how files are written.
+        ``"float16"`` or ``"int8"`` (one scale per tensor;
+        :mod:`qtcompress.generator_file.storage`); :meth:`save` then writes them in that
+        encoding. Evaluate after rounding: the file's network is the rounded one.
+        ``"float32"`` only sets how files are written.
         """
-        from qtcompress.io.storage import round_parameters
+        from qtcompress.generator_file.storage import round_parameters
 
         round_parameters(self.generator, storage)
         self.storage = storage
@@ -384,13 +385,13 @@ class QTModel:
 
         Args:
             path: Destination, conventionally ``*.qtc.safetensors``.
-            **kwargs: :func:`~qtcompress.io.generator_save.save_generator`'s options
+            **kwargs: :func:`~qtcompress.generator_file.save.save_generator`'s options
                 (``example_inputs`` stores the ONNX graph and a check batch).
 
         Returns:
             The written path.
         """
-        from qtcompress.io.generator_save import save_generator
+        from qtcompress.generator_file.save import save_generator
 
         kwargs.setdefault("storage", self.storage)
         return save_generator(self, path, **kwargs)
@@ -428,7 +429,7 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> Genera
     """Read a generator file written by :meth:`QTModel.save` (or :func:`save_generator`).
 
     Without ``model`` the file alone can regenerate the weights, rebuild and check the ONNX
-    model, or load into a module (:class:`~qtcompress.io.generator_file.GeneratorFile`). With the
+    model, or load into a module (:class:`~qtcompress.generator_file.file.GeneratorFile`). With the
     pretrained ``model`` it was made from, the result is a :class:`QTModel` again, holding the
     stored generator and the student's stored BatchNorm statistics, that fine-tunes further,
     evaluates against the original and saves again: ``load(path, model)`` round-trips
@@ -444,7 +445,7 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> Genera
         TargetError: ``model``'s generated tensors are not the stored layout's (names the
             missing and unexpected tensors and the shape differences).
     """
-    from qtcompress.io.generator_load import load_generator
+    from qtcompress.generator_file.load import load_generator
 
     stored = load_generator(path)
     if model is None:

@@ -36,9 +36,9 @@ from qtcompress.data.model_call import check_call, forward_signature, select_out
 from qtcompress.data.sources import InputSource
 from qtcompress.errors import ConfigError
 from qtcompress.examples import Split
+from qtcompress.generator_file.storage import check_storage
 from qtcompress.io.arrays import check_label_range
 from qtcompress.io.atomic import OutputRecord, check_writable_dir
-from qtcompress.io.storage import check_storage
 from qtcompress.onnx.export import dynamic_shapes
 from qtcompress.summary import PipelineResult, shape_of, summary_rows
 from qtcompress.targets import kinds_summary, select_targets
@@ -579,7 +579,7 @@ def run_pipeline(
     Returns:
         The measured :class:`PipelineResult` (also written to ``summary.json``).
     """
-    from qtcompress.io.generator_save import save_generator
+    from qtcompress.generator_file.save import save_generator
     from qtcompress.onnx.export import export_onnx, to_onnx_proto
 
     settings = settings or PipelineSettings()

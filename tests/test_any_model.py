@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, TensorDataset
 
-from qtcompress import QTConfig, compress, load_generator, save_generator
+from qtcompress import QTConfig, compress, load
 from qtcompress.errors import ConfigError, ExportError
 from qtcompress.onnx.export import export_onnx
 from tests.cli_helpers import ROOT, assert_one_line_error, run
@@ -62,8 +62,7 @@ def test_two_input_encoder_end_to_end_with_dynamic_sequence(encoder, tmp_path):
     path = tmp_path / "enc.qtc.safetensors"
     example = (test["input_ids"][:2], test["attention_mask"][:2])
     axes = {"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}}
-    save_generator(
-        qt,
+    qt.save(
         path,
         example_inputs=example,
         input_names=["input_ids", "attention_mask"],
@@ -71,12 +70,12 @@ def test_two_input_encoder_end_to_end_with_dynamic_sequence(encoder, tmp_path):
     )
     # A fresh process regenerates the same weights and a checked ONNX model from the file.
     code = (
-        f"from qtcompress import load_generator; g = load_generator(r'{path}'); "
+        f"from qtcompress import load; g = load(r'{path}'); "
         f"assert g.verify_weights().identical; g.to_onnx(r'{tmp_path / 'enc.onnx'}')"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
     session = ort.InferenceSession(str(tmp_path / "enc.onnx"), providers=["CPUExecutionProvider"])
-    student = load_generator(path).load_into(TwoInputEncoder()).eval()
+    student = load(path).load_into(TwoInputEncoder()).eval()
     for batch, length in ((3, 7), (5, 20)):  # other batch sizes and sequence lengths
         feeds = _tokens(batch, length, 2)
         got = session.run(None, {k: v.numpy() for k, v in feeds.items()})[0]
@@ -224,7 +223,7 @@ def test_cli_stateful_model_positional_npz_then_fresh_load_verify_and_onnx(cell,
     assert verify.returncode == 0, verify.stderr  # a fresh process: regenerate, hash, ONNX, torch
     session = ort.InferenceSession(str(out / "cell.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["x", "state"]
-    student = load_generator(gen_file).load_into(StatefulCell()).eval()
+    student = load(gen_file).load_into(StatefulCell()).eval()
     got = session.run(None, {"x": xt.numpy(), "state": st.numpy()})
     with torch.no_grad():
         want = student(xt, st)

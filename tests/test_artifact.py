@@ -12,7 +12,6 @@ from qtcompress.io.container import (
     FORMAT_NAME,
     FORMAT_VERSION,
     SKELETON_TENSOR,
-    load_artifact,
     read_artifact,
     save_artifact,
     sha256_of_tensors,
@@ -47,7 +46,8 @@ def _listing(folder):
 def test_roundtrip_tensors_metadata(tmp_path):
     tensors = _tensors()
     path = save_artifact(tmp_path / "g.qtc.safetensors", tensors, META)
-    loaded, meta = load_artifact(path)
+    art = read_artifact(path)
+    loaded, meta = art.tensors, art.metadata
     assert meta == META
     assert sorted(loaded) == sorted(tensors)
     for name, t in tensors.items():
@@ -125,7 +125,7 @@ def test_tampered_files_are_rejected(good, tmp_path, kwargs, fragment):
     bad = tmp_path / "bad.qtc.safetensors"
     _resave(good, bad, **kwargs)
     with pytest.raises(FormatError, match=fragment) as info:
-        load_artifact(bad)
+        read_artifact(bad)
     assert "bad.qtc.safetensors" in str(info.value)
 
 
@@ -137,7 +137,7 @@ def test_declared_shape_or_dtype_mismatch(good, tmp_path):
     bad = tmp_path / "bad.qtc.safetensors"
     _resave(good, bad, header_patch={"tensors": json.dumps(declared)})
     with pytest.raises(FormatError, match="tensors differ from the metadata") as info:
-        load_artifact(bad)
+        read_artifact(bad)
     assert "theta: declared {'dtype': 'float32', 'shape': [3, 5]}" in str(info.value)
     assert "steps: declared {'dtype': 'int32'" in str(info.value)
 
@@ -148,7 +148,7 @@ def test_flipped_data_byte_fails_checksum(good, tmp_path):
     bad = tmp_path / "flip.qtc.safetensors"
     bad.write_bytes(bytes(data))
     with pytest.raises(FormatError, match="checksum mismatch"):
-        load_artifact(bad)
+        read_artifact(bad)
 
 
 @pytest.mark.parametrize("keep", [0, 7, 100, -5])
@@ -157,12 +157,12 @@ def test_truncated_files(good, tmp_path, keep):
     bad = tmp_path / "cut.qtc.safetensors"
     bad.write_bytes(data[:keep] if keep >= 0 else data[:keep])
     with pytest.raises(FormatError, match="cut.qtc.safetensors.*truncated"):
-        load_artifact(bad)
+        read_artifact(bad)
 
 
 def test_expected_tensors_checked(good):
     with pytest.raises(FormatError, match=r"missing tensors \['other'\].*unexpected.*'half'"):
-        load_artifact(
+        read_artifact(
             good, expected_tensors=["theta", "transposed", "view_a", "view_b", "steps", "other"]
         )
 
@@ -188,11 +188,12 @@ def test_overwrite_is_atomic_and_missing_file(tmp_path):
     target = tmp_path / "g.qtc.safetensors"
     save_artifact(target, {"a": torch.zeros(2)}, {"v": 1})
     save_artifact(target, {"a": torch.ones(3)}, {"v": 2})
-    tensors, meta = load_artifact(target)
+    art = read_artifact(target)
+    tensors, meta = art.tensors, art.metadata
     assert meta == {"v": 2} and torch.equal(tensors["a"], torch.ones(3))
     assert _listing(tmp_path) == ["g.qtc.safetensors"]
     with pytest.raises(MissingFileError, match="does not exist"):
-        load_artifact(tmp_path / "nope.qtc.safetensors")
+        read_artifact(tmp_path / "nope.qtc.safetensors")
 
 
 def test_same_content_same_bytes_readable_by_safetensors(tmp_path):
@@ -232,4 +233,4 @@ def test_hostile_header_values(good, tmp_path, patch, fragment):
     bad = tmp_path / "bad.qtc.safetensors"
     _resave(good, bad, header_patch=patch)
     with pytest.raises(FormatError, match=fragment):
-        load_artifact(bad)
+        read_artifact(bad)

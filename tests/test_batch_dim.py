@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from qtcompress import QTConfig, compress, load_generator
+from qtcompress import QTConfig, compress, load
 from qtcompress.data.layout import BatchLayout, parse_batch_dim
 from qtcompress.data.sources import InputSource
 from qtcompress.errors import ConfigError
@@ -196,7 +196,7 @@ def test_cli_streaming_lstm_with_batch_dim_end_to_end_then_onnx_in_the_users_lay
     session = ort.InferenceSession(str(out / "lstm.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["x", "state"]
     assert session.get_inputs()[1].shape == [2, "batch", 8]
-    student = load_generator(out / "lstm.qtc.safetensors").load_into(StreamingLSTM()).eval()
+    student = load(out / "lstm.qtc.safetensors").load_into(StreamingLSTM()).eval()
     for batch in (1, 5):  # the state as the model takes it: (2, batch, 8)
         x, state = _chunks(batch, 7)
         got = session.run(None, {"x": x.numpy(), "state": state.numpy()})

@@ -14,7 +14,7 @@ from torch import nn
 from qtcompress.api import compress
 from qtcompress.data.batch import batch_indices
 from qtcompress.errors import ConfigError, FormatError, NonFiniteError
-from qtcompress.io.generator_load import load_generator
+from qtcompress.generator_file.load import load_generator
 from qtcompress.io.model_source import load_model
 from qtcompress.train.loop import MAX_SKIPPED_SHARE, SKIP_GRACE_STEPS
 from tests.cli_helpers import assert_one_line_error

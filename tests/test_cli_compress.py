@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qtcompress.examples import TabularMLP, load_dataset
-from qtcompress.io.generator_load import load_generator
+from qtcompress.generator_file.load import load_generator
 from tests.cli_helpers import ROOT, assert_one_line_error, run
 
 FAST = [

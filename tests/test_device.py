@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from qtcompress import QTConfig, compress, load_generator, save_generator
+from qtcompress import QTConfig, compress, load
 from qtcompress.device import resolve_device
 from qtcompress.errors import ConfigError
 from tests.cli_helpers import main_result
@@ -68,8 +68,8 @@ def test_to_returns_the_model_and_on_cpu_restores_the_device(tmp_path) -> None:
     with qt.on_cpu() as same:
         assert same is qt and qt.device.type == "cpu"
     x = torch.randn(4, 8)
-    path = save_generator(qt, tmp_path / "g.qtc.safetensors", example_inputs=x)
-    assert load_generator(path).verify_weights().identical
+    path = qt.save(tmp_path / "g.qtc.safetensors", example_inputs=x)
+    assert load(path).verify_weights().identical
 
 
 @pytest.mark.skipif(NO_CUDA, reason="needs a CUDA device")
@@ -81,9 +81,9 @@ def test_cuda_training_saves_a_file_that_verifies_on_the_cpu(tmp_path) -> None:
     qt.finetune(x, steps=20, batch_size=32)
     fid = qt.evaluate(x)
     assert fid.agreement > 0.5
-    path = save_generator(qt, tmp_path / "g.qtc.safetensors", example_inputs=x[:4])
+    path = qt.save(tmp_path / "g.qtc.safetensors", example_inputs=x[:4])
     assert qt.device.type == "cuda"  # saving moved it back
-    assert load_generator(path).verify_weights().identical
+    assert load(path).verify_weights().identical
 
 
 @pytest.mark.parametrize(

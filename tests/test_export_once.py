@@ -13,7 +13,7 @@ from onnx import numpy_helper
 from torch import nn
 
 import qtcompress.onnx.export as onnx_export
-from qtcompress import QTConfig, load_generator
+from qtcompress import QTConfig, load
 from qtcompress.examples import Split
 from qtcompress.generator import RowGenerator
 from qtcompress.pipeline import PipelineSettings, run_pipeline
@@ -50,7 +50,7 @@ def test_pipeline_exports_once_and_generates_once_for_saving(tmp_path, monkeypat
     # (materialize; that model is exported and hashed into the generator file). Saving used
     # to regenerate them twice more.
     assert calls == {"export": 1, "generate": 2}
-    gen = load_generator(tmp_path / "out" / "model.qtc.safetensors")
+    gen = load(tmp_path / "out" / "model.qtc.safetensors")
     assert gen.verify_weights().identical  # the stored hash is that of the weights on load
     assert result.fidelity_finetuned
     # The .onnx file and the graph rebuilt from the generator file alone are one graph with the

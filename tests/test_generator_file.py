@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 from qtcompress.api import compress
 from qtcompress.config import QTConfig
 from qtcompress.errors import FormatError, MissingFileError
-from qtcompress.io.generator_load import load_generator
-from qtcompress.io.generator_save import save_generator
+from qtcompress.generator_file.load import load_generator
+from qtcompress.generator_file.save import save_generator
 from tests.tiny_models import TinyCNN, TinyLSTM, TinyMLP, TinyTransformer, example_input
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def test_round_trip_in_a_fresh_process(cnn_file, tmp_path):
     np.save(tmp_path / "x.npy", x.numpy())
     script = f"""
 import json, numpy as np, onnxruntime as ort
-from qtcompress.io.generator_load import load_generator
+from qtcompress.generator_file.load import load_generator
 gen = load_generator({str(path)!r})
 check = gen.verify_weights()
 proto, diff = gen.to_onnx({str(tmp_path / "cnn.onnx")!r})

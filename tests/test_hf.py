@@ -22,13 +22,9 @@ from qtcompress.data.model_call import leading_inputs, select_output
 from qtcompress.data.pooling import choose_pooling, folder_pooling, pooled, unwrapped_name
 from qtcompress.data.text import load_text_split, read_rows
 from qtcompress.errors import ConfigError, FormatError, MissingFileError, UnsafeFileError
+from qtcompress.generator_file.hf_out import recorded_folder
 from qtcompress.io.arrays import load_npz_split
-from qtcompress.io.hf_folder import (
-    load_hf_folder,
-    load_hf_tokenizer,
-    main_output_kind,
-    recorded_folder,
-)
+from qtcompress.io.hf_folder import load_hf_folder, load_hf_tokenizer, main_output_kind
 from qtcompress.io.model_source import load_model
 from qtcompress.onnx.parity import flatten_outputs
 from tests.cli_helpers import ROOT, assert_one_line_error
@@ -624,7 +620,8 @@ def test_recorded_files_come_back_byte_for_byte_and_bombs_are_refused(tmp_path):
     import base64
     import zlib
 
-    from qtcompress.io.hf_folder import folder_record, write_hf_folder
+    from qtcompress.generator_file.hf_out import write_hf_folder
+    from qtcompress.io.hf_folder import folder_record
 
     folder = tmp_path / "model"
     (folder / "1_Pooling").mkdir(parents=True)

@@ -12,7 +12,8 @@ import torch
 
 from qtcompress.errors import ConfigError, FormatError, NonFiniteError
 from qtcompress.io.arrays import check_dataset, check_label_range, load_arrays
-from qtcompress.io.model_source import build_model, check_model_dtypes, load_model
+from qtcompress.io.model_source import build_model, load_model
+from qtcompress.io.state_dict import check_model_dtypes
 from tests.tiny_models import TinyMLP
 
 TIB = 1 << 40

@@ -18,11 +18,11 @@ from safetensors.torch import save_file
 from qtcompress.api import compress
 from qtcompress.config import QTConfig
 from qtcompress.errors import FormatError, QTCompressError, ResourceLimitError
+from qtcompress.generator_file.file import WeightCheck
+from qtcompress.generator_file.load import load_generator
+from qtcompress.generator_file.metadata import fingerprint_distance
+from qtcompress.generator_file.save import save_generator
 from qtcompress.io.container import read_artifact, save_artifact
-from qtcompress.io.generator_file import WeightCheck
-from qtcompress.io.generator_load import load_generator
-from qtcompress.io.generator_metadata import fingerprint_distance
-from qtcompress.io.generator_save import save_generator
 from tests.tiny_models import TinyMLP, example_input
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,7 +172,7 @@ BOMBS = {
 _BOMB_SCRIPT = r"""
 import json, resource, sys, time
 from qtcompress.errors import QTCompressError
-from qtcompress.io.generator_load import load_generator
+from qtcompress.generator_file.load import load_generator
 
 def status(key):
     with open("/proc/self/status") as fh:

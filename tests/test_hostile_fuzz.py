@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 from qtcompress.errors import QTCompressError
+from qtcompress.generator_file.load import load_generator
 from qtcompress.io.container import read_artifact, save_artifact, write_safetensors
-from qtcompress.io.generator_load import load_generator
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "data" / "golden_mlp.qtc.safetensors"

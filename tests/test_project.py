@@ -53,14 +53,14 @@ def test_cli_qnn_json_output():
 
 def test_top_level_verbs_are_the_real_objects():
     import qtcompress
-    from qtcompress.api import compress
+    from qtcompress.api import QTModel, compress, load
     from qtcompress.config import QTConfig
-    from qtcompress.io.generator_load import load_generator
-    from qtcompress.io.generator_save import save_generator
 
     assert qtcompress.compress is compress and qtcompress.QTConfig is QTConfig
-    assert qtcompress.save_generator is save_generator
-    assert qtcompress.load_generator is load_generator
+    assert qtcompress.load is load and qtcompress.QTModel is QTModel
+    # One save/load surface: QTModel.save and load (the file functions are not top-level).
+    with pytest.raises(AttributeError, match="has no attribute 'save_generator'"):
+        qtcompress.save_generator  # noqa: B018
     with pytest.raises(AttributeError, match="has no attribute 'no_such_thing'"):
         qtcompress.no_such_thing  # noqa: B018
 

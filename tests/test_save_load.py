@@ -9,7 +9,7 @@ from torch import nn
 import qtcompress
 from qtcompress import QTConfig, QTModel, compress
 from qtcompress.errors import MissingFileError, TargetError
-from qtcompress.io.generator_file import GeneratorFile
+from qtcompress.generator_file.file import GeneratorFile
 from tests.tiny_models import TinyCNN, example_input
 
 SMALL = QTConfig(scheme="rows", n_layers=2)

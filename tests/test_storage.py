@@ -10,8 +10,8 @@ from torch import nn
 
 from qtcompress import QTConfig, compress, load
 from qtcompress.errors import ConfigError, FormatError
+from qtcompress.generator_file.storage import decode, encode, rounded
 from qtcompress.io.container import read_artifact
-from qtcompress.io.storage import decode, encode, rounded
 
 
 def model() -> nn.Module:

@@ -50,7 +50,7 @@ import qtcompress.onnx.export as onnx_export  # noqa: E402
 from qtcompress import QTConfig, compress  # noqa: E402
 from qtcompress.examples import load_dataset  # noqa: E402
 from qtcompress.generator import Generator  # noqa: E402
-from qtcompress.io.generator_save import save_generator  # noqa: E402
+from qtcompress.generator_file.save import save_generator  # noqa: E402
 from qtcompress.io.model_source import load_model  # noqa: E402
 from qtcompress.onnx.export import export_onnx, to_onnx_proto  # noqa: E402
 

@@ -12,8 +12,8 @@ sys.path.insert(0, str(ROOT))
 
 from qtcompress.api import compress  # noqa: E402
 from qtcompress.config import QTConfig  # noqa: E402
-from qtcompress.io.generator_load import load_generator  # noqa: E402
-from qtcompress.io.generator_save import save_generator  # noqa: E402
+from qtcompress.generator_file.load import load_generator  # noqa: E402
+from qtcompress.generator_file.save import save_generator  # noqa: E402
 from tests.tiny_models import TinyMLP, example_input  # noqa: E402
 
 

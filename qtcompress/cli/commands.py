@@ -95,7 +95,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     """Show what a generator file holds, without regenerating anything."""
     from pathlib import Path
 
-    from qtcompress.io.generator_load import load_generator
+    from qtcompress.generator_file.load import load_generator
 
     path = Path(args.file)
     # The full loader: a file whose metadata lies about its generator is refused here too.
@@ -139,7 +139,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     """Regenerate the network from a generator file into ONNX and/or a state dict."""
-    from qtcompress.io.generator_load import load_generator
+    from qtcompress.generator_file.load import load_generator
 
     if not args.onnx and not args.state_dict and not args.hf_out:
         raise UsageError("reconstruct needs --onnx PATH, --state-dict PATH and/or --hf-out DIR")
@@ -177,7 +177,11 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         result["state_dict"] = args.state_dict
         lines.append(f"wrote {args.state_dict} ({len(state)} tensors)")
     if args.hf_out:
-        from qtcompress.io.hf_folder import check_hf_folder, recorded_folder, write_hf_folder
+        from qtcompress.generator_file.hf_out import (
+            check_hf_folder,
+            recorded_folder,
+            write_hf_folder,
+        )
 
         written = write_hf_folder(gen, args.hf_out)
         hf_diff = check_hf_folder(gen, args.hf_out)
@@ -208,7 +212,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     import torch
 
     from qtcompress.errors import FormatError
-    from qtcompress.io.generator_load import load_generator
+    from qtcompress.generator_file.load import load_generator
 
     gen = load_generator(args.file)
     check = gen.verify_weights()

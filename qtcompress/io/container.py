@@ -40,7 +40,6 @@ __all__ = [
     "RESERVED_KEYS",
     "SKELETON_TENSOR",
     "Artifact",
-    "load_artifact",
     "read_artifact",
     "save_artifact",
     "sha256_of_tensors",
@@ -399,28 +398,6 @@ def read_artifact(
 
     metadata = {k: _loads(k, v, p) for k, v in header.items() if k not in RESERVED_KEYS}
     return Artifact(tensors=tensors, metadata=metadata, skeleton=skeleton, format_version=version)
-
-
-def load_artifact(
-    path: str | os.PathLike[str], *, expected_tensors: Iterable[str] | None = None
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read and verify a generator file; return ``(tensors, metadata)``.
-
-    Use :func:`read_artifact` to also get the ONNX skeleton and the version.
-
-    Args:
-        path: The file.
-        expected_tensors: As for :func:`read_artifact`.
-
-    Returns:
-        Tensors (skeleton excluded) and the caller's metadata fields.
-
-    Raises:
-        MissingFileError: The file does not exist.
-        FormatError: See :func:`read_artifact`.
-    """
-    art = read_artifact(path, expected_tensors=expected_tensors)
-    return art.tensors, art.metadata
 
 
 def _inflate(packed: bytes, raw_bytes: int, p: Path) -> bytes:

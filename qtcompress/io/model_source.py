@@ -27,7 +27,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from qtcompress.errors import (
@@ -35,9 +34,11 @@ from qtcompress.errors import (
     QTCompressError,
 )
 from qtcompress.io.exported_program import load_exported_program
+from qtcompress.io.hf_folder import load_hf_folder
 from qtcompress.io.state_dict import (
     STATE_DICT_SUFFIXES,
     as_state_dict,
+    check_model_dtypes,
     existing_file,
     first_line,
     load_state_dict_file,
@@ -46,7 +47,6 @@ from qtcompress.io.state_dict import (
 )
 
 # Parameter dtypes qtcompress can compress (generation, fitting and export are float32).
-SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
 def resolve_factory(spec: str) -> Callable[..., Any]:
@@ -168,8 +168,6 @@ def load_model(
             f"Model source must be an nn.Module or a file path, got {type(source).__name__}."
         )
     if Path(source).is_dir():
-        from qtcompress.io.hf_folder import load_hf_folder
-
         if factory is not None:
             raise ConfigError(f"{str(source)!r} is a model folder: do not give a factory.")
         return load_hf_folder(source, hf_class=hf_class, task=task, trust_pickle=trust_pickle)[0]
@@ -241,36 +239,5 @@ def build_model(factory: str | Callable[..., Any], factory_kwargs: Any = None) -
     if not isinstance(model, nn.Module):
         raise ConfigError(
             f"Model factory {factory!r} returned {type(model).__name__}, not an nn.Module."
-        )
-    return model
-
-
-def check_model_dtypes(model: nn.Module, *, source: str = "The model") -> nn.Module:
-    """Refuse a model whose floating-point parameters are not float32/float64.
-
-    Half-precision models (float16, bfloat16) fail deep inside CPU kernels or the exporter; this
-    says so up front, with the fix.
-
-    Args:
-        model: The loaded model.
-        source: How to name it in the message (e.g. its file).
-
-    Returns:
-        ``model``.
-
-    Raises:
-        ConfigError: A parameter has another floating-point dtype.
-    """
-    bad = sorted(
-        {
-            str(p.dtype).removeprefix("torch.")
-            for p in model.parameters()
-            if p.is_floating_point() and p.dtype not in SUPPORTED_DTYPES
-        }
-    )
-    if bad:
-        raise ConfigError(
-            f"{source} has {'/'.join(bad)} parameters; qtcompress compresses "
-            "float32 models: convert it with model.float() and save it again."
         )
     return model

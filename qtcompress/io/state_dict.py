@@ -255,3 +255,38 @@ def load_state_dict_strict(
         )
     model.load_state_dict(given, strict=True)
     return model
+
+
+# Half precision fails deep inside CPU kernels or the exporter.
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+def check_model_dtypes(model: nn.Module, *, source: str = "The model") -> nn.Module:
+    """Refuse a model whose floating-point parameters are not float32/float64.
+
+    Half-precision models (float16, bfloat16) fail deep inside CPU kernels or the exporter; this
+    says so up front, with the fix.
+
+    Args:
+        model: The loaded model.
+        source: How to name it in the message (e.g. its file).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ConfigError: A parameter has another floating-point dtype.
+    """
+    bad = sorted(
+        {
+            str(p.dtype).removeprefix("torch.")
+            for p in model.parameters()
+            if p.is_floating_point() and p.dtype not in SUPPORTED_DTYPES
+        }
+    )
+    if bad:
+        raise ConfigError(
+            f"{source} has {'/'.join(bad)} parameters; qtcompress compresses "
+            "float32 models: convert it with model.float() and save it again."
+        )
+    return model

@@ -18,9 +18,8 @@ from qtcompress import limits
 from qtcompress.config import QTConfig
 from qtcompress.errors import FormatError, QTCompressError, ResourceLimitError
 from qtcompress.generator import QTGenerator
-from qtcompress.io.container import read_artifact
-from qtcompress.io.generator_file import GeneratorFile
-from qtcompress.io.generator_metadata import (
+from qtcompress.generator_file.file import GeneratorFile
+from qtcompress.generator_file.metadata import (
     CHECK_INPUT_PREFIX,
     CHECK_OUTPUT_PREFIX,
     CLASSICAL_PREFIX,
@@ -31,10 +30,11 @@ from qtcompress.io.generator_metadata import (
     mapping_description,
     non_finite_names,
 )
+from qtcompress.generator_file.storage import decode
+from qtcompress.io.container import read_artifact
 from qtcompress.io.schema import (
     validate,
 )
-from qtcompress.io.storage import decode
 from qtcompress.memory import check_generator_memory
 
 if TYPE_CHECKING:

@@ -33,14 +33,18 @@ from torch import nn
 from qtcompress.config import QTConfig
 from qtcompress.errors import FormatError, QTCompressError
 from qtcompress.generator import AnyGenerator
-from qtcompress.io.container import sha256_of_tensors
-from qtcompress.io.generator_metadata import (
+from qtcompress.generator_file.metadata import (
     FINGERPRINT_RTOL,
     fingerprint,
     fingerprint_distance,
     non_finite_names,
 )
-from qtcompress.targets import Layout
+from qtcompress.io.container import sha256_of_tensors
+from qtcompress.io.state_dict import load_state_dict_strict
+from qtcompress.onnx.export import save_onnx
+from qtcompress.onnx.runtime import OnnxPredictor
+from qtcompress.onnx.skeleton import fill_skeleton
+from qtcompress.targets import Layout, kinds_summary, tensor_kind
 
 if TYPE_CHECKING:
     pass
@@ -183,8 +187,6 @@ class GeneratorFile:
             the generated tensors with their kinds (and counts by kind), whether an ONNX graph
             is stored, the weights' hash and the model description.
         """
-        from qtcompress.targets import kinds_summary, tensor_kind
-
         meta = self.metadata
         layout, ansatz, mapping = meta["layout"], meta["ansatz"], meta["mapping"]
         gen_params = sum(p.numel() for p in self.generator.parameters())
@@ -296,8 +298,6 @@ class GeneratorFile:
             FormatError: The module's parameters/buffers do not fit the stored layout; the
                 message names missing and unexpected keys and shape mismatches.
         """
-        from qtcompress.io.state_dict import load_state_dict_strict
-
         return load_state_dict_strict(
             model, self.state_dict(), source=f"Generator file {self.path.name}"
         )
@@ -365,10 +365,6 @@ class GeneratorFile:
                 data, a check batch that does not fit the graph, or a rebuilt model that
                 disagrees with the record.
         """
-        from qtcompress.onnx.export import save_onnx
-        from qtcompress.onnx.runtime import OnnxPredictor
-        from qtcompress.onnx.skeleton import fill_skeleton
-
         name = self.path.name
         skeleton = self.checked_skeleton()
         if not self.check_inputs or not self.check_outputs:

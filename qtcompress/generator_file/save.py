@@ -14,8 +14,7 @@ from torch import nn
 
 from qtcompress import __version__
 from qtcompress.errors import NonFiniteError
-from qtcompress.io.container import save_artifact, sha256_of_tensors
-from qtcompress.io.generator_metadata import (
+from qtcompress.generator_file.metadata import (
     CHECK_INPUT_PREFIX,
     CHECK_OUTPUT_PREFIX,
     CLASSICAL_PREFIX,
@@ -25,7 +24,13 @@ from qtcompress.io.generator_metadata import (
     mapping_description,
     non_finite_names,
 )
-from qtcompress.io.storage import encode
+from qtcompress.generator_file.storage import encode
+from qtcompress.io.container import save_artifact, sha256_of_tensors
+
+# The exporter's own input/output handling, so the recorded check batch lines up with the ONNX
+# graph's inputs and outputs.
+from qtcompress.onnx.parity import as_example_tuple, batch_axes, flatten_outputs
+from qtcompress.onnx.skeleton import export_skeleton
 
 if TYPE_CHECKING:
     from qtcompress.config import QTConfig
@@ -88,10 +93,11 @@ def save_generator(
             names; its skeleton is stored instead of exporting again.
         materialized: ``qt.materialize()`` made by the caller since the generator last
             changed: its weights are hashed and stored instead of generating them again.
-        storage: How the generator's parameters are stored (:mod:`qtcompress.io.storage`):
-            ``"float32"``, ``"float16"`` or ``"int8"``; the generator must already hold
-            rounded values (:meth:`qtcompress.QTModel.round_to`). Below float32 the check
-            batch's float32 inputs are stored as float16 too (outputs recorded on them).
+        storage: How the generator's parameters are stored
+            (:mod:`qtcompress.generator_file.storage`): ``"float32"``, ``"float16"`` or
+            ``"int8"``; the generator must already hold rounded values
+            (:meth:`qtcompress.QTModel.round_to`). Below float32 the check batch's float32
+            inputs are stored as float16 too (outputs recorded on them).
 
     Returns:
         The written path.
@@ -118,11 +124,6 @@ def save_generator(
                 materialized=None,
                 storage=storage,
             )
-    # The exporter's own input/output handling, so the recorded check batch lines up with the
-    # ONNX graph's inputs and outputs.
-    from qtcompress.onnx.parity import as_example_tuple, batch_axes, flatten_outputs
-    from qtcompress.onnx.skeleton import export_skeleton
-
     generator = qt.generator
     # The weights are generated once per save: the materialised model holds exactly what
     # generate_detached() gives on load (same blocks, same casts).
