@@ -55,6 +55,7 @@ class TinyCRNN(nn.Module):
         return self.head(self.rnn(z)[0])  # (B, T, 6)
 
 
+@pytest.mark.slow
 def test_a_ctc_model_is_distilled_and_scored_on_its_decodes():
     model = TinyCRNN().eval()
     x = torch.randn(96, 20, 8)
