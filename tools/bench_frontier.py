@@ -76,9 +76,11 @@ def grid() -> list[tuple[str, float, str, int, float]]:
     )
 
 
-def model_grid(model: str) -> list[tuple[str, float, str, int, float]]:
+def model_grid(
+    model: str, budgets: tuple[float, ...] = BUDGETS
+) -> list[tuple[str, float, str, int, float]]:
     """The main grid of one model: every budget, arm and seed at the common learning rate."""
-    return [(model, b, a, s, LR) for b in BUDGETS for a, seeds in ARMS for s in seeds]
+    return [(model, b, a, s, LR) for b in budgets for a, seeds in ARMS for s in seeds]
 
 
 # Classical methods with their own structure, each at the hashed arms' budget: low-rank SVD at
@@ -414,11 +416,11 @@ def report(rows: list[dict[str, Any]]) -> str:
             + " | low-rank (params) | pruning (kept; bytes) | tensor-train (params) |",
             "|---|---|---|" + "---|" * (len(arms) + len(CLASSICAL)),
         ]
-        for b in BUDGETS:
+        for b in sorted({r["budget"] for r in some} | set(BUDGETS)):
             q = by.get((model, b, "qnn"))
             if not q:
                 if (model, b) in below:
-                    lines.append(f"| {b:.1%} | below the smallest hashed generator | | |")
+                    lines.append(f"| {b:.2%} | below the smallest hashed generator | | |")
                 continue
             cells = []
             for a in arms:
@@ -439,7 +441,7 @@ def report(rows: list[dict[str, Any]]) -> str:
                 size = f"{c['params']:,}" + (f"; {c['file_bytes']:,} B" if arm == "pruning" else "")
                 cells.append(f"{_fmt([c['headline']], metric)} ({size}, lr {c['lr']:g})")
             lines.append(
-                f"| {b:.1%} | {r0['params']:,} ({r0['qubits']} x {r0['layers']}){table_params} | "
+                f"| {b:.2%} | {r0['params']:,} ({r0['qubits']} x {r0['layers']}){table_params} | "
                 f"{full:,} / {half:,} ({ratio:.0f}x) | " + " | ".join(cells) + " |"
             )
         q8 = [r for r in rows if r["model"] == model and r["arm"] == "int8"]
@@ -527,6 +529,10 @@ def main(argv: list[str] | None = None) -> int:
         "--model", default=None, help="run only this model's main grid (any suite model)"
     )
     ap.add_argument("--arms", default=None, help="with --model: comma-separated arms to run")
+    ap.add_argument(
+        "--budgets", type=float, nargs="+", default=None, help="with --model: these budgets"
+    )
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="with --model: these seeds")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -567,7 +573,9 @@ def main(argv: list[str] | None = None) -> int:
         runs = classical(args.classical)
     elif args.model:
         arms = set(args.arms.split(",")) if args.arms else None
-        runs = [r for r in model_grid(args.model) if arms is None or r[2] in arms]
+        runs = model_grid(args.model, tuple(args.budgets or BUDGETS))
+        runs = [r for r in runs if arms is None or r[2] in arms]
+        runs = [r for r in runs if args.seeds is None or r[3] in args.seeds]
     else:
         runs = grid()
     for k, run in enumerate(runs):

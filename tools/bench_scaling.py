@@ -121,13 +121,14 @@ def report(rows: list[dict[str, Any]]) -> str:
     by = {(r["width"], r["arm"]): r for r in rows}
     widths = sorted({r["width"] for r in rows})
     lines = [
-        f"Measured {machine()}; `python tools/bench_scaling.py` ({THREADS} threads), one seed, "
+        f"Measured {machine()}; `python tools/bench_scaling.py` ({THREADS} thread(s)), one seed, "
         f"{STEPS} distillation steps at the hashed scheme's learning rate. The family: "
         "`WideMLP` 784 -> w -> w -> 10 without BatchNorm, trained on the digits upsampled to "
-        "28x28. `fixed`: the hashed generator held at "
-        f"{FIXED:,} parameters whatever M (per-tensor scales, hashed biases: polylog, in fact "
-        "constant); `default`: 0.5% of M. Bytes: the float16 generator file without ONNX graph "
-        "and check batch; agreement after the float16 rounding, on 359 held-out images.",
+        f"28x28. `fixed`: the hashed generator with a budget of {FIXED:,} parameters whatever "
+        "M (per-tensor scales, hashed biases; the QNN is capped at 12 qubits x 256 layers, so "
+        "3,081-3,853 are spent): constant in M, the polylog end; `default`: 0.5% of M. "
+        "Bytes: the float16 generator file without ONNX graph and check batch; agreement "
+        "after the float16 rounding, on 359 held-out images.",
         "",
         "| width | M | checkpoint B | original acc. | fixed: params | fixed: file B (ratio) "
         "| fixed: agreement | default: params | default: file B (ratio) | default: agreement |",
