@@ -520,10 +520,22 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     if is_hf_folder(args.model):
         return _compress_hf_folder(args)
-    given = [flag for key, flag in _FOLDER_ONLY if getattr(args, key, None) is not None]
+    from qtcompress.data.tables import is_table
+
+    table = is_table(args.data)
+    # A table takes its class column and held-out table as text data does.
+    table_options = {"label_column", "test_data"} if table else set()
+    given = [
+        flag
+        for key, flag in _FOLDER_ONLY
+        if getattr(args, key, None) is not None and key not in table_options
+    ]
     if given:
-        raise UsageError(f"{', '.join(given)}: only with a Hugging Face model folder")
-    if is_text_data(args.data):
+        raise UsageError(
+            f"{', '.join(given)}: only with a Hugging Face model folder"
+            + (" (or, --label-column and --test-data, a .csv/.parquet table)" if not table else "")
+        )
+    if is_text_data(args.data) and not table:
         from qtcompress.errors import ConfigError
 
         raise ConfigError(
@@ -538,7 +550,19 @@ def cmd_compress(args: argparse.Namespace) -> int:
         trust_pickle=args.trust_pickle,
         strict=not args.non_strict,
     )
-    data = _load_data(args.data, _batch_dims(args.batch_dim))
+    if table:
+        from qtcompress.data.tables import load_table_split
+
+        data, read = load_table_split(
+            args.data,
+            label_column=args.label_column,
+            test_path=args.test_data,
+            test_fraction=args.test_fraction,
+        )
+        if not args.json:
+            print(f"data: {read}", file=sys.stderr)
+    else:
+        data = _load_data(args.data, _batch_dims(args.batch_dim))
     name = args.name or Path(args.model).name.split(".")[0]
     info = {
         "source": Path(args.model).name,

@@ -379,9 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     compress_cmd.add_argument(
         "--data",
         required=True,
-        help="'digits', 'wine', an .npz with x_train, x_test [, y_train, y_test], or for a "
-        "model folder text: .txt (one example a line), .jsonl or .csv (see --text-column), "
-        "or a folder of images (sub-folders as classes)",
+        help="'digits', 'wine', an .npz with x_train, x_test [, y_train, y_test], a table "
+        "(.csv with a header row, or .parquet: every column a float feature but "
+        "--label-column), or for a model folder text: .txt (one example a line), .jsonl or "
+        ".csv (see --text-column), or a folder of images (sub-folders as classes)",
     )
     compress_cmd.add_argument("-o", "--output", required=True, help="output folder")
     compress_cmd.add_argument("--name", help="base name of the output files")
