@@ -209,19 +209,15 @@ def run_int8(model: str) -> dict[str, Any]:
     fmodel = FunctionalModel(entry.model, student)  # type: ignore[arg-type]
     fid = evaluate_fidelity(fmodel, entry.test_inputs, entry.test_labels)
     weights = sum(p.numel() for p in named.values())
-    return _row(
+    return _classical_row(
         (model, 1.0, "int8", 0, 0.0),
         entry,
         fid.headline,
         fid,
         t0,
-        weights=weights,
-        params=weights,
-        source_params=0,
-        buckets=0,
-        qubits=0,
-        layers=0,
-        file_bytes=weights + 4 * len(named),
+        weights,
+        weights,
+        weights + 4 * len(named),
     )
 
 
@@ -262,19 +258,36 @@ def run_classical(model: str, budget: float, arm: str, seed: int, lr: float) -> 
     fid = evaluate_fidelity(fmodel, entry.test_inputs, entry.test_labels)
     kept = count(student) if arm != "tensor-train" else sum(p.numel() for p in student.parameters())
     index_bytes = 2 * (kept - sum(p.numel() for p in entry.model.parameters() if p.ndim < 2))
+    file_bytes = 4 * kept + (max(0, index_bytes) if arm == "pruning" else 0)
+    return _classical_row(
+        (model, budget, arm, seed, lr), entry, start, fid, t0, weights, kept, file_bytes
+    )
+
+
+def _classical_row(
+    run: tuple[str, float, str, int, float],
+    entry: Any,
+    start: float,
+    fid: Any,
+    t0: float,
+    weights: int,
+    params: int,
+    file_bytes: int,
+) -> dict[str, Any]:
+    """The row of an arm with its own structure (no QNN, no buckets)."""
     return _row(
-        (model, budget, arm, seed, lr),
+        run,
         entry,
         start,
         fid,
         t0,
         weights=weights,
-        params=kept,
+        params=params,
         source_params=0,
         buckets=0,
         qubits=0,
         layers=0,
-        file_bytes=4 * kept + (max(0, index_bytes) if arm == "pruning" else 0),
+        file_bytes=file_bytes,
     )
 
 

@@ -43,12 +43,16 @@ from qtcompress.train.streams import Rollouts, StateLink, free_running_fidelity 
 
 LINK = StateLink(input=1, output=1)
 WINDOWS = 2  # 14-frame chunks: the chunking the model and its training pairs use
-# (name, generator, distil over rollouts of the training streams on the student's own state)
+# (name, generator, training streams: "pairs" (single chunks with the original's state),
+# "rollouts" (rollouts of each digit's 2 chunks), "chained" (rollouts of CHAINED_ROLLOUT chunks
+# along the training digits read as one stream, the original's state carried throughout))
 ARMS = (
-    ("hashed QNN 0.5%", QTConfig(scheme="hashed", budget=0.005), False),
-    ("hashed QNN 0.5%, rollouts", QTConfig(scheme="hashed", budget=0.005), True),
-    ("rows 5% (default)", QTConfig(), False),
+    ("hashed QNN 0.5% (default)", QTConfig(), "pairs"),
+    ("hashed QNN 0.5%, rollouts", QTConfig(), "rollouts"),
+    ("hashed QNN 0.5%, chained rollouts", QTConfig(), "chained"),
+    ("rows 5%", QTConfig(scheme="rows"), "pairs"),
 )
+CHAINED_ROLLOUT = 8
 
 
 @torch.no_grad()
@@ -64,22 +68,36 @@ def train_streams(model: torch.nn.Module) -> tuple[tuple[torch.Tensor, ...], tor
 
 
 @torch.no_grad()
-def streams(model: torch.nn.Module, chained: bool) -> tuple[Batch, torch.Tensor]:
+def train_chained(model: torch.nn.Module) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """The training digits' chunks as one stream, with the original's state carried along."""
+    (x, _), _ = train_streams(model)
+    states = torch.zeros(len(x), 2, model.hidden)
+    state = torch.zeros(1, 2, model.hidden)
+    for row in range(len(x)):
+        states[row] = state[0]
+        state = model(x[row : row + 1], state)[1]
+    return (x, states), torch.zeros(len(x), dtype=torch.int64)
+
+
+@torch.no_grad()
+def streams(
+    model: torch.nn.Module, chained: bool, windows: int = WINDOWS
+) -> tuple[Batch, torch.Tensor]:
     """Held-out digits as 14-frame chunks with the original's states; each row's stream."""
     split = digits_split()
-    chunks = rnn_windows(upsample(split.x_test), windows=WINDOWS)  # WINDOWS x (N, T, 28)
+    chunks = rnn_windows(upsample(split.x_test), windows=windows)  # windows x (N, T, 28)
     n, frames = chunks[0].shape[0], chunks[0].shape[1]
     x = torch.stack(chunks, 1).reshape(-1, frames, 28)  # (W*N, T, 28): digit by digit, in order
-    rows = WINDOWS * n
+    rows = windows * n
     ids = (
         torch.zeros(rows, dtype=torch.int64)
         if chained
-        else torch.arange(n).repeat_interleave(WINDOWS)
+        else torch.arange(n).repeat_interleave(windows)
     )
     states = torch.zeros(rows, 2, model.hidden)
     state = torch.zeros(1, 2, model.hidden)
     for row in range(rows):  # the original's own state: what teacher-forced data record
-        if not chained and row % WINDOWS == 0:
+        if not chained and row % windows == 0:
             state = torch.zeros(1, 2, model.hidden)
         states[row] = state[0]
         state = model(x[row : row + 1], state)[1]
@@ -96,17 +114,26 @@ def main(argv: list[str] | None = None) -> int:
     entry = load_entry("rnn", log=lambda _s: None)
     model = entry.model
     data = {
-        name: streams(model, chained) for name, chained in (("per digit", False), ("chained", True))
+        "per digit": streams(model, False),
+        "chained": streams(model, True),
+        # 7-frame chunks: a stream of 1,436 steps, the state never reset.
+        "chained, 7-frame chunks": streams(model, True, windows=4),
     }
     train_x, train_ids = train_streams(model)
+    chained_x, chained_ids = train_chained(model)
     rows = []
     for arm, config, rollout in ARMS:
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             qt = compress(model, config)
-            extra = {"rollouts": Rollouts(LINK, train_ids, 2)} if rollout else {}
-            qt.finetune(train_x, steps=args.steps, lr=1e-2, progress=False, **extra)
+            if rollout == "chained":
+                x_fit: tuple[torch.Tensor, ...] = chained_x
+                extra = {"rollouts": Rollouts(LINK, chained_ids, CHAINED_ROLLOUT)}
+            else:
+                x_fit = train_x
+                extra = {"rollouts": Rollouts(LINK, train_ids, 2)} if rollout == "rollouts" else {}
+            qt.finetune(x_fit, steps=args.steps, lr=1e-2, progress=False, **extra)
         student = partial(qt.functional, generated=qt.generator.generate_named())
 
         for layout, (batch, ids) in data.items():
@@ -123,8 +150,10 @@ def main(argv: list[str] | None = None) -> int:
             )
     lines = [
         f"Measured {machine()}; `python tools/bench_streams.py`, {args.steps} distillation "
-        "steps on the training digits (single chunks with the original's state, or rollouts of "
-        "both chunks on the student's own state where marked), learning rate 1e-2, seed 0. "
+        "steps on the training digits (single chunks with the original's state; rollouts of "
+        "both chunks on the student's own state; or chained rollouts: rollouts of "
+        f"{CHAINED_ROLLOUT} chunks along the training digits read as one stream, starting from "
+        "the original's carried state), learning rate 1e-2, seed 0. "
         "Agreement: thresholded probabilities equal; correlation of the probabilities.",
         "",
         "| generator | streams | chunks | teacher-forced agreement / corr | free-running "

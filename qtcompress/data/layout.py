@@ -130,13 +130,7 @@ class BatchLayout:
                     f"--batch-dim {name}={dim} names input {name!r}, but the inputs are "
                     f"{', '.join(given) or 'none'}."
                 )
-            t = holder[key]
-            if not isinstance(t, torch.Tensor) or t.ndim <= dim:
-                shape = _describe(t) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ConfigError(
-                    f"--batch-dim {name}={dim}: input {name} is {shape}, which has no "
-                    f"dimension {dim}."
-                )
+            t = _with_dim(holder[key], dim, f"--batch-dim {name}={dim}: input {name}")
             holder[key] = t.movedim(dim, 0) if front else t.movedim(0, dim)
         return tuple(positional), kwargs
 
@@ -210,13 +204,7 @@ class BatchLayout:
                 raise ConfigError(
                     f"--batch-dim output.{name}={dim}: the model output has no {name!r}."
                 )
-            t = holder[key]
-            if not isinstance(t, torch.Tensor) or t.ndim <= dim:
-                shape = _describe(t) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ConfigError(
-                    f"--batch-dim output.{name}={dim}: output {name} is {shape}, which has no "
-                    f"dimension {dim}."
-                )
+            t = _with_dim(holder[key], dim, f"--batch-dim output.{name}={dim}: output {name}")
             holder[key] = t.movedim(dim, 0)
         if isinstance(out, torch.Tensor):
             return holder["0"]
@@ -256,3 +244,11 @@ class BatchLayout:
                 )
             given[dim] = "batch"
         return axes or None
+
+
+def _with_dim(t: Any, dim: int, what: str) -> torch.Tensor:
+    """``t`` if it is a tensor with a dimension ``dim``; else a :class:`ConfigError` on ``what``."""
+    if not isinstance(t, torch.Tensor) or t.ndim <= dim:
+        shape = _describe(t) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ConfigError(f"{what} is {shape}, which has no dimension {dim}.")
+    return t
