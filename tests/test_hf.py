@@ -547,6 +547,11 @@ def test_image_folders_become_pixel_values(vit_dir, tmp_path):
     assert prep.size == (16, 16) and prep.mean == (0.5, 0.4, 0.3)
     assert "from preprocessor_config.json" in prep.describe()
     assert image_preprocessing(tmp_path, config, image_size=8).size == (8, 8)  # defaults + flag
+    given = image_preprocessing(vit_dir, config, mean=(0.1, 0.2, 0.3), std=(1.0, 2.0, 3.0))
+    assert (given.mean, given.std) == ((0.1, 0.2, 0.3), (1.0, 2.0, 3.0))
+    assert "mean/std from --image-mean/--image-std" in given.describe()
+    with pytest.raises(ConfigError, match=r"--image-mean/--image-std: image_mean \[0.5\] .* 3 ch"):
+        image_preprocessing(vit_dir, config, mean=(0.5,))
     images = _images(tmp_path / "imgs", {"cat": 5, "dog": 5})
     split, described = load_image_split(images, prep, label2id={"cat": 0, "dog": 1})
     assert split.x_train.shape == (8, 3, 16, 16) and split.x_train.dtype == torch.float32

@@ -433,6 +433,8 @@ _FOLDER_ONLY = (
     ("test_data", "--test-data"),
     ("image_size", "--image-size"),
     ("pooling", "--pooling"),
+    ("image_mean", "--image-mean"),
+    ("image_std", "--image-std"),
 )
 
 
@@ -472,7 +474,9 @@ def _compress_hf_folder(args: argparse.Namespace) -> int:
     elif Path(args.data).is_dir():
         from qtcompress.data.images import image_preprocessing, load_image_split
 
-        prep = image_preprocessing(args.model, model.config, args.image_size)
+        prep = image_preprocessing(
+            args.model, model.config, args.image_size, args.image_mean, args.image_std
+        )
         data, facts["data"] = load_image_split(
             args.data,
             prep,

@@ -439,6 +439,21 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the folder's preprocessor_config.json, else the config's image_size)",
     )
     hf.add_argument(
+        "--image-mean",
+        type=float,
+        nargs="+",
+        metavar="M",
+        help="images: per-channel mean to normalise with (default: the folder's "
+        "preprocessor_config.json, else 0.5)",
+    )
+    hf.add_argument(
+        "--image-std",
+        type=float,
+        nargs="+",
+        metavar="S",
+        help="images: per-channel standard deviation (default: as --image-mean)",
+    )
+    hf.add_argument(
         "--test-data",
         metavar="PATH",
         help="held-out data of the same kind, a file or an image folder (default: a seeded "

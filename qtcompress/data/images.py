@@ -76,7 +76,11 @@ def _size(value: Any) -> tuple[int, int] | None:
 
 
 def image_preprocessing(
-    folder: str | os.PathLike[str], config: Any, image_size: int | None = None
+    folder: str | os.PathLike[str],
+    config: Any,
+    image_size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> ImagePreprocessing:
     """The model folder's image preprocessing: its ``preprocessor_config.json``, else defaults.
 
@@ -84,6 +88,8 @@ def image_preprocessing(
         folder: The model folder.
         config: The model's config (``image_size``, ``num_channels`` where it has them).
         image_size: Square size to resize to instead of the folder's (``--image-size``).
+        mean: Per-channel mean instead of the folder's (``--image-mean``).
+        std: Per-channel standard deviation instead of the folder's (``--image-std``).
 
     Returns:
         The preprocessing. Without a preprocessor config: the config's ``image_size`` (else
@@ -107,17 +113,37 @@ def image_preprocessing(
     if image_size is not None:
         size = (image_size, image_size)
     normalize = prep.get("do_normalize", True)
-    mean = tuple(prep.get("image_mean", _DEFAULT_MEAN)) if normalize else (0.0,) * channels
-    std = tuple(prep.get("image_std", _DEFAULT_STD)) if normalize else (1.0,) * channels
+    given = {"mean": mean, "std": std}
+    mean = (
+        tuple(mean)
+        if mean is not None
+        else tuple(prep.get("image_mean", _DEFAULT_MEAN))
+        if normalize
+        else (0.0,) * channels
+    )
+    std = (
+        tuple(std)
+        if std is not None
+        else tuple(prep.get("image_std", _DEFAULT_STD))
+        if normalize
+        else (1.0,) * channels
+    )
     rescale = float(prep.get("rescale_factor", 1 / 255)) if prep.get("do_rescale", True) else 1.0
     if len(mean) != channels or len(std) != channels or not all(s > 0 for s in std):
+        where = (
+            "--image-mean/--image-std"
+            if any(v is not None for v in given.values())
+            else repr(str(path))
+        )
         raise ConfigError(
-            f"{str(path)!r}: image_mean {list(mean)} and image_std {list(std)} do not fit "
+            f"{where}: image_mean {list(mean)} and image_std {list(std)} do not fit "
             f"{channels} channels (positive standard deviations)."
         )
     source = "from preprocessor_config.json" if prep else "(defaults: no preprocessor_config.json)"
     if image_size is not None:
         source += ", size from --image-size"
+    if any(v is not None for v in given.values()):
+        source += ", mean/std from --image-mean/--image-std"
     return ImagePreprocessing(size, channels, rescale, mean, std, source)
 
 
