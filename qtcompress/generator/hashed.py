@@ -72,10 +72,14 @@ def _hash32_int(x: int) -> int:
 
 
 def hash_codes(seed: int, tensor: int, numel: int, buckets: int) -> torch.Tensor:
-    """Signed bucket codes of a tensor's weights: ``bucket + buckets * (sign < 0)``, int64."""
+    """Signed bucket codes of a tensor's weights: ``bucket + buckets * (sign < 0)``, int32.
+
+    The mixing runs in int64 (products of 32-bit values); the codes (below ``2 * buckets``,
+    at most 8,192) are kept as int32: 4 bytes a weight, half of int64's at 1e8 weights.
+    """
     salt = _hash32_int((seed * 1_000_003 + tensor * 7919) & _M32)
     x = hash32((torch.arange(numel, dtype=torch.int64) + salt) & _M32)
-    return (x & 0x7FFFFFFF) % buckets + buckets * (x >> 31)
+    return ((x & 0x7FFFFFFF) % buckets + buckets * (x >> 31)).to(torch.int32)
 
 
 class HashedGenerator(Generator):
@@ -156,7 +160,7 @@ class HashedGenerator(Generator):
         for c in codes:
             starts.append(starts[-1] + c.numel())
         self._code_starts = starts
-        empty = torch.zeros(0, dtype=torch.int64)
+        empty = torch.zeros(0, dtype=torch.int32)
         # Rebuilt from the seed on load: never stored.
         self.register_buffer("_codes", torch.cat(codes) if codes else empty, persistent=False)
 
