@@ -42,7 +42,7 @@ from qtcompress.io.atomic import OutputRecord, check_writable_dir
 from qtcompress.onnx.export import dynamic_shapes
 from qtcompress.summary import PipelineResult, shape_of, summary_rows
 from qtcompress.targets import kinds_summary, select_targets
-from qtcompress.train.objectives import Fidelity, infer_output_kind
+from qtcompress.train.objectives import Fidelity, check_distill_loss, infer_output_kind
 from qtcompress.train.streams import (
     Rollouts,
     StateLink,
@@ -141,6 +141,8 @@ class PipelineSettings:
             check_storage(self.storage)
         if self.mode not in ("distill", "supervised"):
             raise ConfigError(f"Unknown mode {self.mode!r}; choose 'distill' or 'supervised'.")
+        if self.distill is not None:  # the registered losses (train/objectives.py)
+            check_distill_loss(self.distill)
         BatchLayout.of(self.batch_dims)  # bad names or dimensions fail before loading
 
 

@@ -24,7 +24,7 @@ from qtcompress.train.objectives import (
     infer_output_kind,
     measure_fidelity,
 )
-from tests.cli_helpers import assert_one_line_error
+from tests.cli_helpers import ROOT, assert_one_line_error
 
 
 class PlainMLP(nn.Module):
@@ -114,6 +114,27 @@ def test_objective_mismatch_is_a_clear_error():
         distill_loss(torch.randn(4, 1), torch.randn(4, 1) * 5, "bce")
     with pytest.raises(ConfigError, match="needs a class axis"):
         distill_loss(torch.randn(4), torch.randn(4), "kl")
+
+
+def test_distillation_losses_are_registered_in_one_place(cli, tmp_path):
+    from qtcompress.train import objectives
+
+    assert objectives.distill_loss_names()[:4] == ("kl", "bce", "cosine", "mse")
+    with pytest.raises(ConfigError, match="A distillation loss named 'mse' is already registered"):
+        objectives.register_distill_loss("mse")(lambda s, t, temp: (s - t).abs().mean())
+    with pytest.raises(ConfigError, match="Unknown distillation loss 'l1'; choose from kl, bce"):
+        distill_loss(torch.zeros(2, 3), torch.zeros(2, 3), "l1")
+    objectives.register_distill_loss("l1")(lambda s, t, temp: (s - t).abs().mean())
+    try:
+        assert float(distill_loss(torch.ones(2, 3), torch.zeros(2, 3), "l1")) == 1.0
+    finally:
+        del objectives._LOSSES["l1"]
+    # The CLI takes the registered names and refuses another before any fitting.
+    ckpt = ROOT / "models" / "wine_mlp.safetensors"
+    factory = ["--factory", "qtcompress.examples:TabularMLP", "--data", "wine"]
+    result = cli("compress", ckpt, *factory, "-o", tmp_path / "o", "--distill", "l2")
+    assert result.returncode == 1 and not (tmp_path / "o").exists()
+    assert "Unknown distillation loss 'l2'; choose from kl, bce, cosine, mse" in result.stderr
 
 
 def test_degenerate_warning_fires_on_a_constant_student_only():

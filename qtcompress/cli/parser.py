@@ -248,10 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
         )
         fit.add_argument(
             "--distill",
-            choices=("kl", "bce", "cosine", "mse"),
+            metavar="LOSS",
             default=None,
-            help="distillation loss (default: by output kind: kl for logits, bce "
-            "for probabilities, cosine for embeddings, mse otherwise)",
+            help="distillation loss, one of those registered in train/objectives.py: kl, bce, "
+            "cosine, mse (default: by output kind: kl for logits, bce for probabilities, "
+            "cosine for embeddings, mse otherwise)",
         )
         fit.add_argument(
             "--output-kind",

@@ -20,6 +20,7 @@ The kind is inferred from the teacher's outputs (:func:`infer_output_kind`) unle
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,7 +30,6 @@ import torch.nn.functional as F
 from qtcompress.errors import ConfigError
 
 OUTPUT_KINDS = ("logits", "probability", "embedding", "regression", "ctc")
-DISTILL_LOSSES = ("kl", "bce", "cosine", "mse")
 DEFAULT_LOSS = {
     "logits": "kl",
     "probability": "bce",
@@ -71,6 +71,83 @@ def check_kind(kind: str) -> str:
     return kind
 
 
+DistillLoss = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+_LOSSES: dict[str, DistillLoss] = {}
+
+
+def register_distill_loss(name: str) -> Callable[[DistillLoss], DistillLoss]:
+    """Register ``fn(student, teacher, temperature) -> loss`` as distillation loss ``name``.
+
+    Used as a decorator; the name becomes a ``--distill`` choice and a ``distill=`` value.
+
+    Raises:
+        ConfigError: A loss of that name is already registered.
+    """
+
+    def register(fn: DistillLoss) -> DistillLoss:
+        if name in _LOSSES:
+            raise ConfigError(f"A distillation loss named {name!r} is already registered.")
+        _LOSSES[name] = fn
+        return fn
+
+    return register
+
+
+def distill_loss_names() -> tuple[str, ...]:
+    """Registered distillation losses, in registration order."""
+    return tuple(_LOSSES)
+
+
+def check_distill_loss(name: str) -> str:
+    """Validate a distillation loss name (a :class:`ConfigError` naming the registered ones)."""
+    if name not in _LOSSES:
+        raise ConfigError(f"Unknown distillation loss {name!r}; choose from {', '.join(_LOSSES)}.")
+    return name
+
+
+@register_distill_loss("kl")
+def _kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Temperature-softened KL over the last axis (x T^2) plus the logit-scale anchor."""
+    if student.ndim < 2 or student.shape[-1] < 2:
+        raise ConfigError(
+            "The 'kl' distillation loss needs a class axis (last dimension "
+            ">= 2); use --distill mse or bce for scalar outputs."
+        )
+    t = temperature
+    s = F.log_softmax(student.flatten(0, -2) / t, dim=-1)
+    q = F.log_softmax(teacher.flatten(0, -2) / t, dim=-1)
+    kl = F.kl_div(s, q, log_target=True, reduction="batchmean") * t * t
+    sc = student - student.mean(-1, keepdim=True)
+    tc = teacher - teacher.mean(-1, keepdim=True)
+    return kl + LOGIT_ANCHOR * F.mse_loss(sc, tc) / tc.var().clamp_min(1e-8)
+
+
+@register_distill_loss("bce")
+def _bce(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Binary cross-entropy against the teacher's probabilities."""
+    del temperature
+    if bool(((teacher < 0) | (teacher > 1)).any()):
+        raise ConfigError(
+            "The 'bce' distillation loss needs teacher outputs in [0, 1] "
+            "(probabilities); use --distill mse for other outputs."
+        )
+    return F.binary_cross_entropy(student.clamp(1e-6, 1 - 1e-6), teacher)
+
+
+@register_distill_loss("cosine")
+def _cosine(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean ``1 - cos`` over the last axis (embeddings)."""
+    del temperature
+    return (1.0 - F.cosine_similarity(student, teacher, dim=-1)).mean()
+
+
+@register_distill_loss("mse")
+def _mse(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean squared error divided by the teacher's variance."""
+    del temperature
+    return F.mse_loss(student, teacher) / teacher.var().clamp_min(1e-8)
+
+
 def distill_loss(
     student: torch.Tensor, teacher: torch.Tensor, kind: str = "kl", temperature: float = 2.0
 ) -> torch.Tensor:
@@ -79,12 +156,13 @@ def distill_loss(
     Args:
         student: Student outputs.
         teacher: Teacher outputs (no gradient).
-        kind: ``"kl"``: temperature-softened KL over the last axis, scaled by T^2, plus a small
-            MSE between the centred logits divided by the teacher's variance
-            (``LOGIT_ANCHOR``), which holds the student's logit scale to the teacher's (KL alone
-            lets it drift without bound). ``"bce"``: binary cross-entropy against the teacher's
-            probabilities (sigmoid outputs). ``"cosine"``: mean ``1 - cos`` over the last axis
-            (embeddings). ``"mse"``: mean squared error divided by the teacher's variance.
+        kind: A registered loss (:func:`register_distill_loss`): ``"kl"``: temperature-softened
+            KL over the last axis, scaled by T^2, plus a small MSE between the centred logits
+            divided by the teacher's variance (``LOGIT_ANCHOR``), which holds the student's
+            logit scale to the teacher's (KL alone lets it drift without bound). ``"bce"``:
+            binary cross-entropy against the teacher's probabilities (sigmoid outputs).
+            ``"cosine"``: mean ``1 - cos`` over the last axis (embeddings). ``"mse"``: mean
+            squared error divided by the teacher's variance.
         temperature: Softmax temperature for ``"kl"``.
     """
     if student.shape != teacher.shape:
@@ -92,33 +170,7 @@ def distill_loss(
             f"Student output {tuple(student.shape)} and teacher output "
             f"{tuple(teacher.shape)} differ in shape."
         )
-    if kind == "kl":
-        if student.ndim < 2 or student.shape[-1] < 2:
-            raise ConfigError(
-                "The 'kl' distillation loss needs a class axis (last dimension "
-                ">= 2); use --distill mse or bce for scalar outputs."
-            )
-        t = temperature
-        s = F.log_softmax(student.flatten(0, -2) / t, dim=-1)
-        q = F.log_softmax(teacher.flatten(0, -2) / t, dim=-1)
-        kl = F.kl_div(s, q, log_target=True, reduction="batchmean") * t * t
-        sc = student - student.mean(-1, keepdim=True)
-        tc = teacher - teacher.mean(-1, keepdim=True)
-        return kl + LOGIT_ANCHOR * F.mse_loss(sc, tc) / tc.var().clamp_min(1e-8)
-    if kind == "bce":
-        if bool(((teacher < 0) | (teacher > 1)).any()):
-            raise ConfigError(
-                "The 'bce' distillation loss needs teacher outputs in [0, 1] "
-                "(probabilities); use --distill mse for other outputs."
-            )
-        return F.binary_cross_entropy(student.clamp(1e-6, 1 - 1e-6), teacher)
-    if kind == "cosine":
-        return (1.0 - F.cosine_similarity(student, teacher, dim=-1)).mean()
-    if kind == "mse":
-        return F.mse_loss(student, teacher) / teacher.var().clamp_min(1e-8)
-    raise ConfigError(
-        f"Unknown distillation loss {kind!r}; choose from {', '.join(DISTILL_LOSSES)}."
-    )
+    return _LOSSES[check_distill_loss(kind)](student, teacher, temperature)
 
 
 @dataclass(frozen=True)
