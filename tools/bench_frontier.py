@@ -59,8 +59,14 @@ MODELS = ("cnn", "rnn", "encoder")
 # Reported when their rows exist: the grid's models and those run with --model.
 REPORTED = (*MODELS, "mlp5m")
 BUDGETS = (0.001, 0.005, 0.01)
-# (arm, seeds): the QNN and its two trained rivals on two seeds, the untrained controls on one.
-ARMS = (("qnn", (0, 1)), ("table", (0, 1)), ("mps", (0, 1)), ("frozen", (0,)), ("zeros", (0,)))
+# (arm, seeds): the QNN and its two trained rivals on three seeds, the untrained controls on one.
+ARMS = (
+    ("qnn", (0, 1, 2)),
+    ("table", (0, 1, 2)),
+    ("mps", (0, 1, 2)),
+    ("frozen", (0,)),
+    ("zeros", (0,)),
+)
 STEPS, LR = 300, 1e-2
 
 
@@ -88,7 +94,11 @@ def model_grid(
 # of position (a delta-coded index) on top of its 4; best of two learning rates, seed 0.
 # Tensor-train: every matrix reshaped to a 4-way tensor, decomposed by tensorly's TT-SVD at the
 # largest uniform TT rank that fits the parameter count, cores fine-tuned by the same recipe.
-CLASSICAL = ("low-rank", "pruning", "tensor-train")
+# Random subspace (PRANC-style): every weight a fixed, seeded sparse random combination of the
+# shared coefficients (SUBSPACE_NNZ of them, random signs), a trained scale per tensor, exact
+# vectors; only the coefficients and scales are trained.
+CLASSICAL = ("low-rank", "pruning", "tensor-train", "subspace")
+SUBSPACE_NNZ = 8
 
 
 def classical(model: str) -> list[tuple[str, float, str, int, float]]:
@@ -103,6 +113,53 @@ def _two_factors(n: int) -> tuple[int, int]:
     while n % a:
         a -= 1
     return a, n // a
+
+
+class SubspaceStudent(torch.nn.Module):
+    """Weights in a seeded random subspace of ``params`` dimensions (PRANC-style, sparse basis).
+
+    Weight ``j`` of matrix ``t`` is ``s_t / sqrt(k) * sum_i sign_i(j) * alpha[idx_i(j)]`` with
+    ``k`` = :data:`SUBSPACE_NNZ` seeded indices and signs per weight (nothing stored but the
+    seed): the span of ``len(alpha)`` sparse random basis vectors. Vectors stay exact; ``s_t``
+    starts at the pretrained standard deviation (``alpha`` is standard normal), so the
+    student starts at the pretrained spread, as the hashed arms do.
+    """
+
+    def __init__(self, model: torch.nn.Module, params: int, seed: int = 0) -> None:
+        super().__init__()
+        named = dict(model.named_parameters())
+        self.names = list(named)
+        self.shapes = {n: tuple(p.shape) for n, p in named.items()}
+        mats = [n for n, p in named.items() if p.ndim >= 2]
+        vectors = sum(p.numel() for n, p in named.items() if n not in mats)
+        dim = params - vectors - len(mats)
+        if dim < 16:
+            raise ValueError(f"{params:,} parameters leave {dim} coefficients")
+        g = torch.Generator().manual_seed(seed)
+        self.alpha = torch.nn.Parameter(torch.randn(dim, generator=g))
+        self.scale = torch.nn.ParameterDict()
+        self.dense = torch.nn.ParameterDict()
+        self.index: dict[str, torch.Tensor] = {}
+        self.sign: dict[str, torch.Tensor] = {}
+        for n, p in named.items():
+            key = n.replace(".", "__")
+            if n not in mats:
+                self.dense[key] = torch.nn.Parameter(p.detach().clone())
+                continue
+            self.index[key] = torch.randint(0, dim, (p.numel(), SUBSPACE_NNZ), generator=g)
+            self.sign[key] = torch.randint(0, 2, (p.numel(), SUBSPACE_NNZ), generator=g) * 2.0 - 1
+            self.scale[key] = torch.nn.Parameter(p.detach().std().reshape(1).float())
+
+    def generate_named(self, factored: bool = False) -> dict[str, torch.Tensor]:  # noqa: ARG002
+        out = {}
+        for n in self.names:
+            key = n.replace(".", "__")
+            if key in self.dense:
+                out[n] = self.dense[key]
+                continue
+            mixed = (self.sign[key] * self.alpha[self.index[key]]).sum(-1)  # (numel,)
+            out[n] = (self.scale[key] * mixed / SUBSPACE_NNZ**0.5).reshape(self.shapes[n])
+        return out
 
 
 class TTStudent(torch.nn.Module):
@@ -239,6 +296,18 @@ def run_classical(model: str, budget: float, arm: str, seed: int, lr: float) -> 
         student = LowRankStudent(entry.model, params)
     elif arm == "pruning":
         student = PrunedStudent(entry.model, params * 4 // 6)
+    elif arm == "subspace":
+        try:
+            student = SubspaceStudent(entry.model, params, seed)
+        except ValueError as exc:  # the exact vectors alone are over the budget
+            return {
+                "model": model,
+                "budget": budget,
+                "arm": arm,
+                "seed": seed,
+                "lr": lr,
+                "error": str(exc),
+            }
     else:
         rank = tt_rank_for(entry.model, params)
         if rank is None:
@@ -256,7 +325,7 @@ def run_classical(model: str, budget: float, arm: str, seed: int, lr: float) -> 
     cfg = LoopConfig(steps=STEPS, lr=lr, seed=seed, warmup=STEPS // 10, grad_clip=1.0)
     finetune(fmodel, entry.train_inputs, None, cfg, progress=False)
     fid = evaluate_fidelity(fmodel, entry.test_inputs, entry.test_labels)
-    kept = count(student) if arm != "tensor-train" else sum(p.numel() for p in student.parameters())
+    kept = count(student)  # pruning: its kept entries; the others: their parameters
     index_bytes = 2 * (kept - sum(p.numel() for p in entry.model.parameters() if p.ndim < 2))
     file_bytes = 4 * kept + (max(0, index_bytes) if arm == "pruning" else 0)
     return _classical_row(
@@ -426,7 +495,8 @@ def report(rows: list[dict[str, Any]]) -> str:
             "",
             "| budget | params: QNN (qubits x layers) / table | QNN file bytes f32 / f16 (ratio) | "
             + " | ".join(arms)
-            + " | low-rank (params) | pruning (kept; bytes) | tensor-train (params) |",
+            + " | low-rank (params) | pruning (kept; bytes) | tensor-train (params) "
+            + "| subspace (params) |",
             "|---|---|---|" + "---|" * (len(arms) + len(CLASSICAL)),
         ]
         for b in sorted({r["budget"] for r in some} | set(BUDGETS)):
@@ -508,7 +578,7 @@ def plot(rows: list[dict[str, Any]]) -> None:
     ]
     fig, axes = plt.subplots(1, len(MODELS), figsize=(5 * len(MODELS), 4))
     for ax, model in zip(axes, MODELS, strict=True):
-        for arm in ("qnn", "table", "mps", "low-rank", "pruning", "tensor-train", "int8"):
+        for arm in ("qnn", "table", "mps", *CLASSICAL, "int8"):
             pts: dict[float, list[tuple[float, float]]] = defaultdict(list)
             for r in rows:
                 if r["model"] == model and r["arm"] == arm:
