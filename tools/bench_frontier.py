@@ -300,25 +300,14 @@ def run_classical(model: str, budget: float, arm: str, seed: int, lr: float) -> 
         try:
             student = SubspaceStudent(entry.model, params, seed)
         except ValueError as exc:  # the exact vectors alone are over the budget
-            return {
-                "model": model,
-                "budget": budget,
-                "arm": arm,
-                "seed": seed,
-                "lr": lr,
-                "error": str(exc),
-            }
+            return _error_row((model, budget, arm, seed, lr), str(exc))
     else:
         rank = tt_rank_for(entry.model, params)
         if rank is None:
-            return {
-                "model": model,
-                "budget": budget,
-                "arm": arm,
-                "seed": seed,
-                "lr": lr,
-                "error": f"TT rank 1 needs {TTStudent.size(entry.model, 1):,} parameters",
-            }
+            return _error_row(
+                (model, budget, arm, seed, lr),
+                f"TT rank 1 needs {TTStudent.size(entry.model, 1):,} parameters",
+            )
         student = TTStudent(entry.model, rank)
     fmodel = FunctionalModel(entry.model, student)  # type: ignore[arg-type]
     start = evaluate_fidelity(fmodel, entry.test_inputs, entry.test_labels).headline
@@ -331,6 +320,12 @@ def run_classical(model: str, budget: float, arm: str, seed: int, lr: float) -> 
     return _classical_row(
         (model, budget, arm, seed, lr), entry, start, fid, t0, weights, kept, file_bytes
     )
+
+
+def _error_row(run: tuple[str, float, str, int, float], error: str) -> dict[str, Any]:
+    """The row of a run that could not be built at its budget (the report shows "-")."""
+    model, budget, arm, seed, lr = run
+    return {"model": model, "budget": budget, "arm": arm, "seed": seed, "lr": lr, "error": error}
 
 
 def _classical_row(
@@ -402,14 +397,7 @@ def run_one(model: str, budget: float, arm: str, seed: int, lr: float) -> dict[s
     try:
         qt = compress(entry.model, config)
     except ConfigError as exc:  # below the smallest hashed generator of this model
-        return {
-            "model": model,
-            "budget": budget,
-            "arm": arm,
-            "seed": seed,
-            "lr": lr,
-            "error": str(exc),
-        }
+        return _error_row((model, budget, arm, seed, lr), str(exc))
     labels = entry.test_labels
     start = qt.evaluate(entry.test_inputs, labels).headline
     qt.finetune(entry.train_inputs, steps=STEPS, lr=lr, progress=False)
