@@ -99,8 +99,12 @@ def summary_rows(r: PipelineResult) -> dict[str, str]:
         "generator parameters (trainable)": f"{r.generator_params:,} "
         f"({r.generator_params / r.generated_weights:.1%} of M)",
         "compression ratio (M / generator)": f"{r.compression_ratio:.2f}x",
-        "QNN": f"{r.n_qubits} qubits x {r.n_layers} layers, up to {r.chunk} weights per basis "
-        "state",
+        "QNN": f"{r.n_qubits} qubits x {r.n_layers} layers, "
+        + (
+            f"about {r.chunk} weights sharing each basis state's value"
+            if r.scheme == "hashed"  # hashed: chunk is the average bucket's share
+            else f"up to {r.chunk} weights per basis state"
+        ),
         "generator": f"{r.scheme} scheme, {r.shape}, budget {r.budget}",
         "generated tensors": ", ".join(
             f"{k} {n} ({v:,})" for k, (n, v) in r.generated_kinds.items()

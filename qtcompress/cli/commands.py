@@ -109,6 +109,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     per_state = (
         f"one basis state per tensor row, ranks up to {mapping.get('rank')}"
         if gen.config.scheme == "rows"
+        else f"about {mapping['chunk']} weights sharing each basis state's value"
+        if gen.config.scheme == "hashed"
         else f"{mapping['chunk']} weight(s) per basis state"
     )
     lines = [
