@@ -115,7 +115,36 @@ def _two_factors(n: int) -> tuple[int, int]:
     return a, n // a
 
 
-class SubspaceStudent(torch.nn.Module):
+class _MatrixStudent(torch.nn.Module):
+    """A student whose vectors stay dense and whose matrices its subclass builds (``matrix``)."""
+
+    names: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    dense: torch.nn.ParameterDict
+
+    def matrix(self, key: str) -> torch.Tensor:
+        """The flat or shaped values of the parameter stored under ``key``."""
+        raise NotImplementedError
+
+    def generate_named(self, factored: bool = False) -> dict[str, torch.Tensor]:  # noqa: ARG002
+        out = {}
+        for n in self.names:
+            key = n.replace(".", "__")
+            out[n] = (
+                self.dense[key] if key in self.dense else self.matrix(key).reshape(self.shapes[n])
+            )
+        return out
+
+
+def _tt_dims(shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """A parameter's matrix view (``row_view``) as four dimensions: each side in two factors."""
+    from qtcompress.generator.ranks import row_view
+
+    rows, cols = row_view(shape)
+    return (*_two_factors(rows), *_two_factors(cols))
+
+
+class SubspaceStudent(_MatrixStudent):
     """Weights in a seeded random subspace of ``params`` dimensions (PRANC-style, sparse basis).
 
     Weight ``j`` of matrix ``t`` is ``s_t / sqrt(k) * sum_i sign_i(j) * alpha[idx_i(j)]`` with
@@ -150,19 +179,12 @@ class SubspaceStudent(torch.nn.Module):
             self.sign[key] = torch.randint(0, 2, (p.numel(), SUBSPACE_NNZ), generator=g) * 2.0 - 1
             self.scale[key] = torch.nn.Parameter(p.detach().std().reshape(1).float())
 
-    def generate_named(self, factored: bool = False) -> dict[str, torch.Tensor]:  # noqa: ARG002
-        out = {}
-        for n in self.names:
-            key = n.replace(".", "__")
-            if key in self.dense:
-                out[n] = self.dense[key]
-                continue
-            mixed = (self.sign[key] * self.alpha[self.index[key]]).sum(-1)  # (numel,)
-            out[n] = (self.scale[key] * mixed / SUBSPACE_NNZ**0.5).reshape(self.shapes[n])
-        return out
+    def matrix(self, key: str) -> torch.Tensor:
+        mixed = (self.sign[key] * self.alpha[self.index[key]]).sum(-1)  # (numel,)
+        return self.scale[key] * mixed / SUBSPACE_NNZ**0.5
 
 
-class TTStudent(torch.nn.Module):
+class TTStudent(_MatrixStudent):
     """Every matrix (``row_view`` of a >= 2-D parameter) in tensor-train form; vectors dense.
 
     A ``rows x cols`` matrix is reshaped to ``(r1, r2, c1, c2)`` (each dimension split into its
@@ -174,8 +196,6 @@ class TTStudent(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, rank: int) -> None:
         import tensorly
         from tensorly.decomposition import tensor_train
-
-        from qtcompress.generator.ranks import row_view
 
         super().__init__()
         named = dict(model.named_parameters())
@@ -190,8 +210,7 @@ class TTStudent(torch.nn.Module):
             if p.ndim < 2:
                 self.dense[key] = torch.nn.Parameter(p.detach().clone())
                 continue
-            rows, cols = row_view(tuple(p.shape))
-            dims = (*_two_factors(rows), *_two_factors(cols))
+            dims = _tt_dims(tuple(p.shape))
             tensor = p.detach().double().reshape(dims).numpy()
             cores = tensor_train(tensor, rank=[1, rank, rank, rank, 1]).factors
             self.ncores[key] = len(cores)
@@ -201,15 +220,12 @@ class TTStudent(torch.nn.Module):
     @staticmethod
     def size(model: torch.nn.Module, rank: int) -> int:
         """Parameters of the student at TT rank ``rank`` (without decomposing anything)."""
-        from qtcompress.generator.ranks import row_view
-
         total = 0
         for p in model.parameters():
             if p.ndim < 2:
                 total += p.numel()
                 continue
-            rows, cols = row_view(tuple(p.shape))
-            dims = (*_two_factors(rows), *_two_factors(cols))
+            dims = _tt_dims(tuple(p.shape))
             # TT-SVD caps each rank by the unfoldings' sizes.
             ranks = [1]
             for k in range(1, 4):
@@ -220,19 +236,12 @@ class TTStudent(torch.nn.Module):
             total += sum(ranks[k] * dims[k] * ranks[k + 1] for k in range(4))
         return total
 
-    def generate_named(self, factored: bool = False) -> dict[str, torch.Tensor]:  # noqa: ARG002
-        out = {}
-        for n in self.names:
-            key = n.replace(".", "__")
-            if key in self.dense:
-                out[n] = self.dense[key]
-                continue
-            full = self.cores[f"{key}__0"]  # (1, d0, r1)
-            for i in range(1, self.ncores[key]):
-                core = self.cores[f"{key}__{i}"]  # (r_i, d_i, r_{i+1})
-                full = torch.tensordot(full, core, dims=([full.dim() - 1], [0]))
-            out[n] = full.reshape(self.shapes[n])
-        return out
+    def matrix(self, key: str) -> torch.Tensor:
+        full = self.cores[f"{key}__0"]  # (1, d0, r1)
+        for i in range(1, self.ncores[key]):
+            core = self.cores[f"{key}__{i}"]  # (r_i, d_i, r_{i+1})
+            full = torch.tensordot(full, core, dims=([full.dim() - 1], [0]))
+        return full
 
 
 def tt_rank_for(model: torch.nn.Module, params: int) -> int | None:
