@@ -16,7 +16,7 @@ import contextlib
 import copy
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from qtcompress.config import QTConfig
+from qtcompress.constants import FIT_LR
 from qtcompress.data.sources import InputSource
 from qtcompress.device import resolve_device
 from qtcompress.errors import ConfigError
@@ -35,13 +36,20 @@ from qtcompress.targets import Layout, select_targets
 from qtcompress.train.finetune import evaluate_fidelity
 from qtcompress.train.finetune import finetune as _finetune
 from qtcompress.train.functional import FunctionalModel
-from qtcompress.train.loop import FitResult, LoopConfig, train_loop
+from qtcompress.train.loop import FitResult
 from qtcompress.train.objectives import Fidelity
+from qtcompress.train.options import (
+    FinetuneOptions,
+    FitOptions,
+    check_options,
+    with_overrides,
+)
 from qtcompress.train.weight_fit import STREAM_WEIGHTS, relative_errors
 from qtcompress.train.weight_fit import fit_weights as _fit_weights
 
 if TYPE_CHECKING:
     from qtcompress.generator_file.file import GeneratorFile
+    from qtcompress.train.streams import Rollouts
 
 
 @dataclass(frozen=True)
@@ -82,41 +90,6 @@ class CompressionReport:
             f"{self.n_layers} layers), mapping {self.mapping}, affine {self.affine}; "
             f"chunk {self.chunk}; {self.classical} classical parameters untouched"
         )
-
-
-def check_options(given: Any, allowed: set[str], what: str) -> None:
-    """Refuse option names ``what`` does not take, naming the closest ones (a typo is an error).
-
-    Raises:
-        ConfigError: One line per call naming every unknown option.
-    """
-    import difflib
-
-    unknown = sorted(set(given) - allowed)
-    if unknown:
-        hints = []
-        for name in unknown:
-            close = difflib.get_close_matches(name, sorted(allowed), n=1)
-            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ConfigError(f"{what} has no option {', '.join(hints)}.")
-
-
-def _options_of(*functions: Any) -> set[str]:
-    """Keyword parameters of ``functions`` (those a ``**kwargs`` is routed to)."""
-    import inspect
-
-    return {
-        name
-        for fn in functions
-        for name, p in inspect.signature(fn).parameters.items()
-        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-    }
-
-
-def _loop_config(kwargs: dict[str, Any], **defaults: Any) -> LoopConfig:
-    names = set(LoopConfig.__dataclass_fields__)
-    opts = {**defaults, **{k: kwargs.pop(k) for k in list(kwargs) if k in names}}
-    return LoopConfig(**opts)
 
 
 class QTModel:
@@ -201,34 +174,35 @@ class QTModel:
             self.to(device)
 
     # -- training -------------------------------------------------------------------------------
-    def fit_weights(self, steps: int = 500, lr: float = 1e-2, **kwargs: Any) -> FitResult:
+    def fit_weights(self, options: FitOptions | None = None, /, **overrides: Any) -> FitResult:
         """Phase 1: fit the generator to reproduce the pretrained weights.
 
         Args:
-            steps: Optimisation steps (full weight vector each step).
-            lr: Peak Adam learning rate.
-            **kwargs: Any :class:`~qtcompress.train.loop.LoopConfig` field (``schedule``,
-                ``warmup``, ``patience``, ``seed`` ...) and any
-                :func:`~qtcompress.train.loop.train_loop` keyword (``checkpoint_path``,
-                ``checkpoint_every``, ``resume``, ``progress``, ``callback``).
+            options: :class:`~qtcompress.train.options.FitOptions`; ``None``: the defaults
+                (100 steps at 1e-2, the CLI's).
+            **overrides: Any :class:`FitOptions` field by name (``steps``, ``lr``,
+                ``checkpoint_path``, ``progress`` ...); an unknown name is a
+                :class:`~qtcompress.errors.ConfigError` naming the closest.
         """
-        check_options(
-            kwargs,
-            set(LoopConfig.__dataclass_fields__) | _options_of(train_loop, _fit_weights),
-            "fit_weights()",
+        opts = with_overrides(options or FitOptions(), overrides, "fit_weights()")
+        cfg = opts.loop_config(seed=self.config.seed, lr=FIT_LR if opts.lr is None else opts.lr)
+        return _fit_weights(
+            self.generator,
+            self.pretrained,
+            cfg,
+            freeze_scale=opts.freeze_scale,
+            **opts.run_kwargs(),
         )
-        cfg = _loop_config(kwargs, steps=steps, lr=lr, seed=self.config.seed)
-        return _fit_weights(self.generator, self.pretrained, cfg, **kwargs)
 
     def finetune(
         self,
         data: Any,
         labels: torch.Tensor | None = None,
+        options: FinetuneOptions | None = None,
+        /,
         *,
-        mode: str = "distill",
-        steps: int = 1000,
-        lr: float | None = None,
-        **kwargs: Any,
+        rollouts: Rollouts | None = None,
+        **overrides: Any,
     ) -> FitResult:
         """Phase 2: train the generator on the task via the model's own forward pass.
 
@@ -245,48 +219,42 @@ class QTModel:
                 :mod:`qtcompress.data`).
             labels: Labels aligned with ``data`` (needed for ``mode="supervised"`` unless the
                 data's items carry them).
-            mode: ``"distill"`` (teacher = the pretrained model) or ``"supervised"``.
-            steps: Optimisation steps (one mini-batch each).
-            lr: Peak Adam learning rate; ``None``: the scheme's default (3e-3; hashed 1e-2).
-            **kwargs: :class:`~qtcompress.train.loop.LoopConfig` fields,
-                :func:`~qtcompress.train.finetune.finetune` keywords (``batch_size``, ``distill``,
-                ``output``, ``output_kind``, ``loss_fn``, ``temperature``, ``alpha``,
-                ``batch_stats``, ``labels_in_items``) and
-                :func:`~qtcompress.train.loop.train_loop` keywords.
+            options: :class:`~qtcompress.train.options.FinetuneOptions`; ``None``: the
+                defaults (1,500 steps at the scheme's learning rate, batch 64, distillation).
+            rollouts: A stateful model's training streams: distil over rollouts on the
+                student's own state (:class:`~qtcompress.train.streams.Rollouts`).
+            **overrides: Any :class:`FinetuneOptions` field by name (``steps``, ``lr``,
+                ``mode``, ``batch_size``, ``output_kind`` ...); an unknown name is a
+                :class:`~qtcompress.errors.ConfigError` naming the closest.
         """
-        if lr is None:  # the scheme's own default
+        opts = with_overrides(options or FinetuneOptions(), overrides, "finetune()")
+        if opts.lr is None:  # the scheme's own default
             from qtcompress.generator.registry import get_scheme
 
-            lr = get_scheme(self.config.scheme).finetune_lr
-        check_options(
-            kwargs,
-            set(LoopConfig.__dataclass_fields__) | _options_of(train_loop, _finetune),
-            "finetune()",
-        )
-        cfg = _loop_config(
-            kwargs,
-            steps=steps,
-            lr=lr,
-            seed=self.config.seed,
-            warmup=max(1, steps // 10),
-            grad_clip=1.0,
-        )
+            opts = replace(opts, lr=get_scheme(self.config.scheme).finetune_lr)
+        assert opts.lr is not None
+        cfg = opts.loop_config(seed=self.config.seed, lr=opts.lr)
         if type(self.generator).revive is not Generator.revive:  # the scheme can revive one
             probe = (
-                InputSource.of(data, labels, labels_in_items=kwargs.get("labels_in_items", False))
+                InputSource.of(data, labels, labels_in_items=opts.labels_in_items)
                 .head(64)
                 .to(self.device)
             )
             self.functional.check(probe)
             fid = evaluate_fidelity(
-                self.functional,
-                probe,
-                output=kwargs.get("output"),
-                output_kind=kwargs.get("output_kind"),
+                self.functional, probe, output=opts.output, output_kind=opts.output_kind
             )
             if fid.degenerate:
                 self.revived = self.generator.revive(self.pretrained)
-        return _finetune(self.functional, data, labels, cfg, mode=mode, **kwargs)
+        return _finetune(
+            self.functional,
+            data,
+            labels,
+            cfg,
+            rollouts=rollouts,
+            **opts.task_kwargs(),
+            **opts.run_kwargs(),
+        )
 
     @torch.no_grad()
     def evaluate(

@@ -37,6 +37,17 @@ TEXT_SPLIT_SEED = 0
 TEXT_COLUMN = "text"
 """The text's key or column in ``.jsonl`` / ``.csv`` data by default."""
 
+# The training recipe's defaults, read by the CLI, the API (qtcompress.train.options) and the
+# pipeline: one place. Measured on the suite of real-shaped models (docs/benchmarks.md).
+FIT_STEPS = 100
+"""Phase-1 steps (reproduce the pretrained weights)."""
+FIT_LR = 1e-2
+"""Phase-1 peak learning rate."""
+FINETUNE_STEPS = 1500
+"""Phase-2 steps (one mini-batch each)."""
+BATCH_SIZE = 64
+"""Phase-2 mini-batch size."""
+
 # Phase-2 peak learning rate of the rows and flat schemes. At 1e-2 (the old default) a
 # 390K-weight CNN without BatchNorm collapsed to a constant function; 3e-3 with warm-up and
 # clipping is what the suite benchmark (docs/benchmarks.md) runs on all four real-shaped models.

@@ -30,6 +30,7 @@ from torch import nn
 
 from qtcompress.api import QTModel, compress
 from qtcompress.config import QTConfig
+from qtcompress.constants import BATCH_SIZE, FINETUNE_STEPS, FIT_LR, FIT_STEPS
 from qtcompress.data.batch import Batch
 from qtcompress.data.layout import BatchLayout
 from qtcompress.data.model_call import check_call, forward_signature, select_output
@@ -42,7 +43,13 @@ from qtcompress.io.atomic import OutputRecord, check_writable_dir
 from qtcompress.onnx.export import dynamic_shapes
 from qtcompress.summary import PipelineResult, shape_of, summary_rows
 from qtcompress.targets import kinds_summary, select_targets
-from qtcompress.train.objectives import Fidelity, check_distill_loss, infer_output_kind
+from qtcompress.train.objectives import (
+    Fidelity,
+    check_distill_loss,
+    check_kind,
+    infer_output_kind,
+)
+from qtcompress.train.options import FinetuneOptions, FitOptions
 from qtcompress.train.streams import (
     Rollouts,
     StateLink,
@@ -67,8 +74,9 @@ class PipelineSettings:
         distill: Distillation loss (``kl``, ``bce``, ``cosine``, ``mse``); ``None``: the one for
             the output kind.
         output: Which model output to distil and compare (index or name) when it has several.
-        output_kind: ``logits``, ``probability``, ``embedding`` or ``regression``; ``None``:
-            inferred from the original model's outputs.
+        output_kind: A registered output kind (``logits``, ``probability``, ``embedding``,
+            ``regression``, ``ctc``; :func:`~qtcompress.train.objectives.register_output_kind`);
+            ``None``: inferred from the original model's outputs.
         min_fidelity: Fine-tuned fidelity (agreement, cosine or correlation, by kind) below
             which the run counts as failed (``fidelity_ok`` False; the CLI exits 1).
         dynamic_axes: ONNX axes beyond the batch that stay symbolic, by input name (the
@@ -97,12 +105,12 @@ class PipelineSettings:
             inputs in this layout (:mod:`qtcompress.data.layout`).
     """
 
-    fit_steps: int = 100
-    fit_lr: float = 1e-2
-    finetune_steps: int = 1500
+    fit_steps: int = FIT_STEPS
+    fit_lr: float = FIT_LR
+    finetune_steps: int = FINETUNE_STEPS
     finetune_lr: float | None = None
     mode: str = "distill"
-    batch_size: int = 64
+    batch_size: int = BATCH_SIZE
     distill: str | None = None
     output: str | int | None = None
     output_kind: str | None = None
@@ -143,6 +151,8 @@ class PipelineSettings:
             raise ConfigError(f"Unknown mode {self.mode!r}; choose 'distill' or 'supervised'.")
         if self.distill is not None:  # the registered losses (train/objectives.py)
             check_distill_loss(self.distill)
+        if self.output_kind is not None:  # the registered output kinds (the same module)
+            check_kind(self.output_kind)
         BatchLayout.of(self.batch_dims)  # bad names or dimensions fail before loading
 
 
@@ -321,7 +331,7 @@ def train_generator(
     skipped = 0
     if settings.fit_steps > 0:
         r1 = qt.fit_weights(
-            steps=settings.fit_steps, lr=settings.fit_lr, progress=settings.progress
+            FitOptions(steps=settings.fit_steps, lr=settings.fit_lr, progress=settings.progress)
         )
         fit_s, histories["phase 1: reproduce weights"] = r1.elapsed_s, r1.history
     phase1_error = qt.weight_errors()["_total"]
@@ -330,14 +340,17 @@ def train_generator(
     if settings.finetune_steps > 0:
         r2 = qt.finetune(
             train,
-            mode=settings.mode,
-            steps=settings.finetune_steps,
-            lr=settings.finetune_lr,
-            batch_size=settings.batch_size,
-            distill=settings.distill,
-            output=settings.output,
-            output_kind=fid1.kind,
-            progress=settings.progress,
+            None,
+            FinetuneOptions(
+                mode=settings.mode,
+                steps=settings.finetune_steps,
+                lr=settings.finetune_lr,
+                batch_size=settings.batch_size,
+                distill=settings.distill,
+                output=settings.output,
+                output_kind=fid1.kind,
+                progress=settings.progress,
+            ),
             rollouts=rollouts,
         )
         finetune_s, histories[f"phase 2: fine-tune ({settings.mode})"] = r2.elapsed_s, r2.history

@@ -19,10 +19,14 @@ from qtcompress.generator.registry import get_scheme
 from qtcompress.io.model_source import load_model
 from qtcompress.train.loop import LoopConfig, train_loop
 from qtcompress.train.objectives import (
-    DEFAULT_LOSS,
+    OutputKind,
+    check_kind,
+    default_distill_loss,
     distill_loss,
     infer_output_kind,
     measure_fidelity,
+    output_kind_names,
+    register_output_kind,
 )
 from tests.cli_helpers import ROOT, assert_one_line_error
 
@@ -135,6 +139,9 @@ def test_distillation_losses_are_registered_in_one_place(cli, tmp_path):
     result = cli("compress", ckpt, *factory, "-o", tmp_path / "o", "--distill", "l2")
     assert result.returncode == 1 and not (tmp_path / "o").exists()
     assert "Unknown distillation loss 'l2'; choose from kl, bce, cosine, mse" in result.stderr
+    result = cli("compress", ckpt, *factory, "-o", tmp_path / "o", "--output-kind", "logit")
+    assert result.returncode == 1 and not (tmp_path / "o").exists()
+    assert "Unknown output kind 'logit'; choose from logits, probability" in result.stderr
 
 
 def test_degenerate_warning_fires_on_a_constant_student_only():
@@ -330,10 +337,38 @@ def test_non_strict_load_names_the_ignored_key(tmp_path, plain_mlp):
 
 
 def test_default_loss_per_kind_is_documented():
-    assert DEFAULT_LOSS == {
+    assert {k: default_distill_loss(k) for k in output_kind_names()} == {
         "logits": "kl",
         "probability": "bce",
         "embedding": "cosine",
         "regression": "mse",
         "ctc": "kl",  # per-frame class scores, distilled frame by frame
     }
+
+
+def test_an_output_kind_is_a_registration_read_by_the_metrics_and_the_settings():
+    from qtcompress.pipeline import PipelineSettings
+    from qtcompress.train import objectives
+
+    def sign(out: torch.Tensor) -> torch.Tensor:  # one decision per example: the sum's sign
+        return (out.sum(-1) > 0).long()
+
+    try:
+        register_output_kind(OutputKind("signs", "mse", "agreement", sign, labelled=False))
+        assert PipelineSettings(output_kind="signs").output_kind == "signs"
+        t = torch.tensor([[1.0, -1.0], [2.0, 3.0], [-1.0, -2.0], [0.5, 0.5]])
+        s = t.clone()
+        s[0, 1] = 0.5  # the first example's sum turns positive: 3 of 4 decisions agree
+        fid = measure_fidelity(s, t, "signs", labels=torch.tensor([1, 1, 0, 1]))
+        assert (fid.headline_name, fid.headline) == ("agreement", pytest.approx(0.75))
+        assert fid.accuracy is None  # not a labelled kind
+        with pytest.raises(ConfigError, match="already registered"):
+            register_output_kind(OutputKind("signs", "mse", "agreement"))
+    finally:
+        objectives._KINDS.pop("signs", None)
+    with pytest.raises(ConfigError, match="Unknown output kind 'signs'; choose from logits"):
+        check_kind("signs")
+    with pytest.raises(ConfigError, match="headline 'accuracyy' is not one of"):
+        register_output_kind(OutputKind("bad", "mse", "accuracyy"))
+    with pytest.raises(ConfigError, match="Unknown output kind 'signs'"):
+        PipelineSettings(output_kind="signs")

@@ -298,3 +298,48 @@ def test_a_misspelled_option_is_an_error_naming_the_closest():
         qt.fit_weights(steps=1, warmupp=3)
     with pytest.raises(ConfigError, match="finetune\\(\\) has no option 'batchsize'"):
         qt.finetune(torch.randn(8, 13), steps=1, batchsize=4)
+
+
+def test_options_objects_hold_one_set_of_defaults_and_refuse_bad_values_at_once():
+    from qtcompress.cli.parser import build_parser
+    from qtcompress.pipeline import PipelineSettings
+    from qtcompress.train.options import FinetuneOptions, FitOptions
+
+    args = build_parser().parse_args(["compress", "m.pt", "--data", "d.npz", "-o", "out"])
+    settings = PipelineSettings()
+    # The CLI, the pipeline and the API read the same defaults.
+    assert (args.fit_steps, settings.fit_steps, FitOptions().steps) == (100, 100, 100)
+    assert args.finetune_steps == settings.finetune_steps == FinetuneOptions().steps == 1500
+    assert args.batch_size == settings.batch_size == FinetuneOptions().batch_size == 64
+    assert settings.fit_lr == FitOptions().lr
+    # Fine-tune: warm-up over 10% of the steps and clipping, resolved into the loop's config.
+    loop = FinetuneOptions(steps=200).loop_config(seed=3, lr=1e-2)
+    assert (loop.warmup, loop.grad_clip, loop.seed, loop.steps) == (20, 1.0, 3, 200)
+    with pytest.raises(ConfigError, match="Unknown schedule 'step'"):
+        FitOptions(schedule="step")
+    with pytest.raises(ConfigError, match="steps and eval_every must be >= 1"):
+        FinetuneOptions(steps=0)
+
+
+def test_an_options_object_and_overrides_give_the_same_run():
+    from qtcompress.train.options import FinetuneOptions, FitOptions
+
+    x = torch.randn(64, 13)
+    results = []
+    for use_object in (True, False):
+        torch.manual_seed(0)
+        qt = compress(TinyMLP(), SMALL)
+        if use_object:
+            qt.fit_weights(FitOptions(steps=4, progress=False))
+            r = qt.finetune(x, None, FinetuneOptions(steps=6, batch_size=16, progress=False))
+        else:
+            qt.fit_weights(steps=4, progress=False)
+            r = qt.finetune(x, steps=6, batch_size=16, progress=False)
+        results.append((r.history, qt.generator.state_dict()))
+    (ha, sa), (hb, sb) = results
+    assert ha == hb and len(ha) == 6
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    # An override on top of an object replaces that field only.
+    qt = compress(TinyMLP(), SMALL)
+    r = qt.finetune(x, None, FinetuneOptions(steps=50, batch_size=16, progress=False), steps=3)
+    assert len(r.history) == 3

@@ -16,6 +16,10 @@ from qtcompress.cli.commands import (
     cmd_verify,
 )
 from qtcompress.constants import (
+    BATCH_SIZE,
+    FINETUNE_STEPS,
+    FIT_LR,
+    FIT_STEPS,
     HF_TASKS,
     POOLINGS,
     TEXT_COLUMN,
@@ -30,7 +34,7 @@ ANSATZ_CHOICES = ("paper", "ry-rz-ring")
 # set of defaults: the hashed scheme at its registered budget, 0.5% of M); the step counts and
 # learning rates from PipelineSettings. Measured on the suite of real-shaped models:
 # docs/benchmarks.md.
-DEFAULT_RECIPE: dict[str, Any] = {"fit_steps": 100, "finetune_steps": 1500}
+DEFAULT_RECIPE: dict[str, Any] = {"fit_steps": FIT_STEPS, "finetune_steps": FINETUNE_STEPS}
 
 
 def _budget(text: str) -> float | int:
@@ -222,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"phase-1 steps (default {defaults['fit_steps']}; 0 skips)",
         )
         fit.add_argument(
-            "--fit-lr", type=float, default=None, help="phase-1 learning rate (default 1e-2)"
+            "--fit-lr", type=float, default=None, help=f"phase-1 learning rate (default {FIT_LR:g})"
         )
         fit.add_argument(
             "--finetune-steps",
@@ -244,7 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
             help="phase 2: distil from the original model (default) or use labels",
         )
         fit.add_argument(
-            "--batch-size", type=_positive_int, default=64, help="phase-2 batch size (default 64)"
+            "--batch-size",
+            type=_positive_int,
+            default=BATCH_SIZE,
+            help=f"phase-2 batch size (default {BATCH_SIZE})",
         )
         fit.add_argument(
             "--distill",
@@ -256,11 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
         )
         fit.add_argument(
             "--output-kind",
-            choices=("logits", "probability", "embedding", "regression", "ctc"),
+            metavar="KIND",
             default=None,
-            help="what the model outputs (default: inferred from the original model's outputs; "
-            "ctc: per-frame scores (batch, time, classes), blank 0, scored by the character "
-            "error rate of the greedy decodes)",
+            help="what the model outputs, one of those registered in train/objectives.py: "
+            "logits, probability, embedding, regression, ctc (default: inferred from the "
+            "original model's outputs; ctc: per-frame scores (batch, time, classes), blank 0, "
+            "scored by the character error rate of the greedy decodes)",
         )
         fit.add_argument(
             "--model-output",

@@ -17,9 +17,9 @@ from qtcompress.errors import ConfigError
 from qtcompress.train.functional import FunctionalModel
 from qtcompress.train.loop import FitResult, LoopConfig, train_loop
 from qtcompress.train.objectives import (
-    DEFAULT_LOSS,
     Fidelity,
     check_kind,
+    default_distill_loss,
     distill_loss,
     infer_output_kind,
     measure_fidelity,
@@ -62,7 +62,7 @@ def finetune(
         batch_size: Mini-batch size.
         loss_fn: Supervised loss ``(outputs, labels)``; default cross-entropy.
         distill: ``"kl"``, ``"bce"``, ``"cosine"`` or ``"mse"``; ``None`` picks the one for the
-            output kind (:data:`qtcompress.train.objectives.DEFAULT_LOSS`).
+            output kind (:func:`qtcompress.train.objectives.default_distill_loss`).
         output: Which output to train on when the model returns several
             (:func:`qtcompress.data.model_call.select_output`; default: the first tensor, or
             ``logits`` / ``last_hidden_state``).
@@ -95,7 +95,7 @@ def finetune(
     fmodel.check(probe)
     teacher_probe = select_output(probe.call(fmodel.teacher), output)
     kind = check_kind(output_kind or infer_output_kind(teacher_probe))
-    objective = distill or DEFAULT_LOSS[kind]
+    objective = distill or default_distill_loss(kind)
     distill_loss(teacher_probe, teacher_probe, objective, temperature)  # validates early
     if mode == "supervised" and probe.labels is None:
         raise ConfigError("Supervised fine-tuning needs labels; use mode='distill' without.")

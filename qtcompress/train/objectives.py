@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -29,14 +29,6 @@ import torch.nn.functional as F
 
 from qtcompress.errors import ConfigError
 
-OUTPUT_KINDS = ("logits", "probability", "embedding", "regression", "ctc")
-DEFAULT_LOSS = {
-    "logits": "kl",
-    "probability": "bce",
-    "embedding": "cosine",
-    "regression": "mse",
-    "ctc": "kl",
-}
 # A student whose outputs vary across inputs less than this fraction of the teacher's is
 # treated as constant ("dead"): a collapsed network, not a weak one.
 DEGENERATE_RATIO = 0.02
@@ -65,10 +57,20 @@ def infer_output_kind(teacher: torch.Tensor) -> str:
 
 
 def check_kind(kind: str) -> str:
-    """Validate an output kind name."""
-    if kind not in OUTPUT_KINDS:
-        raise ConfigError(f"Unknown output kind {kind!r}; choose from {', '.join(OUTPUT_KINDS)}.")
+    """Validate an output kind name (a :class:`ConfigError` naming the registered ones)."""
+    if kind not in _KINDS:
+        raise ConfigError(f"Unknown output kind {kind!r}; choose from {', '.join(_KINDS)}.")
     return kind
+
+
+def output_kind_names() -> tuple[str, ...]:
+    """Registered output kinds, in registration order."""
+    return tuple(_KINDS)
+
+
+def default_distill_loss(kind: str) -> str:
+    """The distillation loss an output kind uses unless ``--distill`` names another."""
+    return _KINDS[check_kind(kind)].distill
 
 
 DistillLoss = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -213,13 +215,7 @@ class Fidelity:
     @property
     def headline_name(self) -> str:
         """Name of the figure that :attr:`headline` holds."""
-        return {
-            "logits": "agreement",
-            "probability": "agreement",
-            "embedding": "cosine",
-            "regression": "correlation",
-            "ctc": "decode_agreement",
-        }[self.kind]
+        return _KINDS[self.kind].headline
 
     @property
     def headline(self) -> float:
@@ -312,10 +308,75 @@ def decode_agreement(student: torch.Tensor, teacher: torch.Tensor) -> float:
     return max(0.0, 1.0 - errors / max(1, length))
 
 
-def _decisions(out: torch.Tensor, kind: str) -> torch.Tensor:
-    if kind == "logits":
-        return out.argmax(-1)
+Scorer = Callable[[torch.Tensor, torch.Tensor], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """A registered output kind: how such outputs are distilled and judged.
+
+    Attributes:
+        name: ``--output-kind`` value.
+        distill: The registered distillation loss used unless one is named.
+        headline: The :class:`Fidelity` field that is the kind's one number (``--min-fidelity``).
+        decisions: ``outputs -> decisions`` compared for ``agreement`` (and for ``accuracy``
+            against labels when ``labelled``); ``None``: no agreement.
+        centred: Compare the outputs centred per example (scores defined up to a constant).
+        labelled: Labels are decisions of this kind (accuracy is measured).
+        score: Extra figures ``(student, teacher) -> {Fidelity field: value}``.
+    """
+
+    name: str
+    distill: str
+    headline: str
+    decisions: Callable[[torch.Tensor], torch.Tensor] | None = None
+    centred: bool = False
+    labelled: bool = False
+    score: Scorer | None = None
+
+
+_KINDS: dict[str, OutputKind] = {}
+
+
+def register_output_kind(kind: OutputKind) -> OutputKind:
+    """Register an output kind (its name becomes an ``--output-kind`` value).
+
+    Raises:
+        ConfigError: The name is taken, or the headline is not a :class:`Fidelity` figure.
+    """
+    if kind.name in _KINDS:
+        raise ConfigError(f"An output kind named {kind.name!r} is already registered.")
+    figures = {f.name for f in fields(Fidelity)} - {"kind", "n"}
+    if kind.headline not in figures:
+        raise ConfigError(
+            f"Output kind {kind.name!r}: headline {kind.headline!r} is not one of "
+            f"{', '.join(sorted(figures))}."
+        )
+    _KINDS[kind.name] = kind
+    return kind
+
+
+def _top1(out: torch.Tensor) -> torch.Tensor:
+    return out.argmax(-1)
+
+
+def _threshold(out: torch.Tensor) -> torch.Tensor:
     return (out > 0.5).long().reshape(out.shape[0], -1).squeeze(-1)
+
+
+def _ctc_score(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, float]:
+    return {"decode_agreement": decode_agreement(student, teacher)}
+
+
+for _kind in (
+    OutputKind("logits", "kl", "agreement", _top1, centred=True, labelled=True),
+    OutputKind("probability", "bce", "agreement", _threshold, labelled=True),
+    OutputKind("embedding", "cosine", "cosine"),
+    OutputKind("regression", "mse", "correlation"),
+    # A CTC frame is a class decision (per-frame agreement); the headline is the decodes'.
+    OutputKind("ctc", "kl", "decode_agreement", _top1, centred=True, score=_ctc_score),
+):
+    register_output_kind(_kind)
 
 
 @torch.no_grad()
@@ -327,7 +388,7 @@ def measure_fidelity(
     Args:
         student: Student outputs.
         teacher: Teacher outputs of the same shape.
-        kind: One of ``OUTPUT_KINDS``.
+        kind: A registered output kind (:func:`register_output_kind`).
         labels: Optional labels (class indices for logits, 0/1 for probabilities).
     """
     check_kind(kind)
@@ -336,9 +397,10 @@ def measure_fidelity(
             f"Student output {tuple(student.shape)} and teacher output "
             f"{tuple(teacher.shape)} differ in shape."
         )
+    spec = _KINDS[kind]
     s, t = student.detach().double(), teacher.detach().double()
-    if kind in ("logits", "ctc"):
-        # Logits are defined up to a constant per example (softmax ignores it): compare them
+    if spec.centred:
+        # Scores defined up to a constant per example (softmax ignores it) are compared
         # centred, so a shifted but otherwise identical student scores correlation 1.
         sf = (s - s.mean(-1, keepdim=True)).reshape(-1)
         tf = (t - t.mean(-1, keepdim=True)).reshape(-1)
@@ -357,12 +419,10 @@ def measure_fidelity(
     )
     spread = s_spread / t_spread if t_spread > 0 else (1.0 if s_spread == 0 else math.inf)
     agreement = cosine = accuracy = teacher_accuracy = None
-    decoded = decode_agreement(s, t) if kind == "ctc" else None
-    if kind in ("logits", "probability", "ctc"):
-        per = "logits" if kind == "ctc" else kind  # a CTC frame is a class decision
-        pred, truth = _decisions(s, per), _decisions(t, per)
+    if spec.decisions is not None:
+        pred, truth = spec.decisions(s), spec.decisions(t)
         agreement = float((pred == truth).double().mean())
-        if labels is not None and labels.numel() > 0 and kind != "ctc":
+        if labels is not None and labels.numel() > 0 and spec.labelled:
             if pred.shape != labels.shape:
                 raise ConfigError(
                     f"Labels of shape {tuple(labels.shape)} do not match the "
@@ -373,6 +433,7 @@ def measure_fidelity(
             teacher_accuracy = float((truth == gold).double().mean())
     if kind == "embedding" or (s.ndim >= 2 and s.shape[-1] >= 2):
         cosine = float(F.cosine_similarity(s, t, dim=-1).mean())
+    extra = spec.score(s, t) if spec.score is not None else {}
     return Fidelity(
         kind,
         int(s.shape[0]),
@@ -383,5 +444,5 @@ def measure_fidelity(
         accuracy,
         teacher_accuracy,
         spread,
-        decoded,
+        **extra,
     )
