@@ -25,9 +25,10 @@ if TYPE_CHECKING:
 # version-3 files have none of them and read unchanged.
 # Version 5 made the hashed scheme the default and ``n_layers`` automatic (``None``); an older
 # description without a ``scheme`` key is the rows scheme, its default then.
-CONFIG_VERSION = 5
+# Version 6 added ``ansatz`` (a registered circuit); older descriptions are the paper's
+# ansatz, its default, and read unchanged.
+CONFIG_VERSION = 6
 _RENAMED_IN_3 = {"max_qubits": "chunk_max_qubits", "per_tensor_affine": "train_affine"}
-MAPPINGS = ("mlp", "mps")
 # The default scheme, chosen from the frontier in docs/benchmarks.md (fidelity against bytes on
 # the real-shaped suite); each scheme registers its own default budget
 # (qtcompress.generator.registry).
@@ -69,7 +70,10 @@ class QTConfig:
         n_layers: QNN layers; ``None``: :data:`DEFAULT_LAYERS` for rows and flat, from the
             budget for hashed.
         n_qubits: QNN qubits; ``None``: the fewest that cover M.
-        mapping: ``"mlp"`` or ``"mps"``.
+        ansatz: The QNN's circuit, a name registered in :mod:`qtcompress.qnn.ansatz`
+            (``"paper"``: RY on every qubit and a CNOT chain per layer; ``"ry-rz-ring"``).
+        mapping: Flat scheme: a mapping registered in :mod:`qtcompress.generator.common`
+            (``"mlp"`` or ``"mps"``).
         hidden: Mapping hidden widths; ``None``: ``(32,)`` for rows, ``(16, 16)`` for flat.
         activation: MLP activation.
         bond_dim: MPS bond dimension.
@@ -104,6 +108,7 @@ class QTConfig:
     chunk_max_qubits: int = 16
     n_layers: int | None = None
     n_qubits: int | None = None
+    ansatz: str = "paper"
     mapping: str = "mlp"
     hidden: tuple[int, ...] | None = None
     activation: str = "tanh"
@@ -168,8 +173,9 @@ class QTConfig:
             not self.hidden or not all(_is_int(h) and h >= 1 for h in self.hidden)
         ):
             raise ConfigError(f"hidden must list positive integer widths, got {self.hidden!r}.")
-        if self.mapping not in MAPPINGS:
-            raise ConfigError(f"Unknown mapping {self.mapping!r}; choose from {MAPPINGS}.")
+        for name in ("ansatz", "mapping"):  # registered names, checked by resolve()
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a registered name, got {getattr(self, name)!r}.")
         if self.activation not in ACTIVATION_NAMES:
             raise ConfigError(
                 f"Unknown activation {self.activation!r}; choose from {ACTIVATION_NAMES}."
@@ -212,7 +218,7 @@ class QTConfig:
             raise ConfigError(f"A QTConfig must be a JSON object, got {type(data).__name__}.")
         version = data.get("version", CONFIG_VERSION)
         # Before the key check: no misleading warning.
-        if version not in (1, 2, 3, 4, CONFIG_VERSION):
+        if version not in (1, 2, 3, 4, 5, CONFIG_VERSION):
             raise ConfigError(
                 f"QTConfig version {version!r} is not supported (this qtcompress "
                 f"reads versions 1 to {CONFIG_VERSION})."
@@ -272,10 +278,14 @@ class QTConfig:
             ConfigError: A field the scheme does not use is set, or an explicit budget is
                 below the smallest generator for this model.
         """
+        from qtcompress.generator.common import check_mapping
         from qtcompress.generator.registry import check_fields, get_scheme
+        from qtcompress.qnn.ansatz import check_ansatz
 
         scheme = get_scheme(self.scheme)
         check_fields(self, scheme)
+        check_ansatz(self.ansatz)
+        check_mapping(self.mapping)
         return scheme.resolve(self, layout, pretrained)
 
     def budget_params(self, total: int) -> int:

@@ -193,7 +193,7 @@ def test_config_json_round_trip_and_validation():
         QTConfig.from_json('{"version": 99}')
     # Version 2 named two fields differently; its files read with the names translated.
     old = QTConfig.from_json('{"version": 2, "max_qubits": 12, "per_tensor_affine": false}')
-    assert old.version == 5 and old.scheme == "rows"
+    assert old.version == 6 and old.scheme == "rows"
     # The rows scheme reads neither field: an old file's are reset to their defaults.
     assert (old.chunk_max_qubits, old.train_affine) == (16, True)
     # Before version 5 the default scheme was rows: a description without a scheme says rows.
@@ -211,12 +211,13 @@ def test_config_json_round_trip_and_validation():
 BAD_CONFIGS = [
     ({"chunk": 0}, "chunk must be a positive integer or None, got 0"),
     ({"n_layers": 0}, "n_layers must be a positive integer or None, got 0"),
-    ({"mapping": "cnn"}, "Unknown mapping 'cnn'"),
+    ({"scheme": "flat", "mapping": "cnn"}, "Unknown mapping 'cnn'; choose from mlp, mps"),
+    ({"ansatz": "ry-ring"}, "Unknown ansatz 'ry-ring'; choose from paper, ry-rz-ring"),
     ({"hidden": []}, r"hidden must list positive integer widths, got \(\)"),
     ({"activation": "step"}, "Unknown activation 'step'"),
     ({"target": "conv1"}, "target must be a list, got 'conv1'"),
     ({"seed": -1}, "seed must be a non-negative integer, got -1"),
-    ({"version": 6}, "QTConfig version 6 is not supported"),
+    ({"version": 7}, "QTConfig version 7 is not supported"),
     ({"chunk_max_qubits": 64}, "At most 30 qubits are supported"),
     ({"include_frozen": 1}, "include_frozen must be a bool, got 1"),
     ({"prob_transform": "x"}, "Unknown prob_transform 'x'"),
@@ -225,8 +226,9 @@ BAD_CONFIGS = [
 
 @pytest.mark.parametrize("bad,match", BAD_CONFIGS, ids=[next(iter(b)) for b, _ in BAD_CONFIGS])
 def test_config_rejects_bad_values(bad, match):
+    # Most at construction; a registered name (ansatz, mapping) when the config is resolved.
     with pytest.raises(ConfigError, match=match):
-        QTConfig(**bad)
+        compress(TinyMLP(), QTConfig(**bad))
 
 
 @pytest.mark.slow
@@ -343,3 +345,40 @@ def test_an_options_object_and_overrides_give_the_same_run():
     qt = compress(TinyMLP(), SMALL)
     r = qt.finetune(x, None, FinetuneOptions(steps=50, batch_size=16, progress=False), steps=3)
     assert len(r.history) == 3
+
+
+def test_an_ansatz_and_a_mapping_are_registrations_the_config_names_and_the_file_keeps(tmp_path):
+    from qtcompress import load
+    from qtcompress.generator import common
+    from qtcompress.qnn import Ansatz, ansatz, make_ansatz, register_ansatz
+
+    model = TinyMLP()
+    x = example_input(model)
+    # A registered ansatz, chosen by name: its angles per layer are what the budget pays for.
+    register_ansatz("rx-ring", lambda n, layers: Ansatz(n, layers, ("rx",), "ring"))
+    try:
+        qt = compress(model, QTConfig(budget=200, ansatz="rx-ring"))
+        assert qt.generator.ansatz == make_ansatz("rx-ring", qt.config.n_qubits, qt.config.n_layers)
+        assert qt.generator.ansatz.entangler == "ring"
+        path = qt.save(tmp_path / "g.qtc.safetensors", example_inputs=(x,))
+        again = load(path)
+        assert again.config.ansatz == "rx-ring" and again.config.version == 6
+        assert again.verify_weights().identical
+        with pytest.raises(ConfigError, match="An ansatz named 'rx-ring' is already registered"):
+            register_ansatz("rx-ring", Ansatz.paper)
+    finally:
+        ansatz._ANSATZE.pop("rx-ring", None)
+    # Twice the angles a layer: the same budget buys half the layers.
+    paper = compress(model, QTConfig(budget=200)).config
+    ring = compress(model, QTConfig(budget=200, ansatz="ry-rz-ring")).config
+    assert ring.n_qubits == paper.n_qubits and ring.n_layers == paper.n_layers // 2
+    # A mapping is a registration too (flat scheme).
+    common.register_mapping(
+        "mlp-wide", lambda n, c, _h, act, _b, seed: common.MLPMapping(n, c, (64,), act, seed)
+    )
+    try:
+        flat = compress(model, QTConfig(scheme="flat", n_layers=2, mapping="mlp-wide"))
+        assert "mlp-wide" in common.mapping_names()
+        assert flat.generator.mapping.body[0].out_features == 64
+    finally:
+        common._MAPPINGS.pop("mlp-wide", None)

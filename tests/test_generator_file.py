@@ -242,7 +242,7 @@ def test_golden_file_always_loads():
     """
     gen = load_generator(GOLDEN)
     assert gen.metadata["config"]["version"] == 1  # written before the version-3 renames
-    assert gen.config.version == 5 and gen.config.chunk_max_qubits == 16
+    assert gen.config.version == 6 and gen.config.chunk_max_qubits == 16
     check = gen.verify_weights()
     assert check.equivalent, check
     reference = load_file_tensors(GOLDEN_WEIGHTS)

@@ -22,11 +22,10 @@ def cmd_qnn(args: argparse.Namespace) -> int:
     import torch
 
     from qtcompress.limits import check_qnn_size
-    from qtcompress.qnn import QNN, Ansatz, index_to_bits
+    from qtcompress.qnn import QNN, index_to_bits, make_ansatz
 
     check_qnn_size(args.qubits, args.layers)
-    make = Ansatz.paper if args.ansatz == "paper" else Ansatz.ry_rz_ring
-    ansatz = make(args.qubits, args.layers)
+    ansatz = make_ansatz(args.ansatz, args.qubits, args.layers)  # a registered name
     qnn = QNN(ansatz, seed=args.seed, shots=args.shots, cache_size=0)
     start = time.perf_counter()
     probs = qnn()
@@ -307,6 +306,8 @@ def _config_from_args(args: argparse.Namespace) -> Any:
     }
     if args.layers is not None:
         fields["n_layers"] = args.layers
+    if args.ansatz is not None:
+        fields["ansatz"] = args.ansatz
     if args.scheme == "hashed":  # layers come from the budget; the rows-only fields stay unset
         fields.pop("rank")
         fields["values"] = args.values

@@ -28,8 +28,6 @@ from qtcompress.constants import (
     TEXT_TEST_FRACTION,
 )
 
-ANSATZ_CHOICES = ("paper", "ry-rz-ring")
-
 # The default recipe of `compress` and `demo`: the generator's sizes come from QTConfig (one
 # set of defaults: the hashed scheme at its registered budget, 0.5% of M); the step counts and
 # learning rates from PipelineSettings. Measured on the suite of real-shaped models:
@@ -107,9 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     qnn.add_argument("--layers", type=_positive_int, default=4, help="layers L (default 4)")
     qnn.add_argument(
         "--ansatz",
-        choices=ANSATZ_CHOICES,
+        metavar="NAME",
         default="paper",
-        help="paper: RY + CNOT chain (default); ry-rz-ring: RY, RZ + CNOT ring",
+        help="a registered ansatz (qnn/ansatz.py): paper: RY + CNOT chain (default); "
+        "ry-rz-ring: RY, RZ + CNOT ring",
     )
     qnn.add_argument(
         "--shots",
@@ -172,11 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
         )
         gen.add_argument(
             "--values",
-            choices=("qnn", "mps", "table", "frozen", "zeros"),
+            metavar="SOURCE",
             default="qnn",
             help="hashed scheme: where the shared values come from: qnn (Quantum-Train, "
             "default), or a classical control: mps (a Born machine), table (HashedNets), "
-            "frozen (a random probability vector), zeros",
+            "frozen (a random probability vector), zeros (registered in "
+            "generator/values.py)",
+        )
+        gen.add_argument(
+            "--ansatz",
+            metavar="NAME",
+            default=None,
+            help="the QNN's circuit, one registered in qnn/ansatz.py: paper (RY + CNOT chain, "
+            "the default) or ry-rz-ring (RY, RZ + CNOT ring: twice the angles a layer)",
         )
         gen.add_argument(
             "--rank",
@@ -205,7 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
             help="mapping MLP widths (default 32 for rows, 16 16 for flat)",
         )
         gen.add_argument(
-            "--mapping", choices=("mlp", "mps"), default="mlp", help="mapping network (default mlp)"
+            "--mapping",
+            metavar="NAME",
+            default="mlp",
+            help="flat scheme: the mapping network, one registered in generator/common.py: mlp "
+            "(default) or mps",
         )
         gen.add_argument(
             "--target",

@@ -25,6 +25,7 @@ from qtcompress.errors import ConfigError, NonFiniteError
 from qtcompress.experimental.mps import MPSMapping
 from qtcompress.mapping import Mapping, MLPMapping, transform_probs
 from qtcompress.qnn import QNN, Ansatz
+from qtcompress.qnn.ansatz import DEFAULT_ANSATZ, make_ansatz
 from qtcompress.targets import Layout, TensorSpec
 
 # Weights produced per streamed block by default (bounds mapping activations, not the output).
@@ -186,8 +187,9 @@ def qnn_for(
     seed: int,
     shortfall: str,
     remedy: str,
+    ansatz: str = DEFAULT_ANSATZ,
 ) -> QNN:
-    """The paper-ansatz QNN with enough basis states for ``n_states`` (both schemes).
+    """The QNN (a registered ansatz) with enough basis states for ``n_states``.
 
     ``shortfall`` and ``remedy`` complete the error message for too few qubits.
     """
@@ -199,7 +201,37 @@ def qnn_for(
             f"qubits{' ' + remedy if remedy else ''}."
         )
     transform_probs(torch.zeros(2), 1, prob_transform)  # validates the name early
-    return QNN(Ansatz.paper(n, n_layers), backend=backend, seed=seed)
+    return QNN(make_ansatz(ansatz, n, n_layers), backend=backend, seed=seed)
+
+
+# name -> builder(n_qubits, chunk, hidden, activation, bond_dim, seed): the flat scheme's
+# mapping networks. The factory lives here, not in mapping.py: experimental/mps.py builds on
+# mapping.Mapping, so mapping.py importing it back was an import circle.
+MappingBuilder = Callable[[int, int, tuple[int, ...], str, int, int], Mapping]
+_MAPPINGS: dict[str, MappingBuilder] = {}
+
+
+def register_mapping(name: str, builder: MappingBuilder) -> None:
+    """Register ``builder(n_qubits, chunk, hidden, activation, bond_dim, seed)`` as a mapping.
+
+    Raises:
+        ConfigError: A mapping of that name is already registered.
+    """
+    if name in _MAPPINGS:
+        raise ConfigError(f"A mapping named {name!r} is already registered.")
+    _MAPPINGS[name] = builder
+
+
+def mapping_names() -> tuple[str, ...]:
+    """Registered mappings, in registration order."""
+    return tuple(_MAPPINGS)
+
+
+def check_mapping(name: str) -> str:
+    """Validate a mapping name (a :class:`ConfigError` naming the registered ones)."""
+    if name not in _MAPPINGS:
+        raise ConfigError(f"Unknown mapping {name!r}; choose from {', '.join(_MAPPINGS)}.")
+    return name
 
 
 def make_mapping(
@@ -212,14 +244,17 @@ def make_mapping(
     bond_dim: int = 4,
     seed: int = 0,
 ) -> Mapping:
-    """Build a mapping by name: ``"mlp"`` (:class:`MLPMapping`) or ``"mps"``.
+    """Build a registered mapping by name: ``"mlp"`` (:class:`MLPMapping`) or ``"mps"``.
 
     ``"mps"`` is :class:`qtcompress.experimental.mps.MPSMapping` (arXiv 2409.06992 style).
     """
-    # The factory lives here, not in mapping.py: experimental/mps.py builds on mapping.Mapping,
-    # so mapping.py importing it back was an import circle.
-    if kind == "mlp":
-        return MLPMapping(n_qubits, chunk, tuple(hidden), activation, seed)
-    if kind == "mps":
-        return MPSMapping(n_qubits, chunk, bond_dim, seed)
-    raise ConfigError(f"Unknown mapping {kind!r}; choose 'mlp' or 'mps'.")
+    builder = _MAPPINGS[check_mapping(kind)]
+    return builder(n_qubits, chunk, tuple(hidden), activation, bond_dim, seed)
+
+
+register_mapping(
+    "mlp", lambda n, chunk, hidden, act, _bond, seed: MLPMapping(n, chunk, hidden, act, seed)
+)
+register_mapping(
+    "mps", lambda n, chunk, _hidden, _act, bond, seed: MPSMapping(n, chunk, bond, seed)
+)

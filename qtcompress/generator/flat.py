@@ -57,6 +57,7 @@ class QTGenerator(Generator):
         standardize: Standardise each tensor's raw outputs before the affine (see module doc).
         block_states: Basis states mapped per streamed block (``None``: about 2**18 weights).
         seed: Seeds the QNN angles and the mapping.
+        ansatz: The QNN's circuit (a name registered in :mod:`qtcompress.qnn.ansatz`).
     """
 
     scheme = "flat"
@@ -78,6 +79,7 @@ class QTGenerator(Generator):
         standardize: bool = True,
         block_states: int | None = None,
         seed: int = 0,
+        ansatz: str = "paper",
     ) -> None:
         super().__init__()
         if chunk < 1:
@@ -96,6 +98,7 @@ class QTGenerator(Generator):
             seed,
             f"x chunk {chunk} < M={self.total}",
             "or a larger chunk",
+            ansatz,
         )
         n = self.qnn.n_qubits
         if isinstance(mapping, Mapping):

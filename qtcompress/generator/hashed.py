@@ -34,6 +34,7 @@ from qtcompress.generator.common import Generator, check_pretrained
 from qtcompress.generator.ranks import row_view
 from qtcompress.generator.values import make_values
 from qtcompress.qnn import QNN, Ansatz
+from qtcompress.qnn.ansatz import angles_per_layer, make_ansatz
 from qtcompress.targets import Layout
 
 if TYPE_CHECKING:
@@ -96,6 +97,8 @@ class HashedGenerator(Generator):
         hashed_vectors: Vectors are hashed too (a scale and an offset each) instead of exact.
         backend: QNN simulator backend.
         seed: Seeds the hash, the QNN angles and the source.
+        ansatz: The QNN's circuit (a name registered in :mod:`qtcompress.qnn.ansatz`); the
+            classical controls stand in for it.
     """
 
     scheme = "hashed"
@@ -112,13 +115,15 @@ class HashedGenerator(Generator):
         hashed_vectors: bool = False,
         backend: str = "qsim",
         seed: int = 0,
+        ansatz: str = "paper",
     ) -> None:
         super().__init__()
         self.layout = layout
         self.total = layout.total
         self.values_kind = values
         self._n_layers = n_layers
-        self.source = make_values(values, n_qubits, n_layers, allowance, backend, seed)
+        self._ansatz = ansatz
+        self.source = make_values(values, n_qubits, n_layers, allowance, backend, seed, ansatz)
         self.buckets = self.source.n_values
         self.chunk = max(1, math.ceil(self.total / self.buckets))  # weights per value, on average
         self.row_scales = bool(row_scales)
@@ -171,7 +176,7 @@ class HashedGenerator(Generator):
         qnn = getattr(self.source, "qnn", None)
         if isinstance(qnn, QNN):
             return qnn.ansatz
-        return Ansatz.paper(max(1, self.n_qubits), max(1, self._n_layers))
+        return make_ansatz(self._ansatz, max(1, self.n_qubits), max(1, self._n_layers))
 
     @property
     def n_qubits(self) -> int:
@@ -381,7 +386,8 @@ def resolve_hashed(
     with a scale and an offset each otherwise; then per-row scales (per-tensor scales where
     rows would take more than :data:`ROW_SCALE_SHARE` of what is left); then the source: the
     QNN gets ``n = round(log2(allowance))`` qubits (within 4..12) and as many layers as the
-    allowance buys (``n * L`` angles), up to :data:`MAX_QNN_WORK` and
+    allowance buys (``n * L`` angles for the paper ansatz, what one layer of the chosen ansatz
+    costs otherwise), up to :data:`MAX_QNN_WORK` and
     :data:`qtcompress.limits.MAX_LAYERS` (past those the budget is not all spent).
 
     Without a budget the scheme's default (0.5% of M) is used, at least :data:`DEFAULT_FLOOR`
@@ -422,8 +428,9 @@ def resolve_hashed(
         n = min(MAX_QUBITS, max(MIN_QUBITS, round(math.log2(allowance))))
     layers = config.n_layers  # given: kept (the allowance may then not all be spent)
     if layers is None:
-        layers = max(1, allowance // n)
-        layers = min(layers, max(1, MAX_QNN_WORK // (n * 2**n)), limits.MAX_LAYERS)
+        per_layer = angles_per_layer(config.ansatz, n)  # n for the paper ansatz
+        layers = max(1, allowance // per_layer)
+        layers = min(layers, max(1, MAX_QNN_WORK // (per_layer * 2**n)), limits.MAX_LAYERS)
     return replace(
         config,
         n_qubits=n,

@@ -17,6 +17,7 @@ import torch
 
 from qtcompress.errors import ConfigError
 from qtcompress.generator.common import qubits_for
+from qtcompress.qnn.ansatz import angles_per_layer
 from qtcompress.targets import Layout
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ def row_generator_size(
     n_layers: int,
     hidden: tuple[int, ...],
     n_qubits: int | None = None,
+    ansatz: str = "paper",
 ) -> int:
     """Trainable parameters of a :class:`RowGenerator` with these per-tensor ranks."""
     views = [row_view(s.shape) for s in layout.specs]
@@ -57,7 +59,7 @@ def row_generator_size(
     widths = (n + 1, *hidden, max(1, *ranks))
     body = sum((a + 1) * b for a, b in zip(widths[:-1], widths[1:], strict=True))
     heads = sum((k + 1) * c for (_, c), k in zip(views, ranks, strict=True))
-    return n * n_layers + body + heads
+    return angles_per_layer(ansatz, n) * n_layers + body + heads
 
 
 def uniform_ranks(layout: Layout, rank: int) -> tuple[int, ...]:
@@ -168,6 +170,7 @@ def allocate_ranks(
     n_layers: int,
     hidden: tuple[int, ...],
     n_qubits: int | None = None,
+    ansatz: str = "paper",
 ) -> tuple[int, ...]:
     """Per-tensor ranks that fit ``allowed`` parameters, spent where the weights need them.
 
@@ -186,13 +189,16 @@ def allocate_ranks(
         n_layers: QNN layers.
         hidden: Mapping body hidden widths.
         n_qubits: Qubits, if fixed.
+        ansatz: The QNN's registered circuit (its angles per layer count in the budget).
 
     Returns:
         One rank per tensor, in layout order (the minimum even if it exceeds ``allowed``).
     """
 
     def size_of(rank: int) -> int:
-        return row_generator_size(layout, uniform_ranks(layout, rank), n_layers, hidden, n_qubits)
+        return row_generator_size(
+            layout, uniform_ranks(layout, rank), n_layers, hidden, n_qubits, ansatz
+        )
 
     low, high = 1, 2
     while size_of(high) <= allowed and high < 1 << 20:
@@ -201,7 +207,7 @@ def allocate_ranks(
         mid = (low + high) // 2
         low, high = (mid, high) if size_of(mid) <= allowed else (low, mid)
     ranks = list(uniform_ranks(layout, low))
-    size = row_generator_size(layout, ranks, n_layers, hidden, n_qubits)
+    size = row_generator_size(layout, ranks, n_layers, hidden, n_qubits, ansatz)
     gains: list[torch.Tensor] = []
     for s, rank in zip(layout.specs, ranks, strict=True):
         if max_rank(s.shape) == 0 or pretrained is None:
@@ -266,7 +272,7 @@ def resolve_rows(config: QTConfig, layout: Layout, pretrained: torch.Tensor | No
     allowed = config.budget_params(layout.total)
 
     def size(ranks: tuple[int, ...]) -> int:
-        return row_generator_size(layout, ranks, layers, hidden, config.n_qubits)
+        return row_generator_size(layout, ranks, layers, hidden, config.n_qubits, config.ansatz)
 
     smallest = size(uniform_ranks(layout, 1))
     if smallest > allowed and config.budget is None:
@@ -291,5 +297,7 @@ def resolve_rows(config: QTConfig, layout: Layout, pretrained: torch.Tensor | No
             stacklevel=2,
         )
         return resolve_hashed(replace(config, scheme="hashed"), layout, pretrained)
-    ranks = allocate_ranks(layout, pretrained, allowed, layers, hidden, config.n_qubits)
+    ranks = allocate_ranks(
+        layout, pretrained, allowed, layers, hidden, config.n_qubits, config.ansatz
+    )
     return replace(config, hidden=hidden, n_layers=layers, ranks=ranks)

@@ -159,9 +159,10 @@ def _register_builtin() -> None:
             prob_transform=c.prob_transform,
             backend=c.backend,
             seed=c.seed,
+            ansatz=c.ansatz,
         ),
         fields={"rank", "ranks", "n_layers", "n_qubits", "hidden", "activation"}
-        | {"prob_transform"},
+        | {"prob_transform", "ansatz"},
         summary="one basis state per tensor row, a low-rank head per tensor (>= ~2% of M)",
         # The suite benchmark (docs/benchmarks.md): 5% was the rows scheme's best point.
         default_budget=0.05,
@@ -184,10 +185,11 @@ def _register_builtin() -> None:
             standardize=c.standardize,
             block_states=c.block_states,
             seed=c.seed,
+            ansatz=c.ansatz,
         ),
         fields={"chunk", "chunk_max_qubits", "n_layers", "n_qubits", "mapping", "hidden"}
         | {"activation", "bond_dim", "prob_transform", "train_affine", "standardize"}
-        | {"block_states"},
+        | {"block_states", "ansatz"},
         summary="the paper's flat index in chunk-sized pieces, one shared head",
     )
     register_scheme(
@@ -203,8 +205,10 @@ def _register_builtin() -> None:
             hashed_vectors=bool(c.hashed_vectors),
             backend=c.backend,
             seed=c.seed,
+            ansatz=c.ansatz,
         ),
-        fields={"values", "n_qubits", "n_layers", "row_scales", "hashed_vectors", "allowance"},
+        fields={"values", "n_qubits", "n_layers", "row_scales", "hashed_vectors", "allowance"}
+        | {"ansatz"},
         summary="every weight a signed, scaled shared value from the QNN (0.05-5% of M)",
         # tools/bench_frontier.py's sweep at 0.5% of M: 1e-2 beat 3e-3 for the QNN and the table
         # on the CNN (98.3% vs 98.1%, 99.2% vs 97.8%) and for the table on the encoder.

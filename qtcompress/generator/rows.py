@@ -45,6 +45,7 @@ class RowGenerator(Generator):
         prob_transform: See :func:`~qtcompress.mapping.transform_probs`.
         backend: QNN simulator backend.
         seed: Seeds the QNN angles, the body and the heads.
+        ansatz: The QNN's circuit (a name registered in :mod:`qtcompress.qnn.ansatz`).
     """
 
     scheme = "rows"
@@ -61,6 +62,7 @@ class RowGenerator(Generator):
         prob_transform: str = "scaled",
         backend: str = "qsim",
         seed: int = 0,
+        ansatz: str = "paper",
     ) -> None:
         super().__init__()
         from qtcompress.mapping import ACTIVATIONS
@@ -98,6 +100,7 @@ class RowGenerator(Generator):
             seed,
             f"< {self.n_states} rows",
             "",
+            ansatz,
         )
         n = self.qnn.n_qubits
         width_out = max(1, *self.ranks)

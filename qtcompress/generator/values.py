@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from qtcompress.errors import ConfigError
-from qtcompress.qnn import QNN, Ansatz
+from qtcompress.qnn import QNN
+from qtcompress.qnn.ansatz import make_ansatz
 
 
 class ValueSource(nn.Module):
@@ -44,9 +45,17 @@ class ValueSource(nn.Module):
 class QNNValues(ValueSource):
     """The QNN's basis-state probabilities, centred: ``v = 2**n * p - 1`` (mean exactly 0)."""
 
-    def __init__(self, n_qubits: int, n_layers: int, *, backend: str = "qsim", seed: int = 0):
+    def __init__(
+        self,
+        n_qubits: int,
+        n_layers: int,
+        *,
+        backend: str = "qsim",
+        seed: int = 0,
+        ansatz: str = "paper",
+    ) -> None:
         super().__init__()
-        self.qnn = QNN(Ansatz.paper(n_qubits, n_layers), backend=backend, seed=seed)
+        self.qnn = QNN(make_ansatz(ansatz, n_qubits, n_layers), backend=backend, seed=seed)
         self.n_qubits, self.n_layers, self.n_values = n_qubits, n_layers, 2**n_qubits
 
     def forward(self) -> torch.Tensor:
@@ -133,8 +142,8 @@ def mps_bond_dim(n_qubits: int, allowance: int) -> int:
     return max(1, int(math.sqrt(max(1, allowance - 1) / (2 * n_qubits))))
 
 
-# name -> builder(n_qubits, n_layers, allowance, backend, seed)
-SourceBuilder = Callable[[int, int, int, str, int], ValueSource]
+# name -> builder(n_qubits, n_layers, allowance, backend, seed, ansatz)
+SourceBuilder = Callable[[int, int, int, str, int, str], ValueSource]
 VALUE_SOURCES: dict[str, SourceBuilder] = {}
 
 
@@ -146,22 +155,32 @@ def register_values(name: str, builder: SourceBuilder) -> None:
 
 
 register_values(
-    "qnn", lambda n, layers, _a, backend, seed: QNNValues(n, layers, backend=backend, seed=seed)
+    "qnn",
+    lambda n, layers, _a, backend, seed, ansatz: QNNValues(
+        n, layers, backend=backend, seed=seed, ansatz=ansatz
+    ),
 )
 register_values(
-    "mps", lambda n, _l, allowance, _b, seed: MPSValues(n, mps_bond_dim(n, allowance), seed=seed)
+    "mps",
+    lambda n, _l, allowance, _b, seed, _an: MPSValues(n, mps_bond_dim(n, allowance), seed=seed),
 )
-register_values("table", lambda _n, _l, allowance, _b, seed: TableValues(allowance, seed=seed))
-register_values("frozen", lambda n, _l, _a, _b, seed: FrozenValues(n, seed=seed))
-register_values("zeros", lambda n, _l, _a, _b, _s: ZeroValues(n))
+register_values("table", lambda _n, _l, allowance, _b, seed, _an: TableValues(allowance, seed=seed))
+register_values("frozen", lambda n, _l, _a, _b, seed, _an: FrozenValues(n, seed=seed))
+register_values("zeros", lambda n, _l, _a, _b, _s, _an: ZeroValues(n))
 
 
 def make_values(
-    kind: str, n_qubits: int, n_layers: int, allowance: int, backend: str, seed: int
+    kind: str,
+    n_qubits: int,
+    n_layers: int,
+    allowance: int,
+    backend: str,
+    seed: int,
+    ansatz: str = "paper",
 ) -> ValueSource:
     """Build a registered source by name (see the module docstring)."""
     if kind not in VALUE_SOURCES:
         raise ConfigError(
             f"Unknown value source {kind!r}; choose from {', '.join(sorted(VALUE_SOURCES))}."
         )
-    return VALUE_SOURCES[kind](n_qubits, n_layers, allowance, backend, seed)
+    return VALUE_SOURCES[kind](n_qubits, n_layers, allowance, backend, seed, ansatz)

@@ -68,6 +68,7 @@ _CONFIG_SPEC = Obj(
         "max_qubits": Int(min=1),  # its name before config version 3
         "n_layers": Int(min=1),
         "n_qubits": _OPT_INT,
+        "ansatz": Str(max_len=64),
         "mapping": Str(max_len=64),
         "hidden": OneOf((Null(), ListOf(Int(min=1), min_len=1))),
         "activation": Str(max_len=64),

@@ -1,6 +1,15 @@
 """The quantum neural network: Cirq ansatz, qsim simulation, exact fast gradients."""
 
-from qtcompress.qnn.ansatz import MAX_QUBITS, Ansatz, Gate, Program, compile_circuit
+from qtcompress.qnn.ansatz import (
+    MAX_QUBITS,
+    Ansatz,
+    Gate,
+    Program,
+    ansatz_names,
+    compile_circuit,
+    make_ansatz,
+    register_ansatz,
+)
 from qtcompress.qnn.backends import (
     CirqBackend,
     NumpyBackend,
@@ -26,15 +35,18 @@ __all__ = [
     "QsimBackend",
     "StateBackend",
     "adjoint_gradient",
+    "ansatz_names",
     "bit_matrix",
     "bits_to_index",
     "check_qubit_limit",
     "compile_circuit",
     "index_to_bits",
+    "make_ansatz",
     "make_backend",
     "max_qubits_for_memory",
     "parameter_shift_gradient",
     "qnn_probabilities",
+    "register_ansatz",
     "simulate",
     "z_expectations",
 ]

@@ -11,7 +11,7 @@ Angle layout: ``angles[(layer * len(rotations) + r) * n_qubits + q]`` is the ang
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
@@ -202,6 +202,49 @@ class Ansatz:
 
 
 # -- compiled form -----------------------------------------------------------------------------
+# -- the registry of named ansätze ----------------------------------------------------------------
+AnsatzFactory = Callable[[int, int], Ansatz]
+_ANSATZE: dict[str, AnsatzFactory] = {}
+DEFAULT_ANSATZ = "paper"
+
+
+def register_ansatz(name: str, factory: AnsatzFactory) -> None:
+    """Register ``factory(n_qubits, n_layers) -> Ansatz`` as ``QTConfig(ansatz=name)``.
+
+    Raises:
+        ConfigError: An ansatz of that name is already registered.
+    """
+    if name in _ANSATZE:
+        raise ConfigError(f"An ansatz named {name!r} is already registered.")
+    _ANSATZE[name] = factory
+
+
+def ansatz_names() -> tuple[str, ...]:
+    """Registered ansätze, in registration order."""
+    return tuple(_ANSATZE)
+
+
+def check_ansatz(name: str) -> str:
+    """Validate an ansatz name (a :class:`ConfigError` naming the registered ones)."""
+    if not isinstance(name, str) or name not in _ANSATZE:
+        raise ConfigError(f"Unknown ansatz {name!r}; choose from {', '.join(_ANSATZE)}.")
+    return name
+
+
+def make_ansatz(name: str, n_qubits: int, n_layers: int) -> Ansatz:
+    """The registered ansatz ``name`` at this size."""
+    return _ANSATZE[check_ansatz(name)](n_qubits, n_layers)
+
+
+def angles_per_layer(name: str, n_qubits: int) -> int:
+    """Trainable angles one layer of ansatz ``name`` costs on ``n_qubits`` (budget accounting)."""
+    return make_ansatz(name, n_qubits, 1).num_params
+
+
+register_ansatz("paper", Ansatz.paper)
+register_ansatz("ry-rz-ring", Ansatz.ry_rz_ring)
+
+
 @dataclass(frozen=True)
 class Gate:
     """One gate of a compiled program.
