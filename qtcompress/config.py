@@ -278,15 +278,30 @@ class QTConfig:
             ConfigError: A field the scheme does not use is set, or an explicit budget is
                 below the smallest generator for this model.
         """
-        from qtcompress.generator.common import check_mapping
         from qtcompress.generator.registry import check_fields, get_scheme
-        from qtcompress.qnn.ansatz import check_ansatz
 
         scheme = get_scheme(self.scheme)
         check_fields(self, scheme)
+        self.check_registered()
+        return scheme.resolve(self, layout, pretrained)
+
+    def check_registered(self) -> None:
+        """Refuse an ansatz, mapping or value source that is not registered.
+
+        Not in the constructor: the registries live beside torch and Cirq, which importing
+        this module must not load. :meth:`resolve` calls it; the CLI calls it before it
+        touches any file.
+
+        Raises:
+            ConfigError: Naming the unknown name and the registered ones.
+        """
+        from qtcompress.generator.common import check_mapping
+        from qtcompress.generator.values import check_values
+        from qtcompress.qnn.ansatz import check_ansatz
+
         check_ansatz(self.ansatz)
         check_mapping(self.mapping)
-        return scheme.resolve(self, layout, pretrained)
+        check_values(self.values)
 
     def budget_params(self, total: int) -> int:
         """The budget as a parameter count for M = ``total`` weights."""

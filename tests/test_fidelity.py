@@ -142,6 +142,14 @@ def test_distillation_losses_are_registered_in_one_place(cli, tmp_path):
     result = cli("compress", ckpt, *factory, "-o", tmp_path / "o", "--output-kind", "logit")
     assert result.returncode == 1 and not (tmp_path / "o").exists()
     assert "Unknown output kind 'logit'; choose from logits, probability" in result.stderr
+    # Registered names of the generator too, before any file is touched.
+    for flag, value, said in (
+        ("--ansatz", "ry-ring", "Unknown ansatz 'ry-ring'; choose from paper, ry-rz-ring"),
+        ("--values", "tabel", "Unknown value source 'tabel'; choose from frozen, mps"),
+    ):
+        result = cli("compress", ckpt, *factory, "-o", tmp_path / "o", flag, value)
+        assert result.returncode == 1 and not (tmp_path / "o").exists()
+        assert said in result.stderr
 
 
 def test_degenerate_warning_fires_on_a_constant_student_only():

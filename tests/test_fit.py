@@ -198,7 +198,7 @@ def test_config_json_round_trip_and_validation():
     assert (old.chunk_max_qubits, old.train_affine) == (16, True)
     # Before version 5 the default scheme was rows: a description without a scheme says rows.
     v4 = QTConfig.from_json('{"version": 4, "n_layers": 3, "hidden": [8]}')
-    assert (v4.version, v4.scheme, v4.n_layers) == (5, "rows", 3)
+    assert (v4.version, v4.scheme, v4.n_layers) == (6, "rows", 3)
     assert QTConfig().scheme == "hashed" and QTConfig.from_json("{}").scheme == "hashed"
     flat = QTConfig.from_json('{"version": 2, "scheme": "flat", "max_qubits": 12}')
     assert flat.chunk_max_qubits == 12

@@ -319,7 +319,9 @@ def _config_from_args(args: argparse.Namespace) -> Any:
         fields["target"] = tuple(args.target)
     if args.exclude:
         fields["exclude"] = tuple(args.exclude)
-    return QTConfig(**fields)
+    config = QTConfig(**fields)
+    config.check_registered()  # before any file is touched
+    return config
 
 
 def _dynamic_axes(specs: list[str]) -> dict[str, dict[int, str]] | None:

@@ -169,6 +169,15 @@ register_values("frozen", lambda n, _l, _a, _b, seed, _an: FrozenValues(n, seed=
 register_values("zeros", lambda n, _l, _a, _b, _s, _an: ZeroValues(n))
 
 
+def check_values(kind: str) -> str:
+    """Validate a value source name (a :class:`ConfigError` naming the registered ones)."""
+    if kind not in VALUE_SOURCES:
+        raise ConfigError(
+            f"Unknown value source {kind!r}; choose from {', '.join(sorted(VALUE_SOURCES))}."
+        )
+    return kind
+
+
 def make_values(
     kind: str,
     n_qubits: int,
@@ -179,8 +188,4 @@ def make_values(
     ansatz: str = "paper",
 ) -> ValueSource:
     """Build a registered source by name (see the module docstring)."""
-    if kind not in VALUE_SOURCES:
-        raise ConfigError(
-            f"Unknown value source {kind!r}; choose from {', '.join(sorted(VALUE_SOURCES))}."
-        )
-    return VALUE_SOURCES[kind](n_qubits, n_layers, allowance, backend, seed, ansatz)
+    return VALUE_SOURCES[check_values(kind)](n_qubits, n_layers, allowance, backend, seed, ansatz)
