@@ -56,6 +56,7 @@ from qtcompress.train.streams import (
     detect_state_link,
     free_running_fidelity,
     parse_state_link,
+    split_streams,
 )
 
 
@@ -93,7 +94,7 @@ class PipelineSettings:
             output ``OUT``); ``None``: the obvious ``(x, state) -> (y, state)`` is detected and
             named in the log; ``"none"``: not stateful.
         rollout: Chunks per distillation rollout of a stateful model with training streams
-            (``stream_train``); the budget search distils on single chunks.
+            (``stream_train``), in the budget search too.
         search: With ``min_fidelity`` and no size in the config (budget, rank, ranks, scheme
             all default), search the budget for the smallest generator that reaches it
             (:func:`search_budget`); ``False``: ``min_fidelity`` is only a check.
@@ -397,6 +398,7 @@ def search_budget(
     train: InputSource,
     settings: PipelineSettings,
     log: Callable[[str], None],
+    rollouts: Rollouts | None = None,
 ) -> tuple[Trained, list[dict[str, Any]]]:
     """The smallest hashed generator whose fidelity on a validation split reaches the target.
 
@@ -408,20 +410,34 @@ def search_budget(
     reaches the target, the point with the best validation fidelity is kept (the caller then
     reports the shortfall and exits 1).
 
+    With ``rollouts`` (a stateful model's training streams) the split keeps streams whole
+    (:func:`~qtcompress.train.streams.split_streams`), each point distils over rollouts on the
+    student's own state, and a point is judged free-running over the validation streams, as
+    the caller's final check judges the held-out streams.
+
     Returns:
         The kept run and one record per point tried (budget, parameters, validation fidelity,
         storage, seconds), for ``summary.json``.
     """
     assert settings.min_fidelity is not None
-    fit_part, validation = train.split(VALIDATION_SHARE, config.seed)
+    fit_rollouts: Rollouts | None = None
+    if rollouts is not None:
+        fit_rows, val_rows = split_streams(rollouts.streams, VALIDATION_SHARE, config.seed)
+        fit_part, validation = train.rows(fit_rows), train.rows(val_rows)
+        fit_rollouts = replace(rollouts, streams=rollouts.streams[fit_rows])
+        val_streams = rollouts.streams[val_rows]
+        what = f"{int(val_streams.unique().numel())} training streams, free-running"
+    else:
+        fit_part, validation = train.split(VALIDATION_SHARE, config.seed)
+        what = f"{VALIDATION_SHARE:.0%} of the training examples"
     log(
         f"searching the smallest generator with fidelity >= {settings.min_fidelity} on a "
-        f"validation split ({VALIDATION_SHARE:.0%} of the training examples, seed "
-        f"{config.seed}); time limit {settings.time_limit:.0f} s"
+        f"validation split ({what}, seed {config.seed}); time limit "
+        f"{settings.time_limit:.0f} s"
     )
     start = time.perf_counter()
     points: list[dict[str, Any]] = []
-    best: Trained | None = None
+    best: tuple[Trained, Fidelity] | None = None
     # The hashed budgets, then the default generator (small models: its floor of 1,024).
     candidates = [replace(config, scheme="hashed", budget=b) for b in SEARCH_BUDGETS] + [config]
     layout = select_targets(
@@ -444,11 +460,24 @@ def search_budget(
             continue
         seen.add(shape)
         try:
-            trained = train_generator(model, candidate, fit_part, validation, settings, log)
+            trained = train_generator(
+                model, candidate, fit_part, validation, settings, log, fit_rollouts
+            )
         except ConfigError as exc:  # below this model's smallest hashed generator
             log(f"budget {budget}: skipped ({exc})")
             continue
         fid = trained.fid2
+        if fit_rollouts is not None:  # judged as the final check judges: free-running
+            qt = trained.qt
+            fid = free_running_fidelity(
+                partial(qt.functional, generated=qt.generator.generate_named()),
+                qt.teacher,
+                validation.head(len(val_streams)),
+                val_streams,
+                fit_rollouts.link,
+                output=settings.output,
+                output_kind=trained.fid1.kind,
+            )
         reached = fid.headline >= settings.min_fidelity and not fid.degenerate
         points.append(
             {
@@ -457,6 +486,7 @@ def search_budget(
                 "generator_params": trained.rep.trainable,
                 "validation_fidelity": fid.headline,
                 "fidelity_name": fid.headline_name,
+                "validation": "free-running" if fit_rollouts is not None else "teacher-forced",
                 "storage": trained.qt.storage,
                 "reached": reached,
                 "seconds": round(time.perf_counter() - t0, 1),
@@ -468,8 +498,8 @@ def search_budget(
             f"validation {fid.headline_name} {fid.headline:.4f}"
             + (" reaches the target" if reached else "")
         )
-        if best is None or fid.headline > best.fid2.headline:
-            best = trained
+        if best is None or fid.headline > best[1].headline:
+            best = (trained, fid)
         if reached:
             return trained, points
         if time.perf_counter() - start > settings.time_limit:
@@ -480,7 +510,7 @@ def search_budget(
             "No searched budget fits this model (each is below its smallest hashed generator); "
             "give --budget."
         )
-    return best, points
+    return best[0], points
 
 
 @dataclass
@@ -640,18 +670,18 @@ def run_pipeline(
     check_writable_dir(out, 2 * model_bytes + (1 << 20))
 
     search: list[dict[str, Any]] = []
+    rollouts = None
+    if link is not None and data.stream_train is not None:
+        rollouts = Rollouts(link, data.stream_train, settings.rollout)
+        log(
+            f"distilling over rollouts of {rollouts.steps()} chunks on the student's own "
+            f"state ({int(data.stream_train.unique().numel())} training streams)"
+        )
     if searching(config, settings):
-        trained, search = search_budget(model, config, train, settings, log)
+        trained, search = search_budget(model, config, train, settings, log, rollouts)
         fid2 = trained.qt.evaluate(test, output=settings.output, output_kind=settings.output_kind)
         log(f"held-out (never selected on): {fid2.describe()}")
     else:
-        rollouts = None
-        if link is not None and data.stream_train is not None:
-            rollouts = Rollouts(link, data.stream_train, settings.rollout)
-            log(
-                f"distilling over rollouts of {rollouts.steps()} chunks on the student's own "
-                f"state ({int(data.stream_train.unique().numel())} training streams)"
-            )
         trained = train_generator(model, config, train, test, settings, log, rollouts)
         fid2 = trained.fid2
     measured = measure_in_use(trained, fid2, data, test, link, settings, log)

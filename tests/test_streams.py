@@ -175,3 +175,41 @@ def test_rollouts_start_inside_a_stream_and_train_on_the_students_own_state():
     )
     after = free_running_fidelity(qt.functional, teacher, data, ids, StateLink(1, 1))
     assert result.steps == 40 and after.correlation > before.correlation
+
+
+def test_split_streams_keeps_streams_whole_or_cuts_a_single_one_in_time():
+    from qtcompress.train.streams import split_streams
+
+    ids = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])
+    fit, val = split_streams(ids, 0.3, seed=0)
+    assert sorted(fit.tolist() + val.tolist()) == list(range(10))
+    assert fit.tolist() == sorted(fit.tolist()) and val.tolist() == sorted(val.tolist())
+    assert set(ids[fit].tolist()).isdisjoint(ids[val].tolist())  # no stream in both parts
+    assert len(set(ids[val].tolist())) == 1  # 30% of 4 streams
+    fit, val = split_streams(torch.zeros(20, dtype=torch.int64), 0.15, seed=0)
+    assert fit.tolist() == list(range(17)) and val.tolist() == [17, 18, 19]
+    with pytest.raises(ConfigError, match="One training stream of 1 chunks is too short"):
+        split_streams(torch.zeros(1, dtype=torch.int64), 0.15, seed=0)
+
+
+@pytest.mark.slow
+def test_the_budget_search_of_a_stateful_model_judges_points_free_running(tmp_path):
+    from qtcompress.examples import Split
+    from qtcompress.pipeline import PipelineSettings, run_pipeline
+
+    model = WideCell().eval()
+    (xtr, str_), train_ids = _stream_data(model, 200, 10)
+    (xte, ste), ids = _stream_data(model, 80, 4)
+    empty = torch.zeros(0)
+    data = Split((xtr, str_), empty, (xte, ste), empty, stream_test=ids, stream_train=train_ids)
+    logged: list[str] = []
+    settings = PipelineSettings(
+        fit_steps=0, finetune_steps=10, latency_repeats=1, min_fidelity=0.999, time_limit=0.0
+    )
+    r = run_pipeline(
+        model, QTConfig(), data, tmp_path / "out", settings=settings, log=logged.append
+    )
+    assert any("validation split (2 training streams, free-running" in line for line in logged)
+    (point,) = r.search  # the time limit stops the search after its first point
+    assert point["validation"] == "free-running"
+    assert r.fidelity_free_running is not None and not r.fidelity_ok

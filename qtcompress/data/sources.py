@@ -215,6 +215,17 @@ class InputSource:
             "or an .npz, or give --budget."
         )
 
+    def rows(self, index: torch.Tensor) -> InputSource:
+        """The examples at ``index`` (in that order), as an in-memory source.
+
+        Raises:
+            ConfigError: The data are not in memory.
+        """
+        raise ConfigError(
+            f"Selecting examples by row needs in-memory data, not {self!r}; pass tensors or an "
+            ".npz."
+        )
+
     def head(self, k: int) -> Batch:
         """The first ``k`` examples (fewer when the data has fewer), as one batch.
 
@@ -249,6 +260,9 @@ class _InMemory(InputSource):
         _check_size("k", k)
         assert self.n is not None
         return self.batch.take(torch.arange(min(k, self.n)))
+
+    def rows(self, index: torch.Tensor) -> InputSource:  # noqa: D102
+        return _InMemory(self.batch.take(index))
 
     def split(self, fraction: float, seed: int) -> tuple[InputSource, InputSource]:  # noqa: D102
         assert self.n is not None

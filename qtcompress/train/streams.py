@@ -103,6 +103,36 @@ def stream_rows(streams: torch.Tensor) -> list[torch.Tensor]:
     return [torch.tensor(r, dtype=torch.int64) for r in runs]
 
 
+def split_streams(
+    streams: torch.Tensor, share: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices ``(fit, validation)`` that keep streams whole, each part in row order.
+
+    A seeded ``share`` of the streams (at least one, never all) is held out; a single stream
+    is cut in time instead, its last ``share`` of chunks validating (from the recorded state
+    there).
+
+    Raises:
+        ConfigError: A single stream too short to cut in two.
+    """
+    runs = stream_rows(streams)
+    if len(runs) >= 2:
+        held = min(len(runs) - 1, max(1, round(len(runs) * share)))
+        order = torch.randperm(len(runs), generator=torch.Generator().manual_seed(seed))
+        chosen = set(order[:held].tolist())
+        fit = [r for i, r in enumerate(runs) if i not in chosen]
+        val = [r for i, r in enumerate(runs) if i in chosen]
+        return torch.cat(fit), torch.cat(val)
+    (run,) = runs
+    held = max(1, round(len(run) * share))
+    if held >= len(run):
+        raise ConfigError(
+            f"One training stream of {len(run)} chunks is too short to hold out a validation "
+            "part; give more training chunks or --budget."
+        )
+    return run[: len(run) - held], run[len(run) - held :]
+
+
 @torch.no_grad()
 def free_running_outputs(
     call: Callable[..., Any],
