@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
@@ -25,6 +25,9 @@ from torch import nn
 
 from qtcompress.config import QTConfig
 from qtcompress.constants import FIT_LR
+from qtcompress.data.batch import Batch
+from qtcompress.data.layout import BatchLayout
+from qtcompress.data.model_call import positional_inputs
 from qtcompress.data.sources import InputSource
 from qtcompress.device import resolve_device
 from qtcompress.errors import ConfigError
@@ -228,6 +231,7 @@ class QTModel:
                 :class:`~qtcompress.errors.ConfigError` naming the closest.
         """
         opts = with_overrides(options or FinetuneOptions(), overrides, "finetune()")
+        data = self.functional.layout.to_front(data)  # batch-first from here on
         if opts.lr is None:  # the scheme's own default
             from qtcompress.generator.registry import get_scheme
 
@@ -270,7 +274,8 @@ class QTModel:
         """Fidelity of the generated network to the original on ``data`` (held-out inputs).
 
         Args:
-            data: Inputs in any form :meth:`qtcompress.data.sources.InputSource.of` takes.
+            data: Inputs in any form :meth:`qtcompress.data.sources.InputSource.of` takes (in
+                the model's own layout with :func:`compress`'s ``batch_dims``).
             labels: Optional labels (adds accuracy).
             output: Which output to compare (see :func:`qtcompress.data.model_call.select_output`).
             output_kind: ``"logits"``, ``"probability"``, ``"embedding"`` or ``"regression"``;
@@ -284,7 +289,7 @@ class QTModel:
         """
         return evaluate_fidelity(
             self.functional,
-            data,
+            self.functional.layout.to_front(data),  # batch-first from here on
             labels,
             output=output,
             output_kind=output_kind,
@@ -354,7 +359,9 @@ class QTModel:
         Args:
             path: Destination, conventionally ``*.qtc.safetensors``.
             **kwargs: :func:`~qtcompress.generator_file.save.save_generator`'s options
-                (``example_inputs`` stores the ONNX graph and a check batch).
+                (``example_inputs`` stores the ONNX graph and a check batch; in the model's
+                own layout with :func:`compress`'s ``batch_dims``, whose batch axes the graph
+                then keeps).
 
         Returns:
             The written path.
@@ -362,6 +369,15 @@ class QTModel:
         from qtcompress.generator_file.save import save_generator
 
         kwargs.setdefault("storage", self.storage)
+        layout = self.functional.layout
+        example = kwargs.get("example_inputs")
+        if layout.inputs and example is not None:
+            args = example if isinstance(example, tuple) else (example,)
+            if kwargs.get("input_names") is None:
+                kwargs["input_names"] = positional_inputs(self.functional.module, Batch(args))[1]
+            kwargs["dynamic_axes"] = layout.export_axes(
+                kwargs["input_names"], kwargs.get("dynamic_axes")
+            )
         return save_generator(self, path, **kwargs)
 
     def report(self) -> CompressionReport:
@@ -431,6 +447,7 @@ def compress(
     config: QTConfig | None = None,
     *,
     device: str | torch.device | None = None,
+    batch_dims: Mapping[str, int] | None = None,
     **overrides: Any,
 ) -> QTModel:
     """Wrap a pretrained model for Quantum-Train compression.
@@ -440,6 +457,12 @@ def compress(
         config: Settings; default :class:`QTConfig()`.
         device: Where the mapping, the model and the loss run (see :meth:`QTModel.to`);
             default the CPU. Checked before anything is built.
+        batch_dims: Inputs and outputs whose batch is not dimension 0, as ``--batch-dim``
+            gives them: ``{"1": 1}`` for ``forward(x, state)`` with a state ``(layers,
+            batch, hidden)``, outputs as ``"output.K"``
+            (:class:`~qtcompress.data.layout.BatchLayout`). :meth:`QTModel.finetune`,
+            :meth:`QTModel.evaluate` and :meth:`QTModel.save` then take inputs in the
+            model's own layout, and the saved graph's batch axes are where they are.
         **overrides: QTConfig fields that replace those of ``config``.
 
     Returns:
@@ -450,7 +473,9 @@ def compress(
     if overrides:
         check_options(overrides, set(QTConfig.__dataclass_fields__), "QTConfig")
         config = QTConfig.from_dict({**config.to_dict(), **overrides})
+    layout = BatchLayout.of(batch_dims)  # bad names or dimensions fail before building
     qt = QTModel(model, config)
+    qt.functional.layout = layout
     return qt.to(dev) if dev.type != "cpu" else qt
 
 

@@ -16,7 +16,6 @@ The measured result (:class:`~qtcompress.summary.PipelineResult`) and its table 
 
 from __future__ import annotations
 
-import inspect
 import statistics
 import time
 from collections.abc import Callable
@@ -31,9 +30,12 @@ from torch import nn
 from qtcompress.api import QTModel, compress
 from qtcompress.config import QTConfig
 from qtcompress.constants import BATCH_SIZE, FINETUNE_STEPS, FIT_LR, FIT_STEPS
-from qtcompress.data.batch import Batch
 from qtcompress.data.layout import BatchLayout
-from qtcompress.data.model_call import check_call, forward_signature, select_output
+from qtcompress.data.model_call import (
+    check_call,
+    positional_inputs,
+    select_output,
+)
 from qtcompress.data.sources import InputSource
 from qtcompress.errors import ConfigError
 from qtcompress.examples import Split
@@ -222,37 +224,6 @@ def _latencies(
             torch_ms[label] = _median_ms(partial(model, *args), repeats)
         onnx_ms[label] = _median_ms(partial(predictor.run, feeds), repeats)
     return torch_ms, onnx_ms
-
-
-def positional_inputs(model: nn.Module, batch: Batch) -> tuple[tuple[torch.Tensor, ...], list[str]]:
-    """The batch's inputs as positional tensors, and their names, in ``forward``'s order.
-
-    ONNX graphs take positional inputs; keyword inputs are placed by their parameter names, and
-    the graph's inputs are named after the parameters (``input_ids``, ``attention_mask``).
-    """
-    try:
-        params = [
-            p.name
-            for p in inspect.signature(model.forward).parameters.values()
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        ]
-    except (TypeError, ValueError):  # a callable without a readable signature
-        params = []
-    if not batch.kwargs:
-        args = batch.args
-    else:
-        order = params[len(batch.args) :]
-        unknown = [k for k in batch.kwargs if k not in order]
-        if unknown:
-            raise ConfigError(
-                f"Keyword inputs {unknown} are not parameters of {forward_signature(model)}."
-            )
-        args = batch.args + tuple(batch.kwargs[k] for k in order if k in batch.kwargs)
-    if not all(isinstance(a, torch.Tensor) for a in args):
-        raise ConfigError(f"ONNX export needs tensor inputs, got {batch.describe()}.")
-    names = params[: len(args)] if len(params) >= len(args) else []
-    default = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
-    return tuple(args), (names or default)
 
 
 def state_link(

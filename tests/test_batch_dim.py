@@ -205,3 +205,28 @@ def test_cli_streaming_lstm_with_batch_dim_end_to_end_then_onnx_in_the_users_lay
         assert got[1].shape == (2, batch, 8)
         for g, w in zip(got, want, strict=True):
             np.testing.assert_allclose(g, w.numpy(), atol=1e-5)
+
+
+def test_the_api_takes_batch_dims_for_training_evaluation_and_the_saved_graph(lstm, tmp_path):
+    x, state = _chunks(48, 0)  # state (2, 48, 8): the model's own layout
+    xt, st = _chunks(12, 1)
+    with pytest.raises(ConfigError, match="batch_dims\\['1'\\] must be a dimension >= 0"):
+        compress(lstm, QTConfig(budget=0.5), batch_dims={"1": -1})
+    qt = compress(lstm, QTConfig(budget=0.5), batch_dims={"1": 1, "output.1": 1})
+    before = qt.evaluate((xt, st))
+    qt.finetune((x, state), steps=30, batch_size=16, progress=False)
+    after = qt.evaluate((xt, st))
+    assert before.n == after.n == 12  # examples counted along the batch, not the layers
+    assert after.correlation > before.correlation
+    path = qt.save(tmp_path / "g.qtc.safetensors", example_inputs=(xt[:3], st[:, :3]))
+    gen = load(path)
+    gen.to_onnx(tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[1].shape == [2, "batch", 8]
+    student = gen.load_into(StreamingLSTM()).eval()
+    xb, sb = _chunks(5, 7)
+    got = session.run(None, {"x": xb.numpy(), "state": sb.numpy()})
+    with torch.no_grad():
+        want = student(xb, sb)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w.numpy(), atol=1e-5)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from qtcompress.data.batch import Batch
+from qtcompress.data.sources import InputSource
 from qtcompress.errors import ConfigError
 
 OUTPUT_PREFIX = "output."
@@ -139,7 +140,9 @@ class BatchLayout:
 
         Args:
             inputs: A tensor (one positional input), a tuple or list (positional inputs), a dict
-                (keyword inputs) or a :class:`Batch`, in the model's own layout.
+                (keyword inputs) or a :class:`Batch`, in the model's own layout; an
+                :class:`~qtcompress.data.sources.InputSource` is batch-first already and
+                comes back as it is.
 
         Returns:
             The same form, batch-first.
@@ -148,7 +151,7 @@ class BatchLayout:
             ConfigError: The inputs are not in memory, or a named input is missing or has too
                 few dimensions.
         """
-        if not self.inputs:
+        if not self.inputs or isinstance(inputs, InputSource):  # a source is batch-first
             return inputs
         if isinstance(inputs, Batch):
             args, kwargs = self._move_inputs(inputs.args, inputs.kwargs, front=True)
@@ -227,7 +230,7 @@ class BatchLayout:
 
         Args:
             input_names: The graph's input names, positional inputs first (as
-                :func:`qtcompress.pipeline.positional_inputs` orders them).
+                :func:`qtcompress.data.model_call.positional_inputs` orders them).
             dynamic_axes: The user's other dynamic axes, by graph input name.
 
         Raises:

@@ -146,7 +146,7 @@ def leading_inputs(model: nn.Module, names: Sequence[str]) -> tuple[list[str], l
     """Of keyword inputs ``names``, those that fill ``forward``'s first parameters in order.
 
     ONNX graphs take their inputs by position in ``forward``'s order
-    (:func:`qtcompress.pipeline.positional_inputs`), so keyword inputs must be ``forward``'s
+    (:func:`positional_inputs`), so keyword inputs must be ``forward``'s
     leading parameters without a gap: ``GPT2LMHeadModel.forward(input_ids, cache,
     attention_mask, ...)`` takes ``input_ids`` alone that way.
 
@@ -237,3 +237,34 @@ def check_call(model: nn.Module, batch: Batch) -> Any:
     finally:
         for m, training in modes:
             m.training = training
+
+
+def positional_inputs(model: nn.Module, batch: Batch) -> tuple[tuple[torch.Tensor, ...], list[str]]:
+    """The batch's inputs as positional tensors, and their names, in ``forward``'s order.
+
+    ONNX graphs take positional inputs; keyword inputs are placed by their parameter names, and
+    the graph's inputs are named after the parameters (``input_ids``, ``attention_mask``).
+    """
+    try:
+        params = [
+            p.name
+            for p in inspect.signature(model.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+    except (TypeError, ValueError):  # a callable without a readable signature
+        params = []
+    if not batch.kwargs:
+        args = batch.args
+    else:
+        order = params[len(batch.args) :]
+        unknown = [k for k in batch.kwargs if k not in order]
+        if unknown:
+            raise ConfigError(
+                f"Keyword inputs {unknown} are not parameters of {forward_signature(model)}."
+            )
+        args = batch.args + tuple(batch.kwargs[k] for k in order if k in batch.kwargs)
+    if not all(isinstance(a, torch.Tensor) for a in args):
+        raise ConfigError(f"ONNX export needs tensor inputs, got {batch.describe()}.")
+    names = params[: len(args)] if len(params) >= len(args) else []
+    default = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
+    return tuple(args), (names or default)
