@@ -20,6 +20,9 @@ _LAZY = {
     "compress": "qtcompress.api",
     "QTModel": "qtcompress.api",
     "QTConfig": "qtcompress.config",
+    "HashedConfig": "qtcompress.config",
+    "RowsConfig": "qtcompress.config",
+    "FlatConfig": "qtcompress.config",
     "load": "qtcompress.api",
     "QTCompressError": "qtcompress.errors",
 }

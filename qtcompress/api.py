@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, overload
 import torch
 from torch import nn
 
-from qtcompress.config import QTConfig
+from qtcompress.config import QTConfig, SchemeConfig
 from qtcompress.constants import FIT_LR
 from qtcompress.data.batch import Batch
 from qtcompress.data.layout import BatchLayout
@@ -444,7 +444,7 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> Genera
 
 def compress(
     model: nn.Module,
-    config: QTConfig | None = None,
+    config: QTConfig | SchemeConfig | None = None,
     *,
     device: str | torch.device | None = None,
     batch_dims: Mapping[str, int] | None = None,
@@ -454,7 +454,9 @@ def compress(
 
     Args:
         model: Any PyTorch module (not modified).
-        config: Settings; default :class:`QTConfig()`.
+        config: Settings: a :class:`QTConfig`, or one scheme's own class
+            (:class:`~qtcompress.config.HashedConfig`, ``RowsConfig``, ``FlatConfig``);
+            default :class:`QTConfig()`.
         device: Where the mapping, the model and the loss run (see :meth:`QTModel.to`);
             default the CPU. Checked before anything is built.
         batch_dims: Inputs and outputs whose batch is not dimension 0, as ``--batch-dim``
@@ -469,6 +471,8 @@ def compress(
         A :class:`QTModel`, generator initialised but not yet fitted.
     """
     dev = resolve_device(device)
+    if isinstance(config, SchemeConfig):
+        config = config.to_qtconfig()
     config = config or QTConfig()
     if overrides:
         check_options(overrides, set(QTConfig.__dataclass_fields__), "QTConfig")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from qtcompress.constants import ACTIVATION_NAMES, MAX_QUBITS, PROB_TRANSFORMS
 from qtcompress.errors import ConfigError
@@ -303,6 +303,17 @@ class QTConfig:
         check_mapping(self.mapping)
         check_values(self.values)
 
+    def scheme_config(self) -> SchemeConfig:
+        """This config as its scheme's own class (only the fields that scheme reads).
+
+        Raises:
+            ConfigError: A scheme registered without a config class.
+        """
+        cls = SCHEME_CONFIGS.get(self.scheme)
+        if cls is None:
+            raise ConfigError(f"The {self.scheme} scheme has no config class; use QTConfig.")
+        return cls(**{f.name: getattr(self, f.name) for f in fields(cls)})
+
     def budget_params(self, total: int) -> int:
         """The budget as a parameter count for M = ``total`` weights."""
         from qtcompress.generator.registry import get_scheme
@@ -318,3 +329,126 @@ class QTConfig:
         while (total + k - 1) // k > 2**self.chunk_max_qubits:
             k *= 2
         return k
+
+
+# -- one config class per scheme (PEFT style): only the fields that scheme reads ----------------
+@dataclass(frozen=True)
+class SchemeConfig:
+    """The fields every scheme reads; a scheme's class adds its own (see :class:`QTConfig`).
+
+    A scheme config holds nothing its scheme ignores, validates by the same rules as
+    :class:`QTConfig` at construction, and becomes one with :meth:`to_qtconfig` (what
+    :func:`~qtcompress.compress` does with it, and what a generator file records).
+
+    Attributes:
+        budget: A fraction of M in (0, 1] or a parameter count; ``None``: the scheme's default.
+        target: Parameter-name patterns to generate (``None``: all trainable parameters).
+        exclude: Patterns removed from the selection.
+        include_frozen: Also generate parameters with ``requires_grad=False``.
+        backend: QNN simulator backend name.
+        seed: Seeds the generator's initialisation.
+    """
+
+    scheme: ClassVar[str] = ""
+    budget: float | int | None = None
+    target: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    include_frozen: bool = False
+    backend: str = "qsim"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.to_qtconfig()  # one set of rules: QTConfig's
+
+    def to_qtconfig(self) -> QTConfig:
+        """The :class:`QTConfig` with this scheme and these fields (the rest at defaults)."""
+        return QTConfig(scheme=self.scheme, **{f.name: getattr(self, f.name) for f in fields(self)})
+
+
+@dataclass(frozen=True)
+class HashedConfig(SchemeConfig):
+    """The hashed scheme (the default): every weight a signed, scaled shared value.
+
+    Attributes:
+        values: Where the shared values come from: ``"qnn"`` (QT) or a registered control.
+        n_qubits: QNN qubits; ``None``: from the budget.
+        n_layers: QNN layers; ``None``: from the budget.
+        ansatz: The QNN's registered circuit.
+        row_scales: One scale per matrix row (``True``) or per tensor; ``None``: automatic.
+        hashed_vectors: Hash biases and norms too; ``None``: automatic.
+    """
+
+    scheme: ClassVar[str] = "hashed"
+    values: str = "qnn"
+    n_qubits: int | None = None
+    n_layers: int | None = None
+    ansatz: str = "paper"
+    row_scales: bool | None = None
+    hashed_vectors: bool | None = None
+
+
+@dataclass(frozen=True)
+class RowsConfig(SchemeConfig):
+    """The rows scheme: one basis state per tensor row, a low-rank head per tensor.
+
+    Attributes:
+        rank: The same rank for every matrix; ``None``: ranks allocated to the budget.
+        n_layers: QNN layers; ``None``: :data:`DEFAULT_LAYERS`.
+        n_qubits: QNN qubits; ``None``: the fewest that cover the rows.
+        ansatz: The QNN's registered circuit.
+        hidden: Mapping body widths; ``None``: ``(32,)``.
+        activation: Mapping activation.
+        prob_transform: Mapping input transform of the probabilities.
+    """
+
+    scheme: ClassVar[str] = "rows"
+    rank: int | None = None
+    n_layers: int | None = None
+    n_qubits: int | None = None
+    ansatz: str = "paper"
+    hidden: tuple[int, ...] | None = None
+    activation: str = "tanh"
+    prob_transform: str = "scaled"
+
+
+@dataclass(frozen=True)
+class FlatConfig(SchemeConfig):
+    """The flat scheme: the paper's flat index in ``chunk``-sized pieces, one shared mapping.
+
+    Attributes:
+        chunk: Weights per basis state; ``None``: the smallest power of two within
+            ``chunk_max_qubits``.
+        chunk_max_qubits: Qubit cap of the automatic chunk.
+        n_layers: QNN layers; ``None``: :data:`DEFAULT_LAYERS`.
+        n_qubits: QNN qubits; ``None``: the fewest that cover M.
+        ansatz: The QNN's registered circuit.
+        mapping: A registered mapping (``"mlp"``, ``"mps"``).
+        hidden: Mapping widths; ``None``: ``(16, 16)``.
+        activation: MLP activation.
+        bond_dim: MPS bond dimension.
+        prob_transform: Mapping input transform of the probabilities.
+        train_affine: Train each tensor's scale and offset.
+        standardize: Standardise each tensor's raw outputs before the affine.
+        block_states: States mapped per streamed block (``None``: automatic).
+    """
+
+    scheme: ClassVar[str] = "flat"
+    chunk: int | None = 1
+    chunk_max_qubits: int = 16
+    n_layers: int | None = None
+    n_qubits: int | None = None
+    ansatz: str = "paper"
+    mapping: str = "mlp"
+    hidden: tuple[int, ...] | None = None
+    activation: str = "tanh"
+    bond_dim: int = 4
+    prob_transform: str = "scaled"
+    train_affine: bool = True
+    standardize: bool = True
+    block_states: int | None = None
+
+
+SCHEME_CONFIGS: dict[str, type[SchemeConfig]] = {
+    c.scheme: c for c in (HashedConfig, RowsConfig, FlatConfig)
+}
+"""The built-in schemes' config classes, by scheme name."""

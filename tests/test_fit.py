@@ -382,3 +382,29 @@ def test_an_ansatz_and_a_mapping_are_registrations_the_config_names_and_the_file
         assert flat.generator.mapping.body[0].out_features == 64
     finally:
         common._MAPPINGS.pop("mlp-wide", None)
+
+
+def test_each_scheme_has_a_config_class_holding_only_the_fields_it_reads():
+    from dataclasses import fields
+
+    from qtcompress import FlatConfig, HashedConfig, RowsConfig
+    from qtcompress.config import SCHEME_CONFIGS
+    from qtcompress.generator.registry import COMMON_FIELDS, get_scheme
+
+    resolved_only = {"ranks", "allowance"}  # sizes resolve() fixes, recorded in files
+    for name, cls in SCHEME_CONFIGS.items():
+        own = {f.name for f in fields(cls)}
+        assert own == (get_scheme(name).fields | COMMON_FIELDS) - resolved_only - {
+            "scheme",
+            "version",
+        }, name
+    # It validates by QTConfig's rules, and compress() takes it.
+    with pytest.raises(ConfigError, match="n_layers must be a positive integer or None"):
+        HashedConfig(n_layers=0)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'chunk'"):
+        RowsConfig(chunk=4)  # a field the scheme does not read is not there to set
+    qt = compress(TinyMLP(), RowsConfig(n_layers=2, hidden=(8,), rank=2))
+    assert qt.config.scheme == "rows" and qt.config.ranks is not None
+    assert qt.config.scheme_config() == RowsConfig(n_layers=2, hidden=(8,), rank=2)
+    flat = FlatConfig(chunk=4, n_layers=2)
+    assert flat.to_qtconfig() == QTConfig(scheme="flat", chunk=4, n_layers=2)
