@@ -13,7 +13,6 @@ names the value, the limit and the option (or file field) to change. The limits 
 
 from __future__ import annotations
 
-import threading
 from typing import TYPE_CHECKING, Any
 
 from qtcompress.constants import MAX_QUBITS  # the simulator's hard ceiling
@@ -172,16 +171,12 @@ def check_qnn_size(
         raise _too_big("n_layers", n_layers, MAX_LAYERS, "QNN layers", source, f"{prefix}.n_layers")
 
 
-# Re-entrancy guard: check_config builds the generator through from_config on the meta device,
-# so a from_config that itself calls check_config must not recurse.
-_PLANNING = threading.local()
-
-
 def plan_generator(config: QTConfig, layout: Layout, *, source: str | None = None) -> Any:
     """Check the sizes a config sets, then build its generator on the ``meta`` device.
 
     Checks every size against the documented maxima (the QNN's layers and qubits first: the
-    circuit is compiled while building), then runs :meth:`QTGenerator.from_config` under
+    circuit is compiled while building), then runs
+    :func:`~qtcompress.generator.registry.build_generator` under
     ``torch.device("meta")``: every tensor gets its shape and dtype but no memory, so the
     parameter count is known exactly, whatever the generator's scheme.
 
@@ -191,18 +186,15 @@ def plan_generator(config: QTConfig, layout: Layout, *, source: str | None = Non
         source: The file the config comes from (``None``: command-line options / QTConfig).
 
     Returns:
-        The generator on the meta device, or ``None`` when called re-entrantly from inside that
-        build (``from_config`` itself calling :func:`check_config`).
+        The generator on the meta device.
 
     Raises:
         ConfigError: A value out of range (e.g. ``seed``) or an inconsistent config.
         ResourceLimitError: A size over its documented maximum.
     """
-    if getattr(_PLANNING, "active", False):
-        return None
     import torch
 
-    from qtcompress.generator import QTGenerator
+    from qtcompress.generator.registry import build_generator
 
     total = layout.total
     if total > MAX_GENERATED_WEIGHTS:
@@ -255,12 +247,8 @@ def plan_generator(config: QTConfig, layout: Layout, *, source: str | None = Non
         raise _too_big(
             "rank", max(ranks), MAX_RANK, "(per-row feature width)", source, "config.ranks"
         )
-    _PLANNING.active = True
-    try:
-        with torch.device("meta"):
-            planned = QTGenerator.from_config(layout, resolved)
-    finally:
-        _PLANNING.active = False
+    with torch.device("meta"):
+        planned = build_generator(layout, resolved)
     count = sum(p.numel() for p in planned.parameters())
     if count > MAX_GENERATOR_PARAMS:
         raise _too_big("params", count, MAX_GENERATOR_PARAMS, "generator parameters", source)
@@ -279,7 +267,7 @@ def check_config(
 
     :func:`plan_generator` (documented maxima, exact parameter count on the meta device), then
     :func:`~qtcompress.memory.check_generator_memory`. Call it right before
-    :meth:`QTGenerator.from_config`.
+    :func:`~qtcompress.generator.registry.build_generator`.
 
     Args:
         config: The settings.
@@ -289,7 +277,7 @@ def check_config(
         available: Bytes to plan with (default: the memory available now).
 
     Returns:
-        The generator on the meta device (``None`` when called re-entrantly).
+        The generator on the meta device.
 
     Raises:
         ConfigError: A value out of range (e.g. ``seed``) or an inconsistent config.
@@ -297,8 +285,5 @@ def check_config(
             memory available.
     """
     planned = plan_generator(config, layout, source=source)
-    if planned is not None:
-        check_generator_memory(
-            planned, layout, training=training, source=source, available=available
-        )
+    check_generator_memory(planned, layout, training=training, source=source, available=available)
     return planned

@@ -9,7 +9,7 @@ import torch
 from qtcompress import limits, memory
 from qtcompress.config import QTConfig
 from qtcompress.errors import ConfigError, ResourceLimitError
-from qtcompress.generator import QTGenerator
+from qtcompress.generator import build_generator
 from qtcompress.targets import select_targets
 from tests.tiny_models import TinyCNN
 
@@ -78,31 +78,18 @@ def test_memory_check_names_the_fix(layout):
         QTConfig(scheme="flat", chunk=4, hidden=(8,)),
         QTConfig(scheme="flat", mapping="mps", chunk=4),
     ],
-    ids=["rows", "flat-mlp", "flat-mps"],
+    ids=["default", "flat-mlp", "flat-mps"],
 )
 def test_plan_matches_the_real_generator_without_memory(layout, config):
     planned = limits.check_config(config, layout)
     assert all(p.device.type == "meta" for p in planned.parameters())
-    real = QTGenerator.from_config(layout, config)
+    real = build_generator(layout, config)
     assert {k: v.shape for k, v in planned.state_dict().items()} == {
         k: v.shape for k, v in real.state_dict().items()
     }
     assert memory.estimate_generator_bytes(planned, layout) == memory.estimate_generator_bytes(
         real, layout
     )
-
-
-def test_planning_is_reentrant_safe(layout, monkeypatch):
-    calls = []
-    original = QTGenerator.from_config.__func__
-
-    def from_config(cls, lay, config):  # a from_config that itself checks its config
-        calls.append(limits.check_config(config, lay))
-        return original(cls, lay, config)
-
-    monkeypatch.setattr(QTGenerator, "from_config", classmethod(from_config))
-    planned = limits.check_config(QTConfig(), layout)
-    assert planned is not None and calls == [None]
 
 
 @pytest.mark.parametrize(

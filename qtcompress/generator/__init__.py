@@ -1,14 +1,14 @@
 """The generator: QNN probabilities + mapping network -> every generated weight of a model.
 
 Three schemes, chosen by :attr:`QTConfig.scheme` and registered in ``registry.py``
-(:func:`register_scheme`, :func:`build_generator`):
+(:func:`register_scheme`; :func:`build_generator` builds any of them from a config):
 
-- ``rows.py``: :class:`RowGenerator` (the default), one basis state per tensor row and one
-  low-rank head per tensor; ``ranks.py`` spends a parameter budget on those ranks.
+- ``hashed.py``: :class:`HashedGenerator` (the default), every weight a signed, scaled shared
+  value, the values made by the QNN (``values.py``: the QNN and its classical controls);
+  reaches 0.05% of M.
+- ``rows.py``: :class:`RowGenerator`, one basis state per tensor row and one low-rank head per
+  tensor; ``ranks.py`` spends a parameter budget on those ranks.
 - ``flat.py``: :class:`QTGenerator`, the paper's flat index cut into ``chunk``-sized pieces.
-  :meth:`QTGenerator.from_config` builds either scheme from a config.
-- ``hashed.py``: :class:`HashedGenerator`, every weight a signed, scaled shared value, the
-  values made by the QNN (``values.py``: the QNN and its classical controls); reaches 0.05% of M.
 - ``common.py``: what both share: :class:`Generator`, the three ways to regenerate the weights
   (``generate``, ``generate_named``, ``generate_detached``), the QNN's size, the mapping by
   name, checks on the weights.

@@ -127,19 +127,6 @@ class QTGenerator(Generator):
         ends = torch.tensor([s.offset + s.numel for s in layout.specs], dtype=torch.int64)
         self.register_buffer("_ends", ends, persistent=False)
 
-    @classmethod
-    def from_config(
-        cls, layout: Layout, config: QTConfig, pretrained: torch.Tensor | None = None
-    ) -> Generator:
-        """The generator of any registered scheme that ``config`` describes for ``layout``.
-
-        Kept for callers of earlier versions: see
-        :func:`~qtcompress.generator.registry.build_generator`.
-        """
-        from qtcompress.generator.registry import build_generator
-
-        return build_generator(layout, config, pretrained)
-
     # -- sizes ----------------------------------------------------------------------------------
     @property
     def n_qubits(self) -> int:

@@ -17,7 +17,7 @@ from torch import nn
 from qtcompress import limits
 from qtcompress.config import QTConfig
 from qtcompress.errors import FormatError, QTCompressError, ResourceLimitError
-from qtcompress.generator import QTGenerator
+from qtcompress.generator import build_generator
 from qtcompress.generator_file.file import GeneratorFile
 from qtcompress.generator_file.metadata import (
     CHECK_INPUT_PREFIX,
@@ -115,7 +115,8 @@ def load_generator(path: str | os.PathLike[str]) -> GeneratorFile:
     maxima (:mod:`qtcompress.limits`); the generator that ``config`` describes is built on the
     ``meta`` device and the stored ``ansatz``, ``mapping`` and ``generator.*`` tensors must be
     exactly its own; its estimated peak memory must fit; only then is it built for real
-    (:meth:`QTGenerator.from_config`) and loaded. See ``docs/format.md``, *Checks on load*.
+    (:func:`~qtcompress.generator.registry.build_generator`) and loaded. See
+    ``docs/format.md``, *Checks on load*.
 
     Raises:
         MissingFileError: The file does not exist.
@@ -163,13 +164,11 @@ def load_generator(path: str | os.PathLike[str]) -> GeneratorFile:
         raise
     except (QTCompressError, TypeError, ValueError, KeyError) as exc:
         raise FormatError(f"{name}: mapping/ansatz metadata is inconsistent: {exc}") from exc
-    if planned is None:  # pragma: no cover - only when called from inside plan_generator
-        raise FormatError(f"{name}: cannot plan the generator re-entrantly.")
     # What the file stores first (a lie is a FormatError), then what this machine can hold.
     _check_against(planned, meta, config, tensors, name)
     check_generator_memory(planned, layout, source=name)
     try:
-        generator = QTGenerator.from_config(layout, config)
+        generator = build_generator(layout, config)
     except ResourceLimitError:
         raise
     except (QTCompressError, TypeError, ValueError, KeyError) as exc:
