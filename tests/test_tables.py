@@ -83,6 +83,7 @@ def test_parquet_without_pyarrow_names_the_install(tmp_path):
         read_table(tmp_path / "t.parquet")
 
 
+@pytest.mark.slow
 def test_compress_a_model_on_a_csv_table(tmp_path, cli):
     _wine_csv(tmp_path / "wine.csv")
     out = tmp_path / "out"
@@ -100,3 +101,38 @@ def test_compress_a_model_on_a_csv_table(tmp_path, cli):
     assert_one_line_error(bad, code=1)
     assert "bad.csv line 3, column 'b': 'x' is not a number" in bad.stderr
     assert not (tmp_path / "o2").exists()
+
+
+def test_a_csv_is_read_in_float32_blocks_with_every_row_kept(tmp_path, monkeypatch):
+    from qtcompress.data import tables
+
+    monkeypatch.setattr(tables, "_BLOCK_ROWS", 3)  # 10 rows: three full blocks and one row
+    rows = [[i + 0.5, -i, i % 3] for i in range(10)]
+    text = "a,b,label\n" + "".join(f"{a},{b},{c}\n" for a, b, c in rows)
+    (tmp_path / "t.csv").write_text(text)
+    names, x, y = tables.read_table(tmp_path / "t.csv", "label")
+    assert names == ["a", "b"] and x.dtype == np.float32 and y.dtype == np.int64
+    np.testing.assert_array_equal(x, np.array([r[:2] for r in rows], np.float32))
+    np.testing.assert_array_equal(y, [r[2] for r in rows])
+
+
+def test_a_parquet_table_is_read_column_by_column_and_a_bad_cell_named(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    table = pa.table(
+        {"a": [0.5, 1.5, 2.5], "b": [1, 2, 3], "s": ["4", "5.5", "6"], "label": [0, 1, 1]}
+    )
+    pq.write_table(table, tmp_path / "t.parquet")
+    names, x, y = read_table(tmp_path / "t.parquet", "label")
+    assert names == ["a", "b", "s"] and x.dtype == np.float32
+    np.testing.assert_array_equal(x, [[0.5, 1, 4], [1.5, 2, 5.5], [2.5, 3, 6]])
+    np.testing.assert_array_equal(y, [0, 1, 1])
+    pq.write_table(pa.table({"a": [0.5, None, 1.0]}), tmp_path / "null.parquet")
+    with pytest.raises(ConfigError, match="null.parquet row 2, column 'a': 'None' is not a"):
+        read_table(tmp_path / "null.parquet")
+    pq.write_table(pa.table({"s": ["1", "two"]}), tmp_path / "text.parquet")
+    with pytest.raises(ConfigError, match="text.parquet row 2, column 's': 'two' is not a"):
+        read_table(tmp_path / "text.parquet")
+    pq.write_table(pa.table({"a": [1.0, float("inf")]}), tmp_path / "inf.parquet")
+    with pytest.raises(ConfigError, match="inf.parquet row 2, column 'a': 'inf' is not finite"):
+        read_table(tmp_path / "inf.parquet")

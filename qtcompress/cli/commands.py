@@ -567,6 +567,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
             label_column=args.label_column,
             test_path=args.test_data,
             test_fraction=args.test_fraction,
+            progress=not args.json and not args.no_progress and sys.stderr.isatty(),
         )
         if not args.json:
             print(f"data: {read}", file=sys.stderr)

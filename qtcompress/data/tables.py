@@ -54,9 +54,37 @@ def _label(cell: object, where: str) -> int:
     return int(value)
 
 
-def _read_csv(path: Path, label_column: str | None) -> tuple[list[str], np.ndarray, np.ndarray]:
-    features: list[list[float]] = []
-    labels: list[int] = []
+# Rows gathered per float32 block while a .csv is read: the table is held once as float32 (and
+# briefly twice while the blocks are joined), never as Python floats (8x the memory).
+_BLOCK_ROWS = 1 << 14
+
+
+class _Rows:
+    """A growing ``(rows, width)`` array of ``dtype``, filled row by row in fixed blocks."""
+
+    def __init__(self, width: int, dtype: type) -> None:
+        self.width, self.dtype = width, dtype
+        self.blocks: list[np.ndarray] = []
+        self.block: np.ndarray = np.empty((_BLOCK_ROWS, width), dtype)
+        self.used = 0
+
+    def add(self, row: list[float] | list[int]) -> None:
+        if self.used == _BLOCK_ROWS:
+            self.blocks.append(self.block)
+            self.block = np.empty((_BLOCK_ROWS, self.width), self.dtype)
+            self.used = 0
+        self.block[self.used] = row
+        self.used += 1
+
+    def array(self) -> np.ndarray:
+        return np.concatenate([*self.blocks, self.block[: self.used]])
+
+
+def _read_csv(
+    path: Path, label_column: str | None, progress: bool
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    from tqdm.auto import tqdm
+
     try:
         with path.open(newline="", encoding="utf-8") as f:
             reader = csv.reader(f)
@@ -68,31 +96,38 @@ def _read_csv(path: Path, label_column: str | None) -> tuple[list[str], np.ndarr
                     f"{path.name}: no column {label_column!r} (columns: {', '.join(header)})."
                 )
             li = header.index(label_column) if label_column is not None else -1
-            for row in reader:
-                line = reader.line_num
-                if not row:
-                    continue
-                if len(row) != len(header):
-                    raise ConfigError(
-                        f"{path.name} line {line}: {len(row)} cells, the header has {len(header)}."
+            features = _Rows(len(header) - (li >= 0), np.float32)
+            labels = _Rows(1, np.int64)
+            bar = tqdm(desc=f"reading {path.name}", unit=" rows", disable=not progress, leave=False)
+            with bar:
+                for row in reader:
+                    line = reader.line_num
+                    if not row:
+                        continue
+                    if len(row) != len(header):
+                        raise ConfigError(
+                            f"{path.name} line {line}: {len(row)} cells, the header has "
+                            f"{len(header)}."
+                        )
+                    features.add(
+                        [
+                            _number(c, f"{path.name} line {line}, column {header[i]!r}")
+                            for i, c in enumerate(row)
+                            if i != li
+                        ]
                     )
-                features.append(
-                    [
-                        _number(c, f"{path.name} line {line}, column {header[i]!r}")
-                        for i, c in enumerate(row)
-                        if i != li
-                    ]
-                )
-                if li >= 0:
-                    labels.append(_label(row[li], f"{path.name} line {line}"))
+                    if li >= 0:
+                        labels.add([_label(row[li], f"{path.name} line {line}")])
+                    bar.update()
     except UnicodeDecodeError as exc:
         raise FormatError(f"{path.name} is not UTF-8 text ({exc.reason}).") from exc
     names = [h for h in header if h != label_column]
-    return names, np.asarray(features, dtype=np.float32), np.asarray(labels, dtype=np.int64)
+    return names, features.array(), labels.array().reshape(-1)
 
 
 def _read_parquet(path: Path, label_column: str | None) -> tuple[list[str], np.ndarray, np.ndarray]:
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise ConfigError(
@@ -107,34 +142,50 @@ def _read_parquet(path: Path, label_column: str | None) -> tuple[list[str], np.n
         raise ConfigError(
             f"{path.name}: no column {label_column!r} (columns: {', '.join(header)})."
         )
-    columns = []
-    for name in header:
-        if name == label_column:
-            continue
-        values = table.column(name).to_pylist()
-        columns.append(
-            [
-                _number(str(v), f"{path.name} row {i + 1}, column {name!r}")
-                for i, v in enumerate(values)
-            ]
-        )
-    labels = (
-        [
-            _label(v, f"{path.name} row {i + 1}")
-            for i, v in enumerate(table.column(label_column).to_pylist())
-        ]
-        if label_column is not None
-        else []
-    )
     names = [h for h in header if h != label_column]
-    x = np.asarray(columns, dtype=np.float32).T.copy() if columns else np.zeros((0, 0), np.float32)
-    return names, x, np.asarray(labels, dtype=np.int64)
+    x = np.empty((table.num_rows, len(names)), np.float32)
+    for j, name in enumerate(names):
+        column = table.column(name)
+        where = f"{path.name} column {name!r}"
+        if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
+            values = column.to_numpy(zero_copy_only=False).astype(np.float64)
+            bad = np.flatnonzero(~np.isfinite(values))  # NaN, Inf, or a null read as NaN
+        else:  # text or other cells: read one by one, so the first bad one is named
+            values = np.array([_number_or_nan(v) for v in column.to_pylist()], np.float64)
+            bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            i = int(bad[0])
+            _number(str(column[i].as_py()), f"{path.name} row {i + 1}, column {name!r}")
+            raise ConfigError(f"{where}: row {i + 1} is not a finite number.")
+        x[:, j] = values
+    labels = (
+        np.asarray(
+            [
+                _label(v, f"{path.name} row {i + 1}")
+                for i, v in enumerate(table.column(label_column).to_pylist())
+            ],
+            dtype=np.int64,
+        )
+        if label_column is not None
+        else np.zeros(0, np.int64)
+    )
+    return names, x, labels
+
+
+def _number_or_nan(value: object) -> float:
+    try:
+        return float(str(value))
+    except ValueError:
+        return math.nan
 
 
 def read_table(
-    path: str | os.PathLike[str], label_column: str | None = None
+    path: str | os.PathLike[str], label_column: str | None = None, progress: bool = False
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
     """A table's feature names, ``(rows, features)`` float32 features and int64 labels.
+
+    A ``.csv`` is read row by row into float32 blocks (``progress``: a bar counting rows); a
+    ``.parquet`` file column by column.
 
     Raises:
         MissingFileError: The file does not exist.
@@ -145,8 +196,10 @@ def read_table(
     p = Path(path)
     if not p.is_file():
         raise MissingFileError(f"{str(p)!r} does not exist.")
-    reader = _read_parquet if p.suffix.lower() == ".parquet" else _read_csv
-    names, x, y = reader(p, label_column)
+    if p.suffix.lower() == ".parquet":
+        names, x, y = _read_parquet(p, label_column)
+    else:
+        names, x, y = _read_csv(p, label_column, progress)
     if not names:
         raise ConfigError(f"{p.name}: no feature column besides the label.")
     if len(x) < 2:
@@ -161,6 +214,7 @@ def load_table_split(
     test_path: str | os.PathLike[str] | None = None,
     test_fraction: float = 0.1,
     seed: int = TEXT_SPLIT_SEED,
+    progress: bool = False,
 ) -> tuple[Split, str]:
     """A train/test split of a table, and one line saying what was read.
 
@@ -170,13 +224,14 @@ def load_table_split(
         test_path: A held-out table with the same columns; default: a seeded share of ``path``.
         test_fraction: The share held out without ``test_path``.
         seed: Seeds that share.
+        progress: Show a bar while a ``.csv`` is read.
 
     Raises:
         ConfigError: As :func:`read_table`, or a test table whose columns differ.
     """
-    names, x, y = read_table(path, label_column)
+    names, x, y = read_table(path, label_column, progress)
     if test_path is not None:
-        test_names, x_test, y_test = read_table(test_path, label_column)
+        test_names, x_test, y_test = read_table(test_path, label_column, progress)
         if test_names != names:
             raise ConfigError(
                 f"{Path(test_path).name} has columns {test_names}, {Path(path).name} has {names}; "
