@@ -408,3 +408,27 @@ def test_each_scheme_has_a_config_class_holding_only_the_fields_it_reads():
     assert qt.config.scheme_config() == RowsConfig(n_layers=2, hidden=(8,), rank=2)
     flat = FlatConfig(chunk=4, n_layers=2)
     assert flat.to_qtconfig() == QTConfig(scheme="flat", chunk=4, n_layers=2)
+
+
+def test_in_memory_teacher_outputs_are_computed_once_and_train_as_before():
+    from torch.utils.data import TensorDataset
+
+    from qtcompress.data.sources import InputSource
+    from qtcompress.train.finetune import teacher_outputs
+
+    x = torch.randn(96, 13)
+    model = TinyMLP().eval()
+    histories, calls = [], []
+    for data in (x, TensorDataset(x)):  # in memory: cached; a dataset: the teacher per step
+        qt = compress(model, SMALL)
+        forwards: list[int] = []
+        qt.functional.module.register_forward_hook(lambda *_, seen=forwards: seen.append(1))
+        r = qt.finetune(data, steps=12, batch_size=16, progress=False)
+        histories.append(r.history)
+        calls.append(len(forwards))
+    torch.testing.assert_close(torch.tensor(histories[0]), torch.tensor(histories[1]))
+    # The student runs through functional_call on the same module: both count it. Cached, the
+    # teacher ran once per 256 rows (1 pass) instead of once per step (12).
+    assert calls[1] - calls[0] >= 10
+    qt.functional.module.train()  # a teacher in training mode: its outputs vary per draw
+    assert teacher_outputs(qt.functional, InputSource.of(x), None, progress=False) is None

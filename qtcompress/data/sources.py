@@ -55,10 +55,14 @@ class InputSource:
             data and map-style datasets). Loaders and other iterables are cycled through in
             their own order, so a resumed fit does not see the same batches as an
             uninterrupted one.
+        in_memory: All examples are held as tensors, so :meth:`batch_at` returns the rows
+            ``batch_indices(step, n, batch_size, seed)`` exactly as stored (what lets the
+            fine-tune compute the teacher's outputs once).
     """
 
     n: int | None = None
     exact_resume: bool = True
+    in_memory: bool = False
 
     @classmethod
     def of(
@@ -237,6 +241,8 @@ class InputSource:
 
 class _InMemory(InputSource):
     """All inputs in one checked :class:`Batch`."""
+
+    in_memory = True
 
     def __init__(self, batch: Batch) -> None:
         self.batch = batch

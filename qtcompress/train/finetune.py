@@ -26,6 +26,54 @@ from qtcompress.train.objectives import (
 )
 from qtcompress.train.streams import Rollouts, rollout_outputs
 
+# The teacher's outputs on in-memory training data are computed once, before the loop, when
+# they take at most this much memory (and a quarter of what is available): the original's
+# forward pass was a quarter of a distillation step (docs/benchmarks.md).
+TEACHER_CACHE_BYTES = 1 << 30
+
+
+@torch.no_grad()
+def teacher_outputs(
+    fmodel: FunctionalModel,
+    source: InputSource,
+    output: str | int | None,
+    progress: bool,
+    batch_size: int = 256,
+) -> torch.Tensor | None:
+    """The teacher's outputs on every row of in-memory ``source`` (on the CPU), or ``None``.
+
+    ``None`` where they cannot be reused: data not held in memory (a dataset may augment, a
+    loader shuffles), a model in training mode (dropout, batch statistics: its outputs depend
+    on the draw), or outputs over :data:`TEACHER_CACHE_BYTES`.
+    """
+    from tqdm.auto import tqdm
+
+    from qtcompress.memory import available_memory_bytes
+
+    if not source.in_memory or source.n is None:
+        return None
+    if any(m.training for m in fmodel.module.modules()):
+        return None
+    device = fmodel.device
+    first = select_output(source.head(1).to(device).call(fmodel.teacher), output)
+    if not isinstance(first, torch.Tensor):
+        return None
+    need = first[0].numel() * first.element_size() * source.n
+    if need > min(TEACHER_CACHE_BYTES, available_memory_bytes() // 4):
+        return None
+    parts = []
+    total = math.ceil(source.n / batch_size)
+    batches = tqdm(
+        source.batches(batch_size),
+        total=total,
+        desc="teacher outputs",
+        leave=False,
+        disable=not progress,
+    )
+    for batch in batches:
+        parts.append(select_output(batch.to(device).call(fmodel.teacher), output).cpu())
+    return torch.cat(parts)
+
 
 def finetune(
     fmodel: FunctionalModel,
@@ -110,6 +158,12 @@ def finetune(
         everything = source.head(source.n).to(device)
         starts = rollouts.starts()
 
+    cached = (
+        teacher_outputs(fmodel, source, output, bool(loop_kwargs.get("progress", True)))
+        if mode == "distill" and rollouts is None
+        else None
+    )
+
     def loss_at(step: int) -> torch.Tensor:
         if rollouts is not None:  # a rollout on the student's own state per sampled start
             rows = starts[batch_indices(step, len(starts), batch_size, cfg.seed)].to(device)
@@ -126,7 +180,11 @@ def finetune(
         out = student(batch, batch_stats)
         if mode == "supervised":
             return sup(out, batch.labels)  # type: ignore[arg-type]
-        teacher = select_output(batch.call(fmodel.teacher), output)
+        if cached is not None:  # the rows batch_at drew, as in-memory sources draw them
+            assert source.n is not None
+            teacher = cached[batch_indices(step, source.n, batch_size, cfg.seed)].to(device)
+        else:
+            teacher = select_output(batch.call(fmodel.teacher), output)
         loss = distill_loss(out, teacher, objective, temperature)
         if batch.labels is not None and alpha < 1.0:
             loss = alpha * loss + (1.0 - alpha) * sup(out, batch.labels)
