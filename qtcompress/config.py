@@ -55,7 +55,7 @@ class QTConfig:
             ``"flat"`` (the paper's flat index cut into ``chunk``-sized pieces, one shared head).
         budget: Size of the generator: a fraction of M in (0, 1] or a parameter count (> 1);
             ``None``: the scheme's default (0.5% of M for hashed, 5% for rows) unless ``rank``
-            is given. Sizes the hashed and rows schemes.
+            is given. Sizes the hashed and rows schemes (the flat scheme refuses it).
         rank: Rows scheme: the same rank for every matrix; ``None``: ranks allocated to the
             budget.
         ranks: Rows scheme: one rank per generated tensor (layout order), as resolved; this is
@@ -341,7 +341,6 @@ class SchemeConfig:
     :func:`~qtcompress.compress` does with it, and what a generator file records).
 
     Attributes:
-        budget: A fraction of M in (0, 1] or a parameter count; ``None``: the scheme's default.
         target: Parameter-name patterns to generate (``None``: all trainable parameters).
         exclude: Patterns removed from the selection.
         include_frozen: Also generate parameters with ``requires_grad=False``.
@@ -350,7 +349,6 @@ class SchemeConfig:
     """
 
     scheme: ClassVar[str] = ""
-    budget: float | int | None = None
     target: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
     include_frozen: bool = False
@@ -370,6 +368,7 @@ class HashedConfig(SchemeConfig):
     """The hashed scheme (the default): every weight a signed, scaled shared value.
 
     Attributes:
+        budget: A fraction of M in (0, 1] or a parameter count; ``None``: 0.5% of M.
         values: Where the shared values come from: ``"qnn"`` (QT) or a registered control.
         n_qubits: QNN qubits; ``None``: from the budget.
         n_layers: QNN layers; ``None``: from the budget.
@@ -379,6 +378,7 @@ class HashedConfig(SchemeConfig):
     """
 
     scheme: ClassVar[str] = "hashed"
+    budget: float | int | None = None
     values: str = "qnn"
     n_qubits: int | None = None
     n_layers: int | None = None
@@ -392,6 +392,7 @@ class RowsConfig(SchemeConfig):
     """The rows scheme: one basis state per tensor row, a low-rank head per tensor.
 
     Attributes:
+        budget: A fraction of M in (0, 1] or a parameter count; ``None``: 5% of M.
         rank: The same rank for every matrix; ``None``: ranks allocated to the budget.
         n_layers: QNN layers; ``None``: :data:`DEFAULT_LAYERS`.
         n_qubits: QNN qubits; ``None``: the fewest that cover the rows.
@@ -402,6 +403,7 @@ class RowsConfig(SchemeConfig):
     """
 
     scheme: ClassVar[str] = "rows"
+    budget: float | int | None = None
     rank: int | None = None
     n_layers: int | None = None
     n_qubits: int | None = None

@@ -213,6 +213,7 @@ BAD_CONFIGS = [
     ({"n_layers": 0}, "n_layers must be a positive integer or None, got 0"),
     ({"scheme": "flat", "mapping": "cnn"}, "Unknown mapping 'cnn'; choose from mlp, mps"),
     ({"ansatz": "ry-ring"}, "Unknown ansatz 'ry-ring'; choose from paper, ry-rz-ring"),
+    ({"scheme": "flat", "budget": 0.1}, "The flat scheme does not use budget \\(rows/hashed\\)"),
     ({"hidden": []}, r"hidden must list positive integer widths, got \(\)"),
     ({"activation": "step"}, "Unknown activation 'step'"),
     ({"target": "conv1"}, "target must be a list, got 'conv1'"),

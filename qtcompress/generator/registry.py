@@ -41,8 +41,9 @@ class Scheme:
         resolve: Fixes automatic sizes (see the module docstring).
         build: Builds the generator from a resolved config.
         fields: The :class:`QTConfig` fields the scheme reads, beyond those every scheme
-            reads (``budget``, ``target``, ``exclude``, ``include_frozen``, ``backend``,
-            ``seed``); any other field set away from its default is a :class:`ConfigError`.
+            reads (``target``, ``exclude``, ``include_frozen``, ``backend``, ``seed``); any
+            other field set away from its default is a :class:`ConfigError` (``budget`` too:
+            the flat scheme is sized by its chunk, not a budget).
         summary: One line for ``--help`` and errors.
         finetune_lr: The scheme's default phase-2 peak learning rate (measured per scheme).
         default_budget: The scheme's size when ``QTConfig.budget`` is ``None``, as a fraction
@@ -59,7 +60,7 @@ class Scheme:
 
 
 COMMON_FIELDS = frozenset(
-    {"scheme", "budget", "target", "exclude", "include_frozen", "backend", "seed", "version"}
+    {"scheme", "target", "exclude", "include_frozen", "backend", "seed", "version"}
 )
 _SCHEMES: dict[str, Scheme] = {}
 
@@ -161,7 +162,7 @@ def _register_builtin() -> None:
             seed=c.seed,
             ansatz=c.ansatz,
         ),
-        fields={"rank", "ranks", "n_layers", "n_qubits", "hidden", "activation"}
+        fields={"budget", "rank", "ranks", "n_layers", "n_qubits", "hidden", "activation"}
         | {"prob_transform", "ansatz"},
         summary="one basis state per tensor row, a low-rank head per tensor (>= ~2% of M)",
         # The suite benchmark (docs/benchmarks.md): 5% was the rows scheme's best point.
@@ -207,8 +208,8 @@ def _register_builtin() -> None:
             seed=c.seed,
             ansatz=c.ansatz,
         ),
-        fields={"values", "n_qubits", "n_layers", "row_scales", "hashed_vectors", "allowance"}
-        | {"ansatz"},
+        fields={"budget", "values", "n_qubits", "n_layers", "row_scales", "hashed_vectors"}
+        | {"allowance", "ansatz"},
         summary="every weight a signed, scaled shared value from the QNN (0.05-5% of M)",
         # tools/bench_frontier.py's sweep at 0.5% of M: 1e-2 beat 3e-3 for the QNN and the table
         # on the CNN (98.3% vs 98.1%, 99.2% vs 97.8%) and for the table on the encoder.
