@@ -287,7 +287,7 @@ def train_generator(
     rep = qt.report()
     budget = (
         f"{qt.config.budget_params(rep.generated_weights):,} parameters"
-        if qt.config.scheme in ("rows", "hashed") and qt.config.rank is None
+        if qt.generator.sized_by_budget and qt.config.rank is None
         else "n/a"
     )
     log(
@@ -739,6 +739,7 @@ def _finish(
         onnx_bytes=onnx_path.stat().st_size,
         scheme=qt.config.scheme,
         shape=shape_of(qt),
+        basis_state=qt.generator.basis_state_text(),
         budget=trained.budget,
         generated_kinds={
             k: [n, v]

@@ -56,22 +56,12 @@ class PipelineResult:
     search: list[dict[str, Any]] = field(default_factory=list)
     state_link: str | None = None
     fidelity_free_running: dict[str, Any] | None = None
+    basis_state: str = ""
 
 
 def shape_of(qt: QTModel) -> str:
-    """The generator's shape in a few words: ranks (rows), buckets (hashed) or chunk (flat)."""
-    if qt.config.scheme == "hashed":
-        g: Any = qt.generator
-        scales = "row" if g.row_scales else "tensor"
-        vectors = "hashed" if g.hashed_vectors else "exact"
-        return f"{g.buckets} shared values from {g.values_kind}, {scales} scales, {vectors} vectors"
-    if qt.config.scheme == "rows":
-        ranks = [k for k in qt.config.ranks or () if k > 0]
-        return (
-            f"one basis state per tensor row, ranks {min(ranks, default=0)}.."
-            f"{max(ranks, default=0)}"
-        )
-    return f"chunk {qt.config.resolve_chunk(qt.layout.total)}"
+    """The generator's shape in a few words (its scheme's ``describe_shape``)."""
+    return qt.generator.describe_shape()
 
 
 def _fidelity_text(fid: dict[str, Any]) -> str:
@@ -99,12 +89,7 @@ def summary_rows(r: PipelineResult) -> dict[str, str]:
         "generator parameters (trainable)": f"{r.generator_params:,} "
         f"({r.generator_params / r.generated_weights:.1%} of M)",
         "compression ratio (M / generator)": f"{r.compression_ratio:.2f}x",
-        "QNN": f"{r.n_qubits} qubits x {r.n_layers} layers, "
-        + (
-            f"about {r.chunk} weights sharing each basis state's value"
-            if r.scheme == "hashed"  # hashed: chunk is the average bucket's share
-            else f"up to {r.chunk} weights per basis state"
-        ),
+        "QNN": f"{r.n_qubits} qubits x {r.n_layers} layers, {r.basis_state}",
         "generator": f"{r.scheme} scheme, {r.shape}, budget {r.budget}",
         "generated tensors": ", ".join(
             f"{k} {n} ({v:,})" for k, (n, v) in r.generated_kinds.items()

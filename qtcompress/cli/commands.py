@@ -105,13 +105,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         gen.checked_skeleton()
     result = gen.describe()
     ansatz, mapping, kinds = result["ansatz"], result["mapping"], result["kinds"]
-    per_state = (
-        f"one basis state per tensor row, ranks up to {mapping.get('rank')}"
-        if gen.config.scheme == "rows"
-        else f"about {mapping['chunk']} weights sharing each basis state's value"
-        if gen.config.scheme == "hashed"
-        else f"{mapping['chunk']} weight(s) per basis state"
-    )
+    per_state = gen.generator.basis_state_text()
     lines = [
         f"{path.name}: {result['file_bytes']:,} bytes, qtcompress {result['qtcompress_version']}",
         f"generates {result['generated_weights']:,} weights from "

@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -27,6 +28,9 @@ from qtcompress.mapping import Mapping, MLPMapping, transform_probs
 from qtcompress.qnn import QNN, Ansatz
 from qtcompress.qnn.ansatz import DEFAULT_ANSATZ, make_ansatz
 from qtcompress.targets import Layout, TensorSpec
+
+if TYPE_CHECKING:
+    from qtcompress.config import QTConfig
 
 # Weights produced per streamed block by default (bounds mapping activations, not the output).
 DEFAULT_BLOCK_WEIGHTS = 1 << 18
@@ -64,8 +68,27 @@ class Generator(nn.Module):
 
     chunk: int  # weights per basis state (the most, for schemes where it varies)
 
+    # Whether QTConfig.budget sizes this scheme (the flat scheme is sized by its chunk).
+    sized_by_budget: bool = True
+
     def parameter_counts(self) -> dict[str, int]:
         """Trainable parameters by part (``qnn``, ``mapping``, ``affine``) and ``total``."""
+        raise NotImplementedError
+
+    def describe_shape(self) -> str:
+        """The generator's shape in a few words (logs, the summary's ``generator`` line)."""
+        return f"chunk {self.chunk}"
+
+    def basis_state_text(self) -> str:
+        """What one of the QNN's basis states stands for (the summary and ``inspect``)."""
+        return f"up to {self.chunk} weights per basis state"
+
+    def file_description(self, config: QTConfig) -> dict[str, Any]:
+        """The ``mapping`` entry of a generator file: saving writes it, loading compares it.
+
+        Args:
+            config: The config the generator was built from (sizes may be unresolved).
+        """
         raise NotImplementedError
 
     def init_from_pretrained(self, pretrained: torch.Tensor) -> None:

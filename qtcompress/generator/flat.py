@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -132,6 +132,20 @@ class QTGenerator(Generator):
     def n_qubits(self) -> int:
         """Number of qubits of the QNN."""
         return self.qnn.n_qubits
+
+    sized_by_budget = False
+
+    def file_description(self, config: QTConfig) -> dict[str, Any]:  # noqa: D102
+        hidden = config.hidden if config.hidden is not None else config.resolve(self.layout).hidden
+        return {
+            "kind": config.mapping,
+            "chunk": int(self.chunk),
+            "n_qubits": int(self.n_qubits),
+            "hidden": [int(h) for h in hidden or ()],
+            "activation": config.activation,
+            "bond_dim": config.bond_dim,
+            "prob_transform": config.prob_transform,
+        }
 
     def parameter_counts(self) -> dict[str, int]:
         """Trainable parameters by part (``qnn``, ``mapping``, ``affine``) and ``total``."""

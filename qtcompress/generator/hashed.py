@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -182,6 +182,32 @@ class HashedGenerator(Generator):
     def n_qubits(self) -> int:
         """Qubits of the QNN source (index bits of the buckets for the controls)."""
         return self.source.n_qubits
+
+    def describe_shape(self) -> str:  # noqa: D102
+        scales = "row" if self.row_scales else "tensor"
+        vectors = "hashed" if self.hashed_vectors else "exact"
+        return (
+            f"{self.buckets} shared values from {self.values_kind}, {scales} scales, "
+            f"{vectors} vectors"
+        )
+
+    def basis_state_text(self) -> str:  # noqa: D102
+        # chunk is the average bucket's share of the weights.
+        return f"about {self.chunk} weights sharing each basis state's value"
+
+    def file_description(self, config: QTConfig) -> dict[str, Any]:  # noqa: D102
+        # Every weight a signed, scaled copy of one of `buckets` values from the source.
+        del config
+        return {
+            "kind": "hashed",
+            "scheme": self.scheme,
+            "chunk": int(self.chunk),
+            "n_qubits": int(self.n_qubits),
+            "values": self.values_kind,
+            "buckets": int(self.buckets),
+            "row_scales": bool(self.row_scales),
+            "hashed_vectors": bool(self.hashed_vectors),
+        }
 
     def parameter_counts(self) -> dict[str, int]:
         """Trainable parameters by part and ``total``.

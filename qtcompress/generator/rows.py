@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -17,6 +18,9 @@ from qtcompress.generator.ranks import max_rank, row_view
 from qtcompress.lowrank import LowRankWeight
 from qtcompress.mapping import signed_bits, transform_probs
 from qtcompress.targets import Layout
+
+if TYPE_CHECKING:
+    from qtcompress.config import QTConfig
 
 
 class RowGenerator(Generator):
@@ -131,6 +135,32 @@ class RowGenerator(Generator):
     def rank(self) -> int:
         """The widest per-tensor rank (the mapping body's feature width)."""
         return max(1, *self.ranks)
+
+    def describe_shape(self) -> str:  # noqa: D102
+        ranks = [k for k in self.ranks if k > 0]
+        return (
+            f"one basis state per tensor row, ranks {min(ranks, default=0)}.."
+            f"{max(ranks, default=0)}"
+        )
+
+    def basis_state_text(self) -> str:  # noqa: D102
+        return (
+            f"one basis state per tensor row (up to {self.chunk} weights), ranks up to {self.rank}"
+        )
+
+    def file_description(self, config: QTConfig) -> dict[str, Any]:  # noqa: D102
+        # Its own MLP body (no MPS) and a per-row feature of width rank.
+        hidden = config.hidden if config.hidden is not None else config.resolve(self.layout).hidden
+        return {
+            "kind": "mlp",
+            "chunk": int(self.chunk),
+            "n_qubits": int(self.n_qubits),
+            "hidden": [int(h) for h in hidden or ()],
+            "activation": config.activation,
+            "prob_transform": config.prob_transform,
+            "scheme": self.scheme,
+            "rank": int(self.rank),
+        }
 
     def parameter_counts(self) -> dict[str, int]:
         """Trainable parameters by part and ``total``.

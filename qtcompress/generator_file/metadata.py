@@ -194,41 +194,16 @@ def fingerprint_distance(
 
 
 def mapping_description(generator: nn.Module, config: QTConfig) -> dict[str, Any]:
-    """The ``mapping`` metadata of ``generator``, built from ``config`` (save and load compare it).
+    """The ``mapping`` metadata of ``generator`` (save and load compare it).
+
+    Its scheme's :meth:`~qtcompress.generator.common.Generator.file_description`.
 
     Args:
-        generator: A flat-scheme ``QTGenerator`` or a rows-scheme ``RowGenerator`` (any device).
+        generator: A generator of any registered scheme (any device).
         config: The config it was built from (automatic sizes may still be unresolved).
     """
-    g: Any = generator
-    hidden = config.hidden if config.hidden is not None else config.resolve(g.layout).hidden
-    desc = {
-        "kind": config.mapping,
-        "chunk": int(g.chunk),
-        "n_qubits": int(g.n_qubits),
-        "hidden": [int(h) for h in hidden or ()],
-        "activation": config.activation,
-        "bond_dim": config.bond_dim,
-        "prob_transform": config.prob_transform,
-    }
-    scheme = getattr(g, "scheme", "flat")
-    if scheme == "hashed":
-        # Every weight a signed, scaled copy of one of `buckets` values from the source.
-        return {
-            "kind": "hashed",
-            "scheme": scheme,
-            "chunk": int(g.chunk),
-            "n_qubits": int(g.n_qubits),
-            "values": g.values_kind,
-            "buckets": int(g.buckets),
-            "row_scales": bool(g.row_scales),
-            "hashed_vectors": bool(g.hashed_vectors),
-        }
-    if scheme != "flat":
-        # The rows scheme has its own MLP body (no MPS) and a per-row feature of width rank.
-        desc.update(kind="mlp", scheme=scheme, rank=int(g.rank))
-        desc.pop("bond_dim")
-    return desc
+    description: dict[str, Any] = generator.file_description(config)  # type: ignore[operator]
+    return description
 
 
 def layout_to_json(layout: Layout) -> dict[str, Any]:
