@@ -1,0 +1,145 @@
+"""More buckets than parameters: the hashed QNN generator with a wider register, and its controls.
+
+The default hashed generator gives its QNN ``n = log2(allowance)`` qubits, so it has about as
+many buckets (shared values) as parameters, the regime where a free table of the same size
+(HashedNets) does at least as well. A QNN can do what a table cannot: ``n * L`` angles make
+``2**n`` values, many more buckets than parameters (fewer weights sharing each value). This
+tool spends the same allowance on 14 and 16 qubits (fewer layers), against the default QNN,
+the free table, and controls over the same wide register: a frozen random probability vector
+(only the scales train) and an MPS Born machine with the allowance.
+
+Run: ``python tools/bench_wide.py --models cnn rnn --seeds 0`` (minutes per arm); writes
+``build/wide/runs.jsonl`` and, with ``--write``, its section of docs/benchmarks.md.
+Threads: torch and qsim 1, BLAS 1.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchdoc import machine, write_section  # noqa: E402
+from suite import load_entry  # noqa: E402
+
+from qtcompress import QTConfig, compress  # noqa: E402
+from qtcompress.qnn.backends import set_threads  # noqa: E402
+
+OUT = Path(__file__).resolve().parents[1] / "build" / "wide" / "runs.jsonl"
+BUDGET = 0.005
+STEPS = 300
+LR = 1e-2
+# (arm, values source, qubits: None = the default log2(allowance))
+ARMS = (
+    ("qnn (default register)", "qnn", None),
+    ("qnn, 14 qubits", "qnn", 14),
+    ("qnn, 16 qubits", "qnn", 16),
+    ("table (HashedNets)", "table", None),
+    ("frozen, 16 qubits", "frozen", 16),
+    ("mps, 16 qubits", "mps", 16),
+    ("frozen, 14 qubits", "frozen", 14),
+    ("mps, 14 qubits", "mps", 14),
+)
+
+
+def run(model: str, arm: str, values: str, qubits: int | None, seed: int) -> dict[str, Any]:
+    """Compress at :data:`BUDGET`, fine-tune :data:`STEPS` steps, score on the test split."""
+    entry = load_entry(model, log=lambda _s: None)
+    default = compress(entry.model, QTConfig(budget=BUDGET, seed=seed)).config
+    assert default.allowance is not None
+    config = QTConfig(budget=BUDGET, values=values, seed=seed)
+    if qubits is not None:  # the same allowance on a wider register: fewer layers
+        layers = max(1, default.allowance // qubits)
+        config = QTConfig(budget=BUDGET, values=values, seed=seed, n_qubits=qubits, n_layers=layers)
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    qt = compress(entry.model, config)
+    qt.finetune(entry.train_inputs, steps=STEPS, lr=LR, progress=False)
+    fid = qt.evaluate(entry.test_inputs, entry.test_labels)
+    counts = qt.generator.parameter_counts()
+    return {
+        "model": model,
+        "arm": arm,
+        "seed": seed,
+        "buckets": int(qt.generator.buckets),
+        "qubits": qt.generator.n_qubits,
+        "layers": qt.generator.ansatz.n_layers,
+        "params": counts["total"],
+        "headline": fid.headline,
+        "metric": fid.headline_name,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: one line per model and arm, mean ± sd over seeds."""
+    lines = [
+        f"Measured {machine()}; `python tools/bench_wide.py`, 1 thread, hashed generator at "
+        f"{BUDGET:.1%} of M, {STEPS} distillation steps at lr {LR}; one row per arm, mean ± "
+        "sd over the seeds run (n). Buckets: shared values; params: trainable (the source's "
+        "plus the scales and exact vectors, the same for every arm up to the source's "
+        "rounding).",
+        "",
+        "| model | arm | qubits x layers | buckets | params | fidelity (n) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for arm, _values, _q in ARMS:
+            got = [r for r in rows if r["model"] == model and r["arm"] == arm]
+            if not got:
+                continue
+            values = [r["headline"] for r in got]
+            scale = 100.0 if got[0]["metric"] == "agreement" else 1.0
+            mean = statistics.fmean(values) * scale
+            sd = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+            shape = f"{got[0]['qubits']} x {got[0]['layers']}" if "table" not in arm else "-"
+            lines.append(
+                f"| {model} | {arm} | {shape} | {got[0]['buckets']:,} | {got[0]['params']:,} | "
+                f"{mean:.1f} ± {sd:.1f} ({len(values)}) |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the arms (appending to the jsonl file) and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["cnn", "rnn"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--arms", nargs="+", type=int, help="indices into ARMS")
+    parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--write", action="store_true", help="write docs/benchmarks.md")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    set_threads(1)
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    if not args.table_only:
+        arms = [ARMS[i] for i in args.arms] if args.arms else list(ARMS)
+        for seed in args.seeds:
+            for model in args.models:
+                for arm, values, qubits in arms:
+                    row = run(model, arm, values, qubits, seed)
+                    print(json.dumps(row), flush=True)
+                    with OUT.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+    rows = [json.loads(line) for line in OUT.read_text().splitlines()] if OUT.exists() else []
+    text = table(rows)
+    print(text)
+    if args.write:
+        write_section("bench_wide", "More buckets than parameters (bench_wide.py)", text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
