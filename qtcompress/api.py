@@ -33,6 +33,7 @@ from qtcompress.device import resolve_device
 from qtcompress.errors import ConfigError
 from qtcompress.generator import AnyGenerator, Generator, build_generator
 from qtcompress.generator.common import scatter_blocks
+from qtcompress.generator.weight_loss import STREAM_WEIGHTS
 from qtcompress.limits import check_config
 from qtcompress.memory import return_freed_memory_to_os
 from qtcompress.targets import Layout, select_targets
@@ -47,8 +48,8 @@ from qtcompress.train.options import (
     check_options,
     with_overrides,
 )
-from qtcompress.train.weight_fit import STREAM_WEIGHTS, relative_errors
 from qtcompress.train.weight_fit import fit_weights as _fit_weights
+from qtcompress.train.weight_fit import relative_errors
 
 if TYPE_CHECKING:
     from qtcompress.generator_file.file import GeneratorFile

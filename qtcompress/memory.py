@@ -185,7 +185,7 @@ def return_freed_memory_to_os(threshold: int = 1 << 20) -> bool:
     transient tensors of a big model's phase 1 stayed resident: a 3e7-weight step peaked at
     3.8x the weights' bytes over the model, and 2.1x with this setting. Each allocation above
     the threshold then costs fresh page faults, so :func:`qtcompress.api.compress` turns it on
-    only for models of at least ``qtcompress.train.weight_fit.STREAM_WEIGHTS`` weights; the CLI
+    only for models of at least ``qtcompress.generator.weight_loss.STREAM_WEIGHTS`` weights; the CLI
     does the same. Elsewhere (not glibc) nothing happens.
 
     Returns:

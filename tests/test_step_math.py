@@ -12,16 +12,16 @@ import pytest
 import torch
 from torch import nn
 
-import qtcompress.train.weight_fit as weight_fit
 from qtcompress import QTConfig, compress
-from qtcompress.train.loop import LoopConfig, make_adam
-from qtcompress.train.weight_fit import (
-    relative_errors,
+from qtcompress.generator import weight_loss as losses
+from qtcompress.generator.weight_loss import (
     row_weight_loss,
     tensor_normalisers,
     tensor_scales,
     weight_loss,
 )
+from qtcompress.train.loop import LoopConfig, make_adam
+from qtcompress.train.weight_fit import relative_errors
 
 
 def _qt():  # a few tensors of different shapes, vectors included
@@ -54,7 +54,7 @@ def test_row_weight_loss_matches_the_flat_reference(monkeypatch, stream: bool) -
     reference = weight_loss(gen.generate(), target, tensor_normalisers(gen, target))
     ref_grads = _grads(gen, reference)
     if stream:
-        monkeypatch.setattr(weight_fit, "STREAM_WEIGHTS", 0)  # checkpoint every tensor's term
+        monkeypatch.setattr(losses, "STREAM_WEIGHTS", 0)  # checkpoint every tensor's term
     loss = row_weight_loss(gen, target, tensor_scales(gen, target))
     assert float(loss.detach()) == pytest.approx(float(reference.detach()), rel=1e-6)
     for got, want in zip(_grads(gen, loss), ref_grads, strict=True):
@@ -123,8 +123,8 @@ def test_blocked_moments_match_the_whole_tensor_float64_ones(monkeypatch) -> Non
     part = torch.randn(10_007) * 0.02 + 3.0  # a large mean: the case where E[x^2]-E[x]^2 fails
     whole = part.double()
     want = (float(whole.var(unbiased=False)), float((whole**2).mean()))
-    assert weight_fit._moments(part) == want  # one piece: exactly as before
-    monkeypatch.setattr(weight_fit, "MOMENT_BLOCK", 1000)
-    got = weight_fit._moments(part)
+    assert losses._moments(part) == want  # one piece: exactly as before
+    monkeypatch.setattr(losses, "MOMENT_BLOCK", 1000)
+    got = losses._moments(part)
     assert got[0] == pytest.approx(want[0], rel=1e-9)
     assert got[1] == pytest.approx(want[1], rel=1e-12)

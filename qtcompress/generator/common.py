@@ -95,8 +95,16 @@ class Generator(nn.Module):
         """Start from the pretrained weights (flat ``(M,)``), before phase 1."""
         raise NotImplementedError
 
-    def weight_fit_objective(self, pretrained: torch.Tensor) -> Callable[[int], torch.Tensor]:
-        """Phase 1's loss for a step, as a closure over the (float32) pretrained weights."""
+    def weight_fit_objective(
+        self, pretrained: torch.Tensor, *, freeze_scale: bool = True
+    ) -> Callable[[int], torch.Tensor]:
+        """Phase 1's loss for a step, as a closure over the (float32) pretrained weights.
+
+        Args:
+            pretrained: Flat ``(M,)`` float32 pretrained weights.
+            freeze_scale: Keep per-tensor scales at their pretrained values while fitting
+                (schemes with trainable scales; :meth:`weight_fit_done` releases them).
+        """
         raise NotImplementedError
 
     def weight_fit_done(self, pretrained: torch.Tensor) -> None:

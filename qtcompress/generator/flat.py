@@ -16,7 +16,7 @@ left a weight-space fit of a small generator with dead ReLUs and a 9% accurate m
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +32,7 @@ from qtcompress.generator.common import (
     make_mapping,
     qnn_for,
 )
+from qtcompress.generator.weight_loss import tensor_normalisers, weight_loss
 from qtcompress.mapping import Mapping, signed_bits, transform_probs
 from qtcompress.targets import Layout
 
@@ -134,6 +135,20 @@ class QTGenerator(Generator):
         return self.qnn.n_qubits
 
     sized_by_budget = False
+
+    def weight_fit_objective(  # noqa: D102
+        self, pretrained: torch.Tensor, *, freeze_scale: bool = True
+    ) -> Callable[[int], torch.Tensor]:
+        factors = tensor_normalisers(self, pretrained)
+        self._scale_trainable = bool(self.scale.requires_grad)
+        if freeze_scale:
+            self.scale.requires_grad_(False)
+        return lambda _step: weight_loss(self.generate(), pretrained, factors)
+
+    def weight_fit_done(self, pretrained: torch.Tensor) -> None:
+        """Release the scales frozen for phase 1."""
+        del pretrained
+        self.scale.requires_grad_(getattr(self, "_scale_trainable", True))
 
     def file_description(self, config: QTConfig) -> dict[str, Any]:  # noqa: D102
         hidden = config.hidden if config.hidden is not None else config.resolve(self.layout).hidden

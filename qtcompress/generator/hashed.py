@@ -309,12 +309,16 @@ class HashedGenerator(Generator):
         counts = n[: self.buckets] + n[self.buckets :]
         return (sums / counts.clamp_min(1)).float()
 
-    def weight_fit_objective(self, pretrained: torch.Tensor) -> Callable[[int], torch.Tensor]:
+    def weight_fit_objective(
+        self, pretrained: torch.Tensor, *, freeze_scale: bool = True
+    ) -> Callable[[int], torch.Tensor]:
         """Phase 1's loss: each matrix's squared error over its squared norm, scales frozen.
 
         The scales stay at their spread-matching values (an MSE-optimal scale shrinks what the
-        values cannot reproduce); phase 1 trains the shared values only.
+        values cannot reproduce) whatever ``freeze_scale`` says; phase 1 trains the shared
+        values only.
         """
+        del freeze_scale
         weights = []
         for t, s in enumerate(self.layout.specs):
             if self.is_hashed[t]:

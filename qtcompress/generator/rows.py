@@ -6,7 +6,7 @@ One basis state per tensor row, a shared mapping body and one low-rank head per 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -15,6 +15,7 @@ from torch import nn
 from qtcompress.errors import ConfigError
 from qtcompress.generator.common import FIT_BLOCK, Generator, check_pretrained, qnn_for
 from qtcompress.generator.ranks import max_rank, row_view
+from qtcompress.generator.weight_loss import row_weight_loss, tensor_scales
 from qtcompress.lowrank import LowRankWeight
 from qtcompress.mapping import signed_bits, transform_probs
 from qtcompress.targets import Layout
@@ -136,6 +137,17 @@ class RowGenerator(Generator):
         """The widest per-tensor rank (the mapping body's feature width)."""
         return max(1, *self.ranks)
 
+    def weight_fit_objective(  # noqa: D102
+        self, pretrained: torch.Tensor, *, freeze_scale: bool = True
+    ) -> Callable[[int], torch.Tensor]:
+        del freeze_scale  # the heads are fitted in closed form afterwards
+        scales = tensor_scales(self, pretrained)
+        return lambda _step: row_weight_loss(self, pretrained, scales)
+
+    def weight_fit_done(self, pretrained: torch.Tensor) -> None:
+        """The heads' least-squares optimum for the trained features: never worse than zeros."""
+        self.fit_heads(pretrained)
+
     def describe_shape(self) -> str:  # noqa: D102
         ranks = [k for k in self.ranks if k > 0]
         return (
@@ -203,7 +215,7 @@ class RowGenerator(Generator):
         """Squared error of some rows of tensor ``i`` against ``goal``.
 
         Rows ``start:start + len(goal)`` of the tensor's ``(rows, cols)`` view; phase 1 of big
-        models streams these blocks (see :func:`qtcompress.train.weight_fit.row_weight_loss`).
+        models streams these blocks (see :func:`qtcompress.generator.weight_loss.row_weight_loss`).
         """
         k = self.ranks[i]
         if k == 0:
