@@ -104,7 +104,13 @@ def table(rows: list[dict[str, Any]]) -> str:
             scale = 100.0 if got[0]["metric"] == "agreement" else 1.0
             mean = statistics.fmean(values) * scale
             sd = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-            shape = f"{got[0]['qubits']} x {got[0]['layers']}" if "table" not in arm else "-"
+            shape = (
+                f"{got[0]['qubits']} x {got[0]['layers']}"
+                if arm.startswith("qnn")
+                else "-"
+                if arm.startswith("table")
+                else f"{got[0]['qubits']} bits"
+            )
             lines.append(
                 f"| {model} | {arm} | {shape} | {got[0]['buckets']:,} | {got[0]['params']:,} | "
                 f"{mean:.1f} ± {sd:.1f} ({len(values)}) |"
