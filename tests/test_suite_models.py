@@ -26,7 +26,13 @@ def split(suite):
 
 
 def test_default_models_have_suite_sizes_and_no_batchnorm(suite):
-    expected = {"cnn": 421_642, "rnn": 335_425, "encoder": 804_096, "mlp5m": 5_824_522}
+    expected = {
+        "cnn": 421_642,
+        "rnn": 335_425,
+        "encoder": 804_096,
+        "mlp5m": 5_824_522,
+        "crnn": 1_487_637,
+    }
     assert suite.NAMES == tuple(expected)
     for name, weights in expected.items():
         model = suite._SPECS[name].build()

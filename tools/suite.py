@@ -1,8 +1,10 @@
-"""A suite of real-shaped pretrained models, trained offline and deterministically on digits.
+"""A suite of real-shaped pretrained models, trained offline and deterministically.
 
 The toy examples in ``qtcompress.examples`` are tiny and use BatchNorm, which hides failures of
 a compressor. This suite trains four realistic models on scikit-learn's bundled ``load_digits``
-(1,797 8x8 images, no download; the seeded 80/20 split of ``qtcompress.examples``):
+(1,797 8x8 images, no download; the seeded 80/20 split of ``qtcompress.examples``), and a
+conv + BiLSTM CTC line recogniser (``crnn``) on text lines rendered with Pillow's built-in font
+(:func:`render_lines`; seeded, nothing downloaded):
 
 =========  ==============  ==========  =================================================
 name       class           weights     inputs (dim 0 = batch)
@@ -13,11 +15,16 @@ rnn        StreamingRNN    335,425     tuple (x (B, 14, 28), state (B, 2, 256))
 encoder    TinyEncoder     804,096     dict input_ids, attention_mask (B, 64)
                                        -> L2-normalised embedding (B, 128)
 mlp5m      WideMLP         5,824,522   tensor (B, 784) -> logits (B, 10)
+crnn       TextCRNN        1,487,637   tensor (B, 1, 32, 128) grey text line
+                                       -> per-frame CTC scores (B, 32, 21), blank = 0
 =========  ==============  ==========  =================================================
 
-None of them has BatchNorm. Trained weights are cached in ``build/suite/<name>.safetensors``
-with a ``<name>.json`` card (accuracy, seed, recipe, train time, SHA-256). :func:`load_suite`
-trains what is missing or stale and loads the rest; the data tensors are rebuilt each time.
+None of them has BatchNorm. ``crnn``'s labels are the strings' class ids padded with 0 to
+:data:`LINE_MAX_LEN` (``(N, 10)`` int64) and its metric is 1 - CER of its greedy decodes
+against the true strings (Pillow, which matplotlib installs, is needed to render its data).
+Trained weights are cached in ``build/suite/<name>.safetensors`` with a ``<name>.json`` card
+(accuracy and its metric, seed, recipe, train time, SHA-256). :func:`load_suite` trains what is
+missing or stale and loads the rest; the data tensors are rebuilt each time.
 
 Usage:
     python tools/suite.py                      # train what is missing, print the table
@@ -55,25 +62,33 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from qtcompress.examples import DigitsCNN28, Split, load_dataset, upsample  # noqa: E402
 from qtcompress.io.atomic import atomic_path, atomic_write_bytes  # noqa: E402
+from qtcompress.train.objectives import ctc_greedy, edit_distance  # noqa: E402
 
 __all__ = [
+    "ALPHABET",
     "CACHE_DIR",
+    "LINE_MAX_LEN",
     "NAMES",
     "SEED",
     "DigitsCNN28",
     "StreamingRNN",
     "SuiteEntry",
+    "TextCRNN",
     "TinyEncoder",
     "WideMLP",
     "call_model",
     "carried_states",
     "centroid_accuracy",
+    "character_error_rate",
+    "ctc_decode",
     "digits_split",
     "evaluate",
     "index_inputs",
+    "line_split",
     "load_entry",
     "load_suite",
     "predict",
+    "render_lines",
     "rnn_windows",
     "tokenize",
     "upsample",
@@ -207,6 +222,47 @@ class TinyEncoder(nn.Module):
         return F.normalize(pooled, dim=-1)
 
 
+class TextCRNN(nn.Module):
+    """A CTC text-line recogniser without BatchNorm: 4 conv layers, a 2-layer BiLSTM, a Linear.
+
+    The convolutions (3x3, ReLU) and max-pools take a ``(B, 1, 32, W)`` line down to one row of
+    ``W / 4`` frames (the height collapsed by pooling); the BiLSTM reads the frames left to
+    right and right to left; the Linear scores each frame's classes (0 = the CTC blank).
+
+    Args:
+        channels: Output channels of the four conv layers.
+        hidden: LSTM state size per direction.
+        classes: Output classes, blank included.
+    """
+
+    def __init__(
+        self, channels: tuple[int, ...] = (16, 32, 64, 128), hidden: int = 192, classes: int = 21
+    ) -> None:
+        super().__init__()
+        c1, c2, c3, c4 = channels
+        self.features = nn.Sequential(
+            nn.Conv2d(1, c1, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 16 x W/2
+            nn.Conv2d(c1, c2, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 8 x W/4
+            nn.Conv2d(c2, c3, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d((2, 1)),  # 4 x W/4
+            nn.Conv2d(c3, c4, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d((4, 1)),  # 1 x W/4: the height collapsed
+        )
+        self.rnn = nn.LSTM(c4, hidden, num_layers=2, bidirectional=True, batch_first=True)
+        self.head = nn.Linear(2 * hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-frame class scores ``(B, W / 4, classes)``, batch-first, of ``(B, 1, 32, W)``."""
+        z = self.features(x).squeeze(2).transpose(1, 2)  # (B, T, c4)
+        return self.head(self.rnn(z)[0])  # (B, T, classes)
+
+
 def _bert_init(module: nn.Module) -> None:
     """BERT's initialisation: N(0, 0.02) weights, zero biases, unit LayerNorm."""
     if isinstance(module, nn.Linear | nn.Embedding):
@@ -257,6 +313,91 @@ class WideMLP(nn.Module):
 def digits_split(seed: int = SEED) -> Split:
     """The seeded 80/20 split of the 1,797 digits: 8x8 images in [0, 1], (N, 1, 8, 8)."""
     return load_dataset("digits", seed=seed, test_fraction=0.2)
+
+
+# Text lines for the CTC model: class k (1..len(ALPHABET)) is ALPHABET[k - 1]; 0 is the blank.
+ALPHABET = "0123456789ACEHKMNPRX"
+LINE_HEIGHT, LINE_WIDTH = 32, 128
+LINE_MIN_LEN, LINE_MAX_LEN = 3, 10
+LINE_DATA = {"train": 4000, "test": 500, "train_seed": 1000, "test_seed": 2000}
+
+
+def render_lines(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Render ``n`` random strings of ALPHABET as grey text lines, deterministically.
+
+    Each line: 3 to 10 characters in Pillow's built-in scalable font (size 14 to 17) at a random
+    offset, with a random gap of 0-2 px after each character and a random vertical jitter of
+    up to 1 px per character; light text on a darker background, both at random grey levels,
+    then Gaussian pixel noise of random strength; values in [0, 1].
+
+    Returns:
+        Images ``(n, 1, 32, 128)`` float32 and labels ``(n, LINE_MAX_LEN)`` int64: class ids
+        (1-based into ALPHABET) padded with 0.
+    """
+    from PIL import Image, ImageDraw, ImageFont  # lazy: only this model's data needs Pillow
+
+    rng = torch.Generator().manual_seed(seed)
+    fonts = {size: ImageFont.load_default(size=size) for size in range(14, 18)}
+    images = torch.zeros(n, 1, LINE_HEIGHT, LINE_WIDTH)
+    labels = torch.zeros(n, LINE_MAX_LEN, dtype=torch.int64)
+
+    def uniform(lo: float, hi: float) -> float:
+        return lo + (hi - lo) * float(torch.rand((), generator=rng))
+
+    for i in range(n):
+        length = int(torch.randint(LINE_MIN_LEN, LINE_MAX_LEN + 1, (), generator=rng))
+        ids = torch.randint(1, len(ALPHABET) + 1, (length,), generator=rng)
+        labels[i, :length] = ids
+        font = fonts[int(torch.randint(14, 18, (), generator=rng))]
+        gaps = [int(torch.randint(0, 3, (), generator=rng)) for _ in range(length)]
+        advances = [font.getlength(ALPHABET[k - 1]) for k in ids.tolist()]
+        width = sum(advances) + sum(gaps)
+        top = font.getbbox("0")[1]
+        height = font.getbbox("0")[3] - top
+        x = uniform(1.0, max(1.0, LINE_WIDTH - 1 - width))
+        y = uniform(2.0, LINE_HEIGHT - 2 - height) - top  # the +-1 px jitter stays inside
+        background, ink = uniform(0.0, 0.3), uniform(0.65, 1.0)
+        canvas = Image.new("L", (LINE_WIDTH, LINE_HEIGHT), 0)
+        draw = ImageDraw.Draw(canvas)
+        for k, gap, advance in zip(ids.tolist(), gaps, advances, strict=True):
+            dy = uniform(-1.0, 1.0)
+            draw.text((x, y + dy), ALPHABET[k - 1], fill=255, font=font)
+            x += advance + gap
+        glyphs = torch.frombuffer(bytearray(canvas.tobytes()), dtype=torch.uint8).float() / 255
+        line = background + (ink - background) * glyphs.view(LINE_HEIGHT, LINE_WIDTH)
+        noise = torch.randn(LINE_HEIGHT, LINE_WIDTH, generator=rng) * uniform(0.02, 0.08)
+        images[i, 0] = (line + noise).clamp(0.0, 1.0)
+    return images, labels
+
+
+_LINES: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def line_split() -> Split:
+    """The seeded train and test text lines (rendered once per process)."""
+    for n, seed in (
+        (LINE_DATA["train"], LINE_DATA["train_seed"]),
+        (LINE_DATA["test"], LINE_DATA["test_seed"]),
+    ):
+        if (n, seed) not in _LINES:
+            _LINES[n, seed] = render_lines(n, seed)
+    x_train, y_train = _LINES[LINE_DATA["train"], LINE_DATA["train_seed"]]
+    x_test, y_test = _LINES[LINE_DATA["test"], LINE_DATA["test_seed"]]
+    return Split(x_train.clone(), y_train.clone(), x_test.clone(), y_test.clone())
+
+
+def ctc_decode(scores: torch.Tensor) -> list[list[int]]:
+    """Greedy CTC decodes of ``(B, T, C)`` scores (blank = class 0): the library's own."""
+    return ctc_greedy(scores)
+
+
+def character_error_rate(decodes: Sequence[Sequence[int]], references: Any) -> float:
+    """Total edit distance over total reference length (references: lists, or a 0-padded
+    ``(N, L)`` label tensor)."""
+    if isinstance(references, torch.Tensor):
+        references = [[c for c in row if c != 0] for row in references.tolist()]
+    errors = sum(edit_distance(list(d), list(r)) for d, r in zip(decodes, references, strict=True))
+    return errors / max(1, sum(len(r) for r in references))
 
 
 def rnn_windows(images: torch.Tensor, windows: int = 2) -> list[torch.Tensor]:
@@ -358,9 +499,12 @@ def evaluate(
     """The suite's test metric for an output kind.
 
     ``"logits"``: top-1 accuracy; ``"probability"``: accuracy of ``p > 0.5``; ``"embedding"``:
-    :func:`centroid_accuracy` (the only kind that needs the train inputs).
+    :func:`centroid_accuracy` (the only kind that needs the train inputs); ``"ctc"``: 1 - the
+    character error rate of the greedy decodes against the 0-padded label strings.
     """
     out = predict(model, test_inputs)
+    if output == "ctc":
+        return 1.0 - character_error_rate(ctc_decode(out), test_labels)
     if output == "logits":
         return float((out.argmax(-1) == test_labels).float().mean())
     if output == "probability":
@@ -454,6 +598,24 @@ def _fit_rnn(
     _fit(model, loss, len(w1), recipe, log, "rnn")
 
 
+def _fit_crnn(
+    model: nn.Module, split: Split, recipe: Mapping[str, Any], log: Callable[[str], None]
+) -> None:
+    assert isinstance(model, TextCRNN)
+    lines = line_split()  # the digits split is not used
+    x, y = lines.x_train, lines.y_train
+    lengths = (y != 0).sum(1)  # (N,)
+    ctc = nn.CTCLoss(blank=0, zero_infinity=True)
+
+    def loss(idx: torch.Tensor) -> torch.Tensor:
+        scores = model(x[idx])  # (b, T, C)
+        log_probs = scores.log_softmax(-1).transpose(0, 1)  # (T, b, C)
+        frames = torch.full((len(idx),), scores.shape[1], dtype=torch.int64)
+        return ctc(log_probs, y[idx], frames, lengths[idx])
+
+    _fit(model, loss, len(x), recipe, log, "crnn")
+
+
 class _CosineClassifier(nn.Module):
     """Training wrapper: a temperature-scaled cosine classifier on the encoder's embedding."""
 
@@ -499,16 +661,17 @@ class SuiteEntry:
     """One trained model of the suite with its data.
 
     Attributes:
-        name: ``"cnn"``, ``"rnn"``, ``"encoder"`` or ``"mlp5m"``.
+        name: ``"cnn"``, ``"rnn"``, ``"encoder"``, ``"mlp5m"`` or ``"crnn"``.
         description: One line for benchmark tables: architecture, weights, data.
         model: The trained model, in eval mode.
         train_inputs: A tensor (one positional input), a tuple of tensors (positional) or a
             dict of tensors (keyword); dim 0 = batch. Call with :func:`call_model`.
         test_inputs: The same structure, held out.
-        train_labels: Labels of the train rows (int64 classes; 0/1 for ``"probability"``).
+        train_labels: Labels of the train rows (int64 classes; 0/1 for ``"probability"``;
+            0-padded class-id strings ``(N, LINE_MAX_LEN)`` for ``"ctc"``).
         test_labels: Labels of the test rows.
-        output: ``"logits"``, ``"probability"`` or ``"embedding"`` (the model's output, or its
-            first output when it returns a tuple).
+        output: ``"logits"``, ``"probability"``, ``"embedding"`` or ``"ctc"`` (the model's
+            output, or its first output when it returns a tuple).
         checkpoint: The safetensors file the weights were loaded from.
         accuracy: The test metric of the model (see :func:`evaluate`).
     """
@@ -577,6 +740,11 @@ def _data_encoder(model: nn.Module, split: Split) -> Data:
     )
 
 
+def _data_crnn(model: nn.Module, split: Split) -> Data:
+    lines = line_split()  # rendered text lines, not the digits
+    return lines.x_train, lines.x_test, lines.y_train, lines.y_test
+
+
 @dataclass(frozen=True)
 class _Spec:
     build: Callable[[], nn.Module]
@@ -634,6 +802,30 @@ _SPECS: dict[str, _Spec] = {
         "digits, {train:,}/{test:,} images",
         {"epochs": 8, "batch_size": 64, "lr": 5e-4, "weight_decay": 1e-4, "seed": SEED},
     ),
+    "crnn": _Spec(
+        TextCRNN,
+        "ctc",
+        _fit_crnn,
+        _data_crnn,
+        "CRNN conv16-conv32-conv64-conv128 (ReLU, max-pool collapsing the height) + 2-layer "
+        "BiLSTM(192) + Linear, no BatchNorm, {weights:,} weights; CTC over 32 frames, 21 "
+        "classes (blank + 10 digits + 10 letters); rendered 32x128 text lines of 3-10 "
+        "characters, {train:,}/{test:,} lines; metric 1 - CER",
+        {
+            "epochs": 30,
+            "batch_size": 32,
+            "lr": 2e-3,
+            "weight_decay": 1e-4,
+            "warmup": 100,
+            "seed": SEED,
+            "data": {
+                **LINE_DATA,
+                "alphabet": ALPHABET,
+                "size": [LINE_HEIGHT, LINE_WIDTH],
+                "length": [LINE_MIN_LEN, LINE_MAX_LEN],
+            },
+        },
+    ),
 }
 NAMES: tuple[str, ...] = tuple(_SPECS)
 
@@ -676,6 +868,14 @@ def _train(
     return model.eval(), seconds
 
 
+_METRICS = {
+    "logits": "top-1 accuracy",
+    "probability": "accuracy of p > 0.5",
+    "embedding": "nearest-centroid accuracy",
+    "ctc": "1 - character error rate of greedy decodes against the true strings",
+}
+
+
 def _write_card(
     name: str, model: nn.Module, paths: tuple[Path, Path], seconds: float, accuracy: float
 ) -> None:
@@ -686,6 +886,7 @@ def _write_card(
         "class": type(model).__name__,
         "weights": sum(p.numel() for p in model.parameters()),
         "accuracy": accuracy,
+        "metric": _METRICS[_SPECS[name].output],
         "seed": recipe["seed"],
         "recipe": recipe,
         "train_seconds": round(seconds, 2),
