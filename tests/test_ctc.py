@@ -65,3 +65,19 @@ def test_a_ctc_model_is_distilled_and_scored_on_its_decodes():
     after = qt.evaluate(x[64:], output_kind="ctc")
     assert after.kind == "ctc" and after.decode_agreement is not None
     assert after.decode_agreement > before.decode_agreement + 0.3
+
+
+def test_an_all_blank_student_is_dead_and_its_decodes_pick_the_best_state():
+    from qtcompress.train.objectives import kind_monitor
+
+    teacher = scores([[1, 0, 2, 0, 3], [4, 4, 0, 1, 1], [0, 2, 0, 0, 1]])
+    blank = scores([[0, 0, 0, 0, 0]] * 3)
+    blank[:, :, 1:] += torch.rand(3, 5, 4)  # frame scores still vary across inputs
+    fid = measure_fidelity(blank, teacher, "ctc")
+    assert fid.spread_ratio > 0.02 and fid.agreement == pytest.approx(6 / 15)  # blank frames
+    assert fid.decode_agreement == 0.0 and fid.degenerate  # nothing the teacher decodes
+    assert not measure_fidelity(teacher, teacher, "ctc").degenerate
+    monitor = kind_monitor("ctc")
+    assert monitor is not None and monitor(blank, teacher) == 1.0
+    assert monitor(teacher, teacher) == 0.0
+    assert kind_monitor("logits") is None  # the distillation loss picks the best state

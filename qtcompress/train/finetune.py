@@ -22,6 +22,7 @@ from qtcompress.train.objectives import (
     default_distill_loss,
     distill_loss,
     infer_output_kind,
+    kind_monitor,
     measure_fidelity,
 )
 from qtcompress.train.streams import Rollouts, rollout_outputs
@@ -192,10 +193,16 @@ def finetune(
 
     last: dict[str, torch.Tensor] = {}  # the monitor's probe outputs, reused by the guard
 
+    own_monitor = kind_monitor(kind)
+
     def monitor() -> float:
         with torch.no_grad():
             last["out"] = student(probe, False)
-        return float(distill_loss(last["out"], teacher_probe, objective, temperature))
+        loss = float(distill_loss(last["out"], teacher_probe, objective, temperature))
+        if own_monitor is None:
+            return loss
+        # The kind's own measure first; the loss (scaled far below its resolution) breaks ties.
+        return own_monitor(last["out"], teacher_probe) + 1e-6 * min(loss, 100.0)
 
     alive = [False]  # a collapse is alive -> constant; a student that starts dead is not one
 

@@ -209,8 +209,14 @@ class Fidelity:
 
     @property
     def degenerate(self) -> bool:
-        """The student's outputs are (nearly) constant across inputs."""
-        return self.spread_ratio < DEGENERATE_RATIO
+        """The student is dead: outputs (nearly) constant across inputs, or its kind's own test.
+
+        A CTC student that decodes nothing the teacher decodes (all blank, say) is dead even
+        though its per-frame scores still vary.
+        """
+        spec = _KINDS.get(self.kind)
+        dead = spec is not None and spec.dead is not None and spec.dead(self)
+        return self.spread_ratio < DEGENERATE_RATIO or dead
 
     @property
     def headline_name(self) -> str:
@@ -324,6 +330,10 @@ class OutputKind:
         centred: Compare the outputs centred per example (scores defined up to a constant).
         labelled: Labels are decisions of this kind (accuracy is measured).
         score: Extra figures ``(student, teacher) -> {Fidelity field: value}``.
+        dead: ``Fidelity -> bool``: a student dead by this kind's own measure (beside outputs
+            that are constant across inputs, which every kind checks).
+        monitor: ``(student, teacher) -> float``, lower is better: what picks the fine-tune's
+            best state and watches for a collapse; ``None``: the distillation loss.
     """
 
     name: str
@@ -333,6 +343,8 @@ class OutputKind:
     centred: bool = False
     labelled: bool = False
     score: Scorer | None = None
+    dead: Callable[[Fidelity], bool] | None = None
+    monitor: Callable[[torch.Tensor, torch.Tensor], float] | None = None
 
 
 _KINDS: dict[str, OutputKind] = {}
@@ -368,13 +380,38 @@ def _ctc_score(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, float]
     return {"decode_agreement": decode_agreement(student, teacher)}
 
 
+def _ctc_dead(fid: Fidelity) -> bool:
+    # Nothing of the teacher's decodes survives: an all-blank student scores 78% per-frame
+    # agreement on a text-line model (most frames are blank) and a varied spread.
+    return fid.decode_agreement is not None and fid.decode_agreement <= 0.0
+
+
+def _ctc_monitor(student: torch.Tensor, teacher: torch.Tensor) -> float:
+    # The decodes, not the per-frame KL: the KL kept falling while a student turned all blank.
+    return 1.0 - decode_agreement(student, teacher)
+
+
+def kind_monitor(kind: str) -> Callable[[torch.Tensor, torch.Tensor], float] | None:
+    """The registered kind's own best-state measure, if it has one (see :class:`OutputKind`)."""
+    return _KINDS[check_kind(kind)].monitor
+
+
 for _kind in (
     OutputKind("logits", "kl", "agreement", _top1, centred=True, labelled=True),
     OutputKind("probability", "bce", "agreement", _threshold, labelled=True),
     OutputKind("embedding", "cosine", "cosine"),
     OutputKind("regression", "mse", "correlation"),
     # A CTC frame is a class decision (per-frame agreement); the headline is the decodes'.
-    OutputKind("ctc", "kl", "decode_agreement", _top1, centred=True, score=_ctc_score),
+    OutputKind(
+        "ctc",
+        "kl",
+        "decode_agreement",
+        _top1,
+        centred=True,
+        score=_ctc_score,
+        dead=_ctc_dead,
+        monitor=_ctc_monitor,
+    ),
 ):
     register_output_kind(_kind)
 
