@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchdoc import machine, write_section  # noqa: E402
 from suite import load_entry  # noqa: E402
 
-from qtcompress import QTConfig, compress  # noqa: E402
+from qtcompress import QTConfig, compress, limits  # noqa: E402
 from qtcompress.qnn.backends import set_threads  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "build" / "wide" / "runs.jsonl"
@@ -61,7 +61,7 @@ def run(model: str, arm: str, values: str, qubits: int | None, seed: int) -> dic
     assert default.allowance is not None
     config = QTConfig(budget=BUDGET, values=values, seed=seed)
     if qubits is not None:  # the same allowance on a wider register: fewer layers
-        layers = max(1, default.allowance // qubits)
+        layers = min(limits.MAX_LAYERS, max(1, default.allowance // qubits))
         config = QTConfig(budget=BUDGET, values=values, seed=seed, n_qubits=qubits, n_layers=layers)
     t0 = time.perf_counter()
     torch.manual_seed(seed)
