@@ -111,9 +111,10 @@ def table(rows: list[dict[str, Any]]) -> str:
                 if arm.startswith("table")
                 else f"{got[0]['qubits']} bits"
             )
+            digits = 1 if scale == 100.0 else 3  # agreement in %, cosine as is
             lines.append(
                 f"| {model} | {arm} | {shape} | {got[0]['buckets']:,} | {got[0]['params']:,} | "
-                f"{mean:.1f} ± {sd:.1f} ({len(values)}) |"
+                f"{mean:.{digits}f} ± {sd:.{digits}f} ({len(values)}) |"
             )
     return "\n".join(lines)
 
