@@ -266,6 +266,7 @@ class Trained:
     finetune_s: float
     skipped_steps: int
     storage_note: str
+    unspent: str = ""  # the budget the generator could not use, said in the summary
 
 
 def train_generator(
@@ -294,6 +295,18 @@ def train_generator(
         f"compressing {rep.generated_weights:,} weights with {rep.trainable:,} generator "
         f"parameters ({rep.n_qubits} qubits x {rep.n_layers} layers, {shape_of(qt)})"
     )
+    unspent = ""
+    if budget != "n/a":
+        allowed = qt.config.budget_params(rep.generated_weights)
+        if rep.trainable < allowed // 2:
+            # The QNN's size is capped (qubits, layers, work per step): past it a budget buys
+            # nothing more, which a user asking for "5% of M" must be told.
+            unspent = (
+                f"the generator uses {rep.trainable:,} of the {allowed:,} parameters its budget "
+                f"allows ({rep.trainable / rep.generated_weights:.2%} of M): its largest for "
+                "this model; a larger budget buys nothing more here"
+            )
+            log(f"note: {unspent}")
 
     def evaluate() -> Fidelity:
         return qt.evaluate(held_out, output=settings.output, output_kind=settings.output_kind)
@@ -343,6 +356,7 @@ def train_generator(
         finetune_s,
         skipped,
         storage_note,
+        unspent,
     )
 
 
@@ -526,6 +540,8 @@ def measure_in_use(
             f"phase 2: {trained.skipped_steps:,} of {settings.finetune_steps:,} steps skipped "
             "(non-finite gradient from the model's own operations, e.g. sqrt or log at 0)"
         )
+    if trained.unspent:
+        warnings.append(trained.unspent)
     if qt.revived:
         warnings.append(
             f"phase 1 left a dead network; fine-tuning restored the spread of "

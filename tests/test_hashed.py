@@ -192,3 +192,19 @@ def test_min_fidelity_without_budget_searches_the_smallest_generator(tmp_path):
         settings=PipelineSettings(fit_steps=0, finetune_steps=5, min_fidelity=0.1),
     )
     assert r.search == []
+
+
+def test_a_budget_the_generator_cannot_spend_is_said():
+    from qtcompress.data.sources import InputSource
+    from qtcompress.pipeline import PipelineSettings, train_generator
+
+    model = torch.nn.Sequential(torch.nn.Linear(400, 300), torch.nn.Tanh(), torch.nn.Linear(300, 4))
+    x = InputSource.of(torch.randn(32, 400))
+    logged: list[str] = []
+    settings = PipelineSettings(fit_steps=0, finetune_steps=0, storage="float32")
+    trained = train_generator(model, QTConfig(budget=0.5), x, x, settings, logged.append)
+    assert trained.unspent.startswith("the generator uses ")
+    assert "of the 60,752 parameters its budget allows" in trained.unspent  # M = 121,504
+    assert any(line.startswith("note: the generator uses") for line in logged)
+    small = train_generator(model, QTConfig(), x, x, settings, logged.append)
+    assert small.unspent == ""  # the default budget is spent
