@@ -196,6 +196,7 @@ def choose_storage(
         qt.generator.load_state_dict(snapshot)
         qt.storage = "float32"
     note = f"int8 and float16 lost more than {STORAGE_TOLERANCE} {fidelity.headline_name}"
+    log(f"storage: float32 ({note})")
     return note, fidelity
 
 
