@@ -187,6 +187,7 @@ def test_phase1_error_is_below_one_on_every_tensor(plain_mlp):
     assert errors["net.1.bias"] < 1e-5
 
 
+@pytest.mark.slow
 def test_model_without_batchnorm_is_alive_and_faithful_after_finetuning(plain_mlp, digits):
     qt = compress(plain_mlp, QTConfig())  # the default: hashed, its 1,024-parameter floor here
     result = qt.finetune(digits.x_train, steps=300, batch_size=64, progress=False)

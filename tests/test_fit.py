@@ -23,6 +23,7 @@ def _states_equal(a, b):
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+@pytest.mark.slow
 def test_phase1_reproduces_weights_when_generator_has_capacity():
     model = TinyConv1d()  # M = 100
     qt = compress(model, QTConfig(scheme="flat", chunk=1, n_layers=4, hidden=(32, 32)))

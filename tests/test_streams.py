@@ -158,6 +158,7 @@ def test_the_pipeline_reports_free_running_fidelity_as_the_headline(tmp_path):
         load_npz_split(path)
 
 
+@pytest.mark.slow
 def test_rollouts_start_inside_a_stream_and_train_on_the_students_own_state():
     from qtcompress import compress
     from qtcompress.train.streams import Rollouts
