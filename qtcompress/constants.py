@@ -56,3 +56,10 @@ DEFAULT_FINETUNE_LR = 3e-3
 # What of a text model's token states is distilled, scored and exported
 # (qtcompress.data.pooling); "masked" keeps every token with padding zeroed.
 POOLINGS = ("mean", "max", "cls", "masked", "none")
+
+# ONNX against torch: max |diff| <= ONNX_ATOL + ONNX_RTOL x max |output|. Float32 rounding
+# grows with the outputs and with recurrence: a BiLSTM CTC model's logits (up to 16.1) differed
+# by 2.7e-4 between onnxruntime and torch, 1.7e-5 of the output; a wrong export (a misplaced or
+# transposed weight) differs by whole units.
+ONNX_ATOL = 1e-5
+ONNX_RTOL = 1e-4

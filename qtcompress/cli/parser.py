@@ -21,6 +21,8 @@ from qtcompress.constants import (
     FIT_LR,
     FIT_STEPS,
     HF_TASKS,
+    ONNX_ATOL,
+    ONNX_RTOL,
     POOLINGS,
     TEXT_COLUMN,
     TEXT_MAX_LENGTH,
@@ -562,8 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument(
         "--atol",
         type=float,
-        default=1e-5,
-        help="allowed ONNX vs recorded max abs difference (default 1e-5)",
+        default=ONNX_ATOL,
+        help=f"allowed ONNX vs recorded max abs difference, beside {ONNX_RTOL:g} of the "
+        f"largest recorded output (default {ONNX_ATOL:g})",
     )
     ver = file_command(
         "verify",
@@ -580,8 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument(
         "--atol",
         type=float,
-        default=1e-5,
+        default=ONNX_RTOL,
         help="allowed max abs difference per unit of the largest recorded output (outputs "
-        "below 1 count as 1; default 1e-5)",
+        f"below 1 count as 1; default {ONNX_RTOL:g})",
     )
     return parser

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from qtcompress.config import QTConfig
+from qtcompress.constants import ONNX_ATOL, ONNX_RTOL
 from qtcompress.errors import FormatError, QTCompressError
 from qtcompress.generator import AnyGenerator
 from qtcompress.generator_file.metadata import (
@@ -342,8 +343,8 @@ class GeneratorFile:
     def to_onnx(
         self,
         path: str | os.PathLike[str] | None = None,
-        atol: float = 1e-5,
-        rtol: float = 1e-5,
+        atol: float = ONNX_ATOL,
+        rtol: float = ONNX_RTOL,
     ) -> tuple[onnx.ModelProto, float]:
         """Rebuild the ONNX model from the file alone and check it on the stored batch.
 

@@ -32,6 +32,7 @@ import onnx
 import torch
 from torch import nn
 
+from qtcompress.constants import ONNX_ATOL, ONNX_RTOL
 from qtcompress.errors import ConfigError, ExportError
 from qtcompress.io.atomic import atomic_path
 from qtcompress.onnx.parity import (
@@ -347,8 +348,8 @@ def export_onnx(
     *,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
-    atol: float = 1e-5,
-    rtol: float = 1e-5,
+    atol: float = ONNX_ATOL,
+    rtol: float = ONNX_RTOL,
     verify: bool = True,
     dynamic_axes: DynamicAxes | None = None,
     exported: onnx.ModelProto | None = None,
