@@ -54,7 +54,9 @@ ARMS = (
 )
 
 
-def run(model: str, arm: str, values: str, qubits: int | None, seed: int) -> dict[str, Any]:
+def run(
+    model: str, arm: str, values: str, qubits: int | None, seed: int, lr: float = LR
+) -> dict[str, Any]:
     """Compress at :data:`BUDGET`, fine-tune :data:`STEPS` steps, score on the test split."""
     entry = load_entry(model, log=lambda _s: None)
     default = compress(entry.model, QTConfig(budget=BUDGET, seed=seed)).config
@@ -66,13 +68,14 @@ def run(model: str, arm: str, values: str, qubits: int | None, seed: int) -> dic
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     qt = compress(entry.model, config)
-    qt.finetune(entry.train_inputs, steps=STEPS, lr=LR, progress=False)
+    qt.finetune(entry.train_inputs, steps=STEPS, lr=lr, progress=False)
     fid = qt.evaluate(entry.test_inputs, entry.test_labels)
     counts = qt.generator.parameter_counts()
     return {
         "model": model,
-        "arm": arm,
+        "arm": arm if lr == LR else f"{arm}, lr {lr:g}",
         "seed": seed,
+        "lr": lr,
         "buckets": int(qt.generator.buckets),
         "qubits": qt.generator.n_qubits,
         "layers": qt.generator.ansatz.n_layers,
@@ -87,7 +90,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     """Markdown: one line per model and arm, mean ± sd over seeds."""
     lines = [
         f"Measured {machine()}; `python tools/bench_wide.py`, 1 thread, hashed generator at "
-        f"{BUDGET:.1%} of M, {STEPS} distillation steps at lr {LR}; one row per arm, mean ± "
+        f"{BUDGET:.1%} of M, {STEPS} distillation steps at lr {LR} unless named; one row per "
+        "arm, mean ± "
         "sd over the seeds run (n). Buckets: shared values; params: trainable (the source's "
         "plus the scales and exact vectors, the same for every arm up to the source's "
         "rounding).",
@@ -96,7 +100,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for model in dict.fromkeys(r["model"] for r in rows):
-        for arm, _values, _q in ARMS:
+        arms = [a for a, _v, _q in ARMS]
+        arms += sorted({r["arm"] for r in rows if r["arm"] not in arms})  # other learning rates
+        for arm in arms:
             got = [r for r in rows if r["model"] == model and r["arm"] == arm]
             if not got:
                 continue
@@ -125,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=["cnn", "rnn"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--arms", nargs="+", type=int, help="indices into ARMS")
+    parser.add_argument("--lr", type=float, default=LR, help=f"peak learning rate ({LR:g})")
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--write", action="store_true", help="write docs/benchmarks.md")
     args = parser.parse_args(argv)
@@ -136,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             for model in args.models:
                 for arm, values, qubits in arms:
-                    row = run(model, arm, values, qubits, seed)
+                    row = run(model, arm, values, qubits, seed, args.lr)
                     print(json.dumps(row), flush=True)
                     with OUT.open("a") as f:
                         f.write(json.dumps(row) + "\n")
