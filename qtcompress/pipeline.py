@@ -536,6 +536,11 @@ def measure_in_use(
     """Fidelity as the model is used (free-running for a stateful one), warnings, the check."""
     qt = trained.qt
     warnings = [f"phase 2: {w}" for w in fid2.warnings()]
+    if trained.unspent:  # more budget buys nothing: do not advise it
+        warnings = [
+            w.replace("raise --budget or --finetune-steps", "raise --finetune-steps or --qubits")
+            for w in warnings
+        ]
     if trained.skipped_steps:
         warnings.append(
             f"phase 2: {trained.skipped_steps:,} of {settings.finetune_steps:,} steps skipped "
