@@ -214,3 +214,30 @@ def test_the_budget_search_of_a_stateful_model_judges_points_free_running(tmp_pa
     (point,) = r.search  # the time limit stops the search after its first point
     assert point["validation"] == "free-running"
     assert r.fidelity_free_running is not None and not r.fidelity_ok
+
+
+def test_with_rollouts_the_best_state_is_judged_on_rollouts_over_the_streams(monkeypatch):
+    from qtcompress import compress
+    from qtcompress.train import finetune as finetune_module
+    from qtcompress.train.streams import Rollouts
+
+    teacher = WideCell().eval()
+    (x, states), ids = _stream_data(teacher, 160, 8)
+    seen: list[tuple[int, bool]] = []
+    real = finetune_module.rollout_outputs
+
+    def spy(call, data, rows, rollouts, output):  # noqa: ANN001, ANN202 - records each call
+        seen.append((len(rows), torch.is_grad_enabled()))
+        return real(call, data, rows, rollouts, output)
+
+    monkeypatch.setattr(finetune_module, "rollout_outputs", spy)
+    qt = compress(teacher, QTConfig(scheme="rows", n_layers=2))
+    qt.finetune(
+        (x, states),
+        steps=10,
+        progress=False,
+        probe_size=40,
+        rollouts=Rollouts(StateLink(1, 1), ids, 4),
+    )
+    probes = [n for n, grad in seen if not grad and n == 10]  # 40 chunks: 10 rollouts of 4
+    assert len(probes) >= 2  # the teacher's once, then the student's at every check

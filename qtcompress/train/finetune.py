@@ -122,9 +122,11 @@ def finetune(
         batch_stats: Train with BatchNorm in batch-statistics mode, updating the student's
             running statistics (the way the pretrained model was trained).
         labels_in_items: Where labels sit inside dataset items (see :mod:`qtcompress.data`).
-        probe_size: Examples in a fixed probe batch (the first of ``data``). Its distillation
-            loss is the monitored value that picks the best state, and a student whose probe
-            outputs turn constant triggers the collapse guard.
+        probe_size: Examples in a fixed probe batch (the first of ``data``; with ``rollouts``,
+            rollouts from starts spread over the training streams, ``probe_size`` chunks in
+            all, each on the student's own state). Its distillation loss is the monitored value
+            that picks the best state, and a student whose probe outputs turn constant triggers
+            the collapse guard.
         guard: On a collapse (outputs turning constant after they varied), restore the best
             state, halve the learning rate and go on (at most ``MAX_RESTARTS`` times).
         rollouts: A stateful model's training streams: distil over rollouts of consecutive
@@ -153,11 +155,27 @@ def finetune(
     def student(batch: Batch, stats: bool) -> torch.Tensor:
         return select_output(batch.call(partial(fmodel, batch_stats=stats)), output)
 
+    def probe_outputs() -> torch.Tensor:  # the student on the probe, no gradient
+        return student(probe, False)
+
     if rollouts is not None:
         if mode != "distill" or source.n is None:
             raise ConfigError("Rollouts distil from in-memory data only (mode 'distill').")
         everything = source.head(source.n).to(device)
         starts = rollouts.starts()
+        # The probe is rollouts too, spread over the training streams: single chunks on the
+        # original's state picked step 20 of 1,500 as the best state of a streaming model whose
+        # rollouts kept improving, and never saw it go constant on its own state.
+        k = max(1, min(len(starts), probe_size // rollouts.steps()))
+        probe_rows = starts[torch.linspace(0, len(starts) - 1, k).round().long()].to(device)
+        with torch.no_grad():
+            teacher_probe = torch.cat(
+                rollout_outputs(fmodel.teacher, everything, probe_rows, rollouts, output)
+            )
+
+        def probe_outputs() -> torch.Tensor:
+            call = partial(fmodel, batch_stats=False)
+            return torch.cat(rollout_outputs(call, everything, probe_rows, rollouts, output))
 
     cached = (
         teacher_outputs(fmodel, source, output, bool(loop_kwargs.get("progress", True)))
@@ -197,7 +215,7 @@ def finetune(
 
     def monitor() -> float:
         with torch.no_grad():
-            last["out"] = student(probe, False)
+            last["out"] = probe_outputs()
         loss = float(distill_loss(last["out"], teacher_probe, objective, temperature))
         if own_monitor is None:
             return loss
