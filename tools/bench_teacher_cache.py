@@ -81,8 +81,10 @@ def main(argv: list[str] | None = None) -> int:
             f"Measured {machine()}; `python tools/bench_teacher_cache.py`, 1 thread (torch, "
             f"qsim, BLAS), default generator (hashed, 0.5% of M), {args.steps} fine-tuning "
             f"steps of batch 64 per run, median of {args.rounds} interleaved rounds; a run's "
-            "time includes the cache's pass over the training data. Largest difference of the "
-            "two runs' training losses in the last round: the same training.",
+            "time includes the cache's pass over the training data. Loss difference: the "
+            "largest gap between the two runs' training losses in the last round (0 where the "
+            "teacher's outputs come out bit-identical in batches of 256 and of 64; otherwise "
+            "they differ by float rounding, 4e-9 on the rnn, and the trajectories drift apart).",
             "",
             "| model | weights | training rows | ms per step, teacher every step | ms per step, "
             "outputs once | speed-up | loss difference |",
