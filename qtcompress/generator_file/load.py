@@ -27,7 +27,6 @@ from qtcompress.generator_file.metadata import (
     GENERATOR_SCHEMA,
     REQUIRED_FIELDS,
     layout_from_json,
-    mapping_description,
     non_finite_names,
 )
 from qtcompress.generator_file.storage import decode
@@ -74,7 +73,7 @@ def _check_against(
             f"({_describe_difference(meta['ansatz'], built_ansatz)}); the file is "
             "inconsistent."
         )
-    built_mapping = mapping_description(planned, config)
+    built_mapping = g.file_description(config)
     if meta["mapping"] != built_mapping:
         raise FormatError(
             f"{source}: the stored mapping does not match the one its config builds "

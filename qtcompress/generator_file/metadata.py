@@ -12,10 +12,8 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from qtcompress import limits
-from qtcompress.config import QTConfig
 from qtcompress.errors import FormatError, ResourceLimitError
 from qtcompress.io.schema import (
     Bool,
@@ -191,19 +189,6 @@ def fingerprint_distance(
         denom = max(abs(w_norm), 1e-12)
         worst = max(worst, abs(h_norm - w_norm) / denom, abs(h_sum - w_sum) / denom)
     return worst
-
-
-def mapping_description(generator: nn.Module, config: QTConfig) -> dict[str, Any]:
-    """The ``mapping`` metadata of ``generator`` (save and load compare it).
-
-    Its scheme's :meth:`~qtcompress.generator.common.Generator.file_description`.
-
-    Args:
-        generator: A generator of any registered scheme (any device).
-        config: The config it was built from (automatic sizes may still be unresolved).
-    """
-    description: dict[str, Any] = generator.file_description(config)  # type: ignore[operator]
-    return description
 
 
 def layout_to_json(layout: Layout) -> dict[str, Any]:

@@ -21,7 +21,6 @@ from qtcompress.generator_file.metadata import (
     GENERATOR_PREFIX,
     fingerprint,
     layout_to_json,
-    mapping_description,
     non_finite_names,
 )
 from qtcompress.generator_file.storage import encode
@@ -146,7 +145,7 @@ def save_generator(
         "qtcompress_version": __version__,
         "config": qt.config.to_dict(),
         "ansatz": generator.ansatz.to_dict(),
-        "mapping": mapping_description(generator, qt.config),
+        "mapping": generator.file_description(qt.config),
         "layout": layout_to_json(qt.layout),
         "weights_sha256": sha256_of_tensors(generated),
         "weights_fingerprint": fingerprint(generated),
