@@ -1,14 +1,16 @@
 """More buckets than parameters: the hashed QNN generator with a wider register, and its controls.
 
-The default hashed generator gives its QNN ``n = log2(allowance)`` qubits, so it has about as
-many buckets (shared values) as parameters, the regime where a free table of the same size
-(HashedNets) does at least as well. A QNN can do what a table cannot: ``n * L`` angles make
-``2**n`` values, many more buckets than parameters (fewer weights sharing each value). This
-tool spends the same allowance on 14 and 16 qubits (fewer layers), against the default QNN,
-the free table, and controls over the same wide register: a frozen random probability vector
-(only the scales train) and an MPS Born machine with the allowance.
+A register of ``n = log2(allowance)`` qubits has about as many buckets (shared values) as
+parameters, the regime where a free table of the same size (HashedNets) does at least as well.
+A QNN can do what a table cannot: ``n * L`` angles make ``2**n`` values, many more buckets than
+parameters (fewer weights sharing each value). This tool spends the same allowance on the
+log2 register, the default register (up to 3 qubits wider, see
+:func:`qtcompress.generator.hashed.default_qubits`) and 14 and 16 qubits (fewer layers), against
+the free table and controls over the same register: a frozen random probability vector (only
+the scales train), an MPS Born machine with the allowance, and zeros.
 
-Run: ``python tools/bench_wide.py --models cnn rnn --seeds 0`` (minutes per arm); writes
+Run: ``python tools/bench_wide.py --models cnn rnn --seeds 0 --budgets 0.005`` (minutes per
+arm); writes
 ``build/wide/runs.jsonl`` and, with ``--write``, its section of docs/benchmarks.md.
 Threads: torch and qsim 1, BLAS 1.
 """
@@ -35,15 +37,17 @@ from benchdoc import machine, write_section  # noqa: E402
 from suite import load_entry  # noqa: E402
 
 from qtcompress import QTConfig, compress, limits  # noqa: E402
+from qtcompress.generator.hashed import log2_qubits  # noqa: E402
 from qtcompress.qnn.backends import set_threads  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "build" / "wide" / "runs.jsonl"
 BUDGET = 0.005
 STEPS = 300
 LR = 1e-2
-# (arm, values source, qubits: None = the default log2(allowance))
-ARMS = (
-    ("qnn (default register)", "qnn", None),
+# (arm, values source, register: None = the default (default_qubits), "log2" = log2_qubits,
+# or a qubit count)
+ARMS: tuple[tuple[str, str, int | str | None], ...] = (
+    ("qnn, log2 register", "qnn", "log2"),
     ("qnn, 14 qubits", "qnn", 14),
     ("qnn, 16 qubits", "qnn", 16),
     ("table (HashedNets)", "table", None),
@@ -51,20 +55,31 @@ ARMS = (
     ("mps, 16 qubits", "mps", 16),
     ("frozen, 14 qubits", "frozen", 14),
     ("mps, 14 qubits", "mps", 14),
+    ("qnn (default register)", "qnn", None),
+    ("frozen (default register)", "frozen", None),
+    ("mps (default register)", "mps", None),
+    ("zeros (default register)", "zeros", None),
 )
 
 
 def run(
-    model: str, arm: str, values: str, qubits: int | None, seed: int, lr: float = LR
+    model: str,
+    arm: str,
+    values: str,
+    qubits: int | str | None,
+    seed: int,
+    lr: float = LR,
+    budget: float = BUDGET,
 ) -> dict[str, Any]:
-    """Compress at :data:`BUDGET`, fine-tune :data:`STEPS` steps, score on the test split."""
+    """Compress at ``budget``, fine-tune :data:`STEPS` steps, score on the test split."""
     entry = load_entry(model, log=lambda _s: None)
-    default = compress(entry.model, QTConfig(budget=BUDGET, seed=seed)).config
+    default = compress(entry.model, QTConfig(budget=budget, seed=seed)).config
     assert default.allowance is not None
-    config = QTConfig(budget=BUDGET, values=values, seed=seed)
-    if qubits is not None:  # the same allowance on a wider register: fewer layers
-        layers = min(limits.MAX_LAYERS, max(1, default.allowance // qubits))
-        config = QTConfig(budget=BUDGET, values=values, seed=seed, n_qubits=qubits, n_layers=layers)
+    config = QTConfig(budget=budget, values=values, seed=seed)
+    if qubits is not None:  # the same allowance on another register: other layers
+        n = log2_qubits(default.allowance) if qubits == "log2" else int(qubits)
+        layers = min(limits.MAX_LAYERS, max(1, default.allowance // n))
+        config = QTConfig(budget=budget, values=values, seed=seed, n_qubits=n, n_layers=layers)
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     qt = compress(entry.model, config)
@@ -73,6 +88,7 @@ def run(
     counts = qt.generator.parameter_counts()
     return {
         "model": model,
+        "budget": budget,
         "arm": arm if lr == LR else f"{arm}, lr {lr:g}",
         "seed": seed,
         "lr": lr,
@@ -89,21 +105,30 @@ def run(
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown: one line per model and arm, mean ± sd over seeds."""
     lines = [
-        f"Measured {machine()}; `python tools/bench_wide.py`, 1 thread, hashed generator at "
-        f"{BUDGET:.1%} of M, {STEPS} distillation steps at lr {LR} unless named; one row per "
+        f"Measured {machine()}; `python tools/bench_wide.py`, 1 thread, hashed generator, "
+        f"{STEPS} distillation steps at lr {LR} unless named; one row per "
         "arm, mean ± "
         "sd over the seeds run (n). Buckets: shared values; params: trainable (the source's "
         "plus the scales and exact vectors, the same for every arm up to the source's "
-        "rounding).",
+        "rounding). Default register: the log2 register widened by up to 3 qubits "
+        "(`default_qubits`; at 0.5% of M the same register as the 14-qubit arm).",
         "",
-        "| model | arm | qubits x layers | buckets | params | fidelity (n) |",
-        "|---|---|---|---|---|---|",
+        "| model | budget | arm | qubits x layers | buckets | params | fidelity (n) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for model in dict.fromkeys(r["model"] for r in rows):
+    for r in rows:
+        r.setdefault("budget", BUDGET)  # rows from before the budgets option
+    models = list(dict.fromkeys(r["model"] for r in rows))  # in the order first run
+    groups = sorted(
+        {(r["model"], r["budget"]) for r in rows}, key=lambda g: (models.index(g[0]), g[1])
+    )
+    for model, budget in groups:
         arms = [a for a, _v, _q in ARMS]
         arms += sorted({r["arm"] for r in rows if r["arm"] not in arms})  # other learning rates
         for arm in arms:
-            got = [r for r in rows if r["model"] == model and r["arm"] == arm]
+            got = [
+                r for r in rows if r["model"] == model and r["budget"] == budget and r["arm"] == arm
+            ]
             if not got:
                 continue
             values = [r["headline"] for r in got]
@@ -119,7 +144,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             )
             digits = 1 if scale == 100.0 else 3  # agreement in %, cosine as is
             lines.append(
-                f"| {model} | {arm} | {shape} | {got[0]['buckets']:,} | {got[0]['params']:,} | "
+                f"| {model} | {budget:.1%} | {arm} | {shape} | {got[0]['buckets']:,} | "
+                f"{got[0]['params']:,} | "
                 f"{mean:.{digits}f} ± {sd:.{digits}f} ({len(values)}) |"
             )
     return "\n".join(lines)
@@ -132,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--arms", nargs="+", type=int, help="indices into ARMS")
     parser.add_argument("--lr", type=float, default=LR, help=f"peak learning rate ({LR:g})")
+    parser.add_argument("--budgets", nargs="+", type=float, default=[BUDGET])
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--write", action="store_true", help="write docs/benchmarks.md")
     args = parser.parse_args(argv)
@@ -142,11 +169,12 @@ def main(argv: list[str] | None = None) -> int:
         arms = [ARMS[i] for i in args.arms] if args.arms else list(ARMS)
         for seed in args.seeds:
             for model in args.models:
-                for arm, values, qubits in arms:
-                    row = run(model, arm, values, qubits, seed, args.lr)
-                    print(json.dumps(row), flush=True)
-                    with OUT.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
+                for budget in args.budgets:
+                    for arm, values, qubits in arms:
+                        row = run(model, arm, values, qubits, seed, args.lr, budget)
+                        print(json.dumps(row), flush=True)
+                        with OUT.open("a") as f:
+                            f.write(json.dumps(row) + "\n")
     rows = [json.loads(line) for line in OUT.read_text().splitlines()] if OUT.exists() else []
     text = table(rows)
     print(text)

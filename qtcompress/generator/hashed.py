@@ -42,14 +42,19 @@ if TYPE_CHECKING:
 
 _M32 = 0xFFFFFFFF
 _MUL = 0x45D9F3B  # < 2**27: products of 32-bit values stay inside int64
-# Qubits and layers of the QNN source: the simulation cost n * L * 2**n is capped, so a large
-# budget does not buy a QNN step that dwarfs the model's (the remainder is not spent).
+# Qubits and layers of the QNN source: ``round(log2(allowance))`` qubits (as many buckets as
+# parameters, within MIN_QUBITS..MAX_QUBITS), widened by up to WIDE_EXTRA_QUBITS (to at most
+# WIDE_MAX_QUBITS, and at most one bucket per WIDE_MIN_SHARE weights) where the model is large
+# enough: the same angles over 8x the buckets were 1.2-2.2 points ahead of the log2 register on
+# the suite's CNN, LSTM and encoder at 0.5% of M (3 seeds each, tools/bench_wide.py), and 16
+# qubits were no better than 14 at 4x the step. Small models keep the log2 register.
 MIN_QUBITS, MAX_QUBITS = 4, 12
-# n * L * 2**n gate-amplitude updates per forward pass, at most: bounds the QNN's step. At 1 << 25
-# a 14-qubit register spends a 0.5% allowance of the suite CNN (117 layers; tools/bench_wide.py:
-# 1.2 points above the default register at about 1.3x its step); the default registers (at most
-# 12 qubits) reach MAX_LAYERS first, so it changes none of them.
-MAX_QNN_WORK = 1 << 25
+WIDE_EXTRA_QUBITS, WIDE_MAX_QUBITS, WIDE_MIN_SHARE = 3, 14, 16
+# n * L * 2**n gate-amplitude updates per forward pass, at most: bounds the QNN's step, so a
+# large budget does not buy a QNN step that dwarfs the model's (the remainder is not spent).
+# 1 << 26 admits the 14 x 256 register measured on the encoder (about the 12 x 256 one's step
+# there, tools/bench_wide.py).
+MAX_QNN_WORK = 1 << 26
 # Per-row scales are used while they cost at most this share of the budget left for them.
 ROW_SCALE_SHARE = 0.25
 # Vectors (biases, norms) stay exact while they cost at most this share of the budget.
@@ -410,6 +415,23 @@ def hashed_fixed_cost(layout: Layout, row_scales: bool, hashed_vectors: bool) ->
     return cost
 
 
+def log2_qubits(allowance: int) -> int:
+    """The register with about as many buckets as ``allowance`` (within 4..12 qubits)."""
+    return min(MAX_QUBITS, max(MIN_QUBITS, round(math.log2(max(1, allowance)))))
+
+
+def default_qubits(allowance: int, weights: int) -> int:
+    """The default register: :func:`log2_qubits`, widened where the model has the weights.
+
+    Up to :data:`WIDE_EXTRA_QUBITS` more qubits (at most :data:`WIDE_MAX_QUBITS`) while every
+    bucket still has :data:`WIDE_MIN_SHARE` weights to share it; never narrower than the log2
+    register.
+    """
+    n = log2_qubits(allowance)
+    room = int(math.floor(math.log2(max(1, weights // WIDE_MIN_SHARE))))
+    return max(n, min(n + WIDE_EXTRA_QUBITS, WIDE_MAX_QUBITS, room))
+
+
 def resolve_hashed(
     config: QTConfig, layout: Layout, pretrained: torch.Tensor | None = None
 ) -> QTConfig:
@@ -419,7 +441,8 @@ def resolve_hashed(
     :data:`EXACT_VECTOR_SHARE` of it (a streaming LSTM's gate biases are 0.7% of M), hashed
     with a scale and an offset each otherwise; then per-row scales (per-tensor scales where
     rows would take more than :data:`ROW_SCALE_SHARE` of what is left); then the source: the
-    QNN gets ``n = round(log2(allowance))`` qubits (within 4..12) and as many layers as the
+    QNN gets :func:`default_qubits` (``round(log2(allowance))`` within 4..12, widened by up to
+    3 on models with the weights for it) and as many layers as the
     allowance buys (``n * L`` angles for the paper ansatz, what one layer of the chosen ansatz
     costs otherwise), up to :data:`MAX_QNN_WORK` and
     :data:`qtcompress.limits.MAX_LAYERS` (past those the budget is not all spent).
@@ -459,7 +482,7 @@ def resolve_hashed(
         )
     n = config.n_qubits
     if n is None:
-        n = min(MAX_QUBITS, max(MIN_QUBITS, round(math.log2(allowance))))
+        n = default_qubits(allowance, layout.total)
     layers = config.n_layers  # given: kept (the allowance may then not all be spent)
     if layers is None:
         per_layer = angles_per_layer(config.ansatz, n)  # n for the paper ansatz
