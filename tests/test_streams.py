@@ -226,9 +226,9 @@ def test_with_rollouts_the_best_state_is_judged_on_rollouts_over_the_streams(mon
     seen: list[tuple[int, bool]] = []
     real = finetune_module.rollout_outputs
 
-    def spy(call, data, rows, rollouts, output):  # noqa: ANN001, ANN202 - records each call
+    def spy(call, data, rows, rollouts, output, states=None, start=None):  # noqa: ANN001, ANN202
         seen.append((len(rows), torch.is_grad_enabled()))
-        return real(call, data, rows, rollouts, output)
+        return real(call, data, rows, rollouts, output, states, start)
 
     monkeypatch.setattr(finetune_module, "rollout_outputs", spy)
     qt = compress(teacher, QTConfig(scheme="rows", n_layers=2))
@@ -241,3 +241,42 @@ def test_with_rollouts_the_best_state_is_judged_on_rollouts_over_the_streams(mon
     )
     probes = [n for n, grad in seen if not grad and n == 10]  # 40 chunks: 10 rollouts of 4
     assert len(probes) >= 2  # the teacher's once, then the student's at every check
+
+
+def test_state_loss_is_the_squared_error_over_the_originals_mean_square():
+    from qtcompress.train.streams import state_loss
+
+    two, three = torch.full((2, 3), 2.0), torch.full((2, 3), 3.0)
+    assert float(state_loss([three], [two])) == pytest.approx(0.25)  # 1 / mean(2**2)
+    assert float(state_loss([two, two], [two, two])) == 0.0
+    # (h, c) states: each tensor scaled by its own size; an all-zero one by 1
+    loss = state_loss([(three, torch.ones(2, 3))], [(two, torch.zeros(2, 3))])
+    assert float(loss) == pytest.approx((0.25 + 1.0) / 2)
+    with pytest.raises(ConfigError, match="holds no floating-point tensor"):
+        state_loss([torch.ones(2, dtype=torch.int64)], [torch.ones(2, dtype=torch.int64)])
+
+
+def test_rollouts_pull_the_students_state_with_the_stated_weight(monkeypatch):
+    from qtcompress import compress
+    from qtcompress.train import finetune as finetune_module
+    from qtcompress.train.streams import Rollouts
+
+    teacher = WideCell().eval()
+    (x, states), ids = _stream_data(teacher, 40, 4)
+    lengths: list[int] = []
+    real = finetune_module.state_loss
+
+    def spy(own, goal):  # noqa: ANN001, ANN202 - records each call
+        lengths.append(len(own))
+        return real(own, goal)
+
+    monkeypatch.setattr(finetune_module, "state_loss", spy)
+    for weight in (0.0, 1.0):
+        qt = compress(teacher, QTConfig(scheme="rows", n_layers=2))
+        qt.finetune(
+            (x, states),
+            steps=3,
+            progress=False,
+            rollouts=Rollouts(StateLink(1, 1), ids, 4, state_weight=weight),
+        )
+        assert lengths == ([] if weight == 0 else [4, 4, 4])  # a term per step, 4 states each

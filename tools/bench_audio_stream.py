@@ -71,20 +71,37 @@ from qtcompress.train.streams import (  # noqa: E402
 LINK = StateLink(input=1, output=1)
 _ROWS = QTConfig(scheme="rows", budget=0.05)
 FIT_STEPS = 100  # the pipeline's phase 1 default
-# (name, config, rollout length, restore_best): restore_best=True is finetune()'s default (end
-# at the best state on its probe: the first 256 training rows run teacher-forced, one chunk
-# each); False keeps the last state. The first arms are the issue's two targets.
-ARMS: tuple[tuple[str, QTConfig, int, bool], ...] = (
-    ("hashed QNN 0.5% (default), rollouts 8", QTConfig(), 8, True),
-    ("hashed QNN 5% (budget=0.05), rollouts 8", QTConfig(budget=0.05), 8, True),
-    ("hashed QNN 0.5% (default), rollouts 8, last state", QTConfig(), 8, False),
-    ("hashed QNN 5% (budget=0.05), rollouts 8, last state", QTConfig(budget=0.05), 8, False),
-    ("hashed QNN 0.5% (default), rollouts 4, last state", QTConfig(), 4, False),
-    ("hashed QNN 0.5% (default), rollouts 16, last state", QTConfig(), 16, False),
-    ("hashed QNN 5% (budget=0.05), rollouts 16, last state", QTConfig(budget=0.05), 16, False),
-    ("rows 5% (scheme=rows, budget=0.05), rollouts 8, last state", _ROWS, 8, False),
-    ("rows 5% (scheme=rows, budget=0.05), rollouts 32, last state", _ROWS, 32, False),
-    ("rows 5% (scheme=rows, budget=0.05), rollouts 128, last state", _ROWS, 128, False),
+# (name, config, rollout length, restore_best, Rollouts options): restore_best=True is
+# finetune()'s default (end at the best state on its probe: rollouts over the training streams
+# since 2026-12-05, single chunks teacher-forced before); False keeps the last state. The first
+# arms are the issue's two targets. own_share: a share of the rollouts starts from the
+# student's own free-running state (Rollouts.own_share).
+ARMS: tuple[tuple[str, QTConfig, int, bool, dict[str, float]], ...] = (
+    ("hashed QNN 0.5% (default), rollouts 8", QTConfig(), 8, True, {}),
+    ("hashed QNN 5% (budget=0.05), rollouts 8", QTConfig(budget=0.05), 8, True, {}),
+    ("hashed QNN 0.5% (default), rollouts 8, last state", QTConfig(), 8, False, {}),
+    ("hashed QNN 5% (budget=0.05), rollouts 8, last state", QTConfig(budget=0.05), 8, False, {}),
+    ("hashed QNN 0.5% (default), rollouts 4, last state", QTConfig(), 4, False, {}),
+    ("hashed QNN 0.5% (default), rollouts 16, last state", QTConfig(), 16, False, {}),
+    ("hashed QNN 5% (budget=0.05), rollouts 16, last state", QTConfig(budget=0.05), 16, False, {}),
+    ("rows 5% (scheme=rows, budget=0.05), rollouts 8, last state", _ROWS, 8, False, {}),
+    ("rows 5% (scheme=rows, budget=0.05), rollouts 32, last state", _ROWS, 32, False, {}),
+    ("rows 5% (scheme=rows, budget=0.05), rollouts 128, last state", _ROWS, 128, False, {}),
+    ("hashed QNN 0.5% (default), rollouts 8, half own", QTConfig(), 8, True, {"own_share": 0.5}),
+    (
+        "hashed QNN 0.5% (default), rollouts 32, half own",
+        QTConfig(),
+        32,
+        True,
+        {"own_share": 0.5},
+    ),
+    (
+        "hashed QNN 5% (budget=0.05), rollouts 8, half own",
+        QTConfig(budget=0.05),
+        8,
+        True,
+        {"own_share": 0.5},
+    ),
 )
 
 
@@ -247,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     arms = [ARMS[i] for i in args.arms] if args.arms is not None else list(ARMS)
-    for name, config, length, restore in arms:
+    for name, config, length, restore, options in arms:
         t0 = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -273,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                 (x_fit, s_fit),
                 steps=args.steps,
                 progress=False,
-                rollouts=Rollouts(LINK, ids_fit, length),
+                rollouts=Rollouts(LINK, ids_fit, length, **options),
                 restore_best=restore,
             )
             t_tune = time.perf_counter() - t1
@@ -287,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             "kind": "qtcompress",
             "config": config.to_dict(),
             "rollout": length,
+            "rollout_options": options,
             "restore_best": restore,
             "fit_steps": args.fit_steps,
             "finetune_steps": args.steps,

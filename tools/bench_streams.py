@@ -14,14 +14,14 @@ Two stream layouts: one stream per digit (2 chunks from the zero state, the mode
 and one stream of every held-out digit in a row (718 chunks, state never reset).
 
 Run: ``python tools/bench_streams.py`` (a few minutes); writes its section of
-docs/benchmarks.md. Threads: torch 2.
+docs/benchmarks.md. Threads: torch 1.
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import sys  # noqa: E402
@@ -46,11 +46,17 @@ WINDOWS = 2  # 14-frame chunks: the chunking the model and its training pairs us
 # (name, generator, training streams: "pairs" (single chunks with the original's state),
 # "rollouts" (rollouts of each digit's 2 chunks), "chained" (rollouts of CHAINED_ROLLOUT chunks
 # along the training digits read as one stream, the original's state carried throughout))
-ARMS = (
-    ("hashed QNN 0.5% (default)", QTConfig(), "pairs"),
-    ("hashed QNN 0.5%, rollouts", QTConfig(), "rollouts"),
-    ("hashed QNN 0.5%, chained rollouts", QTConfig(), "chained"),
-    ("rows 5%", QTConfig(scheme="rows"), "pairs"),
+# and Rollouts options: state_weight (the state term), own_share (rollouts from the student's
+# own free-running state)
+ARMS: tuple[tuple[str, QTConfig, str, dict[str, float]], ...] = (
+    ("hashed QNN 0.5% (default)", QTConfig(), "pairs", {}),
+    ("hashed QNN 0.5%, rollouts", QTConfig(), "rollouts", {}),
+    ("hashed QNN 0.5%, rollouts + state", QTConfig(), "rollouts", {"state_weight": 1.0}),
+    ("hashed QNN 0.5%, chained rollouts", QTConfig(), "chained", {}),
+    ("hashed QNN 0.5%, chained rollouts + state", QTConfig(), "chained", {"state_weight": 1.0}),
+    ("rows 5%", QTConfig(scheme="rows"), "pairs", {}),
+    ("hashed QNN 0.5%, rollouts, half own", QTConfig(), "rollouts", {"own_share": 0.5}),
+    ("hashed QNN 0.5%, chained rollouts, half own", QTConfig(), "chained", {"own_share": 0.5}),
 )
 CHAINED_ROLLOUT = 8
 
@@ -108,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--arms", nargs="+", type=int, help="indices into ARMS")
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     entry = load_entry("rnn", log=lambda _s: None)
     model = entry.model
     data = {
@@ -121,17 +128,21 @@ def main(argv: list[str] | None = None) -> int:
     train_x, train_ids = train_streams(model)
     chained_x, chained_ids = train_chained(model)
     rows = []
-    for arm, config, rollout in ARMS:
+    for arm, config, rollout, options in [ARMS[i] for i in args.arms] if args.arms else ARMS:
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             qt = compress(model, config)
             if rollout == "chained":
                 x_fit: tuple[torch.Tensor, ...] = chained_x
-                extra = {"rollouts": Rollouts(LINK, chained_ids, CHAINED_ROLLOUT)}
+                extra = {"rollouts": Rollouts(LINK, chained_ids, CHAINED_ROLLOUT, **options)}
             else:
                 x_fit = train_x
-                extra = {"rollouts": Rollouts(LINK, train_ids, 2)} if rollout == "rollouts" else {}
+                extra = (
+                    {"rollouts": Rollouts(LINK, train_ids, 2, **options)}
+                    if rollout == "rollouts"
+                    else {}
+                )
             qt.finetune(x_fit, steps=args.steps, lr=1e-2, progress=False, **extra)
         student = partial(qt.functional, generated=qt.generator.generate_named())
 
@@ -152,7 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         "steps on the training digits (single chunks with the original's state; rollouts of "
         "both chunks on the student's own state; or chained rollouts: rollouts of "
         f"{CHAINED_ROLLOUT} chunks along the training digits read as one stream, starting from "
-        "the original's carried state), learning rate 1e-2, seed 0. "
+        'the original\'s carried state), learning rate 1e-2, seed 0. "+ state": the rollout '
+        "loss also pulls the student's carried state towards the original's (mean squared "
+        'error over the original\'s mean square, weight 1); "half own": half the rollouts start '
+        "from the student's own free-running state on the training streams (refreshed every 50 "
+        "steps), the targets still the original's outputs. "
         "Agreement: thresholded probabilities equal; correlation of the probabilities.",
         "",
         "| generator | streams | chunks | teacher-forced agreement / corr | free-running "

@@ -25,7 +25,12 @@ from qtcompress.train.objectives import (
     kind_monitor,
     measure_fidelity,
 )
-from qtcompress.train.streams import Rollouts, rollout_outputs
+from qtcompress.train.streams import (
+    Rollouts,
+    free_running_states,
+    rollout_outputs,
+    state_loss,
+)
 
 # The teacher's outputs on in-memory training data are computed once, before the loop, when
 # they take at most this much memory (and a quarter of what is available): the original's
@@ -183,18 +188,53 @@ def finetune(
         else None
     )
 
+    own: dict[str, Any] = {}  # the student's free-running states, and the step they are from
+
+    def own_starts(step: int, rows: torch.Tensor) -> torch.Tensor | None:
+        """Start states of a rollout batch: a share from the student's own free run."""
+        assert rollouts is not None
+        if rollouts.own_share <= 0:
+            return None
+        if "states" not in own or step - own["at"] >= rollouts.own_every:
+            with torch.no_grad():
+                call = partial(fmodel, generated=fmodel.generator.generate_named(factored=True))
+                own["states"] = free_running_states(
+                    call, everything, rollouts.streams, rollouts.link
+                )
+            own["at"] = step
+        recorded = everything.args[rollouts.link.input].index_select(0, rows)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        mine = (torch.rand(len(rows), generator=gen) < rollouts.own_share).to(device)
+        mask = mine.view(-1, *([1] * (recorded.dim() - 1)))
+        return torch.where(mask, own["states"].index_select(0, rows), recorded)
+
     def loss_at(step: int) -> torch.Tensor:
         if rollouts is not None:  # a rollout on the student's own state per sampled start
             rows = starts[batch_indices(step, len(starts), batch_size, cfg.seed)].to(device)
+            start = own_starts(step, rows)
+            keep = rollouts.state_weight > 0
+            goal_states: list[Any] | None = [] if keep else None
+            own_states: list[Any] | None = [] if keep else None
             with torch.no_grad():
-                goal = rollout_outputs(fmodel.teacher, everything, rows, rollouts, output)
+                goal = rollout_outputs(
+                    fmodel.teacher, everything, rows, rollouts, output, goal_states
+                )
             outs = rollout_outputs(
-                partial(fmodel, batch_stats=batch_stats), everything, rows, rollouts, output
+                partial(fmodel, batch_stats=batch_stats),
+                everything,
+                rows,
+                rollouts,
+                output,
+                own_states,
+                start,
             )
             total = [
                 distill_loss(o, g, objective, temperature) for o, g in zip(outs, goal, strict=True)
             ]
-            return torch.stack(total).mean()
+            loss = torch.stack(total).mean()
+            if own_states is not None and goal_states is not None:
+                loss = loss + rollouts.state_weight * state_loss(own_states, goal_states)
+            return loss
         batch = source.batch_at(step, batch_size, cfg.seed).to(device)
         out = student(batch, batch_stats)
         if mode == "supervised":

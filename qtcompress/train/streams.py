@@ -134,6 +134,46 @@ def split_streams(
 
 
 @torch.no_grad()
+def _free_run(
+    call: Callable[..., Any],
+    data: Batch,
+    streams: torch.Tensor,
+    link: StateLink,
+    output: str | int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs of ``call`` over every stream on its own state, and the state fed to each row.
+
+    All streams advance together: step ``t`` runs the ``t``-th chunk of every stream still
+    going as one batch. Both results are in the data's row order.
+    """
+    runs = stream_rows(streams)
+    if not runs:
+        raise ConfigError("Free-running needs at least one stream.")
+    first = torch.stack([r[0] for r in runs])
+    state = data.args[link.input].index_select(0, first)  # (S, ...): recorded first states
+    fed = torch.empty_like(data.args[link.input])
+    outs: list[torch.Tensor | None] = [None] * len(data)
+    for t in range(max(len(r) for r in runs)):
+        live = [s for s, r in enumerate(runs) if len(r) > t]
+        rows = torch.stack([runs[s][t] for s in live])
+        step = data.take(rows)
+        args = list(step.args)
+        live_idx = torch.tensor(live, dtype=torch.int64)
+        args[link.input] = state.index_select(0, live_idx)
+        fed.index_copy_(0, rows.to(fed.device), args[link.input].to(fed.dtype))
+        out = call(*args, **step.kwargs)
+        if not isinstance(out, (tuple, list)) or len(out) <= link.output:
+            raise ConfigError(
+                f"The model returned {type(out).__name__}, without output {link.output} to "
+                "carry as state; check --state."
+            )
+        state = state.index_copy(0, live_idx, out[link.output].to(state.dtype))
+        y = select_output(out, output).cpu()
+        for k, row in enumerate(rows.tolist()):
+            outs[row] = y[k]
+    return torch.stack([o for o in outs if o is not None]), fed
+
+
 def free_running_outputs(
     call: Callable[..., Any],
     data: Batch,
@@ -146,30 +186,17 @@ def free_running_outputs(
     All streams advance together: step ``t`` runs the ``t``-th chunk of every stream still
     going as one batch.
     """
-    runs = stream_rows(streams)
-    if not runs:
-        raise ConfigError("Free-running needs at least one stream.")
-    first = torch.stack([r[0] for r in runs])
-    state = data.args[link.input].index_select(0, first)  # (S, ...): recorded first states
-    outs: list[torch.Tensor | None] = [None] * len(data)
-    for t in range(max(len(r) for r in runs)):
-        live = [s for s, r in enumerate(runs) if len(r) > t]
-        rows = torch.stack([runs[s][t] for s in live])
-        step = data.take(rows)
-        args = list(step.args)
-        live_idx = torch.tensor(live, dtype=torch.int64)
-        args[link.input] = state.index_select(0, live_idx)
-        out = call(*args, **step.kwargs)
-        if not isinstance(out, (tuple, list)) or len(out) <= link.output:
-            raise ConfigError(
-                f"The model returned {type(out).__name__}, without output {link.output} to "
-                "carry as state; check --state."
-            )
-        state = state.index_copy(0, live_idx, out[link.output].to(state.dtype))
-        y = select_output(out, output).cpu()
-        for k, row in enumerate(rows.tolist()):
-            outs[row] = y[k]
-    return torch.stack([o for o in outs if o is not None])
+    return _free_run(call, data, streams, link, output)[0]
+
+
+def free_running_states(
+    call: Callable[..., Any], data: Batch, streams: torch.Tensor, link: StateLink
+) -> torch.Tensor:
+    """The state ``call`` carries into each row when it runs every stream on its own state.
+
+    Each stream starts from its recorded first state, as in :func:`free_running_outputs`.
+    """
+    return _free_run(call, data, streams, link, None)[1]
 
 
 def free_running_fidelity(
@@ -198,15 +225,31 @@ class Rollouts:
     ``length`` steps); the original's outputs on the recorded data are its own free-running
     outputs, since the recorded states are its own.
 
+    The student's carried state is also pulled towards the original's at every step
+    (``state_weight``): matched outputs over a few chunks leave the state free to drift
+    wherever those outputs do not look, and over a stream of a thousand chunks it does.
+
     Attributes:
         link: Which output feeds which input.
         streams: Stream id of each training row (rows of a stream consecutive, in order).
         length: Chunks per rollout (capped at the longest stream).
+        state_weight: Weight of the state term (mean squared error between the two carried
+            states, over the original's mean square) beside the output loss; 0 turns it off.
+        own_share: Share of the rollouts that start from the state the *student* carries
+            into that chunk when it runs the training streams free (refreshed every
+            ``own_every`` steps), the rest from the original's recorded state. The student
+            then learns to come back from where its own state drifts in use, not only to
+            stay close from where the original's state starts it (as DAgger does for
+            imitation); the targets stay the original's outputs along its own states.
+        own_every: Steps between refreshes of the student's free-running states.
     """
 
     link: StateLink
     streams: torch.Tensor
     length: int = 4
+    state_weight: float = 0.0
+    own_share: float = 0.0
+    own_every: int = 50
 
     @cached_property
     def _runs(self) -> list[torch.Tensor]:
@@ -230,10 +273,22 @@ def rollout_outputs(
     start_rows: torch.Tensor,
     rollouts: Rollouts,
     output: str | int | None,
+    states: list[Any] | None = None,
+    start: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
-    """``call``'s outputs over rollouts from ``start_rows``, carrying its own state (with grad)."""
+    """``call``'s outputs over rollouts from ``start_rows``, carrying its own state (with grad).
+
+    Args:
+        call: The model (or the student's functional call) as ``call(*args, **kwargs)``.
+        data: Every training row; a rollout reads ``start_rows + t`` at step ``t``.
+        start_rows: First row of each rollout (the recorded state there starts it).
+        rollouts: The link and the rollout length.
+        output: Which output to return (see :func:`select_output`).
+        states: Where given, the state ``call`` carries out of each step is appended to it.
+        start: The states the rollouts start from; default the recorded ones at ``start_rows``.
+    """
     link = rollouts.link
-    state = data.args[link.input].index_select(0, start_rows)
+    state = data.args[link.input].index_select(0, start_rows) if start is None else start
     outs = []
     for t in range(rollouts.steps()):
         step = data.take(start_rows + t)
@@ -241,5 +296,35 @@ def rollout_outputs(
         args[link.input] = state
         out = call(*args, **step.kwargs)
         state = out[link.output]
+        if states is not None:
+            states.append(state)
         outs.append(select_output(out, output))
     return outs
+
+
+def _leaves(x: Any) -> list[torch.Tensor]:
+    """The floating-point tensors of a state (a tensor, or tuples/lists/dicts of them)."""
+    if isinstance(x, torch.Tensor):
+        return [x] if x.is_floating_point() else []
+    if isinstance(x, dict):
+        x = list(x.values())
+    if isinstance(x, (tuple, list)):
+        return [t for item in x for t in _leaves(item)]
+    return []
+
+
+def state_loss(student: list[Any], teacher: list[Any]) -> torch.Tensor:
+    """Mean over steps and state tensors of ``MSE(student, teacher) / mean(teacher**2)``.
+
+    Scaled by the original's own magnitude so one weight serves states of any size; a state
+    that is all zeros counts its plain mean square.
+    """
+    terms = []
+    for s_step, t_step in zip(student, teacher, strict=True):
+        for s, t in zip(_leaves(s_step), _leaves(t_step), strict=True):
+            t = t.to(s.dtype)
+            scale = t.pow(2).mean().clamp_min(1e-12) if bool(t.any()) else t.new_tensor(1.0)
+            terms.append((s - t).pow(2).mean() / scale)
+    if not terms:
+        raise ConfigError("The carried state holds no floating-point tensor to match.")
+    return torch.stack(terms).mean()
