@@ -280,3 +280,41 @@ def test_rollouts_pull_the_students_state_with_the_stated_weight(monkeypatch):
             rollouts=Rollouts(StateLink(1, 1), ids, 4, state_weight=weight),
         )
         assert lengths == ([] if weight == 0 else [4, 4, 4])  # a term per step, 4 states each
+
+
+def test_free_running_states_of_the_original_are_its_recorded_states():
+    from qtcompress.train.streams import free_running_states
+
+    teacher = WideCell().eval()
+    (x, states), ids = _stream_data(teacher, 40, 4)
+    fed = free_running_states(teacher, Batch(args=(x, states)), ids, StateLink(1, 1))
+    assert torch.allclose(fed, states, atol=1e-6)  # the recorded data are its own free run
+    other = free_running_states(_zero_cell(), Batch(args=(x, states)), ids, StateLink(1, 1))
+    firsts = torch.tensor([0, 10, 20, 30])
+    assert torch.equal(other[firsts], states[firsts])  # every stream starts as recorded
+    assert not torch.allclose(other, states)  # then carries its own (here: zeros)
+
+
+def _zero_cell():  # noqa: ANN202 - a cell whose state is always zero
+    return lambda x, state: (torch.zeros(len(x)), torch.zeros_like(state))
+
+
+def test_rollouts_from_the_students_own_state_refresh_it_as_stated(monkeypatch):
+    from qtcompress import compress
+    from qtcompress.train import finetune as finetune_module
+    from qtcompress.train.streams import Rollouts
+
+    teacher = WideCell().eval()
+    (x, states), ids = _stream_data(teacher, 40, 4)
+    refreshed: list[int] = []
+    real = finetune_module.free_running_states
+
+    def spy(call, data, streams, link):  # noqa: ANN001, ANN202 - records each refresh
+        refreshed.append(len(streams))
+        return real(call, data, streams, link)
+
+    monkeypatch.setattr(finetune_module, "free_running_states", spy)
+    qt = compress(teacher, QTConfig(scheme="rows", n_layers=2))
+    rollouts = Rollouts(StateLink(1, 1), ids, 4, own_share=0.5, own_every=3)
+    result = qt.finetune((x, states), steps=7, progress=False, rollouts=rollouts)
+    assert result.steps == 7 and refreshed == [40, 40, 40]  # steps 0, 3 and 6
