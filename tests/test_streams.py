@@ -318,3 +318,13 @@ def test_rollouts_from_the_students_own_state_refresh_it_as_stated(monkeypatch):
     rollouts = Rollouts(StateLink(1, 1), ids, 4, own_share=0.5, own_every=3)
     result = qt.finetune((x, states), steps=7, progress=False, rollouts=rollouts)
     assert result.steps == 7 and refreshed == [40, 40, 40]  # steps 0, 3 and 6
+
+
+def test_rollouts_refuse_out_of_range_options():
+    from qtcompress.train.streams import Rollouts
+
+    ids = torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(ConfigError, match="own_share in \\[0, 1\\]"):
+        Rollouts(StateLink(1, 1), ids, own_share=1.5)
+    with pytest.raises(ConfigError, match="length >= 1 and own_every >= 1"):
+        Rollouts(StateLink(1, 1), ids, length=0)
