@@ -102,6 +102,8 @@ ARMS: tuple[tuple[str, QTConfig, int, bool, dict[str, float]], ...] = (
         True,
         {"own_share": 0.5},
     ),
+    ("hashed QNN 0.5% (default), rollouts 8, all own", QTConfig(), 8, True, {"own_share": 1.0}),
+    ("hashed QNN 0.5% (default), rollouts 16, half own", QTConfig(), 16, True, {"own_share": 0.5}),
 )
 
 
