@@ -154,3 +154,14 @@ def test_subprocess_usage_error_exit_2(tmp_path):
 def test_scheme_specific_flags_are_refused_with_the_fix(cli, flags, match):
     result = cli("compress", CKPT, *WINE, "-o", "unused", *flags)
     assert result.returncode == 2 and match in result.stderr
+
+
+def test_out_names_the_output_folder_where_it_was_an_ambiguous_prefix():
+    from qtcompress.cli.parser import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["compress", "m.pt", "--data", "d.npz", "--out", "dir"])
+    assert args.output == "dir"
+    assert parser.parse_args(["demo", "--out", "d2"]).output == "d2"
+    args = parser.parse_args(["predict", "f.onnx", "x.npz", "--out", "p.npy"])
+    assert args.output == "p.npy"

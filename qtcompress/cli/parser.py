@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("model", help="the .onnx file")
     predict.add_argument("inputs", help=".npy or .npz input arrays")
-    predict.add_argument("-o", "--output", required=True, help=".npy or .npz output file")
+    predict.add_argument("-o", "--output", "--out", required=True, help=".npy or .npz output file")
     predict.add_argument(
         "--threads",
         type=_positive_int,
@@ -406,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--label-column), or for a model folder text: .txt (one example a line), .jsonl or "
         ".csv (see --text-column), or a folder of images (sub-folders as classes)",
     )
-    compress_cmd.add_argument("-o", "--output", required=True, help="output folder")
+    # --out too: as a prefix it was ambiguous with --output-kind (an argparse error)
+    compress_cmd.add_argument("-o", "--output", "--out", required=True, help="output folder")
     compress_cmd.add_argument("--name", help="base name of the output files")
     # -- Hugging Face model folders and their text data (qtcompress/io/hf_folder.py,
     # qtcompress/data/text.py); refused with any other model.
@@ -512,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "-o",
         "--output",
+        "--out",
         default="qtcompress-demo",
         help="output folder (default ./qtcompress-demo)",
     )
