@@ -369,7 +369,7 @@ def test_an_ansatz_and_a_mapping_are_registrations_the_config_names_and_the_file
         with pytest.raises(ConfigError, match="An ansatz named 'rx-ring' is already registered"):
             register_ansatz("rx-ring", Ansatz.paper)
     finally:
-        ansatz._ANSATZE.pop("rx-ring", None)
+        ansatz._ANSATZE.pop("rx-ring")
     # Twice the angles a layer: the same budget buys half the layers.
     paper = compress(model, QTConfig(budget=200)).config
     ring = compress(model, QTConfig(budget=200, ansatz="ry-rz-ring")).config
@@ -383,7 +383,7 @@ def test_an_ansatz_and_a_mapping_are_registrations_the_config_names_and_the_file
         assert "mlp-wide" in common.mapping_names()
         assert flat.generator.mapping.body[0].out_features == 64
     finally:
-        common._MAPPINGS.pop("mlp-wide", None)
+        common._MAPPINGS.pop("mlp-wide")
 
 
 def test_each_scheme_has_a_config_class_holding_only_the_fields_it_reads():

@@ -25,6 +25,7 @@ from torch import nn
 from qtcompress.errors import ConfigError, NonFiniteError
 from qtcompress.experimental.mps import MPSMapping
 from qtcompress.mapping import Mapping, MLPMapping, transform_probs
+from qtcompress.plugins import Registry
 from qtcompress.qnn import QNN, Ansatz
 from qtcompress.qnn.ansatz import DEFAULT_ANSATZ, make_ansatz
 from qtcompress.targets import Layout, TensorSpec
@@ -239,7 +240,7 @@ def qnn_for(
 # mapping networks. The factory lives here, not in mapping.py: experimental/mps.py builds on
 # mapping.Mapping, so mapping.py importing it back was an import circle.
 MappingBuilder = Callable[[int, int, tuple[int, ...], str, int, int], Mapping]
-_MAPPINGS: dict[str, MappingBuilder] = {}
+_MAPPINGS: Registry[MappingBuilder] = Registry("mapping")
 
 
 def register_mapping(name: str, builder: MappingBuilder) -> None:
@@ -248,21 +249,17 @@ def register_mapping(name: str, builder: MappingBuilder) -> None:
     Raises:
         ConfigError: A mapping of that name is already registered.
     """
-    if name in _MAPPINGS:
-        raise ConfigError(f"A mapping named {name!r} is already registered.")
-    _MAPPINGS[name] = builder
+    _MAPPINGS.add(name, builder)
 
 
 def mapping_names() -> tuple[str, ...]:
     """Registered mappings, in registration order."""
-    return tuple(_MAPPINGS)
+    return _MAPPINGS.names()
 
 
 def check_mapping(name: str) -> str:
     """Validate a mapping name (a :class:`ConfigError` naming the registered ones)."""
-    if name not in _MAPPINGS:
-        raise ConfigError(f"Unknown mapping {name!r}; choose from {', '.join(_MAPPINGS)}.")
-    return name
+    return _MAPPINGS.check(name)
 
 
 def make_mapping(
@@ -279,7 +276,7 @@ def make_mapping(
 
     ``"mps"`` is :class:`qtcompress.experimental.mps.MPSMapping` (arXiv 2409.06992 style).
     """
-    builder = _MAPPINGS[check_mapping(kind)]
+    builder = _MAPPINGS[kind]
     return builder(n_qubits, chunk, tuple(hidden), activation, bond_dim, seed)
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from qtcompress.constants import DEFAULT_FINETUNE_LR
 from qtcompress.errors import ConfigError
+from qtcompress.plugins import Registry
 
 if TYPE_CHECKING:
     import torch
@@ -62,7 +63,7 @@ class Scheme:
 COMMON_FIELDS = frozenset(
     {"scheme", "target", "exclude", "include_frozen", "backend", "seed", "version"}
 )
-_SCHEMES: dict[str, Scheme] = {}
+_SCHEMES: Registry[Scheme] = Registry("scheme")
 
 
 def register_scheme(
@@ -76,16 +77,14 @@ def register_scheme(
     default_budget: float = 0.05,
 ) -> None:
     """Register a generator scheme under ``name`` (see the module docstring)."""
-    if name in _SCHEMES:
-        raise ConfigError(f"A generator scheme named {name!r} is already registered.")
-    _SCHEMES[name] = Scheme(
-        name, resolve, build, frozenset(fields), summary, finetune_lr, default_budget
+    _SCHEMES.add(
+        name, Scheme(name, resolve, build, frozenset(fields), summary, finetune_lr, default_budget)
     )
 
 
 def scheme_names() -> tuple[str, ...]:
     """Registered scheme names, in registration order."""
-    return tuple(_SCHEMES)
+    return _SCHEMES.names()
 
 
 def get_scheme(name: str) -> Scheme:
@@ -94,8 +93,6 @@ def get_scheme(name: str) -> Scheme:
     Raises:
         ConfigError: No scheme of that name is registered.
     """
-    if name not in _SCHEMES:
-        raise ConfigError(f"Unknown scheme {name!r}; choose from {', '.join(_SCHEMES)}.")
     return _SCHEMES[name]
 
 

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from qtcompress.errors import ConfigError
+from qtcompress.plugins import Registry
 from qtcompress.qnn import QNN
 from qtcompress.qnn.ansatz import make_ansatz
 
@@ -144,14 +144,12 @@ def mps_bond_dim(n_qubits: int, allowance: int) -> int:
 
 # name -> builder(n_qubits, n_layers, allowance, backend, seed, ansatz)
 SourceBuilder = Callable[[int, int, int, str, int, str], ValueSource]
-VALUE_SOURCES: dict[str, SourceBuilder] = {}
+VALUE_SOURCES: Registry[SourceBuilder] = Registry("value source", sort_names=True)
 
 
 def register_values(name: str, builder: SourceBuilder) -> None:
     """Register a shared-value source for ``QTConfig(scheme="hashed", values=name)``."""
-    if name in VALUE_SOURCES:
-        raise ConfigError(f"A value source named {name!r} is already registered.")
-    VALUE_SOURCES[name] = builder
+    VALUE_SOURCES.add(name, builder)
 
 
 register_values(
@@ -171,11 +169,7 @@ register_values("zeros", lambda n, _l, _a, _b, _s, _an: ZeroValues(n))
 
 def check_values(kind: str) -> str:
     """Validate a value source name (a :class:`ConfigError` naming the registered ones)."""
-    if kind not in VALUE_SOURCES:
-        raise ConfigError(
-            f"Unknown value source {kind!r}; choose from {', '.join(sorted(VALUE_SOURCES))}."
-        )
-    return kind
+    return VALUE_SOURCES.check(kind)
 
 
 def make_values(
@@ -188,4 +182,4 @@ def make_values(
     ansatz: str = "paper",
 ) -> ValueSource:
     """Build a registered source by name (see the module docstring)."""
-    return VALUE_SOURCES[check_values(kind)](n_qubits, n_layers, allowance, backend, seed, ansatz)
+    return VALUE_SOURCES[kind](n_qubits, n_layers, allowance, backend, seed, ansatz)

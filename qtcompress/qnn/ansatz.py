@@ -22,6 +22,7 @@ import sympy
 
 from qtcompress.constants import MAX_QUBITS
 from qtcompress.errors import ConfigError
+from qtcompress.plugins import Registry
 
 ANSATZ_FORMAT_VERSION = 1
 
@@ -204,7 +205,7 @@ class Ansatz:
 # -- compiled form -----------------------------------------------------------------------------
 # -- the registry of named ansätze ----------------------------------------------------------------
 AnsatzFactory = Callable[[int, int], Ansatz]
-_ANSATZE: dict[str, AnsatzFactory] = {}
+_ANSATZE: Registry[AnsatzFactory] = Registry("ansatz", "An")
 DEFAULT_ANSATZ = "paper"
 
 
@@ -214,26 +215,22 @@ def register_ansatz(name: str, factory: AnsatzFactory) -> None:
     Raises:
         ConfigError: An ansatz of that name is already registered.
     """
-    if name in _ANSATZE:
-        raise ConfigError(f"An ansatz named {name!r} is already registered.")
-    _ANSATZE[name] = factory
+    _ANSATZE.add(name, factory)
 
 
 def ansatz_names() -> tuple[str, ...]:
     """Registered ansätze, in registration order."""
-    return tuple(_ANSATZE)
+    return _ANSATZE.names()
 
 
 def check_ansatz(name: str) -> str:
     """Validate an ansatz name (a :class:`ConfigError` naming the registered ones)."""
-    if not isinstance(name, str) or name not in _ANSATZE:
-        raise ConfigError(f"Unknown ansatz {name!r}; choose from {', '.join(_ANSATZE)}.")
-    return name
+    return _ANSATZE.check(name)
 
 
 def make_ansatz(name: str, n_qubits: int, n_layers: int) -> Ansatz:
     """The registered ansatz ``name`` at this size."""
-    return _ANSATZE[check_ansatz(name)](n_qubits, n_layers)
+    return _ANSATZE[name](n_qubits, n_layers)
 
 
 def angles_per_layer(name: str, n_qubits: int) -> int:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from qtcompress.errors import ConfigError
+from qtcompress.plugins import Registry
 
 # A student whose outputs vary across inputs less than this fraction of the teacher's is
 # treated as constant ("dead"): a collapsed network, not a weak one.
@@ -58,23 +59,21 @@ def infer_output_kind(teacher: torch.Tensor) -> str:
 
 def check_kind(kind: str) -> str:
     """Validate an output kind name (a :class:`ConfigError` naming the registered ones)."""
-    if kind not in _KINDS:
-        raise ConfigError(f"Unknown output kind {kind!r}; choose from {', '.join(_KINDS)}.")
-    return kind
+    return _KINDS.check(kind)
 
 
 def output_kind_names() -> tuple[str, ...]:
     """Registered output kinds, in registration order."""
-    return tuple(_KINDS)
+    return _KINDS.names()
 
 
 def default_distill_loss(kind: str) -> str:
     """The distillation loss an output kind uses unless ``--distill`` names another."""
-    return _KINDS[check_kind(kind)].distill
+    return _KINDS[kind].distill
 
 
 DistillLoss = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
-_LOSSES: dict[str, DistillLoss] = {}
+_LOSSES: Registry[DistillLoss] = Registry("distillation loss")
 
 
 def register_distill_loss(name: str) -> Callable[[DistillLoss], DistillLoss]:
@@ -87,24 +86,19 @@ def register_distill_loss(name: str) -> Callable[[DistillLoss], DistillLoss]:
     """
 
     def register(fn: DistillLoss) -> DistillLoss:
-        if name in _LOSSES:
-            raise ConfigError(f"A distillation loss named {name!r} is already registered.")
-        _LOSSES[name] = fn
-        return fn
+        return _LOSSES.add(name, fn)
 
     return register
 
 
 def distill_loss_names() -> tuple[str, ...]:
     """Registered distillation losses, in registration order."""
-    return tuple(_LOSSES)
+    return _LOSSES.names()
 
 
 def check_distill_loss(name: str) -> str:
     """Validate a distillation loss name (a :class:`ConfigError` naming the registered ones)."""
-    if name not in _LOSSES:
-        raise ConfigError(f"Unknown distillation loss {name!r}; choose from {', '.join(_LOSSES)}.")
-    return name
+    return _LOSSES.check(name)
 
 
 @register_distill_loss("kl")
@@ -172,7 +166,7 @@ def distill_loss(
             f"Student output {tuple(student.shape)} and teacher output "
             f"{tuple(teacher.shape)} differ in shape."
         )
-    return _LOSSES[check_distill_loss(kind)](student, teacher, temperature)
+    return _LOSSES[kind](student, teacher, temperature)
 
 
 @dataclass(frozen=True)
@@ -347,7 +341,7 @@ class OutputKind:
     monitor: Callable[[torch.Tensor, torch.Tensor], float] | None = None
 
 
-_KINDS: dict[str, OutputKind] = {}
+_KINDS: Registry[OutputKind] = Registry("output kind", "An")
 
 
 def register_output_kind(kind: OutputKind) -> OutputKind:
@@ -356,16 +350,13 @@ def register_output_kind(kind: OutputKind) -> OutputKind:
     Raises:
         ConfigError: The name is taken, or the headline is not a :class:`Fidelity` figure.
     """
-    if kind.name in _KINDS:
-        raise ConfigError(f"An output kind named {kind.name!r} is already registered.")
     figures = {f.name for f in fields(Fidelity)} - {"kind", "n"}
     if kind.headline not in figures:
         raise ConfigError(
             f"Output kind {kind.name!r}: headline {kind.headline!r} is not one of "
             f"{', '.join(sorted(figures))}."
         )
-    _KINDS[kind.name] = kind
-    return kind
+    return _KINDS.add(kind.name, kind)
 
 
 def _top1(out: torch.Tensor) -> torch.Tensor:
@@ -393,7 +384,7 @@ def _ctc_monitor(student: torch.Tensor, teacher: torch.Tensor) -> float:
 
 def kind_monitor(kind: str) -> Callable[[torch.Tensor, torch.Tensor], float] | None:
     """The registered kind's own best-state measure, if it has one (see :class:`OutputKind`)."""
-    return _KINDS[check_kind(kind)].monitor
+    return _KINDS[kind].monitor
 
 
 for _kind in (
