@@ -437,6 +437,39 @@ def test_pooling_leaves_padding_out_and_keeps_the_signature(bert_dir):
 
 
 @needs_hf
+def test_per_example_pooling_runs_the_model_without_the_batchs_trailing_padding(bert_dir):
+    from qtcompress.data.pooling import trim_padding
+
+    model, _ = load_hf_folder(bert_dir)
+    tok = load_hf_tokenizer(bert_dir)
+    # Padded as the text loader pads: to the longest example of the data set, not the batch.
+    enc = dict(
+        tok(
+            ["the cat sat", "a big red house"],
+            padding="max_length",
+            max_length=24,
+            return_tensors="pt",
+        )
+    )
+    seen: list[int] = []
+    hook = model.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.append(kw["input_ids"].shape[1]), with_kwargs=True
+    )
+    mean = pooled(model, "mean")
+    with torch.no_grad():
+        got = mean(**enc)
+        mean.trim = False
+        untrimmed = mean(**enc)
+    hook.remove()
+    kept = int(enc["attention_mask"].sum(1).max())
+    assert seen == [kept, 24]  # trimmed to the batch's longest example, then the full width
+    torch.testing.assert_close(got, untrimmed, atol=1e-5, rtol=1e-5)
+    args, kwargs = trim_padding((enc["input_ids"],), {"x": torch.ones(2, 3)}, enc["attention_mask"])
+    assert args[0].shape == (2, kept) and kwargs["x"].shape == (2, 3)  # other shapes untouched
+    assert pooled(model, "masked").trim is False  # one state per token: the width is kept
+
+
+@needs_hf
 def test_the_folder_says_how_to_pool(bert_dir, st_dir, gpt2_dir, tmp_path):
     model, _ = load_hf_folder(bert_dir)
     tok = load_hf_tokenizer(bert_dir)

@@ -14,6 +14,12 @@ exactly that tensor, with padded positions never counted:
 
 The wrapper's ``forward`` has the wrapped model's signature, so keyword inputs, the ONNX
 input order and the ``attention_mask`` lookup all follow the model's own parameters.
+
+With one vector per example (``mean``, ``max``, ``cls``) the wrapper also drops the columns
+past a batch's last kept token before the model runs (:func:`trim_padding`): text is padded to
+the longest example of the whole data set, and a batch of short sentences otherwise pays
+attention and feed-forward cost for padding whose effect the mask then removes. Not while a
+graph is being exported (the ONNX graph takes any length).
 """
 
 from __future__ import annotations
@@ -32,6 +38,42 @@ from qtcompress.data.model_call import select_output
 from qtcompress.errors import ConfigError
 
 MASK_INPUT = "attention_mask"
+# Poolings whose result has no token axis: dropping trailing padding cannot change its shape.
+_PER_EXAMPLE = ("mean", "max", "cls")
+
+
+def _exporting() -> bool:
+    """Whether a graph is being traced or exported (data-dependent lengths must not be)."""
+    compiler = getattr(torch, "compiler", None)
+    for check in ("is_exporting", "is_compiling"):
+        fn = getattr(compiler, check, None)
+        if fn is not None and fn():
+            return True
+    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
+
+
+def trim_padding(
+    args: tuple[Any, ...], kwargs: dict[str, Any], mask: torch.Tensor
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``args`` and ``kwargs`` without the token columns past the last one ``mask`` keeps.
+
+    Every tensor input shaped ``(batch, tokens, ...)`` like ``mask`` is cut to the kept
+    length (ids, masks, token types, positions, embeddings); other inputs are untouched.
+    """
+    if mask.dim() != 2 or mask.shape[1] < 2:
+        return args, kwargs
+    kept = mask.ne(0).any(dim=0).nonzero()
+    length = int(kept.max()) + 1 if kept.numel() else 1
+    full = tuple(mask.shape)
+    if length == full[1]:
+        return args, kwargs
+
+    def cut(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and tuple(x.shape[:2]) == full:
+            return x[:, :length]
+        return x
+
+    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
 
 
 class PooledOutput(nn.Module):
@@ -59,6 +101,7 @@ class PooledOutput(nn.Module):
         self.model = model
         self.pooling = pooling
         self.output = output
+        self.trim = pooling in _PER_EXAMPLE  # drop trailing padding before the model runs
         params = list(inspect.signature(model.forward).parameters)
         self._mask_at = params.index(MASK_INPUT) if MASK_INPUT in params else None
         if pooling in ("mean", "max", "masked") and self._mask_at is None:
@@ -69,6 +112,12 @@ class PooledOutput(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The pooled output: ``(batch, hidden)``, or ``(batch, seq, hidden)`` for masked."""
+        if self.trim and not _exporting():
+            given = kwargs.get(MASK_INPUT)
+            if given is None and self._mask_at is not None and len(args) > self._mask_at:
+                given = args[self._mask_at]
+            if isinstance(given, torch.Tensor):
+                args, kwargs = trim_padding(args, kwargs, given)
         h = select_output(self.model(*args, **kwargs), self.output)
         if self.pooling == "none":
             return h
