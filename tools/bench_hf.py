@@ -13,7 +13,7 @@ Measured, interleaved over rounds, batch 64 of 32 tokens:
 * ``plain``: one distillation step of a dense copy of the model (AdamW on all 22.7M weights,
   cosine loss against the teacher's pooled embedding);
 * ``qt``: one step of :meth:`QTModel.finetune` at the default generator (hashed, 0.5% of M),
-  teacher forward included, as the pipeline runs it;
+  as the pipeline runs it (the teacher's outputs computed once, before the loop);
 
 and what the default 1,500 fine-tuning steps would take at that rate.
 
@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.steps} steps. The model: a MiniLM-L6-sized `BertModel` built from its config "
             f"with random weights ({weights:,} weights), mean-pooled over the attention mask as "
             "the CLI does for a sentence-transformers folder. The QT step is "
-            "`QTModel.finetune`'s (teacher forward included) at the default generator: "
+            "`QTModel.finetune`'s (the teacher's outputs computed once before the loop, as for "
+            "any in-memory data) at the default generator: "
             f"{rep.trainable:,} parameters ({rep.trainable / weights:.2%} of M; "
             f"{rep.n_qubits} qubits x {rep.n_layers} layers).",
             "",
@@ -216,7 +217,7 @@ def varied(args: argparse.Namespace) -> int:
             "trimmed: the pooled wrapper drops the columns past the batch's longest sentence "
             "(the default since 2026-12-05; the embedding is the same within float rounding).",
             "",
-            "| step | padded (s) | trimmed (s) | speed-up | default 1,500 QT steps, trimmed |",
+            "| step | padded (s) | trimmed (s) | speed-up | 1,500 steps at the trimmed rate |",
             "|---|---|---|---|---|",
             *rows,
         ]
