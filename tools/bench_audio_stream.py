@@ -42,6 +42,7 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import dataclasses  # noqa: E402
 import datetime as dt  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
@@ -195,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fit-steps", type=int, default=FIT_STEPS)
     ap.add_argument("--train-streams", type=int, default=32, help="training streams distilled on")
     ap.add_argument("--arms", type=int, nargs="*", default=None, help="indices into ARMS")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="data and model seed (retrains)")
+    ap.add_argument(
+        "--generator-seed", type=int, default=None, help="QTConfig seed of every arm (default 0)"
+    )
     ap.add_argument("--out", type=Path, default=CACHE / "runs.jsonl")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -267,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
 
     arms = [ARMS[i] for i in args.arms] if args.arms is not None else list(ARMS)
     for name, config, length, restore, options in arms:
+        if args.generator_seed is not None:
+            config = dataclasses.replace(config, seed=args.generator_seed)
+            name = f"{name}, generator seed {args.generator_seed}"
         t0 = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
