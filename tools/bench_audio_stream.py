@@ -70,6 +70,9 @@ from qtcompress.train.streams import (  # noqa: E402
 )
 
 LINK = StateLink(input=1, output=1)
+# The arms measured before rollouts from the student's own state became the default keep
+# their meaning: rollouts from the original's state only.
+_OWN_OFF = {"own_share": 0.0}
 _ROWS = QTConfig(scheme="rows", budget=0.05)
 FIT_STEPS = 100  # the pipeline's phase 1 default
 # (name, config, rollout length, restore_best, Rollouts options): restore_best=True is
@@ -78,16 +81,28 @@ FIT_STEPS = 100  # the pipeline's phase 1 default
 # arms are the two targets. own_share: a share of the rollouts starts from the
 # student's own free-running state (Rollouts.own_share).
 ARMS: tuple[tuple[str, QTConfig, int, bool, dict[str, float]], ...] = (
-    ("hashed QNN 0.5% (default), rollouts 8", QTConfig(), 8, True, {}),
-    ("hashed QNN 5% (budget=0.05), rollouts 8", QTConfig(budget=0.05), 8, True, {}),
-    ("hashed QNN 0.5% (default), rollouts 8, last state", QTConfig(), 8, False, {}),
-    ("hashed QNN 5% (budget=0.05), rollouts 8, last state", QTConfig(budget=0.05), 8, False, {}),
-    ("hashed QNN 0.5% (default), rollouts 4, last state", QTConfig(), 4, False, {}),
-    ("hashed QNN 0.5% (default), rollouts 16, last state", QTConfig(), 16, False, {}),
-    ("hashed QNN 5% (budget=0.05), rollouts 16, last state", QTConfig(budget=0.05), 16, False, {}),
-    ("rows 5% (scheme=rows, budget=0.05), rollouts 8, last state", _ROWS, 8, False, {}),
-    ("rows 5% (scheme=rows, budget=0.05), rollouts 32, last state", _ROWS, 32, False, {}),
-    ("rows 5% (scheme=rows, budget=0.05), rollouts 128, last state", _ROWS, 128, False, {}),
+    ("hashed QNN 0.5% (default), rollouts 8", QTConfig(), 8, True, _OWN_OFF),
+    ("hashed QNN 5% (budget=0.05), rollouts 8", QTConfig(budget=0.05), 8, True, _OWN_OFF),
+    ("hashed QNN 0.5% (default), rollouts 8, last state", QTConfig(), 8, False, _OWN_OFF),
+    (
+        "hashed QNN 5% (budget=0.05), rollouts 8, last state",
+        QTConfig(budget=0.05),
+        8,
+        False,
+        _OWN_OFF,
+    ),
+    ("hashed QNN 0.5% (default), rollouts 4, last state", QTConfig(), 4, False, _OWN_OFF),
+    ("hashed QNN 0.5% (default), rollouts 16, last state", QTConfig(), 16, False, _OWN_OFF),
+    (
+        "hashed QNN 5% (budget=0.05), rollouts 16, last state",
+        QTConfig(budget=0.05),
+        16,
+        False,
+        _OWN_OFF,
+    ),
+    ("rows 5% (scheme=rows, budget=0.05), rollouts 8, last state", _ROWS, 8, False, _OWN_OFF),
+    ("rows 5% (scheme=rows, budget=0.05), rollouts 32, last state", _ROWS, 32, False, _OWN_OFF),
+    ("rows 5% (scheme=rows, budget=0.05), rollouts 128, last state", _ROWS, 128, False, _OWN_OFF),
     ("hashed QNN 0.5% (default), rollouts 8, half own", QTConfig(), 8, True, {"own_share": 0.5}),
     (
         "hashed QNN 0.5% (default), rollouts 32, half own",

@@ -46,14 +46,22 @@ WINDOWS = 2  # 14-frame chunks: the chunking the model and its training pairs us
 # (name, generator, training streams: "pairs" (single chunks with the original's state),
 # "rollouts" (rollouts of each digit's 2 chunks), "chained" (rollouts of CHAINED_ROLLOUT chunks
 # along the training digits read as one stream, the original's state carried throughout))
+# Rollouts from the original's state only (own_share 0: the arms measured before rollouts from
+# the student's own state became the default)
+_OFF = {"own_share": 0.0}
 # and Rollouts options: state_weight (the state term), own_share (rollouts from the student's
 # own free-running state)
 ARMS: tuple[tuple[str, QTConfig, str, dict[str, float]], ...] = (
     ("hashed QNN 0.5% (default)", QTConfig(), "pairs", {}),
-    ("hashed QNN 0.5%, rollouts", QTConfig(), "rollouts", {}),
-    ("hashed QNN 0.5%, rollouts + state", QTConfig(), "rollouts", {"state_weight": 1.0}),
-    ("hashed QNN 0.5%, chained rollouts", QTConfig(), "chained", {}),
-    ("hashed QNN 0.5%, chained rollouts + state", QTConfig(), "chained", {"state_weight": 1.0}),
+    ("hashed QNN 0.5%, rollouts", QTConfig(), "rollouts", _OFF),
+    ("hashed QNN 0.5%, rollouts + state", QTConfig(), "rollouts", {**_OFF, "state_weight": 1.0}),
+    ("hashed QNN 0.5%, chained rollouts", QTConfig(), "chained", _OFF),
+    (
+        "hashed QNN 0.5%, chained rollouts + state",
+        QTConfig(),
+        "chained",
+        {**_OFF, "state_weight": 1.0},
+    ),
     ("rows 5%", QTConfig(scheme="rows"), "pairs", {}),
     ("hashed QNN 0.5%, rollouts, half own", QTConfig(), "rollouts", {"own_share": 0.5}),
     ("hashed QNN 0.5%, chained rollouts, half own", QTConfig(), "chained", {"own_share": 0.5}),
