@@ -218,8 +218,9 @@ def free_running_fidelity(
 
 # Half the rollouts start from the student's own free-running state: on the streaming VAD
 # (tools/bench_audio_stream.py, default generator, rollouts of 8) free-running agreement rose
-# from 76.0% / 0.688 to 87.9% / 0.838 (worst stream 59.5% -> 82.2%). The state term did not
-# help the streaming LSTM (tools/bench_streams.py), so it is off.
+# from 76.0% / 0.688 to 87.9% / 0.838 on one generator seed and from 55.7% / 0.266 to
+# 62.1% / 0.417 on another; all rollouts from its own state did worse (72.5%). The state
+# term did not help the streaming LSTM (tools/bench_streams.py), so it is off.
 OWN_STATE_SHARE = 0.5
 OWN_STATE_EVERY = 50
 
