@@ -41,6 +41,7 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -105,6 +106,22 @@ def plain_steps(teacher: torch.nn.Module, student: torch.nn.Module, opt, data, s
     return (time.perf_counter() - t0) / steps
 
 
+def qt_steps(qt: Any, data: dict[str, torch.Tensor], steps: int) -> float:
+    """Seconds per :meth:`QTModel.finetune` step, step to step from the loop's own callback.
+
+    The call's set-up (probe batch, the teacher's outputs) is paid once per run, not per step.
+    """
+    stamps: list[float] = []
+    qt.finetune(
+        data,
+        steps=steps + 1,
+        batch_size=BATCH,
+        progress=False,
+        callback=lambda _s, _l: stamps.append(time.perf_counter()),
+    )
+    return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Measure and write the section."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -133,17 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     plain, qts = [], []
     for _ in range(args.rounds):  # interleaved: the machine's load hits both arms alike
         plain.append(plain_steps(model, student, opt, data, args.steps))
-        stamps: list[float] = []
-        # Step to step, from the loop's own callback: the call's set-up (probe batch, teacher
-        # outputs for it) is paid once per run, not per step.
-        qt.finetune(
-            data,
-            steps=args.steps + 1,
-            batch_size=BATCH,
-            progress=False,
-            callback=lambda _s, _l, st=stamps: st.append(time.perf_counter()),
-        )
-        qts.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
+        qts.append(qt_steps(qt, data, args.steps))
     p, q = statistics.median(plain), statistics.median(qts)
     md = "\n".join(
         [
@@ -190,15 +197,7 @@ def varied(args: argparse.Namespace) -> int:
             times.setdefault(("plain", trim), []).append(
                 plain_steps(model, student, opt, data, args.steps)
             )
-            stamps: list[float] = []
-            qt.finetune(
-                data,
-                steps=args.steps + 1,
-                batch_size=BATCH,
-                progress=False,
-                callback=lambda _s, _l, st=stamps: st.append(time.perf_counter()),
-            )
-            times.setdefault(("qt", trim), []).append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
+            times.setdefault(("qt", trim), []).append(qt_steps(qt, data, args.steps))
     med = {k: statistics.median(v) for k, v in times.items()}
     rows = []
     for arm, label in (("plain", "plain distillation step"), ("qt", "QT step")):
