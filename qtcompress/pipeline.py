@@ -535,12 +535,13 @@ def measure_in_use(
 ) -> Measured:
     """Fidelity as the model is used (free-running for a stateful one), warnings, the check."""
     qt = trained.qt
-    warnings = [f"phase 2: {w}" for w in fid2.warnings()]
-    if trained.unspent:  # more budget buys nothing: do not advise it
-        warnings = [
-            w.replace("raise --budget or --finetune-steps", "raise --finetune-steps or --qubits")
-            for w in warnings
-        ]
+    # Where more budget buys nothing, poor fidelity is not advised to raise it.
+    advice = (
+        "raise --finetune-steps or --qubits"
+        if trained.unspent
+        else "raise --budget or --finetune-steps"
+    )
+    warnings = [f"phase 2: {w}" for w in fid2.warnings(advice)]
     if trained.skipped_steps:
         warnings.append(
             f"phase 2: {trained.skipped_steps:,} of {settings.finetune_steps:,} steps skipped "
@@ -568,7 +569,7 @@ def measure_in_use(
         )
         n = int(data.stream_test.unique().numel())
         log(f"free-running over {n} streams: {free.describe()}")
-        warnings += [f"free-running: {w}" for w in free.warnings()]
+        warnings += [f"free-running: {w}" for w in free.warnings(advice)]
     elif link is not None:
         warnings.append(
             f"the model carries state ({link.describe()}): the fidelity above is teacher-forced "

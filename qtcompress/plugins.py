@@ -7,7 +7,6 @@ answers an unknown name with one line that lists the registered ones, so each po
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Generic, TypeVar
 
 from qtcompress.errors import ConfigError
@@ -67,12 +66,6 @@ class Registry(Generic[T]):
     def pop(self, name: str) -> T | None:
         """Unregister ``name`` (tests that register their own), returning it or ``None``."""
         return self._items.pop(name, None)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._items
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._items)
 
     def values(self) -> list[T]:
         """The plug-ins, in registration order."""

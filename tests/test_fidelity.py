@@ -162,6 +162,16 @@ def test_degenerate_warning_fires_on_a_constant_student_only():
     assert good.agreement > 0.95 and good.correlation > 0.99
 
 
+def test_poor_fidelity_says_the_advice_it_is_given():
+    teacher = torch.randn(200, 10)
+    poor = measure_fidelity(torch.randn(200, 10), teacher, "logits")
+    assert not poor.degenerate
+    (line,) = poor.warnings()
+    assert line.endswith("raise --budget or --finetune-steps")  # the default advice
+    (line,) = poor.warnings("raise --finetune-steps or --qubits")  # a budget it cannot spend
+    assert line.endswith("raise --finetune-steps or --qubits") and "--budget" not in line
+
+
 def test_logits_are_compared_up_to_a_shift_per_example():
     teacher = torch.randn(50, 10)
     shifted = teacher + torch.randn(50, 1) * 10  # softmax is blind to this

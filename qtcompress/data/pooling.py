@@ -44,12 +44,12 @@ _PER_EXAMPLE = ("mean", "max", "cls")
 
 def _exporting() -> bool:
     """Whether a graph is being traced or exported (data-dependent lengths must not be)."""
-    compiler = getattr(torch, "compiler", None)
-    for check in ("is_exporting", "is_compiling"):
-        fn = getattr(compiler, check, None)
-        if fn is not None and fn():
-            return True
-    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
+    return bool(
+        torch.compiler.is_exporting()
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+    )
 
 
 def trim_padding(
@@ -110,14 +110,19 @@ class PooledOutput(nn.Module):
                 "so padding cannot be told apart; use --pooling cls or none."
             )
 
+    def _given_mask(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The attention mask among the call's inputs (keyword or positional), or ``None``."""
+        mask = kwargs.get(MASK_INPUT)
+        if mask is None and self._mask_at is not None and len(args) > self._mask_at:
+            mask = args[self._mask_at]
+        return mask
+
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The pooled output: ``(batch, hidden)``, or ``(batch, seq, hidden)`` for masked."""
-        if self.trim and not _exporting():
-            given = kwargs.get(MASK_INPUT)
-            if given is None and self._mask_at is not None and len(args) > self._mask_at:
-                given = args[self._mask_at]
-            if isinstance(given, torch.Tensor):
-                args, kwargs = trim_padding(args, kwargs, given)
+        given = self._given_mask(args, kwargs)
+        if self.trim and isinstance(given, torch.Tensor) and not _exporting():
+            args, kwargs = trim_padding(args, kwargs, given)
+            given = self._given_mask(args, kwargs)
         h = select_output(self.model(*args, **kwargs), self.output)
         if self.pooling == "none":
             return h
@@ -128,9 +133,7 @@ class PooledOutput(nn.Module):
             )
         if self.pooling == "cls":
             return h[:, 0]
-        mask = kwargs.get(MASK_INPUT)
-        if mask is None and self._mask_at is not None and len(args) > self._mask_at:
-            mask = args[self._mask_at]
+        mask = given
         if mask is None:  # no mask given: every token is kept, as the model itself assumes
             mask = torch.ones(h.shape[:2], dtype=h.dtype, device=h.device)
         m = mask.to(h.dtype).unsqueeze(-1)  # (batch, seq, 1)

@@ -226,8 +226,8 @@ class Fidelity:
         value = getattr(self, self.headline_name)
         return float(value) if value is not None else self.correlation
 
-    def warnings(self) -> list[str]:
-        """One line per problem: a constant student, or poor fidelity."""
+    def warnings(self, advice: str = "raise --budget or --finetune-steps") -> list[str]:
+        """One line per problem: a constant student, or poor fidelity (with ``advice``)."""
         out = []
         if self.degenerate:
             out.append(
@@ -237,7 +237,7 @@ class Fidelity:
         elif self.headline < POOR_FIDELITY:
             out.append(
                 f"fidelity is poor: {self.headline_name} {self.headline:.3f} < "
-                f"{POOR_FIDELITY}; raise --budget or --finetune-steps"
+                f"{POOR_FIDELITY}; {advice}"
             )
         return out
 

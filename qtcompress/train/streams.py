@@ -234,9 +234,8 @@ class Rollouts:
     ``length`` steps); the original's outputs on the recorded data are its own free-running
     outputs, since the recorded states are its own.
 
-    The student's carried state is also pulled towards the original's at every step
-    (``state_weight``): matched outputs over a few chunks leave the state free to drift
-    wherever those outputs do not look, and over a stream of a thousand chunks it does.
+    The student's carried state can also be pulled towards the original's at every step
+    (``state_weight``; off by default: on the streaming LSTM it made free-running worse).
 
     Attributes:
         link: Which output feeds which input.
