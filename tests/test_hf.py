@@ -469,6 +469,83 @@ def test_per_example_pooling_runs_the_model_without_the_batchs_trailing_padding(
     assert pooled(model, "masked").trim is False  # one state per token: the width is kept
 
 
+@pytest.fixture(scope="module")
+def classifier_dir(bert_dir, tmp_path_factory):
+    """A sentence classifier: its logits have one row per example and no token axis."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("hf") / "tiny-bert-cls"
+    _tokenizer_files(folder)
+    config = BertConfig.from_pretrained(str(bert_dir), num_labels=3)
+    torch.manual_seed(1)
+    BertForSequenceClassification(config).save_pretrained(str(folder))
+    return folder
+
+
+@needs_hf
+def test_per_example_logits_drop_trailing_padding_and_token_outputs_keep_it(
+    bert_dir, classifier_dir
+):
+    from qtcompress.data.pooling import per_example_output
+
+    classifier, _ = load_hf_folder(classifier_dir)
+    base, _ = load_hf_folder(bert_dir)
+    enc = dict(
+        load_hf_tokenizer(bert_dir)(
+            ["the cat sat", "a big red house"],
+            padding="max_length",
+            max_length=24,
+            return_tensors="pt",
+        )
+    )
+    with torch.no_grad():
+        logits = select_output(classifier(**enc))
+        hidden = select_output(base(**enc))
+    assert logits.shape == (2, 3) and hidden.shape == (2, 24, 32)
+    assert per_example_output(classifier, logits, enc)
+    assert not per_example_output(base, hidden, enc)  # token states: the width is the mask's
+    assert not per_example_output(base, hidden[..., 0], enc)  # per-token scores, (batch, tokens)
+    assert not per_example_output(classifier, logits, {"input_ids": enc["input_ids"]})  # no mask
+    seen: list[int] = []
+    hook = classifier.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.append(kw["input_ids"].shape[1]), with_kwargs=True
+    )
+    view = pooled(classifier, "none", trim=True)
+    with torch.no_grad():
+        got = view(**enc)
+    hook.remove()
+    assert seen == [int(enc["attention_mask"].sum(1).max())]
+    torch.testing.assert_close(got, logits, atol=1e-5, rtol=1e-5)
+
+
+@needs_hf
+@pytest.mark.slow
+def test_classifier_folder_end_to_end_with_trimmed_batches(
+    classifier_dir, train_txt, tmp_path, cli
+):
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "out"
+    result = cli("compress", classifier_dir, "--data", train_txt, "-o", out, *FAST)
+    assert result.returncode == 0, result.stderr
+    assert "pooling: none; one output per example: each batch's trailing padding" in result.stderr
+    back = tmp_path / "back"
+    result = cli("reconstruct", out / "tiny-bert-cls.qtc.safetensors", "--hf-out", back)
+    assert result.returncode == 0, result.stderr
+    model = AutoModelForSequenceClassification.from_pretrained(str(back)).eval()
+    # The ONNX graph was exported untrimmed: it takes another length, padding included.
+    feeds = dict(
+        load_hf_tokenizer(back)(
+            _sentences(3, seed=7), padding="max_length", max_length=30, return_tensors="np"
+        )
+    )
+    feeds = {k: np.asarray(v, dtype=np.int64) for k, v in feeds.items()}
+    got = _ort_outputs(out / "tiny-bert-cls.onnx", feeds)
+    with torch.no_grad():
+        want = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits
+    np.testing.assert_allclose(got[0], want.numpy(), atol=1e-4)
+
+
 @needs_hf
 def test_the_folder_says_how_to_pool(bert_dir, st_dir, gpt2_dir, tmp_path):
     model, _ = load_hf_folder(bert_dir)

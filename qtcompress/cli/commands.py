@@ -486,24 +486,29 @@ def _compress_hf_folder(args: argparse.Namespace) -> int:
         )
     else:
         data = _load_data(args.data)
-    from qtcompress.data.model_call import check_call
-    from qtcompress.data.pooling import choose_pooling, pooled
+    from qtcompress.data.model_call import check_call, select_output
+    from qtcompress.data.pooling import choose_pooling, per_example_output, pooled
     from qtcompress.data.sources import InputSource
     from qtcompress.io.hf_folder import main_output_kind
 
     sample = check_call(model, InputSource.of(data.x_test).head(2))
     output = _model_output(args.model_output)
     pooling, facts["pooling"] = choose_pooling(args.model, model, args.pooling, output, sample)
-    if pooling != "none" or output is not None:
+    main_kind = main_output_kind(sample)
+    trim = None
+    if pooling == "none" and per_example_output(model, select_output(sample, output), data.x_test):
+        trim = True  # e.g. a classifier's logits: a batch's trailing padding changes nothing
+        facts["pooling"] += "; one output per example: each batch's trailing padding is dropped"
+    if pooling != "none" or output is not None or trim:
         # The pooled (or selected) tensor is what is distilled, scored and exported.
-        model = pooled(model, pooling, output)
+        model = pooled(model, pooling, output, trim)
         args.model_output = None
         sample = check_call(model, InputSource.of(data.x_test).head(2))
     if args.output_kind is None:
         # Pooled or masked token states, and a named output other than logits, are vectors
         # compared by cosine: a top-1 over hidden features means nothing.
         named = isinstance(output, str) and not output.endswith("logits")
-        args.output_kind = "embedding" if pooling != "none" or named else main_output_kind(sample)
+        args.output_kind = "embedding" if pooling != "none" or named else main_kind
     if not args.json:
         for key, line in facts.items():
             print(f"{'model' if key == 'built' else key}: {line}", file=sys.stderr)

@@ -15,11 +15,12 @@ exactly that tensor, with padded positions never counted:
 The wrapper's ``forward`` has the wrapped model's signature, so keyword inputs, the ONNX
 input order and the ``attention_mask`` lookup all follow the model's own parameters.
 
-With one vector per example (``mean``, ``max``, ``cls``) the wrapper also drops the columns
-past a batch's last kept token before the model runs (:func:`trim_padding`): text is padded to
-the longest example of the whole data set, and a batch of short sentences otherwise pays
-attention and feed-forward cost for padding whose effect the mask then removes. Not while a
-graph is being exported (the ONNX graph takes any length).
+With one vector per example (``mean``, ``max``, ``cls``, or ``none`` over an output with no
+token axis, such as a sequence classifier's logits) the wrapper also drops the columns past a
+batch's last kept token before the model runs (:func:`trim_padding`): text is padded to the
+longest example of the whole data set, and a batch of short sentences otherwise pays attention
+and feed-forward cost for padding whose effect the mask then removes. Not while a graph is
+being exported (the ONNX graph takes any length).
 """
 
 from __future__ import annotations
@@ -88,20 +89,30 @@ class PooledOutput(nn.Module):
         output: The output to take (name or index, see
             :func:`~qtcompress.data.model_call.select_output`); ``None``: ``logits``, else
             ``last_hidden_state``, else the first tensor.
+        trim: Drop each batch's trailing padding before the model runs. ``None``: for the
+            poolings with one vector per example; ``True`` is for ``none`` over an output the
+            caller knows has no token axis (dropping columns would change a token axis).
 
     Raises:
         ConfigError: An unknown pooling, or a pooling over tokens for a model whose forward
             takes no ``attention_mask``.
     """
 
-    def __init__(self, model: nn.Module, pooling: str, output: str | int | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        pooling: str,
+        output: str | int | None = None,
+        trim: bool | None = None,
+    ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise ConfigError(f"Unknown pooling {pooling!r}; choose from {', '.join(POOLINGS)}.")
         self.model = model
         self.pooling = pooling
         self.output = output
-        self.trim = pooling in _PER_EXAMPLE  # drop trailing padding before the model runs
+        # Drop trailing padding before the model runs: never where the output has a token axis.
+        self.trim = pooling in _PER_EXAMPLE if trim is None else trim
         params = list(inspect.signature(model.forward).parameters)
         self._mask_at = params.index(MASK_INPUT) if MASK_INPUT in params else None
         if pooling in ("mean", "max", "masked") and self._mask_at is None:
@@ -144,7 +155,28 @@ class PooledOutput(nn.Module):
         return (h * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)  # mean over kept tokens
 
 
-def pooled(model: nn.Module, pooling: str, output: str | int | None = None) -> PooledOutput:
+def per_example_output(model: nn.Module, out: torch.Tensor, inputs: Any) -> bool:
+    """Whether ``out`` has one row per example and no token axis, so trailing padding can go.
+
+    Args:
+        model: The model (its ``forward`` must take an attention mask).
+        out: Its selected output on a sample of ``inputs``.
+        inputs: The model's inputs, a mapping holding ``attention_mask`` (batch, tokens).
+
+    A sequence classifier's ``(batch, classes)`` logits qualify; token states and per-token
+    scores (a question-answering head's ``(batch, tokens)``) do not: their width is the
+    mask's.
+    """
+    mask = inputs.get(MASK_INPUT) if isinstance(inputs, Mapping) else None
+    takes_mask = MASK_INPUT in inspect.signature(model.forward).parameters
+    if not takes_mask or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return False
+    return out.dim() == 2 and out.shape[1] != mask.shape[1]
+
+
+def pooled(
+    model: nn.Module, pooling: str, output: str | int | None = None, trim: bool | None = None
+) -> PooledOutput:
     """``model`` wrapped in :class:`PooledOutput`, its ``forward`` showing the model's signature.
 
     The signature matters: the pipeline maps keyword inputs and the ONNX input order by
@@ -158,7 +190,7 @@ def pooled(model: nn.Module, pooling: str, output: str | int | None = None) -> P
     forward.__signature__ = inner_sig  # type: ignore[attr-defined]
     name = f"{pooling.title()}Pooled{type(model).__name__}"
     cls = type(name, (PooledOutput,), {"forward": forward, "__doc__": PooledOutput.__doc__})
-    return cls(model, pooling, output)  # type: ignore[no-any-return]
+    return cls(model, pooling, output, trim)  # type: ignore[no-any-return]
 
 
 def unwrapped_name(name: str) -> str:
