@@ -22,6 +22,14 @@ padded (as the text loader pads) to the data set's longest example, 128 tokens; 
 measured with and without the pooled wrapper dropping each batch's trailing padding
 (:func:`qtcompress.data.pooling.trim_padding`). Writes its own section.
 
+``--end-to-end``: the one command a user runs. The same model saved as a sentence-transformers
+folder (``save_pretrained``, a WordPiece vocabulary of 30,522 made-up words, mean pooling in
+``1_Pooling/config.json``) and a sentence file of made-up sentences (6 to 40 words) under
+``build/hf_e2e/``; then ``qtcompress compress FOLDER --data sentences.txt`` and nothing else,
+its stderr on a terminal (a pty) so the progress bars draw as for a user; wall time, the
+phases' times from ``summary.json``, the longest silence on stderr and the file sizes. Writes
+its own section.
+
 Run: ``python tools/bench_hf.py`` (writes its section of docs/benchmarks.md). Threads:
 ``--threads`` (default 2) for torch, BLAS and qsim.
 """
@@ -129,9 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5, help="steps per round and arm")
     ap.add_argument("--varied", action="store_true", help="sentence lengths 8-48 in width 128")
+    ap.add_argument("--end-to-end", action="store_true", help="time the whole CLI command")
+    ap.add_argument("--sentences", type=int, default=5000, help="lines of the sentence file")
     args = ap.parse_args(argv)
     if args.varied:
         return varied(args)
+    if args.end_to_end:
+        return end_to_end(args)
     torch.set_num_threads(args.threads)
     set_threads(args.threads)
     warnings.simplefilter("ignore")
@@ -225,6 +237,117 @@ def varied(args: argparse.Namespace) -> int:
     write_section(
         "bench_hf_padding", "Trailing padding dropped per batch (bench_hf.py --varied)", md
     )
+    return 0
+
+
+def _word(i: int) -> str:
+    """The ``i``-th made-up word: letters only, so WordPiece keeps it whole."""
+    letters = ""
+    i += 26 * 26  # at least three letters
+    while i:
+        i, r = divmod(i, 26)
+        letters += chr(ord("a") + r)
+    return letters
+
+
+def write_folder(root: Path, n_sentences: int, seed: int = 0) -> tuple[Path, Path]:
+    """The MiniLM-sized folder (sentence-transformers, mean pooling) and a sentence file."""
+    import json
+    import random
+
+    from transformers import BertTokenizerFast
+
+    folder, sentences = root / "minilm-random", root / "sentences.txt"
+    model = build(seed).model
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = [_word(i) for i in range(model.config.vocab_size - len(specials))]
+    if not (folder / "model.safetensors").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "vocab.txt").write_text("\n".join(specials + words) + "\n")
+        BertTokenizerFast.from_pretrained(str(folder)).save_pretrained(str(folder))
+        model.save_pretrained(str(folder))
+        modules = [{"idx": 1, "name": "1", "path": "1_Pooling", "type": "Pooling"}]
+        (folder / "modules.json").write_text(json.dumps(modules))
+        (folder / "1_Pooling").mkdir(exist_ok=True)
+        pooling = {"word_embedding_dimension": 384, "pooling_mode_mean_tokens": True}
+        (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    rng = random.Random(seed)
+    lines = (" ".join(rng.choices(words, k=rng.randint(6, 40))) for _ in range(n_sentences))
+    sentences.write_text("\n".join(lines) + "\n")
+    return folder, sentences
+
+
+def run_on_a_terminal(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int, str]:
+    """Run ``cmd`` with stderr on a pty: (wall s, longest stderr silence s, rc, stderr tail)."""
+    import pty
+    import subprocess
+
+    master, slave = pty.openpty()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=slave, env=env)
+    os.close(slave)
+    last, gap, chunks = t0, 0.0, []
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        now = time.perf_counter()
+        gap, last = max(gap, now - last), now
+        chunks.append(chunk)
+    proc.wait()
+    wall = time.perf_counter() - t0
+    os.close(master)
+    text = b"".join(chunks).decode("utf-8", "replace").replace("\r", "\n")
+    tail = "\n".join(line for line in text.splitlines() if line.strip())[-2000:]
+    return wall, max(gap, wall - (last - t0)), proc.returncode, tail
+
+
+def end_to_end(args: argparse.Namespace) -> int:
+    """Time ``qtcompress compress FOLDER --data sentences.txt`` as a user runs it."""
+    import json
+
+    warnings.simplefilter("ignore")
+    root = Path(__file__).resolve().parents[1] / "build" / "hf_e2e"
+    folder, sentences = write_folder(root, args.sentences)
+    out = root / "out"
+    threads = str(args.threads)
+    env = dict(os.environ, OMP_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads)
+    cmd = [sys.executable, "-m", "qtcompress", "compress", str(folder), "--data", str(sentences)]
+    cmd += ["-o", str(out), "--threads", threads]
+    wall, silence, rc, tail = run_on_a_terminal(cmd, env)
+    print(tail)
+    if rc != 0:
+        print(f"exit {rc}", file=sys.stderr)
+        return 1
+    summary = json.loads((out / "summary.json").read_text())
+    p1, p2, total = summary["fit_s"], summary["finetune_s"], summary["total_s"]
+    gen_bytes, weights_bytes = summary["generator_file_bytes"], summary["checkpoint_bytes"]
+    md = "\n".join(
+        [
+            f"Measured {machine()}; `python tools/bench_hf.py --end-to-end`, {threads} threads. "
+            f"The MiniLM-L6-sized BERT above with random weights saved as a sentence-transformers "
+            f"folder (mean pooling), a file of {args.sentences:,} made-up sentences of 6 to 40 "
+            "words, and the one command `qtcompress compress FOLDER --data sentences.txt` with "
+            "no other option, its stderr on a terminal. Fidelity on random weights says "
+            "little and is not reported.",
+            "",
+            "| | |",
+            "|---|---|",
+            f"| wall time, the whole command | {wall:.0f} s ({wall / 60:.1f} min) |",
+            f"| phase 1 / phase 2 / pipeline total (summary.json) | {p1:.0f} s / {p2:.0f} s / "
+            f"{total:.0f} s |",
+            f"| generator | {summary['generator_params']:,} parameters, "
+            f"{summary['n_qubits']} qubits x {summary['n_layers']} layers |",
+            f"| longest stderr silence | {silence:.0f} s |",
+            f"| weights / generator file bytes | {weights_bytes:,} / {gen_bytes:,} "
+            f"({weights_bytes / gen_bytes:.0f}x) |",
+        ]
+    )
+    print(md)
+    write_section("bench_hf_e2e", "The one command on a BERT folder (bench_hf.py --end-to-end)", md)
     return 0
 
 
