@@ -39,6 +39,7 @@ from suite import load_entry  # noqa: E402
 from qtcompress import QTConfig, compress, limits  # noqa: E402
 from qtcompress.generator.hashed import log2_qubits  # noqa: E402
 from qtcompress.qnn.backends import set_threads  # noqa: E402
+from qtcompress.train.lr_probe import LR_FACTORS  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "build" / "wide" / "runs.jsonl"
 BUDGET = 0.005
@@ -70,6 +71,7 @@ def run(
     seed: int,
     lr: float = LR,
     budget: float = BUDGET,
+    lr_probe: bool = False,
 ) -> dict[str, Any]:
     """Compress at ``budget``, fine-tune :data:`STEPS` steps, score on the test split."""
     entry = load_entry(model, log=lambda _s: None)
@@ -83,13 +85,14 @@ def run(
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     qt = compress(entry.model, config)
-    qt.finetune(entry.train_inputs, steps=STEPS, lr=lr, progress=False)
+    factors = LR_FACTORS if lr_probe else ()
+    fit = qt.finetune(entry.train_inputs, steps=STEPS, lr=lr, progress=False, lr_probe=factors)
     fid = qt.evaluate(entry.test_inputs, entry.test_labels)
     counts = qt.generator.parameter_counts()
     return {
         "model": model,
         "budget": budget,
-        "arm": arm if lr == LR else f"{arm}, lr {lr:g}",
+        "arm": (arm if lr == LR else f"{arm}, lr {lr:g}") + (", lr probe" if lr_probe else ""),
         "seed": seed,
         "lr": lr,
         "buckets": int(qt.generator.buckets),
@@ -99,6 +102,7 @@ def run(
         "headline": fid.headline,
         "metric": fid.headline_name,
         "seconds": round(time.perf_counter() - t0, 1),
+        "lr_tried": fit.lr_tried,
     }
 
 
@@ -160,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=LR, help=f"peak learning rate ({LR:g})")
     parser.add_argument("--budgets", nargs="+", type=float, default=[BUDGET])
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--lr-probe", action="store_true", help="pick the rate by trial fits")
     parser.add_argument("--write", action="store_true", help="write docs/benchmarks.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -171,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             for model in args.models:
                 for budget in args.budgets:
                     for arm, values, qubits in arms:
-                        row = run(model, arm, values, qubits, seed, args.lr, budget)
+                        row = run(model, arm, values, qubits, seed, args.lr, budget, args.lr_probe)
                         print(json.dumps(row), flush=True)
                         with OUT.open("a") as f:
                             f.write(json.dumps(row) + "\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -16,6 +17,7 @@ from qtcompress.data.sources import InputSource
 from qtcompress.errors import ConfigError
 from qtcompress.train.functional import FunctionalModel
 from qtcompress.train.loop import FitResult, LoopConfig, train_loop
+from qtcompress.train.lr_probe import probe_learning_rate
 from qtcompress.train.objectives import (
     Fidelity,
     check_kind,
@@ -100,6 +102,7 @@ def finetune(
     probe_size: int = 256,
     guard: bool = True,
     rollouts: Rollouts | None = None,
+    lr_probe: tuple[float, ...] = (),
     **loop_kwargs: Any,
 ) -> FitResult:
     """Phase 2: train the generator on a task through the model's own forward pass.
@@ -137,6 +140,10 @@ def finetune(
         rollouts: A stateful model's training streams: distil over rollouts of consecutive
             chunks on the student's own state (:class:`~qtcompress.train.streams.Rollouts`)
             instead of single teacher-forced chunks. Needs in-memory data.
+        lr_probe: Multiples of ``cfg.lr`` to try in short trial fits before the run
+            (:func:`~qtcompress.train.lr_probe.probe_learning_rate`); the best peak rate is
+            the run's (the trials are deterministic, so a resumed run picks the same). Empty:
+            ``cfg.lr`` as given.
         **loop_kwargs: Passed to :func:`train_loop`.
     """
     if mode not in ("supervised", "distill"):
@@ -278,7 +285,19 @@ def finetune(
         shown = ", ".join(map(str, rows[:8]))
         return f" (batch {j} of epoch {epoch}: examples {shown}{more})"
 
-    return train_loop(
+    tried: list[tuple[float, float]] = []
+    if len(lr_probe) > 1:
+        chosen = probe_learning_rate(
+            fmodel.generator,
+            loss_at,
+            cfg,
+            monitor,
+            factors=lr_probe,
+            extra_state=fmodel.buffers,
+            reset=own.clear,
+        )
+        cfg, tried = replace(cfg, lr=chosen.lr), chosen.tried
+    result = train_loop(
         fmodel.generator,
         loss_at,
         cfg,
@@ -289,6 +308,8 @@ def finetune(
         describe_step=describe_step,
         **loop_kwargs,
     )
+    result.lr_tried = tried
+    return result
 
 
 @torch.no_grad()

@@ -70,6 +70,8 @@ class FitResult:
         restarts: Collapses that the guard undid (best state restored, learning rate halved).
         skipped_steps: Steps (counted in ``steps``) whose gradient was NaN/Inf while the loss
             was finite: no update was made (see ``MAX_SKIPPED_SHARE``).
+        lr_tried: ``(peak rate, monitored value)`` of each trial that chose the rate (the
+            fine-tune's learning-rate probe); empty when the rate was given.
     """
 
     steps: int
@@ -82,6 +84,7 @@ class FitResult:
     elapsed_s: float = 0.0
     restarts: int = 0
     skipped_steps: int = 0
+    lr_tried: list[tuple[float, float]] = field(default_factory=list)
 
 
 @dataclass

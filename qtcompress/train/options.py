@@ -142,6 +142,8 @@ class FinetuneOptions(LoopOptions):
         probe_size: Examples in the fixed probe batch that picks the best state.
         guard: On a collapse (outputs turning constant), restore the best state and halve the
             learning rate.
+        lr_probe: Multiples of the peak rate tried in short trial fits first, the best kept
+            (:mod:`qtcompress.train.lr_probe`); ``()``: the rate as given.
     """
 
     steps: int = FINETUNE_STEPS
@@ -160,6 +162,7 @@ class FinetuneOptions(LoopOptions):
     labels_in_items: bool | str = False
     probe_size: int = 256
     guard: bool = True
+    lr_probe: tuple[float, ...] = ()
 
     def task_kwargs(self) -> dict[str, Any]:
         """The fine-tune's own keywords (what it learns from and how it is scored)."""
