@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from qtcompress import QTConfig, compress
+from qtcompress.errors import ConfigError
 from qtcompress.generator import weight_loss as losses
 from qtcompress.generator.weight_loss import (
     row_weight_loss,
@@ -20,7 +21,7 @@ from qtcompress.generator.weight_loss import (
     tensor_scales,
     weight_loss,
 )
-from qtcompress.train.loop import LoopConfig, make_adam
+from qtcompress.train.loop import LoopConfig, make_adam, train_loop
 from qtcompress.train.weight_fit import relative_errors
 
 
@@ -78,9 +79,10 @@ def test_relative_errors_match_the_concatenated_reference() -> None:
 
 def test_fused_adam_takes_the_same_steps_as_the_loop_to_rounding() -> None:
     torch.manual_seed(0)
-    params = [nn.Parameter(torch.randn(5, 7)), nn.Parameter(torch.randn(7))]
+    holder = nn.ParameterList([nn.Parameter(torch.randn(5, 7)), nn.Parameter(torch.randn(7))])
+    params = list(holder)
     twins = [nn.Parameter(p.detach().clone()) for p in params]
-    fused = make_adam(params, LoopConfig(steps=10, lr=1e-2))
+    fused = make_adam(holder, LoopConfig(steps=10, lr=1e-2))
     plain = torch.optim.Adam(twins, lr=1e-2)
     assert fused.defaults["fused"] is True
     for _ in range(10):
@@ -91,6 +93,31 @@ def test_fused_adam_takes_the_same_steps_as_the_loop_to_rounding() -> None:
         plain.step()
     for a, b in zip(params, twins, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_the_source_can_take_its_own_multiple_of_the_rate() -> None:
+    class Gen(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.source = nn.Linear(3, 2)  # e.g. a QNN's angles
+            self.affine = nn.Parameter(torch.ones(4))  # scales and exact vectors
+
+    gen = Gen()
+    one = make_adam(gen, LoopConfig(steps=10, lr=1e-2))
+    assert [len(g["params"]) for g in one.param_groups] == [3]
+    two = make_adam(gen, LoopConfig(steps=10, lr=1e-2, source_lr_factor=0.3))
+    assert [(len(g["params"]), g["factor"]) for g in two.param_groups] == [(1, 1.0), (2, 0.3)]
+    assert two.param_groups[1]["params"][0] is gen.source.weight
+    with pytest.raises(ConfigError, match="source_lr_factor must be positive and finite"):
+        LoopConfig(source_lr_factor=0.0)
+    # Adam's first step moves every parameter by its group's rate (the sign of its gradient).
+    before = {n: p.detach().clone() for n, p in gen.named_parameters()}
+    cfg = LoopConfig(steps=1, lr=1e-2, schedule="constant", source_lr_factor=0.3)
+    train_loop(gen, lambda _step: sum(p.sum() for p in gen.parameters()), cfg, progress=False)
+    for name, p in gen.named_parameters():
+        moved = (before[name] - p.detach()).abs()
+        want = 0.3e-2 if name.startswith("source.") else 1e-2
+        torch.testing.assert_close(moved, torch.full_like(moved, want), rtol=1e-3, atol=1e-7)
 
 
 @pytest.mark.parametrize("shape", [(600, 500), (500, 600)])

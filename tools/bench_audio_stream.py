@@ -215,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--generator-seed", type=int, default=None, help="QTConfig seed of every arm (default 0)"
     )
+    ap.add_argument("--lr", type=float, default=None, help="peak rate (default: the scheme's)")
+    ap.add_argument(
+        "--source-lr-factor", type=float, default=1.0, help="the shared values' rate multiple"
+    )
     ap.add_argument("--out", type=Path, default=CACHE / "runs.jsonl")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -289,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.generator_seed is not None:
             config = dataclasses.replace(config, seed=args.generator_seed)
             name = f"{name}, generator seed {args.generator_seed}"
+        if args.lr is not None:
+            name = f"{name}, lr {args.lr:g}"
+        if args.source_lr_factor != 1.0:
+            name = f"{name}, source lr x{args.source_lr_factor:g}"
         t0 = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -316,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
                 progress=False,
                 rollouts=Rollouts(LINK, ids_fit, length, **options),
                 restore_best=restore,
+                lr=args.lr,
+                source_lr_factor=args.source_lr_factor,
             )
             t_tune = time.perf_counter() - t1
         with torch.no_grad():

@@ -72,6 +72,7 @@ def run(
     lr: float = LR,
     budget: float = BUDGET,
     lr_probe: bool = False,
+    source_lr_factor: float = 1.0,
 ) -> dict[str, Any]:
     """Compress at ``budget``, fine-tune :data:`STEPS` steps, score on the test split."""
     entry = load_entry(model, log=lambda _s: None)
@@ -86,13 +87,22 @@ def run(
     torch.manual_seed(seed)
     qt = compress(entry.model, config)
     factors = LR_FACTORS if lr_probe else ()
-    fit = qt.finetune(entry.train_inputs, steps=STEPS, lr=lr, progress=False, lr_probe=factors)
+    fit = qt.finetune(
+        entry.train_inputs,
+        steps=STEPS,
+        lr=lr,
+        progress=False,
+        lr_probe=factors,
+        source_lr_factor=source_lr_factor,
+    )
     fid = qt.evaluate(entry.test_inputs, entry.test_labels)
     counts = qt.generator.parameter_counts()
     return {
         "model": model,
         "budget": budget,
-        "arm": (arm if lr == LR else f"{arm}, lr {lr:g}") + (", lr probe" if lr_probe else ""),
+        "arm": (arm if lr == LR else f"{arm}, lr {lr:g}")
+        + (f", source lr x{source_lr_factor:g}" if source_lr_factor != 1.0 else "")
+        + (", lr probe" if lr_probe else ""),
         "seed": seed,
         "lr": lr,
         "buckets": int(qt.generator.buckets),
@@ -122,6 +132,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         r.setdefault("budget", BUDGET)  # rows from before the budgets option
+    # A rerun of the same arm and seed replaces the earlier row (the runs are deterministic).
+    rows = list({(r["model"], r["budget"], r["arm"], r["seed"]): r for r in rows}.values())
     models = list(dict.fromkeys(r["model"] for r in rows))  # in the order first run
     groups = sorted(
         {(r["model"], r["budget"]) for r in rows}, key=lambda g: (models.index(g[0]), g[1])
@@ -165,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", nargs="+", type=float, default=[BUDGET])
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--lr-probe", action="store_true", help="pick the rate by trial fits")
+    parser.add_argument(
+        "--source-lr-factor", type=float, default=1.0, help="the shared values' rate multiple"
+    )
     parser.add_argument("--write", action="store_true", help="write docs/benchmarks.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -176,7 +191,17 @@ def main(argv: list[str] | None = None) -> int:
             for model in args.models:
                 for budget in args.budgets:
                     for arm, values, qubits in arms:
-                        row = run(model, arm, values, qubits, seed, args.lr, budget, args.lr_probe)
+                        row = run(
+                            model,
+                            arm,
+                            values,
+                            qubits,
+                            seed,
+                            args.lr,
+                            budget,
+                            args.lr_probe,
+                            args.source_lr_factor,
+                        )
                         print(json.dumps(row), flush=True)
                         with OUT.open("a") as f:
                             f.write(json.dumps(row) + "\n")

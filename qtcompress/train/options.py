@@ -60,6 +60,8 @@ class LoopOptions:
         restore_best: End at the best monitored state.
         grad_clip: Largest global gradient norm; ``None``: no clipping.
         seed: Seeds the mini-batch order; ``None``: the generator config's seed.
+        source_lr_factor: Multiplier of the rate for the hashed scheme's shared values (the
+            QNN's angles); the scales and exact vectors keep the rate.
         checkpoint_path: File for periodic checkpoints (written atomically).
         checkpoint_every: Steps between checkpoints.
         resume: Continue from ``checkpoint_path`` when it exists and matches these options.
@@ -79,6 +81,7 @@ class LoopOptions:
     restore_best: bool = True
     grad_clip: float | None = None
     seed: int | None = None
+    source_lr_factor: float = 1.0
     checkpoint_path: str | os.PathLike[str] | None = None
     checkpoint_every: int = 50
     resume: bool = True
