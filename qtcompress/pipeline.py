@@ -88,7 +88,8 @@ class PipelineSettings:
             stays on the CPU simulator, and export and latency run on the CPU.
         progress: Show progress bars.
         report: Also write plots and a Markdown report (needs matplotlib).
-        latency_repeats: Timed runs per latency figure.
+        latency_repeats: Timed runs per latency figure (fewer, at least 3, once the figure's
+            runs have taken ``LATENCY_BUDGET_S``).
         storage: How the generator file stores the generator's parameters: ``"auto"`` (the
             smallest of int8, float16, float32 whose rounded generator keeps the fine-tuned
             fidelity within :data:`STORAGE_TOLERANCE`), or one of them.
@@ -200,10 +201,16 @@ def choose_storage(
     return note, fidelity
 
 
+# Seconds of timed runs after which a latency figure stops repeating (at least 3 runs).
+LATENCY_BUDGET_S = 2.0
+
+
 def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
     fn()  # warm-up
-    times = []
-    for _ in range(repeats):
+    times: list[float] = []
+    # Fewer runs once the figure has taken LATENCY_BUDGET_S: 50 runs of a 22.7M BERT at batch
+    # 64 were half a minute of an otherwise finished command.
+    while len(times) < repeats and (len(times) < 3 or sum(times) < LATENCY_BUDGET_S):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -688,8 +695,10 @@ def run_pipeline(
     onnx_path = out / f"{name}.onnx"
     record = OutputRecord(out, {"generator": gen_path, "onnx": onnx_path})
     with record:
+        log("exporting the ONNX graph")
         # One export serves both files: the generator file keeps its weightless skeleton.
         proto = to_onnx_proto(student, example, input_names=input_names, dynamic_axes=dynamic_axes)
+        log(f"writing {gen_path.name}")
         save_generator(
             qt,
             gen_path,
@@ -702,6 +711,7 @@ def run_pipeline(
             storage=qt.storage,
         )
         record.wrote("generator")
+        log(f"writing {onnx_path.name} and checking it with onnxruntime")
         export = export_onnx(
             student,
             example,
@@ -711,6 +721,7 @@ def run_pipeline(
             exported=proto,
         )
         record.wrote("onnx")
+        log("timing torch against onnxruntime")
         torch_ms, onnx_ms = _latencies(student, onnx_path, test, settings.latency_repeats, layout)
         written = Written(student, export, torch_ms, onnx_ms, gen_path, onnx_path)
         return _finish(

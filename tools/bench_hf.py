@@ -295,7 +295,7 @@ def run_on_a_terminal(cmd: list[str], env: dict[str, str]) -> tuple[float, float
     # stdout (the summary table) is not read: summary.json holds the same figures.
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=slave, env=env)
     os.close(slave)
-    last, gap, chunks = t0, 0.0, []
+    last, gap, chunks, before = t0, 0.0, [], ""
     while True:
         try:
             chunk = os.read(master, 4096)
@@ -304,8 +304,12 @@ def run_on_a_terminal(cmd: list[str], env: dict[str, str]) -> tuple[float, float
         if not chunk:
             break
         now = time.perf_counter()
+        if now - last > gap:  # the longest silence so far: say what came before it
+            said = b"".join(chunks[-4:]).decode("utf-8", "replace").replace("\r", "\n")
+            before = ([line for line in said.splitlines() if line.strip()] or [""])[-1]
         gap, last = max(gap, now - last), now
         chunks.append(chunk)
+    print(f"longest silence {gap:.0f} s, after: {before.strip()[:160]}")
     proc.wait()
     wall = time.perf_counter() - t0
     os.close(master)

@@ -381,8 +381,12 @@ def _run_and_print(
     from qtcompress.pipeline import run_pipeline
     from qtcompress.summary import format_summary
 
+    settings = _settings_from_args(args)
+
     def log(line: str) -> None:
-        if args.verbose and not args.json:
+        # On a terminal the stage lines come with the progress bars: the stages between the
+        # bars (measuring, export, checks) otherwise leave a large model's user a silent minute.
+        if (args.verbose or settings.progress) and not args.json:
             print(line, file=sys.stderr)
 
     result = run_pipeline(
@@ -391,7 +395,7 @@ def _run_and_print(
         data,
         args.output,
         name=name,
-        settings=_settings_from_args(args),
+        settings=settings,
         checkpoint_bytes=checkpoint_bytes,
         model_info=model_info,
         log=log,

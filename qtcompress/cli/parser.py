@@ -359,7 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
         out.add_argument("--json", action="store_true", help="print the summary as JSON")
         out.add_argument("--no-progress", action="store_true", help="hide progress bars")
         out.add_argument(
-            "-v", "--verbose", action="store_true", help="print one line per stage on stderr"
+            "-v",
+            "--verbose",
+            action="store_true",
+            help="print one line per stage on stderr (on a terminal: always, with the bars)",
         )
 
     compress_cmd = sub.add_parser(
