@@ -13,6 +13,7 @@ import random
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -436,25 +437,29 @@ def test_pooling_leaves_padding_out_and_keeps_the_signature(bert_dir):
         pooled(model, "sum")
 
 
+def _padded_pair(folder: Path) -> dict:
+    """Two sentences padded as the text loader pads: to the data set's longest (24 tokens)."""
+    tok = load_hf_tokenizer(folder)
+    texts = ["the cat sat", "a big red house"]
+    return dict(tok(texts, padding="max_length", max_length=24, return_tensors="pt"))
+
+
+def _widths_seen(model: torch.nn.Module) -> tuple[list[int], Any]:
+    """The token widths ``model`` is called with, recorded until the returned hook is removed."""
+    seen: list[int] = []
+    hook = model.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.append(kw["input_ids"].shape[1]), with_kwargs=True
+    )
+    return seen, hook
+
+
 @needs_hf
 def test_per_example_pooling_runs_the_model_without_the_batchs_trailing_padding(bert_dir):
     from qtcompress.data.pooling import trim_padding
 
     model, _ = load_hf_folder(bert_dir)
-    tok = load_hf_tokenizer(bert_dir)
-    # Padded as the text loader pads: to the longest example of the data set, not the batch.
-    enc = dict(
-        tok(
-            ["the cat sat", "a big red house"],
-            padding="max_length",
-            max_length=24,
-            return_tensors="pt",
-        )
-    )
-    seen: list[int] = []
-    hook = model.register_forward_pre_hook(
-        lambda _m, _a, kw: seen.append(kw["input_ids"].shape[1]), with_kwargs=True
-    )
+    enc = _padded_pair(bert_dir)
+    seen, hook = _widths_seen(model)
     mean = pooled(model, "mean")
     with torch.no_grad():
         got = mean(**enc)
@@ -490,14 +495,7 @@ def test_per_example_logits_drop_trailing_padding_and_token_outputs_keep_it(
 
     classifier, _ = load_hf_folder(classifier_dir)
     base, _ = load_hf_folder(bert_dir)
-    enc = dict(
-        load_hf_tokenizer(bert_dir)(
-            ["the cat sat", "a big red house"],
-            padding="max_length",
-            max_length=24,
-            return_tensors="pt",
-        )
-    )
+    enc = _padded_pair(bert_dir)
     with torch.no_grad():
         logits = select_output(classifier(**enc))
         hidden = select_output(base(**enc))
@@ -506,10 +504,7 @@ def test_per_example_logits_drop_trailing_padding_and_token_outputs_keep_it(
     assert not per_example_output(base, hidden, enc)  # token states: the width is the mask's
     assert not per_example_output(base, hidden[..., 0], enc)  # per-token scores, (batch, tokens)
     assert not per_example_output(classifier, logits, {"input_ids": enc["input_ids"]})  # no mask
-    seen: list[int] = []
-    hook = classifier.register_forward_pre_hook(
-        lambda _m, _a, kw: seen.append(kw["input_ids"].shape[1]), with_kwargs=True
-    )
+    seen, hook = _widths_seen(classifier)
     view = pooled(classifier, "none", trim=True)
     with torch.no_grad():
         got = view(**enc)
