@@ -143,7 +143,7 @@ def finetune(
         lr_probe: Multiples of ``cfg.lr`` to try in short trial fits before the run
             (:func:`~qtcompress.train.lr_probe.probe_learning_rate`); the best peak rate is
             the run's (the trials are deterministic, so a resumed run picks the same). Empty:
-            ``cfg.lr`` as given.
+            ``cfg.lr`` as given; one multiple: that rate, no trials.
         **loop_kwargs: Passed to :func:`train_loop`.
     """
     if mode not in ("supervised", "distill"):
@@ -286,7 +286,7 @@ def finetune(
         return f" (batch {j} of epoch {epoch}: examples {shown}{more})"
 
     tried: list[tuple[float, float]] = []
-    if len(lr_probe) > 1:
+    if lr_probe:
         chosen = probe_learning_rate(
             fmodel.generator,
             loss_at,
