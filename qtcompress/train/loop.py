@@ -171,6 +171,24 @@ def _all_finite(tensors: Any) -> bool:
     return all(all_finite(t) for t in tensors if t is not None)
 
 
+def copy_state(generator: nn.Module, extra: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """A copy of the generator's state and of the tensors the loss updates in place."""
+    return {
+        "generator": copy.deepcopy(generator.state_dict()),
+        "extra": {k: v.detach().clone() for k, v in extra.items()},
+    }
+
+
+def restore_state(
+    generator: nn.Module, extra: Mapping[str, torch.Tensor], state: dict[str, Any]
+) -> None:
+    """Put back what :func:`copy_state` copied (``extra`` in place)."""
+    generator.load_state_dict(state["generator"])
+    with torch.no_grad():
+        for k, v in extra.items():
+            v.copy_(state["extra"][k])
+
+
 def make_adam(generator: nn.Module, cfg: LoopConfig) -> torch.optim.Adam:
     """Adam over the generator's trainable parameters, fused where torch has the kernel.
 
@@ -258,16 +276,10 @@ def train_loop(
     extra = dict(extra_state or {})
 
     def full_state() -> dict[str, Any]:
-        return {
-            "generator": copy.deepcopy(generator.state_dict()),
-            "extra": {k: v.detach().clone() for k, v in extra.items()},
-        }
+        return copy_state(generator, extra)
 
     def load_full(state: dict[str, Any]) -> None:
-        generator.load_state_dict(state["generator"])
-        with torch.no_grad():
-            for k, v in extra.items():
-                v.copy_(state["extra"][k])
+        restore_state(generator, extra, state)
 
     best_state = full_state()
     resumed_from = None

@@ -10,7 +10,6 @@ generator back exactly as it was and returns the best rate.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -19,7 +18,7 @@ import torch
 
 from qtcompress.errors import NonFiniteError
 from qtcompress.generator import AnyGenerator
-from qtcompress.train.loop import LoopConfig, train_loop
+from qtcompress.train.loop import LoopConfig, copy_state, restore_state, train_loop
 
 # Candidate rates as multiples of the scheme's default, and each trial's share of the run.
 LR_FACTORS: tuple[float, ...] = (0.3, 1.0, 3.0)
@@ -83,8 +82,8 @@ def probe_learning_rate(
         patience=None,
         restore_best=False,
     )
-    start = copy.deepcopy(generator.state_dict())
-    extra = {k: v.detach().clone() for k, v in (extra_state or {}).items()}
+    extra = extra_state or {}
+    start = copy_state(generator, extra)
     tried: list[tuple[float, float]] = []
     for factor in factors:
         lr = cfg.lr * factor
@@ -100,10 +99,7 @@ def probe_learning_rate(
         except NonFiniteError:  # this rate blew up: it is not the one
             value = math.inf
         tried.append((lr, value if math.isfinite(value) else math.inf))
-        generator.load_state_dict(start)
-        with torch.no_grad():
-            for k, v in (extra_state or {}).items():
-                v.copy_(extra[k])
+        restore_state(generator, extra, start)
         if reset is not None:
             reset()
     best = min(range(len(tried)), key=lambda i: tried[i][1])
