@@ -120,6 +120,22 @@ ARMS: tuple[tuple[str, QTConfig, int, bool, dict[str, float]], ...] = (
     ),
     ("hashed QNN 0.5% (default), rollouts 8, all own", QTConfig(), 8, True, {"own_share": 1.0}),
     ("hashed QNN 0.5% (default), rollouts 16, half own", QTConfig(), 16, True, {"own_share": 0.5}),
+    # Where the free-running error comes from: the recurrent matrix (15% of M) or the whole
+    # LSTM cell (30%) kept as the original's, the rest generated as in the default arm.
+    (
+        "hashed QNN 0.5% (default), rollouts 8, half own, cell.weight_hh not generated",
+        QTConfig(exclude=("cell.weight_hh",)),
+        8,
+        True,
+        {"own_share": 0.5},
+    ),
+    (
+        "hashed QNN 0.5% (default), rollouts 8, half own, cell not generated",
+        QTConfig(exclude=("cell",)),
+        8,
+        True,
+        {"own_share": 0.5},
+    ),
 )
 
 

@@ -107,13 +107,23 @@ def measure(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) 
 
 
 def run_one(
-    entry: Any, budget: str, seed: int, steps: int, fit_steps: int, keep: Path | None
+    entry: Any,
+    budget: str,
+    seed: int,
+    steps: int,
+    fit_steps: int,
+    keep: Path | None,
+    lr: float | None = None,
 ) -> dict[str, Any]:
     """One pipeline run, measured on the held-out lines through the exported ONNX graph."""
     empty = torch.empty(0, dtype=torch.int64)  # distillation only: the labels stay here
     data = Split(entry.train_inputs, empty, entry.test_inputs, empty)
     settings = PipelineSettings(
-        output_kind="ctc", fit_steps=fit_steps, finetune_steps=steps, latency_repeats=1
+        output_kind="ctc",
+        fit_steps=fit_steps,
+        finetune_steps=steps,
+        finetune_lr=lr,
+        latency_repeats=1,
     )
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -142,6 +152,7 @@ def run_one(
         "scheme": r.scheme,
         "budget_resolved": r.budget,
         "finetune_steps": steps,
+        "finetune_lr": lr,  # None: the scheme's default
         "fit_steps": fit_steps,
         "weights": r.generated_weights,
         "original_params": r.original_params,
@@ -214,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=1500, help="phase-2 (distillation) steps")
     ap.add_argument("--fit-steps", type=int, default=100, help="phase-1 steps")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--lr", type=float, default=None, help="phase-2 peak rate (the scheme's)")
     ap.add_argument("--out", type=Path, default=OUT / "runs.jsonl", help="JSON lines, appended")
     ap.add_argument("--keep", type=Path, default=None, help="keep each run's files under here")
     args = ap.parse_args(argv)
@@ -230,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
         for budget in args.budgets.split(","):
-            row = run_one(entry, budget, seed, args.steps, args.fit_steps, args.keep)
+            row = run_one(entry, budget, seed, args.steps, args.fit_steps, args.keep, args.lr)
             rows.append(row)
             with args.out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -243,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"Measured {machine()}; torch threads {args.threads}; `python tools/bench_ctc.py "
         f"--budgets {args.budgets} --seeds {args.seeds} --steps {args.steps} --fit-steps "
-        f"{args.fit_steps}`; {len(entry.test_labels):,} held-out lines, student = the exported "
+        f"{args.fit_steps}{f' --lr {args.lr}' if args.lr else ''}`; "
+        f"{len(entry.test_labels):,} held-out lines, student = the exported "
         "ONNX graph through onnxruntime."
     )
     print()
