@@ -224,7 +224,8 @@ class QTModel:
             labels: Labels aligned with ``data`` (needed for ``mode="supervised"`` unless the
                 data's items carry them).
             options: :class:`~qtcompress.train.options.FinetuneOptions`; ``None``: the
-                defaults (1,500 steps at the scheme's learning rate, batch 64, distillation).
+                defaults (1,500 steps at the scheme's learning rate for this model:
+                :meth:`default_finetune_lr`; batch 64, distillation).
             rollouts: A stateful model's training streams: distil over rollouts on the
                 student's own state (:class:`~qtcompress.train.streams.Rollouts`).
             **overrides: Any :class:`FinetuneOptions` field by name (``steps``, ``lr``,
@@ -233,10 +234,8 @@ class QTModel:
         """
         opts = with_overrides(options or FinetuneOptions(), overrides, "finetune()")
         data = self.functional.layout.to_front(data)  # batch-first from here on
-        if opts.lr is None:  # the scheme's own default
-            from qtcompress.generator.registry import get_scheme
-
-            opts = replace(opts, lr=get_scheme(self.config.scheme).finetune_lr)
+        if opts.lr is None:  # the scheme's own default for this model
+            opts = replace(opts, lr=self.default_finetune_lr(rollouts is not None)[0])
         assert opts.lr is not None
         cfg = opts.loop_config(seed=self.config.seed, lr=opts.lr)
         if type(self.generator).revive is not Generator.revive:  # the scheme can revive one
@@ -310,6 +309,18 @@ class QTModel:
         are only approximately reproduced. The generator itself is unchanged.
         """
         self.functional.recalibrate(inputs, batch_size)
+
+    def default_finetune_lr(self, stateful: bool = False) -> tuple[float, str]:
+        """Phase 2's peak rate when none is given, and why: the scheme's, lower if recurrent.
+
+        A model with a recurrent layer (``nn.LSTM``, ``nn.LSTMCell``, ...), or a ``stateful``
+        one (distilled over rollouts of its carried state), gets the scheme's ``recurrent_lr``
+        where it registers one (the hashed scheme: 3e-3 against 1e-2).
+        """
+        from qtcompress.generator.registry import get_scheme
+
+        scheme = get_scheme(self.config.scheme)
+        return scheme.default_lr(self.functional.module, stateful)
 
     def teacher(self, *args: Any, **kwargs: Any) -> Any:
         """Run the model with its original weights."""

@@ -70,8 +70,9 @@ class PipelineSettings:
         fit_steps: Phase-1 steps (reproduce the pretrained weights); 0 skips phase 1.
         fit_lr: Phase-1 peak learning rate.
         finetune_steps: Phase-2 steps (one mini-batch each); 0 skips phase 2.
-        finetune_lr: Phase-2 peak learning rate; ``None``: the scheme's default (3e-3 for the
-            rows and flat schemes, 1e-2 for the hashed scheme).
+        finetune_lr: Phase-2 peak learning rate; ``None``: the scheme's default for the model
+            (3e-3 for the rows and flat schemes; 1e-2 for the hashed scheme, 3e-3 where the
+            model has a recurrent layer: :meth:`QTModel.default_finetune_lr`).
         mode: ``"distill"`` (teacher = the original model) or ``"supervised"`` (labels).
         batch_size: Phase-2 mini-batch size.
         distill: Distillation loss (``kl``, ``bce``, ``cosine``, ``mse``); ``None``: the one for
@@ -275,6 +276,8 @@ class Trained:
     skipped_steps: int
     storage_note: str
     unspent: str = ""  # the budget the generator could not use, said in the summary
+    lr: float | None = None  # phase 2's peak rate (None: no phase 2)
+    lr_reason: str = ""
 
 
 def train_generator(
@@ -330,14 +333,18 @@ def train_generator(
     phase1_error = qt.weight_errors()["_total"]
     fid1 = evaluate()
     log(f"phase 1: relative weight error {phase1_error:.3f}; {fid1.describe()}")
+    lr, lr_reason = settings.finetune_lr, "given"
     if settings.finetune_steps > 0:
+        if lr is None:
+            lr, lr_reason = qt.default_finetune_lr(rollouts is not None)
+            log(f"phase 2 learning rate {lr:g}: {lr_reason}")
         r2 = qt.finetune(
             train,
             None,
             FinetuneOptions(
                 mode=settings.mode,
                 steps=settings.finetune_steps,
-                lr=settings.finetune_lr,
+                lr=lr,
                 batch_size=settings.batch_size,
                 distill=settings.distill,
                 output=settings.output,
@@ -365,6 +372,8 @@ def train_generator(
         skipped,
         storage_note,
         unspent,
+        lr if settings.finetune_steps > 0 else None,
+        lr_reason,
     )
 
 
@@ -798,6 +807,8 @@ def _finish(
         total_s=0.0,
         files=files,
         histories=trained.histories,
+        finetune_lr=trained.lr,
+        finetune_lr_reason=trained.lr_reason,
         storage=qt.storage,
         storage_note=trained.storage_note,
         search=measured.search,

@@ -57,6 +57,8 @@ class PipelineResult:
     state_link: str | None = None
     fidelity_free_running: dict[str, Any] | None = None
     basis_state: str = ""
+    finetune_lr: float | None = None  # phase 2's peak rate (None: no phase 2)
+    finetune_lr_reason: str = ""  # where it came from: given, or the default for this model
 
 
 def shape_of(qt: QTModel) -> str:
@@ -125,6 +127,8 @@ def summary_rows(r: PipelineResult) -> dict[str, str]:
         rows["budget search (validation)"] = tried
     for i, w in enumerate(r.warnings):
         rows[f"WARNING {i + 1}"] = w
+    if r.finetune_lr is not None:
+        rows["phase 2 learning rate"] = f"{r.finetune_lr:g} ({r.finetune_lr_reason})"
     rows["time: phase 1 / phase 2 / total"] = (
         f"{r.fit_s:.1f} s / {r.finetune_s:.1f} s / {r.total_s:.1f} s"
     )

@@ -208,3 +208,23 @@ def test_a_budget_the_generator_cannot_spend_is_said():
     assert any(line.startswith("note: the generator uses") for line in logged)
     small = train_generator(model, QTConfig(), x, x, settings, logged.append)
     assert small.unspent == ""  # the default budget is spent
+
+
+def test_recurrent_models_get_the_hashed_schemes_lower_default_rate():
+    from qtcompress.generator.registry import get_scheme, recurrent_layers
+    from tests.tiny_models import StatefulCell, TinyGRU, TinyLSTM, TinyMLP
+
+    hashed, rows = get_scheme("hashed"), get_scheme("rows")
+    assert list(recurrent_layers(TinyLSTM())) == ["lstm"] and not recurrent_layers(TinyMLP())
+    assert hashed.default_lr(TinyMLP()) == (1e-2, "the hashed scheme's default")
+    assert hashed.default_lr(TinyMLP(), stateful=True)[0] == 3e-3
+    for model, kind in ((TinyLSTM(), "LSTM"), (TinyGRU(), "GRU"), (StatefulCell(), "LSTMCell")):
+        lr, why = hashed.default_lr(model)
+        assert lr == 3e-3 and why == f"the hashed scheme's rate for a recurrent model ({kind})"
+        assert rows.default_lr(model) == (rows.finetune_lr, "the rows scheme's default")
+    # The model as compressed answers the same, and a fine-tune without a rate uses it.
+    qt = compress(TinyGRU(), QTConfig(scheme="hashed", budget=0.5))
+    assert qt.default_finetune_lr() == hashed.default_lr(TinyGRU())
+    x = torch.randn(16, 5, 4)
+    assert qt.finetune(x, steps=2, batch_size=8, progress=False).lr == 3e-3
+    assert qt.finetune(x, steps=2, batch_size=8, lr=1e-3, progress=False).lr == 1e-3

@@ -144,6 +144,12 @@ def test_the_pipeline_reports_free_running_fidelity_as_the_headline(tmp_path):
     assert any("distilling over rollouts of 4 chunks" in line for line in logged)
     assert r.fidelity_free_running is not None and r.fidelity_free_running["n"] == 120
     assert r.fidelity_free_running != r.fidelity_finetuned  # measured separately
+    # Its recurrence is two Linear layers, but the carried state makes it recurrent: the
+    # hashed scheme's lower rate for recurrent models, said in the log and the summary.
+    assert r.finetune_lr == 3e-3 and r.finetune_lr_reason.endswith("(carried state)")
+    assert "phase 2 learning rate 0.003: the hashed scheme's rate for a recurrent" in "".join(
+        logged
+    )
     # Without streams, the summary says its fidelity is teacher-forced and how to fix that.
     plain = dataclasses.replace(data, stream_test=None)
     r = run_pipeline(model, QTConfig(), plain, tmp_path / "out2", settings=settings)

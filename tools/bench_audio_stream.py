@@ -60,7 +60,6 @@ from benchdoc import machine  # noqa: E402
 
 from qtcompress import QTConfig, compress  # noqa: E402
 from qtcompress.data.batch import Batch  # noqa: E402
-from qtcompress.generator.registry import get_scheme  # noqa: E402
 from qtcompress.train.objectives import Fidelity, measure_fidelity  # noqa: E402
 from qtcompress.train.streams import (  # noqa: E402
     Rollouts,
@@ -358,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             "restore_best": restore,
             "fit_steps": args.fit_steps,
             "finetune_steps": args.steps,
-            "finetune_lr": get_scheme(qt.config.scheme).finetune_lr,
+            "finetune_lr": r2.lr,  # the rate it ran at (the default: 3e-3, an LSTMCell)
             "generated_weights": rep.generated_weights,
             "generator_params": rep.trainable,
             "generator_ratio": rep.ratio,

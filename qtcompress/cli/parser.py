@@ -252,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
             type=float,
             default=None,
             help="phase-2 peak learning rate (default: the scheme's, 3e-3 for rows and flat, "
-            "1e-2 for hashed; with warm-up, clipping and a collapse guard)",
+            "1e-2 for hashed or 3e-3 on a model with an RNN/LSTM/GRU layer; with warm-up, "
+            "clipping and a collapse guard)",
         )
         fit.add_argument(
             "--mode",

@@ -72,6 +72,7 @@ class FitResult:
             was finite: no update was made (see ``MAX_SKIPPED_SHARE``).
         lr_tried: ``(peak rate, monitored value)`` of each trial that chose the rate (the
             fine-tune's learning-rate probe); empty when the rate was given.
+        lr: The peak learning rate the fit ran at (before any collapse-guard halving).
     """
 
     steps: int
@@ -85,6 +86,7 @@ class FitResult:
     restarts: int = 0
     skipped_steps: int = 0
     lr_tried: list[tuple[float, float]] = field(default_factory=list)
+    lr: float = math.nan
 
 
 @dataclass
@@ -450,4 +452,5 @@ def train_loop(
         time.perf_counter() - t0,
         restarts,
         skipped,
+        lr=cfg.lr,
     )
