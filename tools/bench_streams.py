@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--arms", nargs="+", type=int, help="indices into ARMS")
+    ap.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (1e-2)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     entry = load_entry("rnn", log=lambda _s: None)
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                     if rollout == "rollouts"
                     else {}
                 )
-            qt.finetune(x_fit, steps=args.steps, lr=1e-2, progress=False, **extra)
+            qt.finetune(x_fit, steps=args.steps, lr=args.lr, progress=False, **extra)
         student = partial(qt.functional, generated=qt.generator.generate_named())
 
         for layout, (batch, ids) in data.items():
@@ -171,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         "steps on the training digits (single chunks with the original's state; rollouts of "
         "both chunks on the student's own state; or chained rollouts: rollouts of "
         f"{CHAINED_ROLLOUT} chunks along the training digits read as one stream, starting from "
-        'the original\'s carried state), learning rate 1e-2, seed 0. "+ state": the rollout '
-        "loss also pulls the student's carried state towards the original's (mean squared "
+        f'the original\'s carried state), learning rate {args.lr:g}, seed 0. "+ state": the '
+        "rollout loss also pulls the student's carried state towards the original's (mean squared "
         'error over the original\'s mean square, weight 1); "half own": half the rollouts start '
         "from the student's own free-running state on the training streams (refreshed every 50 "
         "steps), the targets still the original's outputs. "
