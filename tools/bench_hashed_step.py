@@ -38,9 +38,24 @@ from qtcompress.qnn.backends import set_threads  # noqa: E402
 from qtcompress.train.objectives import distill_loss  # noqa: E402
 
 
-def stepper(entry, values: str):  # noqa: ANN001, ANN201 - a benchmark-local closure
-    """One distillation step of a fresh 0.5% hashed generator, as a zero-argument callable."""
-    qt = compress(entry.model, QTConfig(scheme="hashed", budget=0.005, values=values))
+def stepper(entry, values: str, max_layers: int | None = None):  # noqa: ANN001, ANN201
+    """One distillation step of a fresh 0.5% hashed generator, as a zero-argument callable.
+
+    ``max_layers`` caps the QNN's depth on its default register (the rest of the budget
+    unspent).
+    """
+    config = QTConfig(scheme="hashed", budget=0.005, values=values)
+    if max_layers is not None:
+        resolved = compress(entry.model, config).config
+        assert resolved.n_layers is not None
+        config = QTConfig(
+            scheme="hashed",
+            budget=0.005,
+            values=values,
+            n_qubits=resolved.n_qubits,
+            n_layers=min(max_layers, resolved.n_layers),
+        )
+    qt = compress(entry.model, config)
     batch = InputSource.of(entry.train_inputs).head(64)
     with torch.no_grad():
         goal = batch.call(qt.teacher)
@@ -87,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument(
+        "--max-layers", type=int, default=None, help="also time a QNN capped at this depth"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     set_threads(args.threads)
@@ -95,33 +113,44 @@ def main(argv: list[str] | None = None) -> int:
         entry = load_entry(name, log=lambda _s: None)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            qt, qnn_step = stepper(entry, "qnn")
+            qnns = [stepper(entry, "qnn")]
+            if args.max_layers is not None:
+                qnns.append(stepper(entry, "qnn", args.max_layers))
             _, table_step = stepper(entry, "table")
-        qnn_step(), table_step()  # warm-up
-        q, t = [], []
+        for _, step in qnns:
+            step()  # warm-up
+        table_step()
+        q: list[list[float]] = [[] for _ in qnns]
+        t = []
         for _ in range(args.rounds):  # interleaved rounds
-            q.append(timed(qnn_step, args.repeats))
+            for times, (_, step) in zip(q, qnns, strict=True):
+                times.append(timed(step, args.repeats))
             t.append(timed(table_step, args.repeats))
-        qnn_only = timed(partial(qnn_alone, qt.generator.source), args.repeats * args.rounds)
-        rows.append(
-            (
-                name,
-                qt.config.n_qubits,
-                qt.config.n_layers,
-                statistics.median(q),
-                statistics.median(t),
-                qnn_only,
+        for times, (qt, _) in zip(q, qnns, strict=True):
+            alone = timed(partial(qnn_alone, qt.generator.source), args.repeats * args.rounds)
+            rows.append(
+                (
+                    name,
+                    qt.config.n_qubits,
+                    qt.config.n_layers,
+                    statistics.median(times),
+                    statistics.median(t),
+                    alone,
+                )
             )
-        )
-        r = rows[-1]
-        print(
-            f"{name}: qnn step {r[3] * 1e3:.1f} ms, table step {r[4] * 1e3:.1f} ms, ratio "
-            f"{r[3] / r[4]:.2f}x; QNN forward + gradient alone {r[5] * 1e3:.1f} ms",
-            flush=True,
-        )
+            r = rows[-1]
+            print(
+                f"{name} {r[1]} x {r[2]}: qnn step {r[3] * 1e3:.1f} ms, table step "
+                f"{r[4] * 1e3:.1f} ms, ratio {r[3] / r[4]:.2f}x; QNN forward + gradient alone "
+                f"{r[5] * 1e3:.1f} ms",
+                flush=True,
+            )
     lines = [
-        f"Measured {machine()}; `python tools/bench_hashed_step.py`, {args.threads} thread(s), "
-        f"batch 64, median of {args.rounds} interleaved rounds of {args.repeats} steps.",
+        f"Measured {machine()}; `python tools/bench_hashed_step.py"
+        f"{f' --max-layers {args.max_layers}' if args.max_layers else ''}`, {args.threads} "
+        f"thread(s), batch 64, median of {args.rounds} interleaved rounds of {args.repeats} "
+        "steps; the default generator at 0.5% of M (its register and depth), and with "
+        "`--max-layers` the same register capped at that depth.",
         "",
         "| model | QNN | QT step (ms) | table step (ms) | ratio | QNN forward + gradient (ms) |",
         "|---|---|---|---|---|---|",

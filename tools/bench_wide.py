@@ -73,8 +73,13 @@ def run(
     budget: float = BUDGET,
     lr_probe: bool = False,
     source_lr_factor: float = 1.0,
+    max_layers: int | None = None,
 ) -> dict[str, Any]:
-    """Compress at ``budget``, fine-tune :data:`STEPS` steps, score on the test split."""
+    """Compress at ``budget``, fine-tune :data:`STEPS` steps, score on the test split.
+
+    ``max_layers`` caps the QNN's layers on its register (the rest of the budget unspent):
+    what the circuit's depth, which its cost grows with, buys.
+    """
     entry = load_entry(model, log=lambda _s: None)
     default = compress(entry.model, QTConfig(budget=budget, seed=seed)).config
     assert default.allowance is not None
@@ -82,6 +87,10 @@ def run(
     if qubits is not None:  # the same allowance on another register: other layers
         n = log2_qubits(default.allowance) if qubits == "log2" else int(qubits)
         layers = min(limits.MAX_LAYERS, max(1, default.allowance // n))
+        config = QTConfig(budget=budget, values=values, seed=seed, n_qubits=n, n_layers=layers)
+    if max_layers is not None:
+        n = config.n_qubits or default.n_qubits
+        layers = min(max_layers, config.n_layers or default.n_layers or max_layers)
         config = QTConfig(budget=budget, values=values, seed=seed, n_qubits=n, n_layers=layers)
     t0 = time.perf_counter()
     torch.manual_seed(seed)
@@ -102,7 +111,8 @@ def run(
         "budget": budget,
         "arm": (arm if lr == LR else f"{arm}, lr {lr:g}")
         + (f", source lr x{source_lr_factor:g}" if source_lr_factor != 1.0 else "")
-        + (", lr probe" if lr_probe else ""),
+        + (", lr probe" if lr_probe else "")
+        + (f", at most {max_layers} layers" if max_layers is not None else ""),
         "seed": seed,
         "lr": lr,
         "buckets": int(qt.generator.buckets),
@@ -180,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--source-lr-factor", type=float, default=1.0, help="the shared values' rate multiple"
     )
+    parser.add_argument("--max-layers", type=int, default=None, help="cap the QNN's layers")
     parser.add_argument("--write", action="store_true", help="write docs/benchmarks.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -201,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                             budget,
                             args.lr_probe,
                             args.source_lr_factor,
+                            args.max_layers,
                         )
                         print(json.dumps(row), flush=True)
                         with OUT.open("a") as f:
