@@ -465,7 +465,10 @@ def report(rows: list[dict[str, Any]]) -> str:
         "File bytes: the QNN arm's generator file as this code base writes it, float32 and "
         "float16, without ONNX graph and check batch (those add the same for every arm; the "
         "controls' files differ by their parameter count); ratio = checkpoint bytes / float16 "
-        "file bytes.",
+        "file bytes. The QNN arms here ran on the log2 register (about one basis state per "
+        "parameter: the qubits x layers shown), the default until 2026-12-05; the default "
+        "register's QNN (up to 3 more qubits), its controls and the learning rates that suit "
+        "each model are in the bench_wide section below.",
         "",
     ]
     below = {(r["model"], r["budget"]) for r in rows if "error" in r}
