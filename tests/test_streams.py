@@ -150,6 +150,13 @@ def test_the_pipeline_reports_free_running_fidelity_as_the_headline(tmp_path):
     assert "phase 2 learning rate 0.003: the hashed scheme's rate for a recurrent" in "".join(
         logged
     )
+    from qtcompress.summary import format_summary
+
+    row = "0.003 (the hashed scheme's rate for a recurrent model (carried state))"
+    assert any(
+        line.startswith("phase 2 learning rate") and line.endswith(row)
+        for line in format_summary(r).splitlines()
+    )
     # Without streams, the summary says its fidelity is teacher-forced and how to fix that.
     plain = dataclasses.replace(data, stream_test=None)
     r = run_pipeline(model, QTConfig(), plain, tmp_path / "out2", settings=settings)
