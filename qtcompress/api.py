@@ -224,8 +224,8 @@ class QTModel:
             labels: Labels aligned with ``data`` (needed for ``mode="supervised"`` unless the
                 data's items carry them).
             options: :class:`~qtcompress.train.options.FinetuneOptions`; ``None``: the
-                defaults (1,500 steps at the scheme's learning rate for this model:
-                :meth:`default_finetune_lr`; batch 64, distillation).
+                defaults (1,500 steps at the scheme's learning rate, lower with
+                ``rollouts``: :meth:`default_finetune_lr`; batch 64, distillation).
             rollouts: A stateful model's training streams: distil over rollouts on the
                 student's own state (:class:`~qtcompress.train.streams.Rollouts`).
             **overrides: Any :class:`FinetuneOptions` field by name (``steps``, ``lr``,
@@ -311,16 +311,15 @@ class QTModel:
         self.functional.recalibrate(inputs, batch_size)
 
     def default_finetune_lr(self, stateful: bool = False) -> tuple[float, str]:
-        """Phase 2's peak rate when none is given, and why: the scheme's, lower if recurrent.
+        """Phase 2's peak rate when none is given, and why: the scheme's, lower if stateful.
 
-        A model with a recurrent layer (``nn.LSTM``, ``nn.LSTMCell``, ...), or a ``stateful``
-        one (distilled over rollouts of its carried state), gets the scheme's ``recurrent_lr``
+        A ``stateful`` model (one that carries its state from call to call: distilled over
+        rollouts, or with a state link in the pipeline) gets the scheme's ``stateful_lr``
         where it registers one (the hashed scheme: 3e-3 against 1e-2).
         """
         from qtcompress.generator.registry import get_scheme
 
-        scheme = get_scheme(self.config.scheme)
-        return scheme.default_lr(self.functional.module, stateful)
+        return get_scheme(self.config.scheme).default_lr(stateful)
 
     def teacher(self, *args: Any, **kwargs: Any) -> Any:
         """Run the model with its original weights."""

@@ -72,7 +72,7 @@ class PipelineSettings:
         finetune_steps: Phase-2 steps (one mini-batch each); 0 skips phase 2.
         finetune_lr: Phase-2 peak learning rate; ``None``: the scheme's default for the model
             (3e-3 for the rows and flat schemes; 1e-2 for the hashed scheme, 3e-3 where the
-            model has a recurrent layer: :meth:`QTModel.default_finetune_lr`).
+            model carries its state: :meth:`QTModel.default_finetune_lr`).
         mode: ``"distill"`` (teacher = the original model) or ``"supervised"`` (labels).
         batch_size: Phase-2 mini-batch size.
         distill: Distillation loss (``kl``, ``bce``, ``cosine``, ``mse``); ``None``: the one for
@@ -288,11 +288,13 @@ def train_generator(
     settings: PipelineSettings,
     log: Callable[[str], None],
     rollouts: Rollouts | None = None,
+    stateful: bool = False,
 ) -> Trained:
     """Compress, phase 1, phase 2 and storage rounding, measured on ``held_out``.
 
     With ``rollouts`` (a stateful model's training streams) phase 2 distils over rollouts on
-    the student's own state.
+    the student's own state. ``stateful`` (the model carries its state: a state link, with or
+    without rollouts) picks the scheme's rate for such models when no rate is given.
     """
     qt: QTModel = compress(model, config, device=settings.device)
     qt.functional.layout = BatchLayout.of(settings.batch_dims)
@@ -336,7 +338,7 @@ def train_generator(
     lr, lr_reason = settings.finetune_lr, "given"
     if settings.finetune_steps > 0:
         if lr is None:
-            lr, lr_reason = qt.default_finetune_lr(rollouts is not None)
+            lr, lr_reason = qt.default_finetune_lr(stateful or rollouts is not None)
             log(f"phase 2 learning rate {lr:g}: {lr_reason}")
         r2 = qt.finetune(
             train,
@@ -401,6 +403,7 @@ def search_budget(
     settings: PipelineSettings,
     log: Callable[[str], None],
     rollouts: Rollouts | None = None,
+    stateful: bool = False,
 ) -> tuple[Trained, list[dict[str, Any]]]:
     """The smallest hashed generator whose fidelity on a validation split reaches the target.
 
@@ -463,7 +466,7 @@ def search_budget(
         seen.add(shape)
         try:
             trained = train_generator(
-                model, candidate, fit_part, validation, settings, log, fit_rollouts
+                model, candidate, fit_part, validation, settings, log, fit_rollouts, stateful
             )
         except ConfigError as exc:  # below this model's smallest hashed generator
             log(f"budget {budget}: skipped ({exc})")
@@ -688,11 +691,15 @@ def run_pipeline(
             f"state ({int(data.stream_train.unique().numel())} training streams)"
         )
     if searching(config, settings):
-        trained, search = search_budget(model, config, train, settings, log, rollouts)
+        trained, search = search_budget(
+            model, config, train, settings, log, rollouts, link is not None
+        )
         fid2 = trained.qt.evaluate(test, output=settings.output, output_kind=settings.output_kind)
         log(f"held-out (never selected on): {fid2.describe()}")
     else:
-        trained = train_generator(model, config, train, test, settings, log, rollouts)
+        trained = train_generator(
+            model, config, train, test, settings, log, rollouts, link is not None
+        )
         fid2 = trained.fid2
     measured = measure_in_use(trained, fid2, data, test, link, settings, log)
     measured.search = search

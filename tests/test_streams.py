@@ -144,24 +144,25 @@ def test_the_pipeline_reports_free_running_fidelity_as_the_headline(tmp_path):
     assert any("distilling over rollouts of 4 chunks" in line for line in logged)
     assert r.fidelity_free_running is not None and r.fidelity_free_running["n"] == 120
     assert r.fidelity_free_running != r.fidelity_finetuned  # measured separately
-    # Its recurrence is two Linear layers, but the carried state makes it recurrent: the
-    # hashed scheme's lower rate for recurrent models, said in the log and the summary.
-    assert r.finetune_lr == 3e-3 and r.finetune_lr_reason.endswith("(carried state)")
-    assert "phase 2 learning rate 0.003: the hashed scheme's rate for a recurrent" in "".join(
-        logged
-    )
+    # It carries its state: the hashed scheme's lower rate for such models, said in the log
+    # and the summary.
+    why = "the hashed scheme's rate for a model that carries state"
+    assert r.finetune_lr == 3e-3 and r.finetune_lr_reason == why
+    assert f"phase 2 learning rate 0.003: {why}" in logged
     from qtcompress.summary import format_summary
 
-    row = "0.003 (the hashed scheme's rate for a recurrent model (carried state))"
+    row = f"0.003 ({why})"
     assert any(
         line.startswith("phase 2 learning rate") and line.endswith(row)
         for line in format_summary(r).splitlines()
     )
-    # Without streams, the summary says its fidelity is teacher-forced and how to fix that.
-    plain = dataclasses.replace(data, stream_test=None)
+    # Without streams, the summary says its fidelity is teacher-forced and how to fix that;
+    # distilled on single chunks (no rollouts), the model still carries state: the same rate.
+    plain = dataclasses.replace(data, stream_test=None, stream_train=None)
     r = run_pipeline(model, QTConfig(), plain, tmp_path / "out2", settings=settings)
     assert r.fidelity_free_running is None
     assert any("teacher-forced" in w and "stream_test" in w for w in r.warnings)
+    assert r.finetune_lr == 3e-3 and r.finetune_lr_reason == why
     np.savez(
         path,
         **{"x_train.0": xtr, "x_train.1": str_, "x_test.0": xte, "x_test.1": ste},

@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             "restore_best": restore,
             "fit_steps": args.fit_steps,
             "finetune_steps": args.steps,
-            "finetune_lr": r2.lr,  # the rate it ran at (the default: 3e-3, an LSTMCell)
+            "finetune_lr": r2.lr,  # the rate it ran at (default: 3e-3, it carries state)
             "generated_weights": rep.generated_weights,
             "generator_params": rep.trainable,
             "generator_ratio": rep.ratio,

@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
             type=float,
             default=None,
             help="phase-2 peak learning rate (default: the scheme's, 3e-3 for rows and flat, "
-            "1e-2 for hashed or 3e-3 on a model with an RNN/LSTM/GRU layer; with warm-up, "
+            "1e-2 for hashed or 3e-3 on a model that carries its state; with warm-up, "
             "clipping and a collapse guard)",
         )
         fit.add_argument(
