@@ -152,7 +152,8 @@ def run_one(
         "scheme": r.scheme,
         "budget_resolved": r.budget,
         "finetune_steps": steps,
-        "finetune_lr": lr,  # None: the scheme's default
+        "finetune_lr": r.finetune_lr,  # the rate it ran at (given, or the default's)
+        "finetune_lr_reason": r.finetune_lr_reason,
         "fit_steps": fit_steps,
         "weights": r.generated_weights,
         "original_params": r.original_params,
