@@ -47,6 +47,8 @@ FINETUNE_STEPS = 1500
 """Phase-2 steps (one mini-batch each)."""
 BATCH_SIZE = 64
 """Phase-2 mini-batch size."""
+ROLLOUT = 4
+"""Chunks per phase-2 rollout of a model that carries state (with training streams)."""
 
 # Phase-2 peak learning rate of the rows and flat schemes. At 1e-2 (the old default) a
 # 390K-weight CNN without BatchNorm collapsed to a constant function; 3e-3 with warm-up and

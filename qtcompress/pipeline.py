@@ -29,7 +29,7 @@ from torch import nn
 
 from qtcompress.api import QTModel, compress
 from qtcompress.config import QTConfig
-from qtcompress.constants import BATCH_SIZE, FINETUNE_STEPS, FIT_LR, FIT_STEPS
+from qtcompress.constants import BATCH_SIZE, FINETUNE_STEPS, FIT_LR, FIT_STEPS, ROLLOUT
 from qtcompress.data.layout import BatchLayout
 from qtcompress.data.model_call import (
     check_call,
@@ -127,7 +127,7 @@ class PipelineSettings:
     latency_repeats: int = 50
     storage: str = "auto"
     state: str | None = None
-    rollout: int = 4
+    rollout: int = ROLLOUT
     search: bool = True
     time_limit: float = 1800.0
     batch_dims: dict[str, int] | None = None
@@ -140,6 +140,7 @@ class PipelineSettings:
         limits.check_count(self.fit_steps, "--fit-steps", maximum=limits.MAX_STEPS)
         limits.check_count(self.finetune_steps, "--finetune-steps", maximum=limits.MAX_STEPS)
         limits.check_count(self.batch_size, "--batch-size", maximum=limits.MAX_STEPS, minimum=1)
+        limits.check_count(self.rollout, "--rollout", maximum=limits.MAX_STEPS, minimum=1)
         limits.check_count(self.latency_repeats, "latency_repeats", maximum=10_000, minimum=1)
         for name in ("fit_lr", "finetune_lr"):
             value = getattr(self, name)

@@ -342,3 +342,17 @@ def test_rollouts_refuse_out_of_range_options():
         Rollouts(StateLink(1, 1), ids, own_share=1.5)
     with pytest.raises(ConfigError, match="length >= 1 and own_every >= 1"):
         Rollouts(StateLink(1, 1), ids, length=0)
+
+
+def test_the_rollout_length_is_an_option_with_a_clear_error():
+    from qtcompress.cli.commands import _settings_from_args
+    from qtcompress.cli.parser import build_parser
+    from qtcompress.constants import ROLLOUT
+    from qtcompress.pipeline import PipelineSettings
+
+    base = ["compress", "m.pt", "--data", "d.npz", "-o", "out"]
+    assert _settings_from_args(build_parser().parse_args(base)).rollout == ROLLOUT
+    args = build_parser().parse_args([*base, "--rollout", "16"])
+    assert _settings_from_args(args).rollout == 16
+    with pytest.raises(ConfigError, match=r"^--rollout must be >= 1, got 0"):
+        PipelineSettings(rollout=0)

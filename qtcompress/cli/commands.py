@@ -366,6 +366,7 @@ def _settings_from_args(args: argparse.Namespace) -> Any:
         storage=args.storage,
         time_limit=args.time_limit,
         state=args.state,
+        rollout=args.rollout,
         batch_dims=_batch_dims(args.batch_dim),
     )
 

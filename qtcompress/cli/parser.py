@@ -24,6 +24,7 @@ from qtcompress.constants import (
     ONNX_ATOL,
     ONNX_RTOL,
     POOLINGS,
+    ROLLOUT,
     TEXT_COLUMN,
     TEXT_MAX_LENGTH,
     TEXT_SPLIT_SEED,
@@ -34,7 +35,11 @@ from qtcompress.constants import (
 # set of defaults: the hashed scheme at its registered budget, 0.5% of M); the step counts and
 # learning rates from PipelineSettings. Measured on the suite of real-shaped models:
 # docs/benchmarks.md.
-DEFAULT_RECIPE: dict[str, Any] = {"fit_steps": FIT_STEPS, "finetune_steps": FINETUNE_STEPS}
+DEFAULT_RECIPE: dict[str, Any] = {
+    "fit_steps": FIT_STEPS,
+    "finetune_steps": FINETUNE_STEPS,
+    "rollout": ROLLOUT,
+}
 
 
 def _budget(text: str) -> float | int:
@@ -309,6 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
             help="a stateful model: positional input IN is fed from output OUT (default: "
             "forward(x, state) -> (y, state) is detected and named; 'none': not stateful). "
             "With stream_test in the .npz the fidelity is measured free-running, as deployed",
+        )
+        fit.add_argument(
+            "--rollout",
+            type=int,
+            default=defaults["rollout"],
+            metavar="N",
+            help="a stateful model with stream_train: chunks per distillation rollout on the "
+            f"student's own state (default {defaults['rollout']}; longer follows the stream "
+            "further per step, at more cost)",
         )
         fit.add_argument(
             "--batch-dim",
