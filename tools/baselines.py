@@ -6,6 +6,9 @@
   layer (the same fraction in each layer) so that the nonzero trainable parameters fit a budget.
 * :func:`random_features_control`: a QT generator whose mapping network is fed a fixed random
   vector instead of the QNN's probabilities (the QNN is cut off and frozen).
+* :func:`rounded`: a copy with every parameter rounded to int8 (per tensor) or float16: the
+  reference a free-running measurement is read against (how much a stream amplifies a tiny
+  weight error).
 * :func:`distill_finetune`: the same distillation loss, mini-batch order and learning-rate
   schedule as :meth:`qtcompress.api.QTModel.finetune`, for a plain ``nn.Module``.
 
@@ -195,6 +198,19 @@ def magnitude_prune(model: nn.Module, budget: int) -> tuple[nn.Module, dict[str,
         masks[f"{name}.weight" if name else "weight"] = mask
         mod.weight.data.mul_(mask)
     return out, masks
+
+
+def rounded(model: nn.Module, kind: str) -> nn.Module:
+    """A copy with every parameter rounded: ``int8`` (symmetric, per tensor) or ``float16``."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in out.parameters():
+            if kind == "float16":
+                p.copy_(p.half().float())
+            else:
+                scale = p.abs().max().clamp_min(1e-12) / 127
+                p.copy_(torch.round(p / scale).clamp(-127, 127) * scale)
+    return out
 
 
 def random_features_control(qt: QTModel, seed: int = 0) -> QTModel:

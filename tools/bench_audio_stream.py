@@ -41,7 +41,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
-import copy  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime as dt  # noqa: E402
 import json  # noqa: E402
@@ -56,6 +55,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from audio_stream import CACHE, CHUNK, load_data, load_model, run_stream, weights  # noqa: E402
+from baselines import rounded  # noqa: E402
 from benchdoc import machine  # noqa: E402
 
 from qtcompress import QTConfig, compress  # noqa: E402
@@ -135,6 +135,15 @@ ARMS: tuple[tuple[str, QTConfig, int, bool, dict[str, float]], ...] = (
         True,
         {"own_share": 0.5},
     ),
+    # The pipeline's rollout length (constants.ROLLOUT) and the 5% budget at 16.
+    ("hashed QNN 0.5% (default), rollouts 4, half own", QTConfig(), 4, True, {"own_share": 0.5}),
+    (
+        "hashed QNN 5% (budget=0.05), rollouts 16, half own",
+        QTConfig(budget=0.05),
+        16,
+        True,
+        {"own_share": 0.5},
+    ),
 )
 
 
@@ -143,19 +152,6 @@ def rows_of(x: torch.Tensor, states: torch.Tensor) -> tuple[torch.Tensor, ...]:
     s, t = x.shape[:2]
     ids = torch.arange(s).repeat_interleave(t)
     return x.reshape(s * t, CHUNK), states.reshape(s * t, *states.shape[2:]), ids
-
-
-def rounded(model: torch.nn.Module, kind: str) -> torch.nn.Module:
-    """A copy with every parameter rounded: ``int8`` (symmetric, per tensor) or ``float16``."""
-    out = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in out.parameters():
-            if kind == "float16":
-                p.copy_(p.half().float())
-            else:
-                scale = p.abs().max().clamp_min(1e-12) / 127
-                p.copy_(torch.round(p / scale).clamp(-127, 127) * scale)
-    return out
 
 
 def per_stream(s: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> dict[str, float]:

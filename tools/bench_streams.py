@@ -33,12 +33,14 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baselines import rounded  # noqa: E402
 from benchdoc import machine, write_section  # noqa: E402
 from suite import digits_split, load_entry, rnn_windows  # noqa: E402
 
 from qtcompress import QTConfig, compress  # noqa: E402
 from qtcompress.data.batch import Batch  # noqa: E402
 from qtcompress.examples import upsample  # noqa: E402
+from qtcompress.train.objectives import measure_fidelity  # noqa: E402
 from qtcompress.train.streams import Rollouts, StateLink, free_running_fidelity  # noqa: E402
 
 LINK = StateLink(input=1, output=1)
@@ -122,8 +124,24 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--no-write", action="store_true")
-    ap.add_argument("--arms", nargs="+", type=int, help="indices into ARMS")
-    ap.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (1e-2)")
+    ap.add_argument("--arms", nargs="*", type=int, help="indices into ARMS (none: references only)")
+    ap.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="peak learning rate (default: the API's, 3e-3 with rollouts, 1e-2 without)",
+    )
+    ap.add_argument(
+        "--chained-rollout",
+        type=int,
+        default=CHAINED_ROLLOUT,
+        help=f"chunks per chained rollout ({CHAINED_ROLLOUT})",
+    )
+    ap.add_argument(
+        "--references",
+        action="store_true",
+        help="also measure the original rounded to int8 and float16 (no training)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     entry = load_entry("rnn", log=lambda _s: None)
@@ -137,14 +155,34 @@ def main(argv: list[str] | None = None) -> int:
     train_x, train_ids = train_streams(model)
     chained_x, chained_ids = train_chained(model)
     rows = []
-    for arm, config, rollout, options in [ARMS[i] for i in args.arms] if args.arms else ARMS:
+    rates: dict[str, float] = {}
+    if args.references:
+        for kind in ("int8", "float16"):
+            ref = rounded(model, kind).eval()
+            arm = f"original rounded to {kind}" + (" (per-tensor scale)" if kind == "int8" else "")
+            for layout, (batch, ids) in data.items():
+                with torch.no_grad():
+                    forced = measure_fidelity(
+                        ref(*batch.args)[0], model(*batch.args)[0], "probability"
+                    )
+                free = free_running_fidelity(
+                    ref, model, batch, ids, LINK, output_kind="probability"
+                )
+                rows.append((arm, layout, len(ids), int(ids.max()) + 1, forced, free))
+                print(
+                    f"{arm}, {layout}: teacher-forced agreement {forced.agreement:.4f}; "
+                    f"free-running agreement {free.agreement:.4f} corr {free.correlation:.3f}",
+                    flush=True,
+                )
+    chosen = [ARMS[i] for i in args.arms] if args.arms is not None else list(ARMS)
+    for arm, config, rollout, options in chosen:
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             qt = compress(model, config)
             if rollout == "chained":
                 x_fit: tuple[torch.Tensor, ...] = chained_x
-                extra = {"rollouts": Rollouts(LINK, chained_ids, CHAINED_ROLLOUT, **options)}
+                extra = {"rollouts": Rollouts(LINK, chained_ids, args.chained_rollout, **options)}
             else:
                 x_fit = train_x
                 extra = (
@@ -152,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
                     if rollout == "rollouts"
                     else {}
                 )
-            qt.finetune(x_fit, steps=args.steps, lr=args.lr, progress=False, **extra)
+            tuned = qt.finetune(x_fit, steps=args.steps, lr=args.lr, progress=False, **extra)
+        rates[arm] = tuned.lr
         student = partial(qt.functional, generated=qt.generator.generate_named())
 
         for layout, (batch, ids) in data.items():
@@ -171,21 +210,24 @@ def main(argv: list[str] | None = None) -> int:
         f"Measured {machine()}; `python tools/bench_streams.py`, {args.steps} distillation "
         "steps on the training digits (single chunks with the original's state; rollouts of "
         "both chunks on the student's own state; or chained rollouts: rollouts of "
-        f"{CHAINED_ROLLOUT} chunks along the training digits read as one stream, starting from "
-        f'the original\'s carried state), learning rate {args.lr:g}, seed 0. "+ state": the '
+        f"{args.chained_rollout} chunks along the training digits read as one stream, starting "
+        "from the original's carried state), seed 0; rate: the peak learning rate it ran at "
+        '(the API\'s default unless `--lr` was given). "+ state": the '
         "rollout loss also pulls the student's carried state towards the original's (mean squared "
         'error over the original\'s mean square, weight 1); "half own": half the rollouts start '
         "from the student's own free-running state on the training streams (refreshed every 50 "
         "steps), the targets still the original's outputs. "
         "Agreement: thresholded probabilities equal; correlation of the probabilities.",
         "",
-        "| generator | streams | chunks | teacher-forced agreement / corr | free-running "
+        "| generator | rate | streams | chunks | teacher-forced agreement / corr | free-running "
         "agreement / corr |",
-        "|---|---|---|---|---|",
+        "|---|---|---|---|---|---|",
     ]
     for arm, layout, chunks, n_streams, forced, free in rows:
+        rate = f"{rates[arm]:g}" if arm in rates else "-"
+        plural = "s" if n_streams > 1 else ""
         lines.append(
-            f"| {arm} | {layout} ({n_streams} stream{'s' if n_streams > 1 else ''}) | "
+            f"| {arm} | {rate} | {layout} ({n_streams} stream{plural}) | "
             f"{chunks:,} | {forced.agreement:.1%} / {forced.correlation:.3f} | "
             f"{free.agreement:.1%} / {free.correlation:.3f} |"
         )
