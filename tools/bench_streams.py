@@ -44,10 +44,13 @@ from qtcompress.train.objectives import measure_fidelity  # noqa: E402
 from qtcompress.train.streams import Rollouts, StateLink, free_running_fidelity  # noqa: E402
 
 LINK = StateLink(input=1, output=1)
+CHAINED_ROLLOUT = 8
+CHAINED_ORDERS = 4
 WINDOWS = 2  # 14-frame chunks: the chunking the model and its training pairs use
 # (name, generator, training streams: "pairs" (single chunks with the original's state),
 # "rollouts" (rollouts of each digit's 2 chunks), "chained" (rollouts of CHAINED_ROLLOUT chunks
-# along the training digits read as one stream, the original's state carried throughout))
+# along the training digits read as one stream, the original's state carried throughout),
+# "chained orders" (the same along CHAINED_ORDERS streams: the digits in as many orders))
 # Rollouts from the original's state only (own_share 0: the arms measured before rollouts from
 # the student's own state became the default)
 _OFF = {"own_share": 0.0}
@@ -67,8 +70,14 @@ ARMS: tuple[tuple[str, QTConfig, str, dict[str, float]], ...] = (
     ("rows 5%", QTConfig(scheme="rows"), "pairs", {}),
     ("hashed QNN 0.5%, rollouts, half own", QTConfig(), "rollouts", {"own_share": 0.5}),
     ("hashed QNN 0.5%, chained rollouts, half own", QTConfig(), "chained", {"own_share": 0.5}),
+    # The training digits chained in CHAINED_ORDERS orders (streams): more paths of the state.
+    (
+        f"hashed QNN 0.5%, chained rollouts in {CHAINED_ORDERS} orders, half own",
+        QTConfig(),
+        "chained orders",
+        {"own_share": 0.5},
+    ),
 )
-CHAINED_ROLLOUT = 8
 
 
 @torch.no_grad()
@@ -84,15 +93,34 @@ def train_streams(model: torch.nn.Module) -> tuple[tuple[torch.Tensor, ...], tor
 
 
 @torch.no_grad()
-def train_chained(model: torch.nn.Module) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-    """The training digits' chunks as one stream, with the original's state carried along."""
+def train_chained(
+    model: torch.nn.Module, orders: int = 1
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """The training digits' chunks as one stream per order, the original's state carried along.
+
+    Order 0 is the digits as stored; each further order a seeded shuffle of the digits (each
+    digit's two chunks kept together), so the student sees the state wander along other paths.
+    """
     (x, _), _ = train_streams(model)
-    states = torch.zeros(len(x), 2, model.hidden)
-    state = torch.zeros(1, 2, model.hidden)
-    for row in range(len(x)):
-        states[row] = state[0]
-        state = model(x[row : row + 1], state)[1]
-    return (x, states), torch.zeros(len(x), dtype=torch.int64)
+    n = len(x) // 2
+    xs, ids = [], []
+    for order in range(orders):
+        perm = torch.arange(n) if order == 0 else torch.randperm(n, generator=_seeded(order))
+        rows = torch.stack([2 * perm, 2 * perm + 1], 1).reshape(-1)
+        xs.append(x[rows])
+        ids.append(torch.full((len(rows),), order, dtype=torch.int64))
+    xo = torch.cat(xs)
+    states = torch.zeros(len(xo), 2, model.hidden)
+    for order in range(orders):
+        state = torch.zeros(1, 2, model.hidden)  # each order from the zero state
+        for row in range(order * 2 * n, (order + 1) * 2 * n):
+            states[row] = state[0]
+            state = model(xo[row : row + 1], state)[1]
+    return (xo, states), torch.cat(ids)
+
+
+def _seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
 
 
 @torch.no_grad()
@@ -154,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     train_x, train_ids = train_streams(model)
     chained_x, chained_ids = train_chained(model)
+    orders_x, orders_ids = train_chained(model, CHAINED_ORDERS)
     rows = []
     rates: dict[str, float] = {}
     if args.references:
@@ -180,9 +209,12 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             qt = compress(model, config)
-            if rollout == "chained":
+            if rollout in ("chained", "chained orders"):
                 x_fit: tuple[torch.Tensor, ...] = chained_x
-                extra = {"rollouts": Rollouts(LINK, chained_ids, args.chained_rollout, **options)}
+                ids_fit = chained_ids
+                if rollout == "chained orders":
+                    x_fit, ids_fit = orders_x, orders_ids
+                extra = {"rollouts": Rollouts(LINK, ids_fit, args.chained_rollout, **options)}
             else:
                 x_fit = train_x
                 extra = (
