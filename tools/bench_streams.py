@@ -70,6 +70,12 @@ ARMS: tuple[tuple[str, QTConfig, str, dict[str, float]], ...] = (
     ("rows 5%", QTConfig(scheme="rows"), "pairs", {}),
     ("hashed QNN 0.5%, rollouts, half own", QTConfig(), "rollouts", {"own_share": 0.5}),
     ("hashed QNN 0.5%, chained rollouts, half own", QTConfig(), "chained", {"own_share": 0.5}),
+    (
+        "hashed QNN 5% (budget=0.05), chained rollouts, half own",
+        QTConfig(budget=0.05),
+        "chained",
+        {"own_share": 0.5},
+    ),
     # The training digits chained in CHAINED_ORDERS orders (streams): more paths of the state.
     (
         f"hashed QNN 0.5%, chained rollouts in {CHAINED_ORDERS} orders, half own",
