@@ -47,7 +47,10 @@ FINETUNE_STEPS = 1500
 """Phase-2 steps (one mini-batch each)."""
 BATCH_SIZE = 64
 """Phase-2 mini-batch size."""
-ROLLOUT = 4
+# Rollouts of 16: on the streaming voice-activity model (tools/bench_audio_stream.py, seed 0)
+# free-running agreement 89.6% at 4, 90-92% at 8, 93.0% at 16 and 93.5% at 32, each length
+# costing about twice the fine-tune time of the one before.
+ROLLOUT = 16
 """Chunks per phase-2 rollout of a model that carries state (with training streams)."""
 
 # Phase-2 peak learning rate of the rows and flat schemes. At 1e-2 (the old default) a

@@ -141,7 +141,7 @@ def test_the_pipeline_reports_free_running_fidelity_as_the_headline(tmp_path):
     )
     assert r.state_link == "output 1 -> input 1"
     assert any("stateful model assumed: output 1 -> input 1" in line for line in logged)
-    assert any("distilling over rollouts of 4 chunks" in line for line in logged)
+    assert any("distilling over rollouts of 16 chunks" in line for line in logged)  # ROLLOUT
     assert r.fidelity_free_running is not None and r.fidelity_free_running["n"] == 120
     assert r.fidelity_free_running != r.fidelity_finetuned  # measured separately
     # It carries its state: the hashed scheme's lower rate for such models, said in the log
@@ -356,3 +356,28 @@ def test_the_rollout_length_is_an_option_with_a_clear_error():
     assert _settings_from_args(args).rollout == 16
     with pytest.raises(ConfigError, match=r"^--rollout must be >= 1, got 0"):
         PipelineSettings(rollout=0)
+
+
+def test_the_data_docs_stream_example_writes_a_file_that_loads(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    from qtcompress.io.arrays import load_npz_split
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
+    (snippet,) = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
+    model = Cell().eval()
+    model.initial_state = lambda n: torch.zeros(n, 8)  # type: ignore[method-assign]
+    gen = torch.Generator().manual_seed(0)
+    streams = {"train_streams": torch.randn(3, 5, 3, generator=gen)}
+    streams["test_streams"] = torch.randn(2, 4, 3, generator=gen)
+    monkeypatch.chdir(tmp_path)
+    exec(snippet, {"model": model, **streams})  # noqa: S102 - the repository's own docs
+    data = load_npz_split(tmp_path / "data.npz")
+    assert data.stream_train.tolist() == [0] * 5 + [1] * 5 + [2] * 5
+    assert data.stream_test.tolist() == [0] * 4 + [1] * 4
+    x, states = data.x_test
+    assert torch.equal(x, streams["test_streams"].reshape(8, 3))
+    # The state before each chunk is the original's, carried from the start of its stream.
+    assert torch.allclose(states, recorded(model, x, data.stream_test).args[1])
+    assert not torch.equal(states[1], torch.zeros(8))  # carried, not reset per chunk

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from qtcompress.constants import ROLLOUT
 from qtcompress.data.batch import Batch
 from qtcompress.data.model_call import select_output
 from qtcompress.errors import ConfigError
@@ -254,7 +255,7 @@ class Rollouts:
 
     link: StateLink
     streams: torch.Tensor
-    length: int = 4
+    length: int = ROLLOUT
     state_weight: float = 0.0
     own_share: float = OWN_STATE_SHARE
     own_every: int = OWN_STATE_EVERY
