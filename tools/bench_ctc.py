@@ -174,7 +174,9 @@ def run_one(
         "generator_file_bytes": r.generator_file_bytes,
         "checkpoint_bytes": r.checkpoint_bytes,
         "onnx_bytes": r.onnx_bytes,
-        "file_ratio": r.checkpoint_bytes / r.generator_file_bytes,
+        "file_ratio": (
+            r.checkpoint_bytes / r.generator_file_bytes if r.checkpoint_bytes is not None else None
+        ),
         "fit_s": r.fit_s,
         "finetune_s": r.finetune_s,
         "pipeline_total_s": r.total_s,
@@ -232,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     entry = suite.load_entry("crnn")
+    # The CTC entry records both (the other entries' may be None).
+    assert entry.accuracy is not None and entry.test_labels is not None
     print(
         f"crnn: {entry.weights:,} weights, original CER vs truth {1 - entry.accuracy:.2%} on "
         f"{len(entry.test_labels):,} test lines; {entry.description}",
