@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchdoc import machine, write_section  # noqa: E402
-from suite import load_entry  # noqa: E402
+from suite import capped_layers, load_entry  # noqa: E402
 
 from qtcompress import QTConfig, compress  # noqa: E402
 from qtcompress.data.sources import InputSource  # noqa: E402
@@ -46,15 +46,7 @@ def stepper(entry, values: str, max_layers: int | None = None):  # noqa: ANN001,
     """
     config = QTConfig(scheme="hashed", budget=0.005, values=values)
     if max_layers is not None:
-        resolved = compress(entry.model, config).config
-        assert resolved.n_layers is not None
-        config = QTConfig(
-            scheme="hashed",
-            budget=0.005,
-            values=values,
-            n_qubits=resolved.n_qubits,
-            n_layers=min(max_layers, resolved.n_layers),
-        )
+        config = capped_layers(entry.model, config, max_layers)
     qt = compress(entry.model, config)
     batch = InputSource.of(entry.train_inputs).head(64)
     with torch.no_grad():

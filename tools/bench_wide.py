@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchdoc import machine, write_section  # noqa: E402
-from suite import load_entry  # noqa: E402
+from suite import capped_layers, load_entry  # noqa: E402
 
 from qtcompress import QTConfig, compress, limits  # noqa: E402
 from qtcompress.generator.hashed import log2_qubits  # noqa: E402
@@ -89,9 +89,7 @@ def run(
         layers = min(limits.MAX_LAYERS, max(1, default.allowance // n))
         config = QTConfig(budget=budget, values=values, seed=seed, n_qubits=n, n_layers=layers)
     if max_layers is not None:
-        n = config.n_qubits or default.n_qubits
-        layers = min(max_layers, config.n_layers or default.n_layers or max_layers)
-        config = QTConfig(budget=budget, values=values, seed=seed, n_qubits=n, n_layers=layers)
+        config = capped_layers(entry.model, config, max_layers)
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     qt = compress(entry.model, config)

@@ -49,7 +49,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from qtcompress import QTConfig, compress  # noqa: E402
 from qtcompress.examples import DigitsCNN28, Split, load_dataset, upsample  # noqa: E402
 from qtcompress.io.atomic import atomic_path, atomic_write_bytes  # noqa: E402
 from qtcompress.train.objectives import ctc_greedy, edit_distance  # noqa: E402
@@ -1051,3 +1052,12 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def capped_layers(model: nn.Module, config: QTConfig, max_layers: int) -> QTConfig:
+    """``config`` on the register it resolves to for ``model``, its QNN at most ``max_layers``
+    deep (the rest of the budget unspent): what the circuit's depth, which a step's cost grows
+    with, buys."""
+    resolved = compress(model, config).config
+    assert resolved.n_qubits is not None and resolved.n_layers is not None
+    return replace(config, n_qubits=resolved.n_qubits, n_layers=min(max_layers, resolved.n_layers))
