@@ -135,12 +135,19 @@ ARMS: tuple[tuple[str, QTConfig, int, bool, dict[str, float]], ...] = (
         True,
         {"own_share": 0.5},
     ),
-    # The pipeline's rollout length (constants.ROLLOUT) and the 5% budget at 16.
+    # The pipeline's old rollout length (4) and the 5% budget at 16 and 32.
     ("hashed QNN 0.5% (default), rollouts 4, half own", QTConfig(), 4, True, {"own_share": 0.5}),
     (
         "hashed QNN 5% (budget=0.05), rollouts 16, half own",
         QTConfig(budget=0.05),
         16,
+        True,
+        {"own_share": 0.5},
+    ),
+    (
+        "hashed QNN 5% (budget=0.05), rollouts 32, half own",
+        QTConfig(budget=0.05),
+        32,
         True,
         {"own_share": 0.5},
     ),
