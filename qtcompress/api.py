@@ -46,6 +46,7 @@ from qtcompress.train.options import (
     FinetuneOptions,
     FitOptions,
     check_options,
+    default_finetune_steps,
     with_overrides,
 )
 from qtcompress.train.weight_fit import fit_weights as _fit_weights
@@ -224,8 +225,10 @@ class QTModel:
             labels: Labels aligned with ``data`` (needed for ``mode="supervised"`` unless the
                 data's items carry them).
             options: :class:`~qtcompress.train.options.FinetuneOptions`; ``None``: the
-                defaults (1,500 steps at the scheme's learning rate, lower with
-                ``rollouts``: :meth:`default_finetune_lr`; batch 64, distillation).
+                defaults (1,500 steps, 3,000 with ``rollouts``:
+                :func:`~qtcompress.train.options.default_finetune_steps`; the scheme's learning
+                rate, lower with ``rollouts``: :meth:`default_finetune_lr`; batch 64,
+                distillation).
             rollouts: A stateful model's training streams: distil over rollouts on the
                 student's own state (:class:`~qtcompress.train.streams.Rollouts`).
             **overrides: Any :class:`FinetuneOptions` field by name (``steps``, ``lr``,
@@ -236,6 +239,8 @@ class QTModel:
         data = self.functional.layout.to_front(data)  # batch-first from here on
         if opts.lr is None:  # the scheme's own default for this model
             opts = replace(opts, lr=self.default_finetune_lr(rollouts is not None)[0])
+        if opts.steps is None:  # more for a model distilled over its streams
+            opts = replace(opts, steps=default_finetune_steps(rollouts is not None)[0])
         assert opts.lr is not None
         cfg = opts.loop_config(seed=self.config.seed, lr=opts.lr)
         if type(self.generator).revive is not Generator.revive:  # the scheme can revive one

@@ -29,7 +29,7 @@ from torch import nn
 
 from qtcompress.api import QTModel, compress
 from qtcompress.config import QTConfig
-from qtcompress.constants import BATCH_SIZE, FINETUNE_STEPS, FIT_LR, FIT_STEPS, ROLLOUT
+from qtcompress.constants import BATCH_SIZE, FIT_LR, FIT_STEPS, ROLLOUT
 from qtcompress.data.layout import BatchLayout
 from qtcompress.data.model_call import (
     check_call,
@@ -51,7 +51,7 @@ from qtcompress.train.objectives import (
     check_kind,
     infer_output_kind,
 )
-from qtcompress.train.options import FinetuneOptions, FitOptions
+from qtcompress.train.options import FinetuneOptions, FitOptions, default_finetune_steps
 from qtcompress.train.streams import (
     Rollouts,
     StateLink,
@@ -69,7 +69,9 @@ class PipelineSettings:
     Attributes:
         fit_steps: Phase-1 steps (reproduce the pretrained weights); 0 skips phase 1.
         fit_lr: Phase-1 peak learning rate.
-        finetune_steps: Phase-2 steps (one mini-batch each); 0 skips phase 2.
+        finetune_steps: Phase-2 steps (one mini-batch each); 0 skips phase 2; ``None``: 1,500,
+            3,000 for a stateful model distilled over its training streams
+            (:func:`~qtcompress.train.options.default_finetune_steps`).
         finetune_lr: Phase-2 peak learning rate; ``None``: the scheme's default for the model
             (3e-3 for the rows and flat schemes; 1e-2 for the hashed scheme, 3e-3 where the
             model carries its state: :meth:`QTModel.default_finetune_lr`).
@@ -112,7 +114,7 @@ class PipelineSettings:
 
     fit_steps: int = FIT_STEPS
     fit_lr: float = FIT_LR
-    finetune_steps: int = FINETUNE_STEPS
+    finetune_steps: int | None = None
     finetune_lr: float | None = None
     mode: str = "distill"
     batch_size: int = BATCH_SIZE
@@ -132,13 +134,20 @@ class PipelineSettings:
     time_limit: float = 1800.0
     batch_dims: dict[str, int] | None = None
 
+    def phase2_steps(self, rollouts: bool) -> tuple[int, str]:
+        """Phase 2's step count and why: as given, or the default for the run."""
+        if self.finetune_steps is not None:
+            return self.finetune_steps, "given"
+        return default_finetune_steps(rollouts)
+
     def __post_init__(self) -> None:
         from qtcompress import limits
         from qtcompress.device import resolve_device
 
         resolve_device(self.device)  # an unusable device fails before anything is loaded
         limits.check_count(self.fit_steps, "--fit-steps", maximum=limits.MAX_STEPS)
-        limits.check_count(self.finetune_steps, "--finetune-steps", maximum=limits.MAX_STEPS)
+        if self.finetune_steps is not None:
+            limits.check_count(self.finetune_steps, "--finetune-steps", maximum=limits.MAX_STEPS)
         limits.check_count(self.batch_size, "--batch-size", maximum=limits.MAX_STEPS, minimum=1)
         limits.check_count(self.rollout, "--rollout", maximum=limits.MAX_STEPS, minimum=1)
         limits.check_count(self.latency_repeats, "latency_repeats", maximum=10_000, minimum=1)
@@ -279,6 +288,8 @@ class Trained:
     unspent: str = ""  # the budget the generator could not use, said in the summary
     lr: float | None = None  # phase 2's peak rate (None: no phase 2)
     lr_reason: str = ""
+    steps: int = 0  # phase 2's step count (0: no phase 2)
+    steps_reason: str = ""
 
 
 def train_generator(
@@ -337,7 +348,10 @@ def train_generator(
     fid1 = evaluate()
     log(f"phase 1: relative weight error {phase1_error:.3f}; {fid1.describe()}")
     lr, lr_reason = settings.finetune_lr, "given"
-    if settings.finetune_steps > 0:
+    steps, steps_reason = settings.phase2_steps(rollouts is not None)
+    if steps > 0:
+        if settings.finetune_steps is None:
+            log(f"phase 2 steps {steps:,}: {steps_reason}")
         if lr is None:
             lr, lr_reason = qt.default_finetune_lr(stateful or rollouts is not None)
             log(f"phase 2 learning rate {lr:g}: {lr_reason}")
@@ -346,7 +360,7 @@ def train_generator(
             None,
             FinetuneOptions(
                 mode=settings.mode,
-                steps=settings.finetune_steps,
+                steps=steps,
                 lr=lr,
                 batch_size=settings.batch_size,
                 distill=settings.distill,
@@ -375,8 +389,10 @@ def train_generator(
         skipped,
         storage_note,
         unspent,
-        lr if settings.finetune_steps > 0 else None,
+        lr if steps > 0 else None,
         lr_reason,
+        steps,
+        steps_reason,
     )
 
 
@@ -564,7 +580,7 @@ def measure_in_use(
     warnings = [f"phase 2: {w}" for w in fid2.warnings(advice)]
     if trained.skipped_steps:
         warnings.append(
-            f"phase 2: {trained.skipped_steps:,} of {settings.finetune_steps:,} steps skipped "
+            f"phase 2: {trained.skipped_steps:,} of {trained.steps:,} steps skipped "
             "(non-finite gradient from the model's own operations, e.g. sqrt or log at 0)"
         )
     if trained.unspent:
@@ -817,6 +833,8 @@ def _finish(
         histories=trained.histories,
         finetune_lr=trained.lr,
         finetune_lr_reason=trained.lr_reason,
+        finetune_steps=trained.steps,
+        finetune_steps_reason=trained.steps_reason,
         storage=qt.storage,
         storage_note=trained.storage_note,
         search=measured.search,

@@ -59,6 +59,8 @@ class PipelineResult:
     basis_state: str = ""
     finetune_lr: float | None = None  # phase 2's peak rate (None: no phase 2)
     finetune_lr_reason: str = ""  # where it came from: given, or the default for this model
+    finetune_steps: int = 0  # phase 2's step count (0: no phase 2)
+    finetune_steps_reason: str = ""  # given, or the default for this run
 
 
 def shape_of(qt: QTModel) -> str:
@@ -129,6 +131,8 @@ def summary_rows(r: PipelineResult) -> dict[str, str]:
         rows[f"WARNING {i + 1}"] = w
     if r.finetune_lr is not None:
         rows["phase 2 learning rate"] = f"{r.finetune_lr:g} ({r.finetune_lr_reason})"
+    if r.finetune_steps:
+        rows["phase 2 steps"] = f"{r.finetune_steps:,} ({r.finetune_steps_reason})"
     rows["time: phase 1 / phase 2 / total"] = (
         f"{r.fit_s:.1f} s / {r.finetune_s:.1f} s / {r.total_s:.1f} s"
     )

@@ -307,13 +307,19 @@ def test_a_misspelled_option_is_an_error_naming_the_closest():
 def test_options_objects_hold_one_set_of_defaults_and_refuse_bad_values_at_once():
     from qtcompress.cli.parser import build_parser
     from qtcompress.pipeline import PipelineSettings
-    from qtcompress.train.options import FinetuneOptions, FitOptions
+    from qtcompress.train.options import FinetuneOptions, FitOptions, default_finetune_steps
 
     args = build_parser().parse_args(["compress", "m.pt", "--data", "d.npz", "-o", "out"])
     settings = PipelineSettings()
-    # The CLI, the pipeline and the API read the same defaults.
+    # The CLI, the pipeline and the API read the same defaults; phase 2's count is left to the
+    # run: 1,500, twice that for a model distilled over its streams.
     assert (args.fit_steps, settings.fit_steps, FitOptions().steps) == (100, 100, 100)
-    assert args.finetune_steps == settings.finetune_steps == FinetuneOptions().steps == 1500
+    assert args.finetune_steps is settings.finetune_steps is FinetuneOptions().steps is None
+    assert settings.phase2_steps(rollouts=False) == default_finetune_steps(False)
+    assert default_finetune_steps(False)[0] == 1500 and default_finetune_steps(True)[0] == 3000
+    assert PipelineSettings(finetune_steps=40).phase2_steps(rollouts=True) == (40, "given")
+    with pytest.raises(ConfigError, match="steps must be given"):
+        FinetuneOptions().loop_config(seed=0, lr=1e-2)
     assert args.batch_size == settings.batch_size == FinetuneOptions().batch_size == 64
     assert settings.fit_lr == FitOptions().lr
     # Fine-tune: warm-up over 10% of the steps and clipping, resolved into the loop's config.

@@ -156,6 +156,11 @@ def test_the_pipeline_reports_free_running_fidelity_as_the_headline(tmp_path):
         line.startswith("phase 2 learning rate") and line.endswith(row)
         for line in format_summary(r).splitlines()
     )
+    assert (r.finetune_steps, r.finetune_steps_reason) == (20, "given")
+    assert any(
+        line.startswith("phase 2 steps") and line.endswith("20 (given)")
+        for line in format_summary(r).splitlines()
+    )
     # Without streams, the summary says its fidelity is teacher-forced and how to fix that;
     # distilled on single chunks (no rollouts), the model still carries state: the same rate.
     plain = dataclasses.replace(data, stream_test=None, stream_train=None)
@@ -381,3 +386,23 @@ def test_the_data_docs_stream_example_writes_a_file_that_loads(tmp_path, monkeyp
     # The state before each chunk is the original's, carried from the start of its stream.
     assert torch.allclose(states, recorded(model, x, data.stream_test).args[1])
     assert not torch.equal(states[1], torch.zeros(8))  # carried, not reset per chunk
+
+
+def test_a_model_distilled_over_its_streams_gets_twice_the_steps_by_default(monkeypatch):
+    import qtcompress.api as api
+    from qtcompress import compress
+    from qtcompress.train.streams import Rollouts
+
+    teacher = WideCell().eval()
+    (x, states), ids = _stream_data(teacher, 40, 4)
+    ran: list[int] = []
+
+    def count(fmodel, data, labels, cfg, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        ran.append(cfg.steps)  # the loop itself is tested elsewhere; here only its length
+
+    monkeypatch.setattr(api, "_finetune", count)
+    qt = compress(teacher, QTConfig())
+    qt.finetune((x, states), progress=False, rollouts=Rollouts(StateLink(1, 1), ids))
+    qt.finetune((x, states), progress=False)
+    qt.finetune((x, states), progress=False, steps=7, rollouts=Rollouts(StateLink(1, 1), ids))
+    assert ran == [3000, 1500, 7]

@@ -25,6 +25,7 @@ from qtcompress.constants import (
     ONNX_RTOL,
     POOLINGS,
     ROLLOUT,
+    STATEFUL_FINETUNE_STEPS,
     TEXT_COLUMN,
     TEXT_MAX_LENGTH,
     TEXT_SPLIT_SEED,
@@ -249,8 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
         fit.add_argument(
             "--finetune-steps",
             type=int,
-            default=defaults["finetune_steps"],
-            help=f"phase-2 steps (default {defaults['finetune_steps']}; 0 skips)",
+            default=None,
+            help=f"phase-2 steps (default {defaults['finetune_steps']:,}, "
+            f"{STATEFUL_FINETUNE_STEPS:,} for a stateful model with stream_train; 0 skips)",
         )
         fit.add_argument(
             "--finetune-lr",

@@ -17,7 +17,13 @@ from typing import Any, TypeVar
 
 import torch
 
-from qtcompress.constants import BATCH_SIZE, FINETUNE_STEPS, FIT_LR, FIT_STEPS
+from qtcompress.constants import (
+    BATCH_SIZE,
+    FINETUNE_STEPS,
+    FIT_LR,
+    FIT_STEPS,
+    STATEFUL_FINETUNE_STEPS,
+)
 from qtcompress.errors import ConfigError
 from qtcompress.train.loop import LoopConfig
 
@@ -48,7 +54,8 @@ class LoopOptions:
     """What both phases share: the loop's schedule and stopping, and how a run is saved.
 
     Attributes:
-        steps: Optimisation steps (>= 1).
+        steps: Optimisation steps (>= 1); ``None`` (phase 2 only): the default for the run
+            (:func:`default_finetune_steps`).
         lr: Peak Adam learning rate.
         weight_decay: Adam (L2) weight decay.
         schedule: ``"cosine"`` or ``"constant"``.
@@ -69,7 +76,7 @@ class LoopOptions:
         callback: ``callback(step, loss)`` after every completed step.
     """
 
-    steps: int = FIT_STEPS
+    steps: int | None = FIT_STEPS
     lr: float | None = FIT_LR
     weight_decay: float = 0.0
     schedule: str = "cosine"
@@ -89,19 +96,30 @@ class LoopOptions:
     callback: Callable[[int, float], None] | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int):
+        if self.steps is not None and (
+            isinstance(self.steps, bool) or not isinstance(self.steps, int)
+        ):
             raise ConfigError(f"steps must be an integer, got {self.steps!r}.")
         if self.checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}.")
-        self.loop_config(seed=0, lr=1.0 if self.lr is None else self.lr)  # validates at once
+        # Validates at once (a step count left to the run is checked once it is known).
+        self.loop_config(seed=0, lr=1.0 if self.lr is None else self.lr, steps=self.steps or 1)
 
-    def loop_config(self, *, seed: int, lr: float) -> LoopConfig:
-        """The :class:`LoopConfig` these options describe, with the seed and rate resolved."""
+    def loop_config(self, *, seed: int, lr: float, steps: int | None = None) -> LoopConfig:
+        """The :class:`LoopConfig` these options describe, seed, rate and steps resolved.
+
+        ``steps`` is the count to use where :attr:`steps` is ``None`` (left to the run).
+        """
         values = {name: getattr(self, name) for name in _LOOP_FIELDS}
         values["seed"] = seed if self.seed is None else self.seed
         values["lr"] = lr
+        if self.steps is not None:
+            steps = self.steps
+        if steps is None:
+            raise ConfigError("steps must be given: these options leave it to the run.")
+        values["steps"] = steps
         if values["warmup"] is None:  # 10% of the steps, the fine-tune's default
-            values["warmup"] = max(1, self.steps // 10)
+            values["warmup"] = max(1, steps // 10)
         return LoopConfig(**values)
 
     def run_kwargs(self) -> dict[str, Any]:
@@ -125,8 +143,9 @@ class FitOptions(LoopOptions):
 class FinetuneOptions(LoopOptions):
     """Phase 2 (train through the model's own forward pass): :class:`LoopOptions` and the task.
 
-    Defaults differ from phase 1 where measured: ``steps`` :data:`FINETUNE_STEPS`, ``lr``
-    ``None`` (the scheme's registered rate), ``warmup`` ``None`` (10% of the steps),
+    Defaults differ from phase 1 where measured: ``steps`` ``None``
+    (:func:`default_finetune_steps`: :data:`FINETUNE_STEPS`, twice that over rollouts),
+    ``lr`` ``None`` (the scheme's registered rate), ``warmup`` ``None`` (10% of the steps),
     ``grad_clip`` 1.
 
     Attributes:
@@ -149,7 +168,7 @@ class FinetuneOptions(LoopOptions):
             (:mod:`qtcompress.train.lr_probe`); ``()``: the rate as given.
     """
 
-    steps: int = FINETUNE_STEPS
+    steps: int | None = None
     lr: float | None = None
     warmup: int | None = None
     grad_clip: float | None = 1.0
@@ -171,6 +190,18 @@ class FinetuneOptions(LoopOptions):
         """The fine-tune's own keywords (what it learns from and how it is scored)."""
         own = {f.name for f in fields(FinetuneOptions)} - {f.name for f in fields(LoopOptions)}
         return {name: getattr(self, name) for name in sorted(own)}
+
+
+def default_finetune_steps(rollouts: bool) -> tuple[int, str]:
+    """Phase 2's step count when none is given, and why.
+
+    A model distilled over rollouts of its training streams gets
+    :data:`~qtcompress.constants.STATEFUL_FINETUNE_STEPS` (measured: its free-running
+    fidelity still improves past the general :data:`~qtcompress.constants.FINETUNE_STEPS`).
+    """
+    if rollouts:
+        return STATEFUL_FINETUNE_STEPS, "the default for a model distilled over its streams"
+    return FINETUNE_STEPS, "the default"
 
 
 Options = TypeVar("Options", bound=LoopOptions)
